@@ -1,0 +1,118 @@
+"""The update codec: error feedback, top-k, value quantization and a frame.
+
+``compress_update`` is the one call the agent makes per update. It is pure: the
+error-feedback residual goes in as an :class:`ErrorFeedback` value and the new
+residual comes out, so the caller decides where (and how durably) it lives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
+
+import numpy as np
+
+from compression.errors import CodecError
+from compression.frame import FrameKind, FrameLimits, SparseTensor, decode_frame, encode_frame
+from compression.quantize import ValueType
+from compression.sparsify import topk_global, topk_per_tensor
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """How an update is compressed on the wire."""
+
+    topk_fraction: float = 0.01
+    """Fraction of entries sent per update (1.0 sends the dense delta)."""
+    topk_scope: Literal["tensor", "global"] = "tensor"
+    """``tensor``: each tensor keeps its own top fraction; ``global``: over all tensors together."""
+    values: Literal["fp32", "fp16", "int8"] = "int8"
+    """Value encoding: lossless fp32, fp16, or blockwise int8 with one fp32 scale per block."""
+    int8_block: int = 256
+    """Values per int8 scale."""
+    zstd_level: int = 3
+    """zstd compression level (1..22)."""
+    error_feedback: bool = True
+    """Keep what was not sent (and the quantization error) and add it to the next update."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.topk_fraction <= 1.0:
+            raise CodecError(f"codec.topk_fraction must be in (0, 1], got {self.topk_fraction}")
+        if self.topk_scope not in ("tensor", "global"):
+            raise CodecError(f"codec.topk_scope must be 'tensor' or 'global', got {self.topk_scope!r}")
+        ValueType.from_name(self.values)
+        if not 1 <= self.int8_block <= 1 << 20:
+            raise CodecError(f"codec.int8_block must be in 1..{1 << 20}, got {self.int8_block}")
+        if not 1 <= self.zstd_level <= 22:
+            raise CodecError(f"codec.zstd_level must be in 1..22, got {self.zstd_level}")
+
+
+@dataclass(frozen=True)
+class ErrorFeedback:
+    """The error-feedback residual: what earlier updates computed but did not send."""
+
+    residual: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def compensate(self, delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``delta + residual`` for every tensor of ``delta``."""
+        out: dict[str, np.ndarray] = {}
+        for name, d in delta.items():
+            d = np.asarray(d, dtype=np.float32)
+            r = self.residual.get(name)
+            out[name] = d + r if r is not None and r.shape == d.shape else d.copy()
+        return out
+
+
+@dataclass(frozen=True)
+class CompressedUpdate:
+    """The result of :func:`compress_update`."""
+
+    frame: bytes
+    sent: dict[str, np.ndarray]
+    """Exactly what the receiver decodes, dense, per tensor."""
+    feedback: ErrorFeedback
+    """The residual to pass to the next call."""
+    dense_fp32_bytes: int
+    """The size the delta would have as dense fp32, for reporting the ratio."""
+
+
+def compress_update(
+    delta: Mapping[str, np.ndarray],
+    config: CodecConfig,
+    feedback: ErrorFeedback | None = None,
+    kind: FrameKind = FrameKind.UPDATE,
+) -> CompressedUpdate:
+    """Compress ``delta`` into one frame, applying and renewing error feedback."""
+    if not delta:
+        raise CodecError("an update must carry at least one tensor")
+    feedback = feedback or ErrorFeedback()
+    corrected = feedback.compensate(delta) if config.error_feedback else {n: np.asarray(d, np.float32) for n, d in delta.items()}
+    for name, arr in corrected.items():
+        if not np.all(np.isfinite(arr)):
+            raise CodecError(f"delta of {name!r} has non-finite values")
+    if config.topk_scope == "global":
+        sparse = topk_global(corrected, config.topk_fraction)
+    else:
+        sparse = topk_per_tensor(corrected, config.topk_fraction)
+    frame = encode_frame(
+        kind,
+        sparse,
+        values=ValueType.from_name(config.values),
+        int8_block=config.int8_block,
+        zstd_level=config.zstd_level,
+    )
+    # Decode our own frame so that the residual accounts for quantization error too,
+    # and so that `sent` is bit-identical to what the receiver will apply.
+    sent = decode_frame(frame, FrameLimits(max_frame_bytes=len(frame), max_body_bytes=1 << 40)).dense()
+    residual = {n: corrected[n] - sent[n] for n in corrected} if config.error_feedback else {}
+    dense_bytes = int(sum(np.asarray(d).size * 4 for d in delta.values()))
+    return CompressedUpdate(frame=frame, sent=sent, feedback=ErrorFeedback(residual), dense_fp32_bytes=dense_bytes)
+
+
+def compress_dense(tensors: Mapping[str, np.ndarray], kind: FrameKind, zstd_level: int = 3) -> bytes:
+    """A lossless frame of dense fp32 tensors (used for snapshots)."""
+    records = {
+        n: SparseTensor(shape=tuple(np.shape(a)), values=np.ascontiguousarray(a, dtype=np.float32).reshape(-1))
+        for n, a in tensors.items()
+    }
+    return encode_frame(kind, records, values=ValueType.FP32, zstd_level=zstd_level)

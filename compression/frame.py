@@ -1,0 +1,282 @@
+"""The versioned, self-describing, checksummed frame that carries tensors.
+
+Layout (all integers little-endian; see ``docs/wire-format.md`` for every byte)::
+
+    header  16 B   magic "FEDG" | u8 version | u8 kind | u16 flags (0)
+                   | u32 body length | u32 compressed length
+    body    n B    zstd(tensor records)
+    trailer  4 B   u32 CRC-32 of header + compressed body
+
+The decoder trusts nothing: every length, count, index, dtype and scale is checked
+before it is used, and every inconsistency raises a :class:`~compression.errors.CodecError`
+subclass. A corrupt frame can never produce a wrong tensor silently.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Mapping
+
+import numpy as np
+import zstandard
+
+from compression.errors import ChecksumError, CodecError, FrameError, LimitError
+from compression.quantize import ValueType, dequantize_values, quantize_values
+
+MAGIC = b"FEDG"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<4sBBHII")
+_CRC = struct.Struct("<I")
+MAX_NAME_BYTES = 255
+MAX_NDIM = 8
+MAX_INT8_BLOCK = 1 << 20
+
+
+class FrameKind(IntEnum):
+    """What a frame carries."""
+
+    UPDATE = 1  # device -> coordinator: local - global[base]
+    GLOBAL_DELTA = 2  # coordinator -> devices: global[v] - global[v-1]
+    SNAPSHOT = 3  # coordinator -> devices: the full trainable state at a version
+
+
+class Layout(IntEnum):
+    DENSE = 0
+    SPARSE = 1
+
+
+class NonFiniteError(FrameError):
+    """A frame decodes to NaN or infinite values."""
+
+    reason = "non_finite"
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """Bounds the decoder enforces before allocating anything."""
+
+    max_frame_bytes: int = 64 << 20
+    max_body_bytes: int = 256 << 20
+    max_tensors: int = 4096
+    max_numel: int = 1 << 28
+
+
+@dataclass(frozen=True)
+class SparseTensor:
+    """A tensor given by its shape, sorted flat ``indices`` (``None`` = dense) and ``values``."""
+
+    shape: tuple[int, ...]
+    values: np.ndarray
+    indices: np.ndarray | None = None
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def to_dense(self) -> np.ndarray:
+        """The tensor as a dense float32 array of ``shape``."""
+        if self.indices is None:
+            return self.values.astype(np.float32, copy=False).reshape(self.shape)
+        out = np.zeros(self.numel, dtype=np.float32)
+        out[self.indices] = self.values
+        return out.reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A decoded frame."""
+
+    kind: FrameKind
+    tensors: dict[str, SparseTensor] = field(default_factory=dict)
+
+    def dense(self) -> dict[str, np.ndarray]:
+        return {name: t.to_dense() for name, t in self.tensors.items()}
+
+
+def encode_frame(
+    kind: FrameKind,
+    tensors: Mapping[str, SparseTensor],
+    *,
+    values: ValueType = ValueType.FP32,
+    int8_block: int = 256,
+    zstd_level: int = 3,
+) -> bytes:
+    """Serialize ``tensors`` into one frame. Raises :class:`CodecError` on bad input."""
+    if not 1 <= int8_block <= MAX_INT8_BLOCK:
+        raise CodecError(f"int8_block must be in 1..{MAX_INT8_BLOCK}, got {int8_block}")
+    parts: list[bytes] = [struct.pack("<I", len(tensors))]
+    for name, t in tensors.items():
+        parts.append(_encode_record(name, t, values, int8_block))
+    body = b"".join(parts)
+    comp = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(body)
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, int(kind), 0, len(body), len(comp))
+    crc = zlib.crc32(comp, zlib.crc32(header))
+    return header + comp + _CRC.pack(crc)
+
+
+def _encode_record(name: str, t: SparseTensor, vtype: ValueType, block: int) -> bytes:
+    raw_name = name.encode("utf-8")
+    if not 1 <= len(raw_name) <= MAX_NAME_BYTES:
+        raise CodecError(f"tensor name {name!r} must be 1..{MAX_NAME_BYTES} bytes of UTF-8")
+    if not 1 <= len(t.shape) <= MAX_NDIM or any(int(d) < 1 for d in t.shape):
+        raise CodecError(f"tensor {name!r} has unsupported shape {t.shape}")
+    numel = t.numel
+    vals = np.ascontiguousarray(t.values, dtype=np.float32).reshape(-1)
+    if t.indices is None:
+        layout, index_bytes = Layout.DENSE, b""
+        if vals.size != numel:
+            raise CodecError(f"tensor {name!r}: {vals.size} dense values for shape {t.shape}")
+    else:
+        layout = Layout.SPARSE
+        idx = np.asarray(t.indices, dtype=np.int64).reshape(-1)
+        if idx.size != vals.size:
+            raise CodecError(f"tensor {name!r}: {idx.size} indices but {vals.size} values")
+        if idx.size and (idx[0] < 0 or idx[-1] >= numel or np.any(np.diff(idx) <= 0)):
+            raise CodecError(f"tensor {name!r}: indices must be strictly increasing in [0, {numel})")
+        # Gaps instead of absolute indices: small numbers whose zero high bytes zstd removes.
+        gaps = np.diff(idx, prepend=0).astype("<u4")
+        index_bytes = gaps.tobytes()
+    scales, codes = quantize_values(vals, vtype, block)
+    head = struct.pack("<H", len(raw_name)) + raw_name
+    head += struct.pack("<B", len(t.shape)) + struct.pack(f"<{len(t.shape)}I", *(int(d) for d in t.shape))
+    head += struct.pack("<BBII", layout, vtype, block if vtype is ValueType.INT8 else 0, vals.size)
+    return head + index_bytes + scales + codes
+
+
+class _Reader:
+    """A bounds-checked cursor over the decompressed body."""
+
+    def __init__(self, buf: bytes) -> None:
+        self.buf = buf
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> bytes:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise FrameError(f"frame truncated while reading {what} ({n} bytes at offset {self.pos})")
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str, what: str) -> tuple[int, ...]:
+        s = struct.Struct(fmt)
+        return s.unpack(self.take(s.size, what))
+
+    def array(self, dtype: str, count: int, what: str) -> np.ndarray:
+        itemsize = np.dtype(dtype).itemsize
+        return np.frombuffer(self.take(count * itemsize, what), dtype=dtype, count=count)
+
+
+def decode_frame(data: bytes, limits: FrameLimits = FrameLimits()) -> Frame:
+    """Parse and fully validate a frame. Raises a :class:`CodecError` subclass on any problem."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise FrameError(f"frame must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > limits.max_frame_bytes:
+        raise LimitError(f"frame is {len(data)} bytes, above the limit of {limits.max_frame_bytes}")
+    if len(data) < _HEADER.size + _CRC.size:
+        raise FrameError(f"frame is {len(data)} bytes, shorter than header and checksum")
+    magic, version, kind, flags, body_len, comp_len = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise FrameError(f"bad magic {magic!r}; expected {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise FrameError(f"unsupported frame format version {version}; this decoder reads {FORMAT_VERSION}")
+    if kind not in FrameKind._value2member_map_:
+        raise FrameError(f"unknown frame kind {kind}")
+    if flags != 0:
+        raise FrameError(f"unknown frame flags 0x{flags:04x}")
+    if comp_len != len(data) - _HEADER.size - _CRC.size:
+        raise FrameError(f"compressed length field says {comp_len} bytes, frame holds {len(data) - _HEADER.size - _CRC.size}")
+    if body_len > limits.max_body_bytes:
+        raise LimitError(f"frame body would be {body_len} bytes, above the limit of {limits.max_body_bytes}")
+    comp = data[_HEADER.size : _HEADER.size + comp_len]
+    (crc,) = _CRC.unpack_from(data, _HEADER.size + comp_len)
+    if zlib.crc32(comp, zlib.crc32(data[: _HEADER.size])) != crc:
+        raise ChecksumError("frame checksum mismatch")
+    try:
+        body = zstandard.ZstdDecompressor().decompress(comp, max_output_size=body_len)
+    except zstandard.ZstdError as exc:
+        raise FrameError(f"zstd decompression failed: {exc}") from None
+    if len(body) != body_len:
+        raise FrameError(f"body is {len(body)} bytes after decompression, header says {body_len}")
+    return Frame(FrameKind(kind), _decode_body(body, limits))
+
+
+def _decode_body(body: bytes, limits: FrameLimits) -> dict[str, SparseTensor]:
+    r = _Reader(body)
+    (count,) = r.unpack("<I", "tensor count")
+    if count > limits.max_tensors:
+        raise LimitError(f"frame declares {count} tensors, above the limit of {limits.max_tensors}")
+    tensors: dict[str, SparseTensor] = {}
+    for i in range(count):
+        name, t = _decode_record(r, i, limits)
+        if name in tensors:
+            raise FrameError(f"tensor {name!r} appears twice")
+        tensors[name] = t
+    if r.pos != len(body):
+        raise FrameError(f"{len(body) - r.pos} trailing bytes after the last tensor")
+    return tensors
+
+
+def _decode_record(r: _Reader, i: int, limits: FrameLimits) -> tuple[str, SparseTensor]:
+    (name_len,) = r.unpack("<H", f"name length of tensor {i}")
+    if not 1 <= name_len <= MAX_NAME_BYTES:
+        raise FrameError(f"tensor {i}: name length {name_len} outside 1..{MAX_NAME_BYTES}")
+    try:
+        name = r.take(name_len, f"name of tensor {i}").decode("utf-8")
+    except UnicodeDecodeError:
+        raise FrameError(f"tensor {i}: name is not valid UTF-8") from None
+    if not name.isprintable():
+        raise FrameError(f"tensor {i}: name {name!r} has control characters")
+    (ndim,) = r.unpack("<B", f"ndim of {name!r}")
+    if not 1 <= ndim <= MAX_NDIM:
+        raise FrameError(f"tensor {name!r}: ndim {ndim} outside 1..{MAX_NDIM}")
+    shape = tuple(int(d) for d in r.unpack(f"<{ndim}I", f"shape of {name!r}"))
+    if any(d < 1 for d in shape):
+        raise FrameError(f"tensor {name!r}: shape {shape} has an empty dimension")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel > limits.max_numel:
+        raise LimitError(f"tensor {name!r}: {numel} elements, above the limit of {limits.max_numel}")
+    layout, vcode, block, nnz = r.unpack("<BBII", f"encoding of {name!r}")
+    if layout not in Layout._value2member_map_:
+        raise FrameError(f"tensor {name!r}: unknown layout {layout}")
+    if vcode not in ValueType._value2member_map_:
+        raise FrameError(f"tensor {name!r}: unknown value type {vcode}")
+    vtype = ValueType(vcode)
+    if vtype is ValueType.INT8:
+        if not 1 <= block <= MAX_INT8_BLOCK:
+            raise FrameError(f"tensor {name!r}: int8 block size {block} outside 1..{MAX_INT8_BLOCK}")
+    elif block != 0:
+        raise FrameError(f"tensor {name!r}: block size {block} given for a non-int8 value type")
+    indices: np.ndarray | None = None
+    if layout == Layout.DENSE:
+        if nnz != numel:
+            raise FrameError(f"tensor {name!r}: dense with {nnz} values for {numel} elements")
+    else:
+        if nnz > numel:
+            raise FrameError(f"tensor {name!r}: {nnz} sparse values for {numel} elements")
+        gaps = r.array("<u4", nnz, f"indices of {name!r}").astype(np.int64)
+        if nnz and np.any(gaps[1:] == 0):
+            raise FrameError(f"tensor {name!r}: indices are not strictly increasing")
+        indices = np.cumsum(gaps)
+        if nnz and indices[-1] >= numel:
+            raise FrameError(f"tensor {name!r}: index {int(indices[-1])} out of range for {numel} elements")
+    scales = None
+    if vtype is ValueType.INT8:
+        nblocks = -(-nnz // block)
+        scales = r.array("<f4", nblocks, f"scales of {name!r}")
+        if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+            raise FrameError(f"tensor {name!r}: int8 scales must be finite and non-negative")
+        codes = r.array("<i1", nnz, f"values of {name!r}")
+    elif vtype is ValueType.FP16:
+        codes = r.array("<f2", nnz, f"values of {name!r}")
+    else:
+        codes = r.array("<f4", nnz, f"values of {name!r}")
+    values = dequantize_values(codes, scales, vtype, block)
+    if not np.all(np.isfinite(values)):
+        raise NonFiniteError(f"tensor {name!r}: values are not all finite")
+    return name, SparseTensor(shape=shape, values=values, indices=indices)

@@ -1,0 +1,325 @@
+"""The MQTT protocol shared by agents and the coordinator: topics and message schemas.
+
+Topic names are built only here (see ``docs/protocol.md``)::
+
+    fl/<fleet>/global/meta              coord -> all     JSON, retained
+    fl/<fleet>/global/snapshot          coord -> all     frame, retained
+    fl/<fleet>/global/delta             coord -> all     frame, retained
+    fl/<fleet>/devices/<id>/update      device -> coord  envelope + frame
+    fl/<fleet>/devices/<id>/status      device -> all    JSON, retained, LWT offline
+    fl/<fleet>/devices/<id>/cmd         coord -> device  JSON
+    fl/<fleet>/coordinator/status       coord -> all     JSON, retained, LWT offline
+
+Every parser here validates its input completely and raises
+:class:`~compression.errors.ProtocolError` naming the bad field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from compression.errors import LimitError, ProtocolError
+
+PROTOCOL_VERSION = 1
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEVICE_STATES = ("starting", "waiting", "training", "idle", "paused", "offline")
+COMMANDS = ("pause", "resume")
+MAX_JSON_BYTES = 64 << 10
+
+
+def check_id(value: str, what: str) -> str:
+    """Validate a fleet or device id: 1-64 of ``[A-Za-z0-9_.-]``, no MQTT wildcards or slashes."""
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise ProtocolError(f"{what} {value!r} must be 1-64 characters of [A-Za-z0-9_.-], starting alphanumeric")
+    return value
+
+
+# --- topics -----------------------------------------------------------------------------
+
+
+def global_meta(fleet: str) -> str:
+    return f"fl/{check_id(fleet, 'fleet')}/global/meta"
+
+
+def global_snapshot(fleet: str) -> str:
+    return f"fl/{check_id(fleet, 'fleet')}/global/snapshot"
+
+
+def global_delta(fleet: str) -> str:
+    return f"fl/{check_id(fleet, 'fleet')}/global/delta"
+
+
+def device_update(fleet: str, device: str) -> str:
+    return f"fl/{check_id(fleet, 'fleet')}/devices/{check_id(device, 'device id')}/update"
+
+
+def device_status(fleet: str, device: str) -> str:
+    return f"fl/{check_id(fleet, 'fleet')}/devices/{check_id(device, 'device id')}/status"
+
+
+def device_cmd(fleet: str, device: str) -> str:
+    return f"fl/{check_id(fleet, 'fleet')}/devices/{check_id(device, 'device id')}/cmd"
+
+
+def coordinator_status(fleet: str) -> str:
+    return f"fl/{check_id(fleet, 'fleet')}/coordinator/status"
+
+
+def all_updates(fleet: str) -> str:
+    """Subscription filter for every device's updates."""
+    return f"fl/{check_id(fleet, 'fleet')}/devices/+/update"
+
+
+def all_device_status(fleet: str) -> str:
+    """Subscription filter for every device's status."""
+    return f"fl/{check_id(fleet, 'fleet')}/devices/+/status"
+
+
+def parse_device_topic(topic: str) -> tuple[str, str, str]:
+    """Split ``fl/<fleet>/devices/<id>/<leaf>`` into ``(fleet, device, leaf)``."""
+    parts = topic.split("/")
+    if len(parts) != 5 or parts[0] != "fl" or parts[2] != "devices":
+        raise ProtocolError(f"topic {topic!r} is not fl/<fleet>/devices/<id>/<leaf>")
+    return check_id(parts[1], "fleet"), check_id(parts[3], "device id"), parts[4]
+
+
+# --- JSON helpers -----------------------------------------------------------------------
+
+
+def _load_json_object(payload: bytes, what: str) -> dict[str, Any]:
+    if len(payload) > MAX_JSON_BYTES:
+        raise LimitError(f"{what} is {len(payload)} bytes, above {MAX_JSON_BYTES}")
+    try:
+        obj = json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{what} is not UTF-8 JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _int(obj: dict[str, Any], key: str, what: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
+    v = obj.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ProtocolError(f"{what}: {key!r} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _float(obj: dict[str, Any], key: str, what: str, optional: bool = False) -> float | None:
+    v = obj.get(key)
+    if v is None and optional:
+        return None
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        raise ProtocolError(f"{what}: {key!r} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _str(obj: dict[str, Any], key: str, what: str, max_len: int = 256) -> str:
+    v = obj.get(key)
+    if not isinstance(v, str) or not 0 < len(v) <= max_len:
+        raise ProtocolError(f"{what}: {key!r} must be a non-empty string of at most {max_len} characters, got {v!r}")
+    return v
+
+
+# --- update envelope --------------------------------------------------------------------
+
+ENVELOPE_MAGIC = b"FEV1"
+_ENV_HEAD = struct.Struct("<4sI")
+MAX_ENVELOPE_HEADER = 4096
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    """What a device says about an update, alongside the frame."""
+
+    device: str
+    seq: int
+    """Per-device monotonic sequence number."""
+    update_id: str
+    """Unique id, so that a redelivered update is applied once."""
+    base_version: int
+    """The global version the device trained from."""
+    num_samples: int
+    timestamp: float
+    frame_sha256: str
+    train_loss: float | None = None
+
+
+def encode_envelope(header: UpdateHeader, frame: bytes) -> bytes:
+    """``FEV1 | u32 header length | header JSON | frame``."""
+    if hashlib.sha256(frame).hexdigest() != header.frame_sha256:
+        raise ProtocolError("envelope header's frame_sha256 does not match the frame")
+    head = json.dumps(asdict(header), separators=(",", ":"), sort_keys=True).encode()
+    return _ENV_HEAD.pack(ENVELOPE_MAGIC, len(head)) + head + frame
+
+
+def decode_envelope(payload: bytes, max_bytes: int = 64 << 20) -> tuple[UpdateHeader, bytes]:
+    """Split and validate an update envelope; returns the header and the (undecoded) frame."""
+    if len(payload) > max_bytes:
+        raise LimitError(f"update is {len(payload)} bytes, above the limit of {max_bytes}")
+    if len(payload) < _ENV_HEAD.size:
+        raise ProtocolError(f"update is {len(payload)} bytes, too short for an envelope")
+    magic, head_len = _ENV_HEAD.unpack_from(payload)
+    if magic != ENVELOPE_MAGIC:
+        raise ProtocolError(f"bad envelope magic {bytes(magic)!r}; expected {ENVELOPE_MAGIC!r}")
+    if head_len > MAX_ENVELOPE_HEADER or _ENV_HEAD.size + head_len > len(payload):
+        raise ProtocolError(f"envelope header length {head_len} is out of bounds")
+    obj = _load_json_object(payload[_ENV_HEAD.size : _ENV_HEAD.size + head_len], "envelope header")
+    what = "envelope header"
+    unknown = set(obj) - {f for f in UpdateHeader.__dataclass_fields__}
+    if unknown:
+        raise ProtocolError(f"{what}: unknown fields {sorted(unknown)}")
+    sha = _str(obj, "frame_sha256", what, 64)
+    if not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise ProtocolError(f"{what}: 'frame_sha256' must be 64 lowercase hex digits")
+    header = UpdateHeader(
+        device=check_id(_str(obj, "device", what, 64), "device id"),
+        seq=_int(obj, "seq", what),
+        update_id=_str(obj, "update_id", what, 128),
+        base_version=_int(obj, "base_version", what),
+        num_samples=_int(obj, "num_samples", what, 0, 1 << 40),
+        timestamp=_float(obj, "timestamp", what) or 0.0,
+        frame_sha256=sha,
+        train_loss=_float(obj, "train_loss", what, optional=True),
+    )
+    frame = bytes(payload[_ENV_HEAD.size + head_len :])
+    if hashlib.sha256(frame).hexdigest() != sha:
+        raise ProtocolError("frame does not match the envelope's frame_sha256")
+    return header, frame
+
+
+# --- global meta ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GlobalMeta:
+    """Retained description of the current global version."""
+
+    version: int
+    snapshot_sha256: str
+    snapshot_bytes: int
+    created: float
+    model: dict[str, Any] = field(default_factory=dict)
+    """The trainable spec: model id, tier, LoRA rank/alpha/targets. Agents must match it."""
+    protocol: int = PROTOCOL_VERSION
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> "GlobalMeta":
+        what = "global meta"
+        obj = _load_json_object(payload, what)
+        protocol = _int(obj, "protocol", what)
+        if protocol != PROTOCOL_VERSION:
+            raise ProtocolError(f"{what}: protocol {protocol} is not supported (this side speaks {PROTOCOL_VERSION})")
+        model = obj.get("model", {})
+        if not isinstance(model, dict):
+            raise ProtocolError(f"{what}: 'model' must be an object")
+        return cls(
+            version=_int(obj, "version", what),
+            snapshot_sha256=_str(obj, "snapshot_sha256", what, 64),
+            snapshot_bytes=_int(obj, "snapshot_bytes", what),
+            created=_float(obj, "created", what) or 0.0,
+            model=model,
+            protocol=protocol,
+        )
+
+
+# --- device status and commands ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """Retained heartbeat of a device. The Last Will is the same with ``state='offline'``."""
+
+    state: str
+    version: int | None = None
+    ts: float | None = None
+    profile: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> "DeviceStatus":
+        what = "device status"
+        obj = _load_json_object(payload, what)
+        state = obj.get("state")
+        if state not in DEVICE_STATES:
+            raise ProtocolError(f"{what}: 'state' must be one of {DEVICE_STATES}, got {state!r}")
+        version = None if obj.get("version") is None else _int(obj, "version", what)
+        ts = _float(obj, "ts", what, optional=True)
+        profile = obj.get("profile")
+        if profile is not None and not isinstance(profile, str):
+            raise ProtocolError(f"{what}: 'profile' must be a string")
+        raw = obj.get("metrics", {})
+        if not isinstance(raw, dict):
+            raise ProtocolError(f"{what}: 'metrics' must be an object")
+        metrics: dict[str, float] = {}
+        for k, v in raw.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                metrics[str(k)[:64]] = float(v)
+            elif v is not None:
+                raise ProtocolError(f"{what}: metric {k!r} must be a finite number, got {v!r}")
+        return cls(state=state, version=version, ts=ts, profile=profile, metrics=metrics)
+
+
+def encode_command(command: str) -> bytes:
+    if command not in COMMANDS:
+        raise ProtocolError(f"command must be one of {COMMANDS}, got {command!r}")
+    return json.dumps({"cmd": command}).encode()
+
+
+def decode_command(payload: bytes) -> str:
+    obj = _load_json_object(payload, "command")
+    command = obj.get("cmd")
+    if command not in COMMANDS:
+        raise ProtocolError(f"command: 'cmd' must be one of {COMMANDS}, got {command!r}")
+    return str(command)
+
+
+# --- the trainable spec carried in global meta ------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainableSpec:
+    """What the fleet trains on which base. The coordinator is authoritative; agents must match it."""
+
+    tier: str = "lora"
+    r: int = 8
+    alpha: int = 16
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    base: dict[str, Any] = field(default_factory=dict)
+    """Fingerprint of the base model: model_type, vocab_size, hidden_size, num_hidden_layers."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> "TrainableSpec":
+        what = "trainable spec"
+        if obj.get("tier") != "lora":
+            raise ProtocolError(f"{what}: 'tier' must be 'lora', got {obj.get('tier')!r}")
+        targets = obj.get("targets")
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ProtocolError(f"{what}: 'targets' must be a non-empty list of module names, got {targets!r}")
+        base = obj.get("base", {})
+        if not isinstance(base, dict):
+            raise ProtocolError(f"{what}: 'base' must be an object")
+        return cls(
+            tier="lora",
+            r=_int(obj, "r", what, 1, 1024),
+            alpha=_int(obj, "alpha", what, 1, 1 << 16),
+            targets=tuple(targets),
+            base=base,
+        )

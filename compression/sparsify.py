@@ -1,0 +1,68 @@
+"""Top-k sparsification, per tensor or over all tensors at once."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+from compression.errors import CodecError
+from compression.frame import SparseTensor
+
+
+def k_for(numel: int, fraction: float) -> int:
+    """How many of ``numel`` entries a top-``fraction`` keeps: at least one."""
+    return max(1, min(numel, math.ceil(fraction * numel)))
+
+
+def topk_indices(flat: np.ndarray, k: int) -> np.ndarray:
+    """Sorted flat indices of the ``k`` entries of largest magnitude."""
+    if k >= flat.size:
+        return np.arange(flat.size, dtype=np.int64)
+    idx = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :]
+    return np.sort(idx).astype(np.int64)
+
+
+def topk_per_tensor(tensors: Mapping[str, np.ndarray], fraction: float) -> dict[str, SparseTensor]:
+    """Keep the top ``fraction`` of each tensor's entries by magnitude."""
+    _check_fraction(fraction)
+    out: dict[str, SparseTensor] = {}
+    for name, arr in tensors.items():
+        flat = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
+        if fraction >= 1.0:
+            out[name] = SparseTensor(shape=tuple(arr.shape), values=flat)
+            continue
+        idx = topk_indices(flat, k_for(flat.size, fraction))
+        out[name] = SparseTensor(shape=tuple(arr.shape), values=flat[idx], indices=idx)
+    return out
+
+
+def topk_global(tensors: Mapping[str, np.ndarray], fraction: float) -> dict[str, SparseTensor]:
+    """Keep the top ``fraction`` of all entries together: large tensors may take more than their share."""
+    _check_fraction(fraction)
+    if fraction >= 1.0:
+        return topk_per_tensor(tensors, fraction)
+    flats = {n: np.ascontiguousarray(a, dtype=np.float32).reshape(-1) for n, a in tensors.items()}
+    total = sum(f.size for f in flats.values())
+    if total == 0:
+        return {}
+    k = k_for(total, fraction)
+    mags = np.concatenate([np.abs(f) for f in flats.values()])
+    threshold = np.partition(mags, total - k)[total - k]
+    out: dict[str, SparseTensor] = {}
+    budget = k
+    for name, flat in flats.items():
+        above = np.flatnonzero(np.abs(flat) > threshold)
+        ties = np.flatnonzero(np.abs(flat) == threshold)
+        take_ties = max(0, min(ties.size, budget - above.size))
+        idx = np.sort(np.concatenate([above, ties[:take_ties]])).astype(np.int64)
+        budget -= idx.size
+        shape = tuple(tensors[name].shape)
+        out[name] = SparseTensor(shape=shape, values=flat[idx], indices=idx)
+    return out
+
+
+def _check_fraction(fraction: float) -> None:
+    if not 0.0 < fraction <= 1.0:
+        raise CodecError(f"top-k fraction must be in (0, 1], got {fraction}")

@@ -1,0 +1,37 @@
+"""``fedge-coordinator``: the coordinator service and the operator CLI, one module per command.
+
+Exit codes: 0 success, 1 internal error, 2 bad config or arguments, 3 state directory
+unusable, 5 broker unreachable, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from coordinator.cli import demo, devices, serve
+from coordinator.errors import CoordinatorError
+
+log = logging.getLogger("coordinator")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedge-coordinator", description="fedge coordinator and operator CLI")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (serve, devices, demo):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except CoordinatorError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,33 @@
+"""``fedge-coordinator serve --config FILE``: run the coordinator until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the coordinator service")
+    p.add_argument("--config", required=True, help="coordinator TOML config")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from coordinator.config import load_config
+    from coordinator.service import CoordinatorService
+
+    service = CoordinatorService(load_config(args.config))
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
+        service.stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    service.run()
+    return 0

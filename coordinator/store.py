@@ -1,0 +1,257 @@
+"""Durable coordinator state: SQLite (WAL) for registry and ledger, safetensors for versions.
+
+Commit protocol for a new version ``N``:
+
+1. write ``versions/vN.safetensors`` atomically (temp file, fsync, rename, fsync dir);
+2. in one SQLite transaction insert the version row and the ledger row of the update;
+3. only then acknowledge the update to the broker.
+
+The SQLite commit is the commit point. A crash before it leaves an orphan file that the
+next start ignores and overwrites; a crash after it but before the acknowledgement makes
+the broker redeliver, and the ledger recognises the update id as a duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from safetensors.numpy import load_file, save
+
+from coordinator.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY,
+    created REAL NOT NULL,
+    sha256 TEXT NOT NULL,
+    update_id TEXT
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    update_id TEXT PRIMARY KEY,
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    base_version INTEGER NOT NULL,
+    applied_version INTEGER NOT NULL,
+    staleness INTEGER NOT NULL,
+    weight REAL NOT NULL,
+    num_samples INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    train_loss REAL,
+    received REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rejections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    ts REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY,
+    state TEXT NOT NULL DEFAULT 'unknown',
+    profile TEXT,
+    last_seen REAL,
+    version INTEGER,
+    accepted INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0,
+    bytes_up INTEGER NOT NULL DEFAULT 0,
+    last_loss REAL,
+    eval_loss REAL,
+    metrics TEXT
+);
+"""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    update_id: str
+    device: str
+    seq: int
+    base_version: int
+    staleness: int
+    weight: float
+    num_samples: int
+    size: int
+    train_loss: float | None
+
+
+class Store:
+    """The coordinator's state directory: ``coordinator.db`` and ``versions/``."""
+
+    def __init__(self, root: str | Path, *, readonly: bool = False) -> None:
+        self.root = Path(root)
+        self.versions_dir = self.root / "versions"
+        db = self.root / "coordinator.db"
+        if readonly:
+            if not db.exists():
+                raise StoreError(f"no coordinator state in {self.root} (missing {db.name})")
+            self.db = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10.0)
+        else:
+            self.versions_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.versions_dir.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)  # left by a kill -9 during a write
+            self.db = sqlite3.connect(str(db), timeout=10.0, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+        self.db.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- versions --------------------------------------------------------------------
+
+    def _path(self, version: int) -> Path:
+        return self.versions_dir / f"v{version:08d}.safetensors"
+
+    def current_version(self) -> int | None:
+        row = self.db.execute("SELECT MAX(version) AS v FROM versions").fetchone()
+        return None if row["v"] is None else int(row["v"])
+
+    def load_version(self, version: int) -> dict[str, np.ndarray]:
+        path = self._path(version)
+        row = self.db.execute("SELECT sha256 FROM versions WHERE version=?", (version,)).fetchone()
+        if row is None or not path.exists():
+            raise StoreError(f"version {version} is not stored in {self.versions_dir}")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != row["sha256"]:
+            raise StoreError(f"{path} does not match its recorded sha256; the state directory is corrupt")
+        return {k: v.astype(np.float32) for k, v in load_file(str(path)).items()}
+
+    def commit_version(
+        self, version: int, tensors: dict[str, np.ndarray], entry: LedgerEntry | None, keep: int
+    ) -> None:
+        """Durably record ``version`` (and the update that made it). Returns after the commit point."""
+        data = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(tensors.items())})
+        atomic_write(self._path(version), data)
+        now = time.time()
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO versions(version, created, sha256, update_id) VALUES (?,?,?,?)",
+                (version, now, hashlib.sha256(data).hexdigest(), entry.update_id if entry else None),
+            )
+            if entry is not None:
+                self.db.execute(
+                    "INSERT INTO ledger VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (entry.update_id, entry.device, entry.seq, entry.base_version, version, entry.staleness,
+                     entry.weight, entry.num_samples, entry.size, entry.train_loss, now),
+                )
+                self.db.execute(
+                    "INSERT INTO devices(device, accepted, bytes_up, last_loss, last_seen) VALUES (?,1,?,?,?) "
+                    "ON CONFLICT(device) DO UPDATE SET accepted=accepted+1, bytes_up=bytes_up+excluded.bytes_up, "
+                    "last_loss=COALESCE(excluded.last_loss, last_loss), last_seen=excluded.last_seen",
+                    (entry.device, entry.size, entry.train_loss, now),
+                )
+        self._prune(version, keep)
+
+    def _prune(self, version: int, keep: int) -> None:
+        for path in self.versions_dir.glob("v*.safetensors"):
+            try:
+                v = int(path.stem[1:])
+            except ValueError:
+                continue
+            if v <= version - keep or v > version:
+                path.unlink(missing_ok=True)  # older than the window, or an orphan of a crash
+
+    def _tx(self) -> "_Transaction":
+        return _Transaction(self.db)
+
+    # -- ledger and registry ---------------------------------------------------------
+
+    def is_applied(self, update_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM ledger WHERE update_id=?", (update_id,)).fetchone() is not None
+
+    def record_rejection(self, device: str | None, reason: str, detail: str) -> None:
+        now = time.time()
+        with self._tx():
+            self.db.execute("INSERT INTO rejections(device, reason, detail, ts) VALUES (?,?,?,?)", (device, reason, detail[:500], now))
+            if device is not None:
+                self.db.execute(
+                    "INSERT INTO devices(device, rejected, last_seen) VALUES (?,1,?) "
+                    "ON CONFLICT(device) DO UPDATE SET rejected=rejected+1, last_seen=excluded.last_seen",
+                    (device, now),
+                )
+
+    def record_status(self, device: str, state: str, version: int | None, profile: str | None, metrics: dict[str, float]) -> None:
+        now = time.time()
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO devices(device, state, profile, last_seen, version, eval_loss, metrics) VALUES (?,?,?,?,?,?,?) "
+                "ON CONFLICT(device) DO UPDATE SET state=excluded.state, profile=COALESCE(excluded.profile, profile), "
+                "last_seen=excluded.last_seen, version=COALESCE(excluded.version, version), "
+                "eval_loss=COALESCE(excluded.eval_loss, eval_loss), metrics=COALESCE(excluded.metrics, metrics)",
+                (device, state, profile, now, version, metrics.get("eval_loss"), json.dumps(metrics) if metrics else None),
+            )
+
+    def devices(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM devices ORDER BY device").fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["metrics"] = json.loads(d["metrics"]) if d["metrics"] else {}
+            out.append(d)
+        return out
+
+    def rejection_counts(self) -> dict[str, int]:
+        return {r["reason"]: r["n"] for r in self.db.execute("SELECT reason, COUNT(*) AS n FROM rejections GROUP BY reason")}
+
+    def counts(self) -> dict[str, int]:
+        accepted = self.db.execute("SELECT COUNT(*) FROM ledger").fetchone()[0]
+        rejected = self.db.execute("SELECT COUNT(*) FROM rejections").fetchone()[0]
+        versions = self.db.execute("SELECT COUNT(*) FROM versions").fetchone()[0]
+        return {"accepted": int(accepted), "rejected": int(rejected), "versions": int(versions)}
+
+    def ledger(self) -> Iterator[dict[str, Any]]:
+        for r in self.db.execute("SELECT * FROM ledger ORDER BY applied_version"):
+            yield dict(r)
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row["value"])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx():
+            self.db.execute("INSERT INTO meta(key, value) VALUES (?,?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")

@@ -1,0 +1,77 @@
+"""A read-only MQTT observer of a fleet: coordinator status and device heartbeats.
+
+It works from any machine that can reach the broker. Callbacks only enqueue;
+:meth:`FleetMonitor.poll` applies what arrived.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from compression import CodecError, protocol
+from compression.protocol import DeviceStatus
+
+
+@dataclass
+class FleetView:
+    coordinator: dict[str, Any] = field(default_factory=dict)
+    devices: dict[str, DeviceStatus] = field(default_factory=dict)
+    history: list[tuple[float, str, int, float]] = field(default_factory=list)
+    """(time, device, version, eval_loss) each time a device reports a held-out loss for a version."""
+
+
+class FleetMonitor:
+    def __init__(self, host: str, port: int, fleet: str, mqtt_protocol: str = "5") -> None:
+        self.fleet = fleet
+        self.view = FleetView()
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._seen: set[tuple[str, int]] = set()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"monitor-{uuid.uuid4().hex[:8]}",
+            protocol=MQTTProtocolVersion.MQTTv5 if mqtt_protocol == "5" else MQTTProtocolVersion.MQTTv311,
+        )
+        self.client.on_connect = lambda c, u, f, r, p: c.subscribe(
+            [(protocol.coordinator_status(fleet), 1), (protocol.all_device_status(fleet), 1)]
+        )
+        self.client.on_message = lambda c, u, m: self._inbox.put((m.topic, bytes(m.payload)))
+        self.client.connect(host, port, keepalive=30)
+        self.client.loop_start()
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(timeout=5)
+
+    def poll(self) -> FleetView:
+        while True:
+            try:
+                topic, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return self.view
+            if topic == protocol.coordinator_status(self.fleet):
+                try:
+                    self.view.coordinator = json.loads(payload)
+                except ValueError:
+                    continue
+                continue
+            try:
+                _, device, _ = protocol.parse_device_topic(topic)
+                status = DeviceStatus.from_json(payload)
+            except CodecError:
+                continue
+            self.view.devices[device] = status
+            loss = status.metrics.get("eval_loss")
+            if status.version is not None and loss is not None and (device, status.version) not in self._seen:
+                self._seen.add((device, status.version))
+                self.view.history.append((time.time(), device, status.version, loss))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

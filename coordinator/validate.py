@@ -1,0 +1,75 @@
+"""Validation of one update against the current global state. Pure: no I/O, no clock.
+
+Each failure raises :class:`~coordinator.errors.Rejection` with a stable reason code:
+``malformed``, ``malformed_frame``, ``bad_checksum``, ``too_large``, ``non_finite``,
+``device_mismatch``, ``unknown_device``, ``duplicate``, ``future_version``, ``too_stale``,
+``shape_mismatch``, ``norm_bound``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from compression import CodecError, FrameKind, FrameLimits, decode_frame, protocol
+from compression.protocol import UpdateHeader
+from coordinator.errors import Rejection
+from coordinator.strategy import FedAsyncConfig
+
+
+@dataclass(frozen=True)
+class ValidUpdate:
+    header: UpdateHeader
+    delta: dict[str, np.ndarray]
+    staleness: int
+    size: int
+
+
+def validate_update(
+    topic_device: str,
+    payload: bytes,
+    *,
+    shapes: Mapping[str, tuple[int, ...]],
+    current_version: int,
+    strategy: FedAsyncConfig,
+    max_update_bytes: int,
+    max_update_norm: float,
+    is_known_device: Callable[[str], bool],
+    is_duplicate: Callable[[str], bool],
+) -> ValidUpdate:
+    """Check an update payload completely; return the dense delta or raise :class:`Rejection`."""
+    try:
+        header, frame_bytes = protocol.decode_envelope(payload, max_bytes=max_update_bytes)
+        frame = decode_frame(frame_bytes, FrameLimits(max_frame_bytes=max_update_bytes))
+    except CodecError as exc:
+        raise Rejection(exc.reason, str(exc)) from None
+    if header.device != topic_device:
+        raise Rejection("device_mismatch", f"update says device {header.device!r} but came on {topic_device!r}'s topic")
+    if not is_known_device(header.device):
+        raise Rejection("unknown_device", f"device {header.device!r} is not enrolled")
+    if is_duplicate(header.update_id):
+        raise Rejection("duplicate", f"update {header.update_id!r} was already applied")
+    if frame.kind is not FrameKind.UPDATE:
+        raise Rejection("malformed_frame", f"expected an update frame, got {frame.kind.name}")
+    if header.base_version > current_version:
+        raise Rejection("future_version", f"base version {header.base_version} is newer than the current {current_version}")
+    tau = current_version - header.base_version
+    if tau > strategy.max_staleness:
+        raise Rejection("too_stale", f"staleness {tau} exceeds max_staleness {strategy.max_staleness}")
+    if not frame.tensors:
+        raise Rejection("malformed_frame", "update carries no tensors")
+    delta: dict[str, np.ndarray] = {}
+    for name, t in frame.tensors.items():
+        expected = shapes.get(name)
+        if expected is None:
+            raise Rejection("shape_mismatch", f"tensor {name!r} is not part of the global state")
+        if tuple(t.shape) != tuple(expected):
+            raise Rejection("shape_mismatch", f"tensor {name!r} has shape {t.shape}, global has {tuple(expected)}")
+        delta[name] = t.to_dense()
+    if max_update_norm > 0:
+        norm = float(np.sqrt(sum(float(np.square(d, dtype=np.float64).sum()) for d in delta.values())))
+        if norm > max_update_norm:
+            raise Rejection("norm_bound", f"update norm {norm:.4g} exceeds {max_update_norm:.4g}")
+    return ValidUpdate(header=header, delta=delta, staleness=tau, size=len(payload))

@@ -1,0 +1,270 @@
+"""The agent's main loop: follow the global model, train locally, send compressed updates.
+
+One thread does all the work. The MQTT network thread only fills ``transport.inbox``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import psutil
+import torch
+
+from compression import CodecError, FrameKind, compress_update, decode_frame, protocol
+from compression.protocol import GlobalMeta, TrainableSpec, UpdateHeader
+from edge_agent import model as model_lib
+from edge_agent.config import AgentConfig
+from edge_agent.data import LocalData, build_blocks, read_texts
+from edge_agent.errors import ModelError, TransportError
+from edge_agent.state import AgentState
+from edge_agent.train import evaluate, train_round
+from edge_agent.transport import AgentTransport, Inbound
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GlobalModel:
+    """The newest global version whose meta and snapshot agree."""
+
+    version: int
+    tensors: dict[str, np.ndarray]
+    spec: TrainableSpec
+
+
+@dataclass
+class Counters:
+    rounds: int = 0
+    updates_sent: int = 0
+    bytes_up: int = 0
+    dense_bytes_up: int = 0
+    eval_loss: float | None = None
+    eval_loss_first: float | None = None
+    eval_loss_base: float | None = None
+    """Held-out loss of the frozen base alone, before any adapter: the 'before' of every run."""
+    train_loss: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Agent:
+    """A device agent. ``run()`` blocks until ``stop()`` or ``max_rounds``."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.state = AgentState(cfg.state_dir)
+        self.transport = AgentTransport(cfg)
+        self.stop_event = threading.Event()
+        self.paused = False
+        self.counters = Counters()
+        self.global_model: GlobalModel | None = None
+        self._meta: GlobalMeta | None = None
+        self._snapshot: bytes | None = None
+        self._model: torch.nn.Module | None = None
+        self._tokenizer: object | None = None
+        self._spec: TrainableSpec | None = None
+        self._data: LocalData | None = None
+        self._state_name = "starting"
+        self._last_heartbeat = 0.0
+        device_key = int.from_bytes(hashlib.sha256(cfg.device_id.encode()).digest()[:4], "little")
+        self._rng = np.random.default_rng([cfg.train.seed, device_key])
+        self._process = psutil.Process()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def prepare(self) -> None:
+        """Load data and the frozen base; cheap checks first so that bad configs fail fast."""
+        torch.set_num_threads(self.cfg.train.threads)
+        texts = read_texts(self.cfg.data_dir)
+        t0 = time.monotonic()
+        self._model, self._tokenizer = model_lib.load_base(self.cfg.model.source, self.cfg.model.quantize)
+        log.info("loaded base %s (%s) in %.1fs", self.cfg.model.source, self.cfg.model.quantize, time.monotonic() - t0)
+        self._data = build_blocks(texts, self._tokenizer, self.cfg.train.seq_len, self.cfg.train.heldout_fraction, self.cfg.train.seed)
+        log.info("local data: %d files, %d train blocks, %d held-out", self._data.num_files, len(self._data.train), len(self._data.heldout))
+        self.counters.eval_loss_base = evaluate(self._model, self._data, self.cfg.train.eval_blocks, self.cfg.train.batch_size)
+        log.info("held-out loss of the base model: %.4f", self.counters.eval_loss_base)
+
+    def run(self) -> None:
+        if self._model is None:
+            self.prepare()
+        self.transport.start()
+        self._set_state("waiting")
+        try:
+            self._flush_outbox()
+            while not self.stop_event.is_set():
+                if self.cfg.max_rounds and self.counters.rounds >= self.cfg.max_rounds:
+                    break
+                self._pump(timeout=0.5)
+                if self.global_model is None or self.paused:
+                    self._set_state("paused" if self.paused else "waiting")
+                    continue
+                self._round()
+        finally:
+            final = self._status("offline")
+            self.transport.stop(final)
+
+    # -- the round -------------------------------------------------------------------
+
+    def _round(self) -> None:
+        assert self.global_model is not None and self._model is not None and self._data is not None
+        g = self.global_model
+        base = g.version
+        self._set_state("training")
+        result = train_round(self._model, self._data, self.cfg.train, self._rng, should_stop=self.stop_event.is_set)
+        if result.steps == 0:
+            return
+        local = model_lib.get_trainable(self._model)
+        delta = {n: local[n] - g.tensors[n] for n in g.tensors}
+        compressed = compress_update(delta, self.cfg.codec, self.state.load_feedback())
+        seq = self.state.next_seq()
+        header = UpdateHeader(
+            device=self.cfg.device_id,
+            seq=seq,
+            update_id=f"{self.cfg.device_id}-{seq}-{uuid.uuid4().hex[:8]}",
+            base_version=base,
+            num_samples=result.samples,
+            timestamp=time.time(),
+            frame_sha256=hashlib.sha256(compressed.frame).hexdigest(),
+            train_loss=result.train_loss if np.isfinite(result.train_loss) else None,
+        )
+        envelope = protocol.encode_envelope(header, compressed.frame)
+        # Outbox first, residual second: a crash in between re-sends an update the residual
+        # already excludes, which the coordinator drops as a duplicate; never the reverse.
+        self.state.put_outbox(seq, envelope)
+        self.state.save_feedback(compressed.feedback)
+        c = self.counters
+        c.rounds += 1
+        c.train_loss = header.train_loss
+        c.extra.update(step_s=result.seconds / result.steps, frame_bytes=len(compressed.frame))
+        c.dense_bytes_up += compressed.dense_fp32_bytes
+        self._flush_outbox()
+        log.info(
+            "round %d: %d steps, loss %.4f, update %d B (dense %d B) on v%d",
+            c.rounds, result.steps, result.train_loss, len(envelope), compressed.dense_fp32_bytes, base,
+        )
+        self._set_state("idle")
+        # Wait for the version that includes this update, then restart from it. If it does
+        # not come in time, restart from the same global: the residual keeps what was unsent.
+        deadline = time.monotonic() + self.cfg.sync_wait_s
+        while not self.stop_event.is_set() and self.global_model.version == base and time.monotonic() < deadline:
+            self._pump(timeout=0.2)
+        if self.global_model.version == base:
+            model_lib.set_trainable(self._model, g.tensors)
+
+    def _flush_outbox(self) -> None:
+        for path in self.state.pending():
+            payload = path.read_bytes()
+            topic = protocol.device_update(self.cfg.fleet, self.cfg.device_id)
+            try:
+                self.transport.publish(topic, payload, timeout=30.0)
+            except TransportError as exc:
+                log.warning("update %s stays in the outbox: %s", path.name, exc)
+                return
+            path.unlink()
+            self.counters.updates_sent += 1
+            self.counters.bytes_up += len(payload)
+
+    # -- inbound messages ------------------------------------------------------------
+
+    def _pump(self, timeout: float) -> None:
+        """Handle inbound messages for up to ``timeout`` seconds, and heartbeat."""
+        try:
+            msg = self.transport.inbox.get(timeout=timeout)
+        except queue.Empty:
+            msg = None
+        while msg is not None:
+            self._handle(msg)
+            try:
+                msg = self.transport.inbox.get_nowait()
+            except queue.Empty:
+                msg = None
+        self._try_adopt_global()
+        if time.monotonic() - self._last_heartbeat >= self.cfg.heartbeat_s:
+            self._set_state(self._state_name, force=True)
+
+    def _handle(self, msg: Inbound) -> None:
+        fleet, dev = self.cfg.fleet, self.cfg.device_id
+        try:
+            if msg.topic == protocol.global_meta(fleet):
+                self._meta = GlobalMeta.from_json(msg.payload)
+            elif msg.topic == protocol.global_snapshot(fleet):
+                self._snapshot = msg.payload
+            elif msg.topic == protocol.device_cmd(fleet, dev):
+                command = protocol.decode_command(msg.payload)
+                self.paused = command == "pause"
+                log.info("command %s", command)
+                self._set_state("paused" if self.paused else "idle", force=True)
+        except CodecError as exc:
+            log.warning("ignored a bad message on %s: %s", msg.topic, exc)
+
+    def _try_adopt_global(self) -> None:
+        meta, snap = self._meta, self._snapshot
+        if meta is None or snap is None:
+            return
+        if self.global_model is not None and meta.version <= self.global_model.version:
+            return
+        if hashlib.sha256(snap).hexdigest() != meta.snapshot_sha256:
+            return  # the matching snapshot (or meta) is still on its way
+        try:
+            frame = decode_frame(snap)
+            if frame.kind is not FrameKind.SNAPSHOT:
+                raise CodecError(f"expected a snapshot frame, got {frame.kind.name}")
+            spec = TrainableSpec.from_dict(meta.model)
+        except CodecError as exc:
+            log.warning("ignored global v%d: %s", meta.version, exc)
+            return
+        assert self._model is not None
+        if self._spec is None:
+            self._model = model_lib.attach_lora(self._model, spec, seed=self.cfg.train.seed)
+            self._spec = spec
+        elif spec != self._spec:
+            raise ModelError(f"the fleet's trainable spec changed from {self._spec} to {spec}; restart the agent")
+        tensors = frame.dense()
+        model_lib.set_trainable(self._model, tensors)
+        self.global_model = GlobalModel(meta.version, tensors, spec)
+        assert self._data is not None
+        loss = evaluate(self._model, self._data, self.cfg.train.eval_blocks, self.cfg.train.batch_size)
+        c = self.counters
+        c.eval_loss = loss
+        if c.eval_loss_first is None:
+            c.eval_loss_first = loss
+        log.info("adopted global v%d, held-out loss %.4f", meta.version, loss)
+        self._set_state(self._state_name if self._state_name != "waiting" else "idle", force=True)
+
+    # -- status ----------------------------------------------------------------------
+
+    def _status(self, state: str) -> bytes:
+        c = self.counters
+        metrics: dict[str, float] = {
+            "rss_mb": self._process.memory_info().rss / 2**20,
+            "cpu_percent": self._process.cpu_percent(),
+            "rounds": c.rounds,
+            "updates_sent": c.updates_sent,
+            "bytes_up": c.bytes_up,
+            "dense_bytes_up": c.dense_bytes_up,
+            "pending": len(self.state.pending()),
+            **c.extra,
+        }
+        for key in ("eval_loss", "eval_loss_first", "eval_loss_base", "train_loss"):
+            value = getattr(c, key)
+            if value is not None:
+                metrics[key] = value
+        version = self.global_model.version if self.global_model else None
+        return protocol.DeviceStatus(state=state, version=version, ts=time.time(), profile=self.cfg.profile, metrics=metrics).to_json()
+
+    def _set_state(self, state: str, force: bool = False) -> None:
+        if state == self._state_name and not force:
+            return
+        self._state_name = state
+        self._last_heartbeat = time.monotonic()
+        self.transport.publish_nowait(protocol.device_status(self.cfg.fleet, self.cfg.device_id), self._status(state), retain=True)
+

@@ -1,0 +1,31 @@
+"""Exceptions of the agent. ``cli.main`` maps them to exit codes (see ``docs/agent.md``)."""
+
+
+class AgentError(Exception):
+    """Base class of agent errors."""
+
+    exit_code = 1
+
+
+class ConfigError(AgentError):
+    """The configuration or device profile is invalid; the message names the key."""
+
+    exit_code = 2
+
+
+class ModelError(AgentError):
+    """The model cannot be loaded, or does not match the fleet's global state."""
+
+    exit_code = 3
+
+
+class DataError(AgentError):
+    """The local data directory is missing, empty or unreadable."""
+
+    exit_code = 4
+
+
+class TransportError(AgentError):
+    """The broker cannot be reached or refused a message."""
+
+    exit_code = 5

@@ -1,0 +1,119 @@
+"""The agent's MQTT shell: paho-mqtt 2.x, MQTT v5, QoS 1, retained status with a Last Will.
+
+paho callbacks only enqueue; the agent's main loop does the work.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from compression import protocol
+from edge_agent.config import AgentConfig
+from edge_agent.errors import TransportError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Inbound:
+    topic: str
+    payload: bytes
+
+
+class AgentTransport:
+    """Connects, subscribes to the global model and commands, publishes updates and status."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        self.connected = threading.Event()
+        self._acks: dict[int, int] = {}
+        self._ack_cond = threading.Condition()
+        b = cfg.broker
+        v5 = b.protocol == "5"
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"agent-{cfg.device_id}",
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if v5 else True,
+        )
+        if b.username:
+            self.client.username_pw_set(b.username, b.password)
+        self.client.reconnect_delay_set(int(max(1, b.reconnect_min_s)), int(max(1, b.reconnect_max_s)))
+        self.client.max_queued_messages_set(1000)
+        offline = protocol.DeviceStatus(state="offline").to_json()
+        self.client.will_set(protocol.device_status(cfg.fleet, cfg.device_id), offline, qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
+
+    def start(self) -> None:
+        b = self.cfg.broker
+        try:
+            self.client.connect_async(b.host, b.port, keepalive=b.keepalive)
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot connect to {b.host}:{b.port}: {exc}") from None
+        self.client.loop_start()
+
+    def stop(self, final_status: bytes | None = None) -> None:
+        if final_status is not None and self.connected.is_set():
+            try:
+                self.publish(protocol.device_status(self.cfg.fleet, self.cfg.device_id), final_status, retain=True, timeout=2.0)
+            except TransportError as exc:
+                log.warning("could not publish the final status: %s", exc)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- paho callbacks: enqueue only ------------------------------------------------
+
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("broker refused the connection: %s", reason)
+            return
+        fleet = self.cfg.fleet
+        topics = [protocol.global_meta(fleet), protocol.global_snapshot(fleet), protocol.device_cmd(fleet, self.cfg.device_id)]
+        client.subscribe([(t, 1) for t in topics])
+        self.connected.set()
+        log.info("connected to %s:%d", self.cfg.broker.host, self.cfg.broker.port)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
+        self.connected.clear()
+        log.warning("disconnected from the broker (%s); paho reconnects with backoff", reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        self.inbox.put(Inbound(msg.topic, bytes(msg.payload)))
+
+    def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, reason: object, props: object) -> None:
+        with self._ack_cond:
+            self._acks[mid] = int(getattr(reason, "value", 0))
+            while len(self._acks) > 4096:  # heartbeat acks nobody waits for
+                self._acks.pop(next(iter(self._acks)))
+            self._ack_cond.notify_all()
+
+    # -- publishing ------------------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 30.0) -> None:
+        """Publish with QoS 1 and wait for the broker's PUBACK. Raises TransportError on refusal or timeout."""
+        if len(payload) > self.cfg.broker.max_message_bytes:
+            raise TransportError(f"message of {len(payload)} bytes exceeds broker.max_message_bytes={self.cfg.broker.max_message_bytes}")
+        if not self.connected.wait(timeout):
+            raise TransportError("not connected to the broker")
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        with self._ack_cond:
+            if not self._ack_cond.wait_for(lambda: info.mid in self._acks, timeout):
+                raise TransportError(f"no PUBACK for {topic} within {timeout:.0f}s")
+            code = self._acks.pop(info.mid)
+        if code >= 0x80:
+            raise TransportError(f"broker refused the publish to {topic} with reason code {code}")
+
+    def publish_nowait(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Fire a QoS 1 publish without waiting (status heartbeats)."""
+        if self.connected.is_set():
+            self.client.publish(topic, payload, qos=1, retain=retain)
