@@ -50,16 +50,15 @@ def topk_global(tensors: Mapping[str, np.ndarray], fraction: float) -> dict[str,
     k = k_for(total, fraction)
     mags = np.concatenate([np.abs(f) for f in flats.values()])
     threshold = np.partition(mags, total - k)[total - k]
+    # Everything strictly above the threshold is kept; ties at the threshold fill the rest of k.
+    ties_budget = k - int(np.count_nonzero(mags > threshold))
     out: dict[str, SparseTensor] = {}
-    budget = k
     for name, flat in flats.items():
         above = np.flatnonzero(np.abs(flat) > threshold)
-        ties = np.flatnonzero(np.abs(flat) == threshold)
-        take_ties = max(0, min(ties.size, budget - above.size))
-        idx = np.sort(np.concatenate([above, ties[:take_ties]])).astype(np.int64)
-        budget -= idx.size
-        shape = tuple(tensors[name].shape)
-        out[name] = SparseTensor(shape=shape, values=flat[idx], indices=idx)
+        ties = np.flatnonzero(np.abs(flat) == threshold)[: max(0, ties_budget)]
+        ties_budget -= ties.size
+        idx = np.sort(np.concatenate([above, ties])).astype(np.int64)
+        out[name] = SparseTensor(shape=tuple(tensors[name].shape), values=flat[idx], indices=idx)
     return out
 
 

@@ -1,0 +1,93 @@
+"""Top-k, quantization bounds and error feedback, as properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from compression import CodecConfig, CodecError, ErrorFeedback, compress_update, decode_frame
+from compression.quantize import dequantize_int8, quantize_int8
+from compression.sparsify import k_for, topk_global, topk_per_tensor
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)
+vectors = arrays(np.float32, st.integers(1, 300), elements=finite)
+
+
+@given(vectors, st.floats(0.01, 1.0))
+def test_topk_keeps_the_k_largest_magnitudes(x: np.ndarray, fraction: float) -> None:
+    sparse = topk_per_tensor({"x": x}, fraction)["x"]
+    k = k_for(x.size, fraction)
+    idx = np.arange(x.size) if sparse.indices is None else sparse.indices
+    assert idx.size == k
+    kept = np.abs(x[idx])
+    dropped = np.abs(np.delete(x, idx))
+    if dropped.size:
+        assert kept.min() >= dropped.max()
+    np.testing.assert_array_equal(sparse.values, x[idx])
+
+
+@given(st.lists(vectors, min_size=1, max_size=4), st.floats(0.01, 0.99))
+def test_global_topk_keeps_the_k_largest_over_all_tensors(xs: list[np.ndarray], fraction: float) -> None:
+    tensors = {f"t{i}": x for i, x in enumerate(xs)}
+    sparse = topk_global(tensors, fraction)
+    total = sum(x.size for x in xs)
+    assert sum(t.values.size for t in sparse.values()) == k_for(total, fraction)
+    kept = np.concatenate([np.abs(t.values) for t in sparse.values()])
+    dropped = np.concatenate([np.abs(np.delete(tensors[n], t.indices)) for n, t in sparse.items()])
+    if dropped.size and kept.size:
+        assert kept.min() >= dropped.max()
+
+
+@given(vectors, st.integers(1, 64))
+def test_int8_error_is_at_most_half_a_step(x: np.ndarray, block: int) -> None:
+    codes, scales = quantize_int8(x, block)
+    back = dequantize_int8(codes, scales, block)
+    bound = scales[np.arange(x.size) // block] / 2 + 1e-6 * np.abs(x)
+    assert np.all(np.abs(back - x) <= bound + 1e-7)
+
+
+@given(st.lists(arrays(np.float32, (6, 5), elements=finite), min_size=1, max_size=6), st.sampled_from(["int8", "fp16", "fp32"]))
+def test_error_feedback_conserves_the_sum_of_deltas(deltas: list[np.ndarray], values: str) -> None:
+    cfg = CodecConfig(topk_fraction=0.2, values=values)  # type: ignore[arg-type]
+    fb = ErrorFeedback()
+    sent_total = np.zeros((6, 5), np.float64)
+    for d in deltas:
+        out = compress_update({"w": d}, cfg, fb)
+        sent_total += out.sent["w"]
+        fb = out.feedback
+    total = np.sum(np.stack(deltas).astype(np.float64), axis=0)
+    np.testing.assert_allclose(sent_total + fb.residual["w"], total, rtol=1e-4, atol=1e-3)
+
+
+def test_sent_is_exactly_what_the_receiver_decodes() -> None:
+    rng = np.random.default_rng(1)
+    delta = {"a": rng.normal(size=(64, 8)).astype(np.float32), "b": rng.normal(size=(8, 64)).astype(np.float32)}
+    out = compress_update(delta, CodecConfig(topk_fraction=0.05))
+    decoded = decode_frame(out.frame).dense()
+    for name in delta:
+        np.testing.assert_array_equal(decoded[name], out.sent[name])
+        assert np.count_nonzero(out.sent[name]) <= k_for(delta[name].size, 0.05)
+
+
+def test_compressed_update_is_much_smaller_than_dense() -> None:
+    rng = np.random.default_rng(2)
+    delta = {f"l{i}": rng.normal(size=(8, 576)).astype(np.float32) for i in range(20)}
+    out = compress_update(delta, CodecConfig(topk_fraction=0.01, values="int8"))
+    assert out.dense_fp32_bytes / len(out.frame) > 50
+
+
+@pytest.mark.parametrize("kwargs, key", [({"topk_fraction": 0.0}, "topk_fraction"), ({"values": "int4"}, "int4"),
+                                         ({"zstd_level": 40}, "zstd_level"), ({"topk_scope": "row"}, "topk_scope")])
+def test_codec_config_names_the_bad_value(kwargs: dict, key: str) -> None:
+    with pytest.raises(CodecError, match=key):
+        CodecConfig(**kwargs)
+
+
+def test_empty_and_non_finite_deltas_are_refused() -> None:
+    with pytest.raises(CodecError, match="at least one tensor"):
+        compress_update({}, CodecConfig())
+    with pytest.raises(CodecError, match="non-finite"):
+        compress_update({"x": np.array([np.inf], np.float32)}, CodecConfig())

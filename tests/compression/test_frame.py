@@ -1,0 +1,179 @@
+"""Frame encoding and the strict decoder."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from compression import CodecError, FrameKind, decode_frame, encode_frame
+from compression.errors import ChecksumError, FrameError, LimitError
+from compression.frame import FrameLimits, NonFiniteError, SparseTensor
+from compression.quantize import ValueType
+
+
+def _sample() -> dict[str, SparseTensor]:
+    rng = np.random.default_rng(0)
+    dense = rng.normal(size=(8, 16)).astype(np.float32)
+    idx = np.array([0, 3, 7, 100, 511], dtype=np.int64)
+    return {
+        "a.lora_A.weight": SparseTensor(shape=(8, 16), values=dense.reshape(-1)),
+        "b.lora_B.weight": SparseTensor(shape=(32, 16), values=rng.normal(size=5).astype(np.float32), indices=idx),
+    }
+
+
+@pytest.mark.parametrize("vtype", list(ValueType))
+def test_round_trip_preserves_names_shapes_and_indices(vtype: ValueType) -> None:
+    tensors = _sample()
+    frame = decode_frame(encode_frame(FrameKind.UPDATE, tensors, values=vtype, int8_block=4))
+    assert frame.kind is FrameKind.UPDATE
+    assert list(frame.tensors) == list(tensors)
+    for name, t in tensors.items():
+        got = frame.tensors[name]
+        assert got.shape == t.shape
+        if t.indices is None:
+            assert got.indices is None
+        else:
+            np.testing.assert_array_equal(got.indices, t.indices)
+        tol = {ValueType.FP32: 0, ValueType.FP16: 2e-3, ValueType.INT8: 0.03}[vtype]
+        np.testing.assert_allclose(got.values, t.values, atol=tol * float(np.abs(t.values).max()) + 1e-7)
+
+
+def test_fp32_round_trip_is_exact() -> None:
+    tensors = _sample()
+    frame = decode_frame(encode_frame(FrameKind.SNAPSHOT, tensors, values=ValueType.FP32))
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(frame.tensors[name].to_dense(), t.to_dense())
+
+
+def _valid() -> bytes:
+    return encode_frame(FrameKind.UPDATE, _sample(), values=ValueType.INT8)
+
+
+def _reframe(body: bytes, kind: int = 1, version: int = 1, flags: int = 0) -> bytes:
+    """A frame with a correct checksum around an arbitrary body, to reach the body checks."""
+    import zstandard
+
+    comp = zstandard.ZstdCompressor().compress(body)
+    header = struct.pack("<4sBBHII", b"FEDG", version, kind, flags, len(body), len(comp))
+    return header + comp + struct.pack("<I", zlib.crc32(comp, zlib.crc32(header)))
+
+
+@pytest.mark.parametrize(
+    "mutate, error, message",
+    [
+        (lambda f: b"XXXX" + f[4:], FrameError, "bad magic"),
+        (lambda f: f[:10], FrameError, "shorter than header"),
+        (lambda f: f[:-1], FrameError, "compressed length"),
+        (lambda f: f[:20] + bytes([f[20] ^ 1]) + f[21:], ChecksumError, "checksum"),
+    ],
+)
+def test_decoder_names_what_is_wrong(mutate, error, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error, match=message):
+        decode_frame(mutate(_valid()))
+
+
+def test_unknown_version_kind_and_flags_are_rejected() -> None:
+    body = struct.pack("<I", 0)
+    with pytest.raises(FrameError, match="version 2"):
+        decode_frame(_reframe(body, version=2))
+    with pytest.raises(FrameError, match="kind 9"):
+        decode_frame(_reframe(body, kind=9))
+    with pytest.raises(FrameError, match="flags"):
+        decode_frame(_reframe(body, flags=1))
+
+
+def _record(name: bytes = b"t", shape: tuple[int, ...] = (4,), layout: int = 1, vtype: int = 0, block: int = 0,
+            nnz: int = 2, payload: bytes | None = None) -> bytes:
+    head = struct.pack("<H", len(name)) + name + struct.pack("<B", len(shape)) + struct.pack(f"<{len(shape)}I", *shape)
+    head += struct.pack("<BBII", layout, vtype, block, nnz)
+    if payload is None:
+        payload = struct.pack("<2I", 0, 1) + struct.pack("<2f", 1.0, 2.0)
+    return head + payload
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (struct.pack("<I", 1) + _record(payload=struct.pack("<2I", 0, 4) + struct.pack("<2f", 1, 2)), "out of range"),
+        (struct.pack("<I", 1) + _record(payload=struct.pack("<2I", 1, 0) + struct.pack("<2f", 1, 2)), "strictly increasing"),
+        (struct.pack("<I", 1) + _record(nnz=5), "5 sparse values for 4"),
+        (struct.pack("<I", 1) + _record(layout=0, nnz=2), "dense with 2 values"),
+        (struct.pack("<I", 1) + _record(vtype=7), "unknown value type"),
+        (struct.pack("<I", 1) + _record(layout=3), "unknown layout"),
+        (struct.pack("<I", 1) + _record(vtype=0, block=4), "block size"),
+        (struct.pack("<I", 1) + _record(shape=(0,)), "empty dimension"),
+        (struct.pack("<I", 1) + _record(name=b"\xff\xfe"), "UTF-8"),
+        (struct.pack("<I", 2) + _record() + _record(), "appears twice"),
+        (struct.pack("<I", 1) + _record() + b"\x00", "trailing bytes"),
+        (struct.pack("<I", 2) + _record(), "truncated"),
+        (struct.pack("<I", 1) + _record(payload=struct.pack("<2I", 0, 1) + struct.pack("<2f", 1, float("nan"))), "not all finite"),
+        (struct.pack("<I", 1) + _record(vtype=2, block=2, payload=struct.pack("<2I", 0, 1) + struct.pack("<f", -1.0) + b"\x01\x02"), "scales"),
+    ],
+)
+def test_body_inconsistencies_raise_codec_errors(body: bytes, message: str) -> None:
+    with pytest.raises(CodecError, match=message):
+        decode_frame(_reframe(body))
+
+
+def test_non_finite_has_its_own_reason() -> None:
+    body = struct.pack("<I", 1) + _record(payload=struct.pack("<2I", 0, 1) + struct.pack("<2f", 1, float("inf")))
+    with pytest.raises(NonFiniteError) as info:
+        decode_frame(_reframe(body))
+    assert info.value.reason == "non_finite"
+
+
+def test_limits_are_enforced_before_allocation() -> None:
+    frame = _valid()
+    with pytest.raises(LimitError):
+        decode_frame(frame, FrameLimits(max_frame_bytes=len(frame) - 1))
+    with pytest.raises(LimitError):
+        decode_frame(_reframe(struct.pack("<I", 1) + _record(shape=(1 << 15, 1 << 15))), FrameLimits(max_numel=1 << 20))
+    with pytest.raises(LimitError):
+        decode_frame(_reframe(struct.pack("<I", 10_000)), FrameLimits(max_tensors=100))
+
+
+def test_encoder_rejects_bad_input() -> None:
+    with pytest.raises(CodecError, match="non-finite"):
+        encode_frame(FrameKind.UPDATE, {"x": SparseTensor((2,), np.array([1.0, np.nan], np.float32))})
+    with pytest.raises(CodecError, match="strictly increasing"):
+        encode_frame(FrameKind.UPDATE, {"x": SparseTensor((4,), np.ones(2, np.float32), np.array([2, 1]))})
+    with pytest.raises(CodecError, match="fp16 range"):
+        encode_frame(FrameKind.UPDATE, {"x": SparseTensor((1,), np.array([1e6], np.float32))}, values=ValueType.FP16)
+
+
+# --- fuzzing: the decoder never fails with anything but a CodecError ------------------
+
+
+@given(st.binary(max_size=512))
+def test_random_bytes_raise_codec_error_only(data: bytes) -> None:
+    try:
+        decode_frame(data)
+    except CodecError:
+        pass
+
+
+@given(st.data())
+def test_truncated_and_bit_flipped_frames_raise_codec_error_only(data: st.DataObject) -> None:
+    frame = bytearray(_valid())
+    if data.draw(st.booleans()):
+        frame = frame[: data.draw(st.integers(0, len(frame) - 1))]
+    else:
+        for _ in range(data.draw(st.integers(1, 8))):
+            pos = data.draw(st.integers(0, len(frame) - 1))
+            frame[pos] ^= 1 << data.draw(st.integers(0, 7))
+    assume(bytes(frame) != _valid())
+    with pytest.raises(CodecError):
+        decode_frame(bytes(frame))
+
+
+@given(st.binary(min_size=4, max_size=300))
+def test_garbage_bodies_with_valid_checksum_raise_codec_error_only(body: bytes) -> None:
+    try:
+        decode_frame(_reframe(body))
+    except CodecError:
+        pass

@@ -1,0 +1,31 @@
+"""Golden wire vectors: frames written by earlier releases must keep decoding to the same values."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compression import FrameKind, decode_frame, protocol
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+CASES = sorted(p.stem for p in GOLDEN.glob("*.bin"))
+
+
+def test_golden_vectors_exist() -> None:
+    assert {"update_v1_fp32", "update_v1_fp16", "update_v1_int8", "snapshot_v1_fp32", "envelope_v1"} <= set(CASES)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_golden_vector_decodes_to_recorded_values(name: str) -> None:
+    data = (GOLDEN / f"{name}.bin").read_bytes()
+    expected = json.loads((GOLDEN / f"{name}.json").read_text())
+    if name.startswith("envelope"):
+        header, data = protocol.decode_envelope(data)
+        assert (header.device, header.seq, header.base_version) == ("pi-1", 7, 3)
+    frame = decode_frame(data)
+    assert frame.kind is (FrameKind.SNAPSHOT if name.startswith("snapshot") else FrameKind.UPDATE)
+    dense = frame.dense()
+    assert sorted(dense) == sorted(expected["tensors"])
+    for key, values in expected["tensors"].items():
+        np.testing.assert_array_equal(dense[key], np.asarray(values, dtype=np.float32))

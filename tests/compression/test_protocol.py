@@ -1,0 +1,106 @@
+"""Topics and message schemas shared by agents and the coordinator."""
+
+import hashlib
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from compression import CodecError, protocol
+from compression.errors import ProtocolError
+from compression.protocol import DeviceStatus, GlobalMeta, TrainableSpec, UpdateHeader
+
+
+def test_topics_follow_the_design() -> None:
+    assert protocol.device_update("f", "pi-1") == "fl/f/devices/pi-1/update"
+    assert protocol.global_meta("f") == "fl/f/global/meta"
+    assert protocol.all_updates("f") == "fl/f/devices/+/update"
+    assert protocol.parse_device_topic("fl/f/devices/pi-1/status") == ("f", "pi-1", "status")
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "a+b", "#", "x" * 65, "-lead"])
+def test_ids_with_wildcards_or_slashes_are_rejected(bad: str) -> None:
+    with pytest.raises(ProtocolError):
+        protocol.device_update("f", bad)
+
+
+def _header(frame: bytes, **kw) -> UpdateHeader:  # type: ignore[no-untyped-def]
+    base = dict(device="d1", seq=3, update_id="u", base_version=2, num_samples=8, timestamp=1.5,
+                frame_sha256=hashlib.sha256(frame).hexdigest(), train_loss=2.0)
+    base.update(kw)
+    return UpdateHeader(**base)
+
+
+def test_envelope_round_trip() -> None:
+    frame = b"FEDG-frame-bytes"
+    header, got = protocol.decode_envelope(protocol.encode_envelope(_header(frame), frame))
+    assert got == frame and header == _header(frame)
+
+
+def test_envelope_detects_a_swapped_frame() -> None:
+    env = protocol.encode_envelope(_header(b"one"), b"one")
+    with pytest.raises(ProtocolError, match="frame_sha256"):
+        protocol.decode_envelope(env[:-3] + b"two")
+
+
+@pytest.mark.parametrize("field, value", [("seq", -1), ("seq", "1"), ("device", "a/b"), ("base_version", 1.5), ("timestamp", float("nan"))])
+def test_envelope_header_fields_are_validated(field: str, value: object) -> None:
+    frame = b"x"
+    head = json.loads(json.dumps({**_header(frame).__dict__}))
+    head[field] = value
+    raw = json.dumps(head).encode()
+    env = protocol.ENVELOPE_MAGIC + len(raw).to_bytes(4, "little") + raw + frame
+    with pytest.raises(ProtocolError, match=field):
+        protocol.decode_envelope(env)
+
+
+def test_meta_and_status_round_trip() -> None:
+    meta = GlobalMeta(version=4, snapshot_sha256="ab" * 32, snapshot_bytes=10, created=1.0, model={"tier": "lora"})
+    assert GlobalMeta.from_json(meta.to_json()) == meta
+    status = DeviceStatus(state="training", version=4, ts=2.0, profile="laptop", metrics={"eval_loss": 1.5})
+    assert DeviceStatus.from_json(status.to_json()) == status
+
+
+def test_status_rejects_unknown_state_and_bad_metrics() -> None:
+    with pytest.raises(ProtocolError, match="state"):
+        DeviceStatus.from_json(b'{"state": "dancing"}')
+    with pytest.raises(ProtocolError, match="metric"):
+        DeviceStatus.from_json(b'{"state": "idle", "metrics": {"x": "high"}}')
+
+
+def test_spec_round_trip_and_validation() -> None:
+    spec = TrainableSpec(r=4, alpha=8, targets=("q_proj",), base={"model_type": "llama"})
+    assert TrainableSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ProtocolError, match="targets"):
+        TrainableSpec.from_dict({**spec.to_dict(), "targets": []})
+
+
+def test_commands() -> None:
+    assert protocol.decode_command(protocol.encode_command("pause")) == "pause"
+    with pytest.raises(ProtocolError):
+        protocol.decode_command(b'{"cmd": "reboot"}')
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_parsers_raise_codec_errors_only(payload: bytes) -> None:
+    for parse in (GlobalMeta.from_json, DeviceStatus.from_json, protocol.decode_command, protocol.decode_envelope):
+        try:
+            parse(payload)
+        except CodecError:
+            pass
+
+
+@given(st.dictionaries(st.sampled_from(["state", "version", "ts", "profile", "metrics"]), json_values))
+def test_status_parser_on_near_valid_objects(obj: dict) -> None:
+    try:
+        DeviceStatus.from_json(json.dumps(obj).encode())
+    except CodecError:
+        pass

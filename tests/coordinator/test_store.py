@@ -1,0 +1,70 @@
+"""Version persistence and the ledger, on a real SQLite file."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.errors import StoreError
+from coordinator.store import LedgerEntry, Store
+
+
+def _entry(uid: str, device: str = "d1") -> LedgerEntry:
+    return LedgerEntry(update_id=uid, device=device, seq=1, base_version=0, staleness=0, weight=0.5, num_samples=4, size=100, train_loss=1.0)
+
+
+def test_versions_survive_reopen(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.commit_version(0, {"w": np.zeros(3, np.float32)}, None, keep=5)
+    store.commit_version(1, {"w": np.arange(3, dtype=np.float32)}, _entry("u1"), keep=5)
+    store.close()
+    again = Store(tmp_path)
+    assert again.current_version() == 1
+    np.testing.assert_array_equal(again.load_version(1)["w"], [0, 1, 2])
+    assert again.is_applied("u1") and not again.is_applied("u2")
+    assert again.counts() == {"accepted": 1, "rejected": 0, "versions": 2}
+    assert again.devices()[0]["accepted"] == 1
+
+
+def test_old_snapshots_are_pruned_and_orphans_removed(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    orphan = store.versions_dir / "v00000009.safetensors"
+    orphan.write_bytes(b"left by a crash before the commit")
+    for v in range(5):
+        store.commit_version(v, {"w": np.full(2, v, np.float32)}, None, keep=2)
+    files = sorted(p.name for p in store.versions_dir.glob("*.safetensors"))
+    assert files == ["v00000003.safetensors", "v00000004.safetensors"]
+
+
+def test_a_corrupt_snapshot_is_detected(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.commit_version(0, {"w": np.zeros(3, np.float32)}, None, keep=5)
+    path = store.versions_dir / "v00000000.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="sha256"):
+        store.load_version(0)
+
+
+def test_a_duplicate_update_cannot_be_committed_twice(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.commit_version(0, {"w": np.zeros(1, np.float32)}, None, keep=5)
+    store.commit_version(1, {"w": np.ones(1, np.float32)}, _entry("u1"), keep=5)
+    with pytest.raises(Exception):
+        store.commit_version(2, {"w": np.ones(1, np.float32)}, _entry("u1"), keep=5)
+    assert store.current_version() == 1
+
+
+def test_rejections_and_statuses_are_counted(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.record_rejection("d1", "bad_checksum", "frame checksum mismatch")
+    store.record_status("d1", "training", 3, "laptop", {"eval_loss": 2.5, "rss_mb": 100.0})
+    assert store.rejection_counts() == {"bad_checksum": 1}
+    (dev,) = store.devices()
+    assert (dev["rejected"], dev["state"], dev["version"], dev["eval_loss"]) == (1, "training", 3, 2.5)
+
+
+def test_readonly_open_of_a_missing_store_says_so(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no coordinator state"):
+        Store(tmp_path / "nowhere", readonly=True)

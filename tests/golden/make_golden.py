@@ -1,0 +1,56 @@
+"""Writes the golden wire vectors. Run by hand only when adding a NEW format version:
+existing files must never change, since they prove that old frames still decode.
+
+    python -m tests.golden.make_golden
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from compression import FrameKind, encode_frame, protocol
+from compression.frame import SparseTensor
+from compression.protocol import UpdateHeader
+from compression.quantize import ValueType
+
+HERE = Path(__file__).parent
+
+
+def cases() -> dict[str, tuple[bytes, dict[str, list]]]:
+    dense = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+    sparse = SparseTensor(shape=(5, 6), values=np.array([0.5, -0.25, 2.0], np.float32), indices=np.array([1, 7, 29]))
+    tensors = {"layer.lora_A.weight": SparseTensor(shape=(3, 4), values=dense.reshape(-1)), "layer.lora_B.weight": sparse}
+    out = {}
+    for name, vtype in (("update_v1_fp32", ValueType.FP32), ("update_v1_fp16", ValueType.FP16), ("update_v1_int8", ValueType.INT8)):
+        frame = encode_frame(FrameKind.UPDATE, tensors, values=vtype, int8_block=4, zstd_level=3)
+        out[name] = (frame, {})
+    snap = encode_frame(FrameKind.SNAPSHOT, {"w": SparseTensor(shape=(2, 2), values=np.array([1, 2, 3, 4], np.float32))})
+    out["snapshot_v1_fp32"] = (snap, {})
+    header = UpdateHeader(device="pi-1", seq=7, update_id="pi-1-7", base_version=3, num_samples=16, timestamp=1700000000.0,
+                          frame_sha256=hashlib.sha256(out["update_v1_int8"][0]).hexdigest(), train_loss=2.5)
+    out["envelope_v1"] = (protocol.encode_envelope(header, out["update_v1_int8"][0]), {})
+    return out
+
+
+def main() -> None:
+    from compression import decode_frame
+
+    for name, (data, _) in cases().items():
+        path = HERE / f"{name}.bin"
+        if path.exists():
+            print(f"keep {path.name} (golden files are never rewritten)")
+            continue
+        path.write_bytes(data)
+        frame_bytes = protocol.decode_envelope(data)[1] if name.startswith("envelope") else data
+        decoded = decode_frame(frame_bytes).dense()
+        expected = {"sha256": hashlib.sha256(data).hexdigest(), "tensors": {k: v.tolist() for k, v in decoded.items()}}
+        (HERE / f"{name}.json").write_text(json.dumps(expected, indent=1))
+        print(f"wrote {path.name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Packaging facts users rely on."""
+
+import importlib
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compression_resolves_to_fedge_wire_package() -> None:
+    # Python 3.14 adds a standard-library `compression` package (PEP 784) that would shadow ours.
+    mod = importlib.import_module("compression")
+    assert Path(mod.__file__).resolve().parent == ROOT / "compression"
+    assert hasattr(mod, "encode_frame")
+
+
+def test_python_version_is_supported() -> None:
+    assert (3, 10) <= sys.version_info[:2] < (3, 14)
+
+
+def test_packages_import_on_their_own() -> None:
+    import subprocess
+
+    for pkg, forbidden in (("compression", ("edge_agent", "coordinator", "torch", "paho")), ("coordinator.store", ("edge_agent",)), ("edge_agent.agent", ("coordinator",))):
+        code = f"import sys, {pkg}; bad=[m for m in {forbidden!r} if m in sys.modules]; assert not bad, bad"
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
