@@ -117,12 +117,13 @@ class Store:
         if readonly:
             if not db.exists():
                 raise StoreError(f"no coordinator state in {self.root} (missing {db.name})")
-            self.db = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10.0)
+            self.db = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10.0, check_same_thread=False)
         else:
             self.versions_dir.mkdir(parents=True, exist_ok=True)
             for stale in self.versions_dir.glob(".*.tmp"):
                 stale.unlink(missing_ok=True)  # left by a kill -9 during a write
-            self.db = sqlite3.connect(str(db), timeout=10.0, isolation_level=None)
+            # One owner at a time (the service worker); it may be created on another thread.
+            self.db = sqlite3.connect(str(db), timeout=10.0, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)

@@ -29,12 +29,19 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str, inter
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    """A private Mosquitto on 127.0.0.1, stopped by its PID at the end of the test."""
-    if mosquitto_path() is None:
+def mosquitto_binary() -> str:
+    """The Mosquitto binary; skips locally without it, fails in CI (FEDGE_REQUIRE_BROKER=1)."""
+    path = mosquitto_path()
+    if path is None:
         if os.environ.get("FEDGE_REQUIRE_BROKER"):
             pytest.fail("mosquitto is required (FEDGE_REQUIRE_BROKER is set) but not installed")
         pytest.skip("mosquitto is not installed (apt-get install -y mosquitto)")
+    return path
+
+
+@pytest.fixture
+def broker(tmp_path: Path, mosquitto_binary: str) -> Iterator[MosquittoBroker]:
+    """A private Mosquitto on 127.0.0.1, stopped by its PID at the end of the test."""
     b = MosquittoBroker(tmp_path / "broker")
     b.start()
     try:

@@ -83,5 +83,6 @@ def run(args: argparse.Namespace) -> int:
             _fmt(r["base_version"]), str(r["accepted"]), str(r["rejected"]), f"{r['bytes_up']:,}",
             _fmt(r["eval_loss"], ".4f"), _fmt(r["rss_mb"], ".0f"),
         )
-    Console().print(table)
+    console = Console()
+    (console if console.is_terminal else Console(width=150)).print(table)
     return 0

@@ -235,6 +235,8 @@ def run_demo(plan: DemoPlan, as_json: bool) -> int:
     """Run the demo; returns the process exit code (0 when loss fell on every device)."""
     console = Console(stderr=True)
     out = Console()
+    if not out.is_terminal:
+        out = Console(width=150)  # a log file or pipe: do not squeeze the table into 80 columns
     started = time.monotonic()
     demo = Demo(plan, console)
     try:

@@ -1,0 +1,137 @@
+"""Integration helpers: a coordinator in a thread or a process, and a device-side MQTT client."""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import sys
+import threading
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from compression import CodecConfig, compress_update, decode_frame, protocol
+from compression.protocol import GlobalMeta, UpdateHeader
+from coordinator.config import BrokerConfig, CoordinatorConfig, ModelSpecConfig
+from coordinator.service import CoordinatorService
+from coordinator.testbed.broker import MosquittoBroker
+from coordinator.testbed.demo import write_toml
+from coordinator.testbed.processes import Child
+
+FLEET = "test"
+
+
+def coordinator_config(broker: MosquittoBroker, state_dir: Path, model: Path) -> CoordinatorConfig:
+    return CoordinatorConfig(
+        state_dir=str(state_dir), fleet=FLEET, heartbeat_s=1.0,
+        broker=BrokerConfig(port=broker.port), model=ModelSpecConfig(source=str(model), lora_r=4, lora_alpha=8),
+    )
+
+
+class ThreadedCoordinator:
+    def __init__(self, cfg: CoordinatorConfig) -> None:
+        self.service = CoordinatorService(cfg)
+        self.thread = threading.Thread(target=self.service.run, daemon=True)
+
+    def __enter__(self) -> CoordinatorService:
+        self.thread.start()
+        return self.service
+
+    def __exit__(self, *exc: object) -> None:
+        self.service.stop()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def coordinator_process(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> Iterator[Child]:
+    """``fedge-coordinator serve`` as a child process (so that tests can kill -9 it)."""
+    cfg = write_toml(tmp_path / "coord" / "coordinator.toml", {
+        "fleet": FLEET, "state_dir": "state", "heartbeat_s": 1.0,
+        "broker": {"port": broker.port}, "model": {"source": str(tiny_model), "lora_r": 4, "lora_alpha": 8},
+    })
+    child = Child("coordinator", [sys.executable, "-m", "coordinator", "serve", "--config", str(cfg)], tmp_path / "coord.log")
+    yield child
+    child.stop()
+
+
+class DeviceClient:
+    """A device-side MQTT v5 client that publishes real envelopes and follows the global meta."""
+
+    def __init__(self, port: int, device: str = "probe") -> None:
+        self.device = device
+        self.metas: queue.Queue[GlobalMeta] = queue.Queue()
+        self.snapshots: dict[str, bytes] = {}
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{device}-{uuid.uuid4().hex[:6]}", protocol=MQTTProtocolVersion.MQTTv5)
+        self.client.on_connect = lambda c, u, f, r, p: c.subscribe([(protocol.global_meta(FLEET), 1), (protocol.global_snapshot(FLEET), 1)])
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.seq = 0
+
+    def _on_message(self, c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic.endswith("/meta"):
+            self.metas.put(GlobalMeta.from_json(msg.payload))
+        else:
+            self.snapshots[hashlib.sha256(msg.payload).hexdigest()] = bytes(msg.payload)
+
+    def wait_meta(self, min_version: int, timeout: float = 30.0) -> GlobalMeta:
+        """The first meta at ``min_version`` or later; fails after ``timeout``."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no global meta with version >= {min_version} within {timeout:.0f}s")
+            try:
+                meta = self.metas.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if meta.version >= min_version:
+                return meta
+
+    def global_state(self, meta: GlobalMeta) -> dict[str, np.ndarray]:
+        return decode_frame(self.snapshots[meta.snapshot_sha256]).dense()
+
+    def update_payload(self, base: GlobalMeta, scale: float = 0.01, uid: str | None = None) -> bytes:
+        state = self.global_state(base)
+        delta = {k: np.full_like(v, scale) for k, v in state.items()}
+        frame = compress_update(delta, CodecConfig(topk_fraction=1.0, values="fp32")).frame
+        self.seq += 1
+        header = UpdateHeader(device=self.device, seq=self.seq, update_id=uid or f"{self.device}-{self.seq}-{uuid.uuid4().hex[:6]}",
+                              base_version=base.version, num_samples=4, timestamp=0.0, frame_sha256=hashlib.sha256(frame).hexdigest())
+        return protocol.encode_envelope(header, frame)
+
+    def publish(self, payload: bytes, device: str | None = None) -> None:
+        info = self.client.publish(protocol.device_update(FLEET, device or self.device), payload, qos=1)
+        info.wait_for_publish(timeout=10)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def device_client(broker: MosquittoBroker) -> Iterator[DeviceClient]:
+    c = DeviceClient(broker.port)
+    yield c
+    c.close()
+
+
+def agent_config_dict(broker: MosquittoBroker, model: Path, data: Path, state: Path, device: str, **extra: object) -> dict:
+    return {
+        "device_id": device, "fleet": FLEET, "data_dir": str(data), "state_dir": str(state), "heartbeat_s": 1.0, "sync_wait_s": 5.0,
+        "broker": {"port": broker.port, "reconnect_min_s": 1.0, "reconnect_max_s": 2.0},
+        "model": {"source": str(model), "quantize": "int8"},
+        "train": {"threads": 1, "batch_size": 4, "seq_len": 32, "local_steps": 2, "lr": 1e-2, "eval_blocks": 4},
+        **extra,
+    }
+
+
+__all__ = ["DeviceClient", "ThreadedCoordinator", "agent_config_dict", "coordinator_config", "replace"]
