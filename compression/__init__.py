@@ -5,8 +5,8 @@ bytes. It does no file, network or clock I/O, so that the agent and the coordina
 can share it and so that every byte on the wire is decided here.
 """
 
+from compression.codec import CodecConfig, ErrorFeedback, compress_dense, compress_update
 from compression.errors import CodecError, FrameError, LimitError, ProtocolError
-from compression.codec import CodecConfig, ErrorFeedback, compress_update, compress_dense
 from compression.frame import (
     FORMAT_VERSION,
     Frame,

@@ -7,8 +7,9 @@ residual comes out, so the caller decides where (and how durably) it lives.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Literal
 
 import numpy as np
 
@@ -112,7 +113,6 @@ def compress_update(
 def compress_dense(tensors: Mapping[str, np.ndarray], kind: FrameKind, zstd_level: int = 3) -> bytes:
     """A lossless frame of dense fp32 tensors (used for snapshots)."""
     records = {
-        n: SparseTensor(shape=tuple(np.shape(a)), values=np.ascontiguousarray(a, dtype=np.float32).reshape(-1))
-        for n, a in tensors.items()
+        n: SparseTensor(shape=tuple(np.shape(a)), values=np.ascontiguousarray(a, dtype=np.float32).reshape(-1)) for n, a in tensors.items()
     }
     return encode_frame(kind, records, values=ValueType.FP32, zstd_level=zstd_level)

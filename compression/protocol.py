@@ -213,7 +213,7 @@ class GlobalMeta:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, payload: bytes) -> "GlobalMeta":
+    def from_json(cls, payload: bytes) -> GlobalMeta:
         what = "global meta"
         obj = _load_json_object(payload, what)
         protocol = _int(obj, "protocol", what)
@@ -249,7 +249,7 @@ class DeviceStatus:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, payload: bytes) -> "DeviceStatus":
+    def from_json(cls, payload: bytes) -> DeviceStatus:
         what = "device status"
         obj = _load_json_object(payload, what)
         state = obj.get("state")
@@ -306,7 +306,7 @@ class TrainableSpec:
         return d
 
     @classmethod
-    def from_dict(cls, obj: dict[str, Any]) -> "TrainableSpec":
+    def from_dict(cls, obj: dict[str, Any]) -> TrainableSpec:
         what = "trainable spec"
         if obj.get("tier") != "lora":
             raise ProtocolError(f"{what}: 'tier' must be 'lora', got {obj.get('tier')!r}")

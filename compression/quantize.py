@@ -29,7 +29,7 @@ class ValueType(IntEnum):
     INT8 = 2
 
     @classmethod
-    def from_name(cls, name: str) -> "ValueType":
+    def from_name(cls, name: str) -> ValueType:
         try:
             return {"fp32": cls.FP32, "fp16": cls.FP16, "int8": cls.INT8}[name]
         except KeyError:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Literal, Mapping, TypeVar, Union
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar, Union
 
 T = TypeVar("T")
 

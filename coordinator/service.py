@@ -199,8 +199,15 @@ class CoordinatorService:
         new_state = fedasync_apply(self.state, valid.delta, weight)
         new_version = self.version + 1
         entry = LedgerEntry(
-            update_id=h.update_id, device=h.device, seq=h.seq, base_version=h.base_version, staleness=valid.staleness,
-            weight=weight, num_samples=h.num_samples, size=valid.size, train_loss=h.train_loss,
+            update_id=h.update_id,
+            device=h.device,
+            seq=h.seq,
+            base_version=h.base_version,
+            staleness=valid.staleness,
+            weight=weight,
+            num_samples=h.num_samples,
+            size=valid.size,
+            train_loss=h.train_loss,
         )
         self.store.commit_version(new_version, new_state, entry, self.cfg.keep_versions)
         self.state, self.version = new_state, new_version

@@ -20,9 +20,10 @@ import os
 import sqlite3
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file, save
@@ -151,9 +152,7 @@ class Store:
             raise StoreError(f"{path} does not match its recorded sha256; the state directory is corrupt")
         return {k: v.astype(np.float32) for k, v in load_file(str(path)).items()}
 
-    def commit_version(
-        self, version: int, tensors: dict[str, np.ndarray], entry: LedgerEntry | None, keep: int
-    ) -> None:
+    def commit_version(self, version: int, tensors: dict[str, np.ndarray], entry: LedgerEntry | None, keep: int) -> None:
         """Durably record ``version`` (and the update that made it). Returns after the commit point."""
         data = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(tensors.items())})
         atomic_write(self._path(version), data)
@@ -166,8 +165,19 @@ class Store:
             if entry is not None:
                 self.db.execute(
                     "INSERT INTO ledger VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (entry.update_id, entry.device, entry.seq, entry.base_version, version, entry.staleness,
-                     entry.weight, entry.num_samples, entry.size, entry.train_loss, now),
+                    (
+                        entry.update_id,
+                        entry.device,
+                        entry.seq,
+                        entry.base_version,
+                        version,
+                        entry.staleness,
+                        entry.weight,
+                        entry.num_samples,
+                        entry.size,
+                        entry.train_loss,
+                        now,
+                    ),
                 )
                 self.db.execute(
                     "INSERT INTO devices(device, accepted, bytes_up, last_loss, last_seen) VALUES (?,1,?,?,?) "
@@ -186,7 +196,7 @@ class Store:
             if v <= version - keep or v > version:
                 path.unlink(missing_ok=True)  # older than the window, or an orphan of a crash
 
-    def _tx(self) -> "_Transaction":
+    def _tx(self) -> _Transaction:
         return _Transaction(self.db)
 
     # -- ledger and registry ---------------------------------------------------------

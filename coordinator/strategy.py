@@ -12,8 +12,9 @@ Aggregation is per tensor: an update changes only the tensors it carries.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal
 
 import numpy as np
 
@@ -54,9 +55,7 @@ def staleness_weight(tau: int, cfg: FedAsyncConfig) -> float:
     return float(1.0 / (cfg.a * (tau - cfg.b) + 1.0))
 
 
-def fedasync_apply(
-    global_state: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], weight: float
-) -> dict[str, np.ndarray]:
+def fedasync_apply(global_state: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], weight: float) -> dict[str, np.ndarray]:
     """``global + weight * delta`` for the tensors ``delta`` carries; other tensors are shared, not copied."""
     out = dict(global_state)
     for name, d in delta.items():

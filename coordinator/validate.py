@@ -8,8 +8,8 @@ Each failure raises :class:`~coordinator.errors.Rejection` with a stable reason 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import numpy as np
 

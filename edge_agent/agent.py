@@ -149,7 +149,12 @@ class Agent:
         self._flush_outbox()
         log.info(
             "round %d: %d steps, loss %.4f, update %d B (dense %d B) on v%d",
-            c.rounds, result.steps, result.train_loss, len(envelope), compressed.dense_fp32_bytes, base,
+            c.rounds,
+            result.steps,
+            result.train_loss,
+            len(envelope),
+            compressed.dense_fp32_bytes,
+            base,
         )
         self._set_state("idle")
         # Wait for the version that includes this update, then restart from it. If it does
@@ -267,4 +272,3 @@ class Agent:
         self._state_name = state
         self._last_heartbeat = time.monotonic()
         self.transport.publish_nowait(protocol.device_status(self.cfg.fleet, self.cfg.device_id), self._status(state), retain=True)
-

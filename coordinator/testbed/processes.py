@@ -18,7 +18,7 @@ class Child:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "Child":
+    def start(self) -> Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

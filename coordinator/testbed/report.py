@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 
-def _mean(values: list[float]) -> float | None:
+def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     return sum(vals) / len(vals) if vals else None
 
@@ -30,9 +30,10 @@ def summarize(devices: list[dict[str, Any]], counts: dict[str, int], rejections:
         "compression_ratio": dense / bytes_up if bytes_up else None,
         "eval_loss_before": _mean([d.get("eval_loss_before") for d in devices]),
         "eval_loss_after": _mean([d.get("eval_loss_after") for d in devices]),
-        "loss_fell_on_every_device": bool(devices) and all(
-            d.get("eval_loss_after") is not None and d.get("eval_loss_before") is not None
-            and d["eval_loss_after"] < d["eval_loss_before"] for d in devices
+        "loss_fell_on_every_device": bool(devices)
+        and all(
+            d.get("eval_loss_after") is not None and d.get("eval_loss_before") is not None and d["eval_loss_after"] < d["eval_loss_before"]
+            for d in devices
         ),
         "devices": devices,
         **extra,
@@ -48,9 +49,16 @@ def render(report: dict[str, Any], console: Console) -> None:
         change = f"{(after - before) / before:+.1%}" if before and after is not None else "-"
         style = "green" if before and after is not None and after < before else "red"
         table.add_row(
-            d["device"], d.get("profile") or "-", d.get("domain") or "-", str(d.get("rounds", 0)), str(d.get("updates_sent", 0)),
-            f"{d.get('bytes_up', 0):,}", f"{d.get('dense_bytes_up', 0):,}",
-            "-" if before is None else f"{before:.4f}", "-" if after is None else f"{after:.4f}", f"[{style}]{change}[/]",
+            d["device"],
+            d.get("profile") or "-",
+            d.get("domain") or "-",
+            str(d.get("rounds", 0)),
+            str(d.get("updates_sent", 0)),
+            f"{d.get('bytes_up', 0):,}",
+            f"{d.get('dense_bytes_up', 0):,}",
+            "-" if before is None else f"{before:.4f}",
+            "-" if after is None else f"{after:.4f}",
+            f"[{style}]{change}[/]",
         )
     console.print(table)
     ratio = report.get("compression_ratio")
@@ -60,8 +68,7 @@ def render(report: dict[str, Any], console: Console) -> None:
         f"rejected: {report['updates_rejected']} ({rej})"
     )
     console.print(
-        f"bytes up: {report['bytes_up']:,} vs dense fp32 {report['dense_bytes_up']:,}"
-        + (f" ({ratio:.0f}x smaller)" if ratio else "")
+        f"bytes up: {report['bytes_up']:,} vs dense fp32 {report['dense_bytes_up']:,}" + (f" ({ratio:.0f}x smaller)" if ratio else "")
     )
     b, a = report["eval_loss_before"], report["eval_loss_after"]
     if b is not None and a is not None:

@@ -79,8 +79,15 @@ def test_compressed_update_is_much_smaller_than_dense() -> None:
     assert out.dense_fp32_bytes / len(out.frame) > 50
 
 
-@pytest.mark.parametrize("kwargs, key", [({"topk_fraction": 0.0}, "topk_fraction"), ({"values": "int4"}, "int4"),
-                                         ({"zstd_level": 40}, "zstd_level"), ({"topk_scope": "row"}, "topk_scope")])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"topk_fraction": 0.0}, "topk_fraction"),
+        ({"values": "int4"}, "int4"),
+        ({"zstd_level": 40}, "zstd_level"),
+        ({"topk_scope": "row"}, "topk_scope"),
+    ],
+)
 def test_codec_config_names_the_bad_value(kwargs: dict, key: str) -> None:
     with pytest.raises(CodecError, match=key):
         CodecConfig(**kwargs)

@@ -87,8 +87,15 @@ def test_unknown_version_kind_and_flags_are_rejected() -> None:
         decode_frame(_reframe(body, flags=1))
 
 
-def _record(name: bytes = b"t", shape: tuple[int, ...] = (4,), layout: int = 1, vtype: int = 0, block: int = 0,
-            nnz: int = 2, payload: bytes | None = None) -> bytes:
+def _record(
+    name: bytes = b"t",
+    shape: tuple[int, ...] = (4,),
+    layout: int = 1,
+    vtype: int = 0,
+    block: int = 0,
+    nnz: int = 2,
+    payload: bytes | None = None,
+) -> bytes:
     head = struct.pack("<H", len(name)) + name + struct.pack("<B", len(shape)) + struct.pack(f"<{len(shape)}I", *shape)
     head += struct.pack("<BBII", layout, vtype, block, nnz)
     if payload is None:
@@ -112,7 +119,10 @@ def _record(name: bytes = b"t", shape: tuple[int, ...] = (4,), layout: int = 1, 
         (struct.pack("<I", 1) + _record() + b"\x00", "trailing bytes"),
         (struct.pack("<I", 2) + _record(), "truncated"),
         (struct.pack("<I", 1) + _record(payload=struct.pack("<2I", 0, 1) + struct.pack("<2f", 1, float("nan"))), "not all finite"),
-        (struct.pack("<I", 1) + _record(vtype=2, block=2, payload=struct.pack("<2I", 0, 1) + struct.pack("<f", -1.0) + b"\x01\x02"), "scales"),
+        (
+            struct.pack("<I", 1) + _record(vtype=2, block=2, payload=struct.pack("<2I", 0, 1) + struct.pack("<f", -1.0) + b"\x01\x02"),
+            "scales",
+        ),
     ],
 )
 def test_body_inconsistencies_raise_codec_errors(body: bytes, message: str) -> None:

@@ -26,8 +26,16 @@ def test_ids_with_wildcards_or_slashes_are_rejected(bad: str) -> None:
 
 
 def _header(frame: bytes, **kw) -> UpdateHeader:  # type: ignore[no-untyped-def]
-    base = dict(device="d1", seq=3, update_id="u", base_version=2, num_samples=8, timestamp=1.5,
-                frame_sha256=hashlib.sha256(frame).hexdigest(), train_loss=2.0)
+    base = dict(
+        device="d1",
+        seq=3,
+        update_id="u",
+        base_version=2,
+        num_samples=8,
+        timestamp=1.5,
+        frame_sha256=hashlib.sha256(frame).hexdigest(),
+        train_loss=2.0,
+    )
     base.update(kw)
     return UpdateHeader(**base)
 

@@ -52,8 +52,12 @@ def test_environment_overrides_are_typed_by_the_field() -> None:
     assert (cfg.inner.port, cfg.rate, cfg.enabled) == (2000, 0.25, False)
 
 
-@given(st.dictionaries(st.sampled_from(["name", "rate", "enabled", "tags", "inner", "opt", "zzz"]),
-                       st.none() | st.integers() | st.floats() | st.text(max_size=5) | st.lists(st.integers(), max_size=3)))
+@given(
+    st.dictionaries(
+        st.sampled_from(["name", "rate", "enabled", "tags", "inner", "opt", "zzz"]),
+        st.none() | st.integers() | st.floats() | st.text(max_size=5) | st.lists(st.integers(), max_size=3),
+    )
+)
 def test_parser_raises_record_error_only(data: dict) -> None:
     try:
         from_mapping(Outer, data, "cfg")

@@ -14,7 +14,9 @@ from coordinator.store import LedgerEntry, Store
 def _fill(root: Path) -> None:
     store = Store(root)
     store.commit_version(0, {"w": np.zeros(2, np.float32)}, None, keep=5)
-    entry = LedgerEntry(update_id="u1", device="pi-1", seq=1, base_version=0, staleness=0, weight=0.6, num_samples=4, size=321, train_loss=2.0)
+    entry = LedgerEntry(
+        update_id="u1", device="pi-1", seq=1, base_version=0, staleness=0, weight=0.6, num_samples=4, size=321, train_loss=2.0
+    )
     store.commit_version(1, {"w": np.ones(2, np.float32)}, entry, keep=5)
     store.record_status("pi-1", "training", 1, "raspberry-pi-4", {"eval_loss": 2.5, "rss_mb": 900.0})
     store.record_status("pi-2", "offline", 0, "laptop", {})
@@ -33,12 +35,14 @@ def test_devices_json_lists_every_device(tmp_path: Path, capsys) -> None:  # typ
 
 def test_devices_table_renders(tmp_path: Path) -> None:
     _fill(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "coordinator", "devices", "--state-dir", str(tmp_path)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "coordinator", "devices", "--state-dir", str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout
     assert "pi-1" in out and "pi-2" in out and "offline" in out and "online" in out
 
 
 def test_missing_state_is_a_clear_error_with_exit_code_3(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "coordinator", "devices", "--state-dir", str(tmp_path / "none")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "coordinator", "devices", "--state-dir", str(tmp_path / "none")], capture_output=True, text=True
+    )
     assert proc.returncode == 3 and "no coordinator state" in proc.stderr

@@ -1,5 +1,6 @@
 """Version persistence and the ledger, on a real SQLite file."""
 
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,9 @@ from coordinator.store import LedgerEntry, Store
 
 
 def _entry(uid: str, device: str = "d1") -> LedgerEntry:
-    return LedgerEntry(update_id=uid, device=device, seq=1, base_version=0, staleness=0, weight=0.5, num_samples=4, size=100, train_loss=1.0)
+    return LedgerEntry(
+        update_id=uid, device=device, seq=1, base_version=0, staleness=0, weight=0.5, num_samples=4, size=100, train_loss=1.0
+    )
 
 
 def test_versions_survive_reopen(tmp_path: Path) -> None:
@@ -51,7 +54,7 @@ def test_a_duplicate_update_cannot_be_committed_twice(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.commit_version(0, {"w": np.zeros(1, np.float32)}, None, keep=5)
     store.commit_version(1, {"w": np.ones(1, np.float32)}, _entry("u1"), keep=5)
-    with pytest.raises(Exception):
+    with pytest.raises(sqlite3.IntegrityError):
         store.commit_version(2, {"w": np.ones(1, np.float32)}, _entry("u1"), keep=5)
     assert store.current_version() == 1
 

@@ -6,7 +6,7 @@ import pytest
 from coordinator.strategy import FedAsyncConfig, fedasync_apply, staleness_weight
 
 
-@pytest.mark.parametrize("tau, expected", [(0, 1.0), (1, 2 ** -0.5), (3, 0.5), (8, 1 / 3)])
+@pytest.mark.parametrize("tau, expected", [(0, 1.0), (1, 2**-0.5), (3, 0.5), (8, 1 / 3)])
 def test_polynomial_weight_is_one_plus_tau_to_the_minus_a(tau: int, expected: float) -> None:
     assert staleness_weight(tau, FedAsyncConfig(staleness="polynomial", a=0.5)) == pytest.approx(expected)
 

@@ -22,15 +22,23 @@ def _payload(tensors=None, device="d1", base=3, uid="u1", kind=FrameKind.UPDATE,
         frame = compress_dense(tensors, kind)
     if corrupt:
         frame = frame[:20] + bytes([frame[20] ^ 1]) + frame[21:]
-    header = UpdateHeader(device=device, seq=1, update_id=uid, base_version=base, num_samples=4, timestamp=1.0,
-                          frame_sha256=hashlib.sha256(frame).hexdigest())
+    header = UpdateHeader(
+        device=device, seq=1, update_id=uid, base_version=base, num_samples=4, timestamp=1.0, frame_sha256=hashlib.sha256(frame).hexdigest()
+    )
     return protocol.encode_envelope(header, frame)
 
 
 def _validate(payload: bytes, topic_device: str = "d1", current: int = 5, known=True, dup=False, norm=0.0):  # type: ignore[no-untyped-def]
     return validate_update(
-        topic_device, payload, shapes=SHAPES, current_version=current, strategy=FedAsyncConfig(max_staleness=4),
-        max_update_bytes=1 << 20, max_update_norm=norm, is_known_device=lambda d: known, is_duplicate=lambda u: dup,
+        topic_device,
+        payload,
+        shapes=SHAPES,
+        current_version=current,
+        strategy=FedAsyncConfig(max_staleness=4),
+        max_update_bytes=1 << 20,
+        max_update_norm=norm,
+        is_known_device=lambda d: known,
+        is_duplicate=lambda u: dup,
     )
 
 

@@ -13,6 +13,7 @@ from edge_agent.errors import ModelError
 from edge_agent.model import attach_lora, get_trainable, load_base, set_trainable
 from edge_agent.train import evaluate, train_round
 
+
 def _plain(t: torch.Tensor) -> torch.Tensor:
     """A quanto int8 weight as the float tensor it stands for."""
     return t.dequantize() if hasattr(t, "dequantize") else t

@@ -30,8 +30,16 @@ def cases() -> dict[str, tuple[bytes, dict[str, list]]]:
         out[name] = (frame, {})
     snap = encode_frame(FrameKind.SNAPSHOT, {"w": SparseTensor(shape=(2, 2), values=np.array([1, 2, 3, 4], np.float32))})
     out["snapshot_v1_fp32"] = (snap, {})
-    header = UpdateHeader(device="pi-1", seq=7, update_id="pi-1-7", base_version=3, num_samples=16, timestamp=1700000000.0,
-                          frame_sha256=hashlib.sha256(out["update_v1_int8"][0]).hexdigest(), train_loss=2.5)
+    header = UpdateHeader(
+        device="pi-1",
+        seq=7,
+        update_id="pi-1-7",
+        base_version=3,
+        num_samples=16,
+        timestamp=1700000000.0,
+        frame_sha256=hashlib.sha256(out["update_v1_int8"][0]).hexdigest(),
+        train_loss=2.5,
+    )
     out["envelope_v1"] = (protocol.encode_envelope(header, out["update_v1_int8"][0]), {})
     return out
 

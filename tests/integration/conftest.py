@@ -7,9 +7,9 @@ import queue
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -29,8 +29,11 @@ FLEET = "test"
 
 def coordinator_config(broker: MosquittoBroker, state_dir: Path, model: Path) -> CoordinatorConfig:
     return CoordinatorConfig(
-        state_dir=str(state_dir), fleet=FLEET, heartbeat_s=1.0,
-        broker=BrokerConfig(port=broker.port), model=ModelSpecConfig(source=str(model), lora_r=4, lora_alpha=8),
+        state_dir=str(state_dir),
+        fleet=FLEET,
+        heartbeat_s=1.0,
+        broker=BrokerConfig(port=broker.port),
+        model=ModelSpecConfig(source=str(model), lora_r=4, lora_alpha=8),
     )
 
 
@@ -51,10 +54,16 @@ class ThreadedCoordinator:
 @pytest.fixture
 def coordinator_process(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> Iterator[Child]:
     """``fedge-coordinator serve`` as a child process (so that tests can kill -9 it)."""
-    cfg = write_toml(tmp_path / "coord" / "coordinator.toml", {
-        "fleet": FLEET, "state_dir": "state", "heartbeat_s": 1.0,
-        "broker": {"port": broker.port}, "model": {"source": str(tiny_model), "lora_r": 4, "lora_alpha": 8},
-    })
+    cfg = write_toml(
+        tmp_path / "coord" / "coordinator.toml",
+        {
+            "fleet": FLEET,
+            "state_dir": "state",
+            "heartbeat_s": 1.0,
+            "broker": {"port": broker.port},
+            "model": {"source": str(tiny_model), "lora_r": 4, "lora_alpha": 8},
+        },
+    )
     child = Child("coordinator", [sys.executable, "-m", "coordinator", "serve", "--config", str(cfg)], tmp_path / "coord.log")
     yield child
     child.stop()
@@ -67,7 +76,9 @@ class DeviceClient:
         self.device = device
         self.metas: queue.Queue[GlobalMeta] = queue.Queue()
         self.snapshots: dict[str, bytes] = {}
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{device}-{uuid.uuid4().hex[:6]}", protocol=MQTTProtocolVersion.MQTTv5)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"{device}-{uuid.uuid4().hex[:6]}", protocol=MQTTProtocolVersion.MQTTv5
+        )
         self.client.on_connect = lambda c, u, f, r, p: c.subscribe([(protocol.global_meta(FLEET), 1), (protocol.global_snapshot(FLEET), 1)])
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
@@ -104,8 +115,15 @@ class DeviceClient:
         delta = {k: np.full_like(v, scale) for k, v in state.items()}
         frame = compress_update(delta, CodecConfig(topk_fraction=1.0, values="fp32")).frame
         self.seq += 1
-        header = UpdateHeader(device=self.device, seq=self.seq, update_id=uid or f"{self.device}-{self.seq}-{uuid.uuid4().hex[:6]}",
-                              base_version=base.version, num_samples=4, timestamp=0.0, frame_sha256=hashlib.sha256(frame).hexdigest())
+        header = UpdateHeader(
+            device=self.device,
+            seq=self.seq,
+            update_id=uid or f"{self.device}-{self.seq}-{uuid.uuid4().hex[:6]}",
+            base_version=base.version,
+            num_samples=4,
+            timestamp=0.0,
+            frame_sha256=hashlib.sha256(frame).hexdigest(),
+        )
         return protocol.encode_envelope(header, frame)
 
     def publish(self, payload: bytes, device: str | None = None) -> None:
@@ -126,7 +144,12 @@ def device_client(broker: MosquittoBroker) -> Iterator[DeviceClient]:
 
 def agent_config_dict(broker: MosquittoBroker, model: Path, data: Path, state: Path, device: str, **extra: object) -> dict:
     return {
-        "device_id": device, "fleet": FLEET, "data_dir": str(data), "state_dir": str(state), "heartbeat_s": 1.0, "sync_wait_s": 5.0,
+        "device_id": device,
+        "fleet": FLEET,
+        "data_dir": str(data),
+        "state_dir": str(state),
+        "heartbeat_s": 1.0,
+        "sync_wait_s": 5.0,
         "broker": {"port": broker.port, "reconnect_min_s": 1.0, "reconnect_max_s": 2.0},
         "model": {"source": str(model), "quantize": "int8"},
         "train": {"threads": 1, "batch_size": 4, "seq_len": 32, "local_steps": 2, "lr": 1e-2, "eval_blocks": 4},

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from compression import protocol
 from coordinator.store import Store
 from coordinator.testbed.broker import MosquittoBroker
 from coordinator.testbed.processes import Child
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from tests.conftest import wait_until
-from tests.integration.conftest import FLEET, DeviceClient, ThreadedCoordinator, agent_config_dict, coordinator_config
+from tests.integration.conftest import DeviceClient, ThreadedCoordinator, agent_config_dict, coordinator_config
 
 pytestmark = pytest.mark.broker
 
