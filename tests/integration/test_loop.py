@@ -16,7 +16,7 @@ from coordinator.testbed.processes import Child
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from tests.conftest import wait_until
-from tests.integration.conftest import DeviceClient, ThreadedCoordinator, agent_config_dict, coordinator_config
+from tests.integration.conftest import FLEET, DeviceClient, ThreadedCoordinator, agent_config_dict, coordinator_config
 
 pytestmark = pytest.mark.broker
 
@@ -106,3 +106,22 @@ def test_malformed_updates_are_rejected_with_a_reason_and_the_coordinator_stays_
         assert store.rejection_counts() == {"malformed_message": 2, "device_mismatch": 1}
         retained = device_client.global_state(meta)
         assert set(retained) == set(service.state)
+
+
+def test_last_will_marks_a_killed_agent_offline(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, device_data) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    from coordinator.testbed.demo import write_toml
+    from coordinator.testbed.monitor import FleetMonitor
+
+    cfg = write_toml(tmp_path / "agent.toml", agent_config_dict(broker, tiny_model, device_data(2), tmp_path / "state", "pi-3"))
+    monitor = FleetMonitor("127.0.0.1", broker.port, FLEET)
+    agent = Child("agent", [sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)], tmp_path / "agent.log").start()
+    try:
+        # No coordinator: the agent connects and waits for a global version.
+        wait_until(lambda: (s := monitor.poll().devices.get("pi-3")) is not None and s.state == "waiting", 60, "the agent's status")
+        os.kill(agent.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        wait_until(lambda: monitor.poll().devices["pi-3"].state == "offline", 10, "the Last Will")
+    finally:
+        agent.stop()
+        monitor.close()
