@@ -15,6 +15,7 @@ import numpy as np
 
 from compression.errors import CodecError
 from compression.frame import FrameKind, FrameLimits, SparseTensor, decode_frame, encode_frame
+from compression.indices import IndexCoding
 from compression.quantize import ValueType
 from compression.sparsify import topk_global, topk_per_tensor
 
@@ -27,10 +28,12 @@ class CodecConfig:
     """Fraction of entries sent per update (1.0 sends the dense delta)."""
     topk_scope: Literal["tensor", "global"] = "tensor"
     """``tensor``: each tensor keeps its own top fraction; ``global``: over all tensors together."""
-    values: Literal["fp32", "fp16", "int8"] = "int8"
-    """Value encoding: lossless fp32, fp16, or blockwise int8 with one fp32 scale per block."""
+    values: Literal["fp32", "fp16", "int8", "sign"] = "int8"
+    """Value encoding: lossless fp32, fp16, blockwise int8, or 1-bit sign with one fp32 scale per block."""
     int8_block: int = 256
-    """Values per int8 scale."""
+    """Values per scale (int8 and sign)."""
+    index_coding: Literal["u32", "bitpack", "varint"] = "bitpack"
+    """How sparse indices are coded (as gaps) before zstd."""
     zstd_level: int = 3
     """zstd compression level (1..22)."""
     error_feedback: bool = True
@@ -42,6 +45,7 @@ class CodecConfig:
         if self.topk_scope not in ("tensor", "global"):
             raise CodecError(f"codec.topk_scope must be 'tensor' or 'global', got {self.topk_scope!r}")
         ValueType.from_name(self.values)
+        IndexCoding.from_name(self.index_coding)
         if not 1 <= self.int8_block <= 1 << 20:
             raise CodecError(f"codec.int8_block must be in 1..{1 << 20}, got {self.int8_block}")
         if not 1 <= self.zstd_level <= 22:
@@ -101,6 +105,7 @@ def compress_update(
         values=ValueType.from_name(config.values),
         int8_block=config.int8_block,
         zstd_level=config.zstd_level,
+        index_coding=IndexCoding.from_name(config.index_coding),
     )
     # Decode our own frame so that the residual accounts for quantization error too,
     # and so that `sent` is bit-identical to what the receiver will apply.

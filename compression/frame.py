@@ -2,7 +2,7 @@
 
 Layout (all integers little-endian; see ``docs/wire-format.md`` for every byte)::
 
-    header  16 B   magic "FEDG" | u8 version | u8 kind | u16 flags (0)
+    header  16 B   magic "FEDG" | u8 version (1 or 2) | u8 kind | u16 flags (0)
                    | u32 body length | u32 compressed length
     body    n B    zstd(tensor records)
     trailer  4 B   u32 CRC-32 of header + compressed body
@@ -24,10 +24,23 @@ import numpy as np
 import zstandard
 
 from compression.errors import ChecksumError, CodecError, FrameError, LimitError
-from compression.quantize import ValueType, dequantize_values, quantize_values
+from compression.indices import (
+    IndexCoding,
+    bitpack_decode,
+    bitpack_encode,
+    from_gaps,
+    to_gaps,
+    varint_decode,
+    varint_encode,
+)
+from compression.quantize import ValueType, code_bytes, dequantize_values, quantize_values
 
 MAGIC = b"FEDG"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 added bit-packed and varint indices and sign values; version 1 frames still decode."""
+READABLE_VERSIONS = (1, 2)
+_V1_LAYOUTS = (0, 1)
+_V1_VALUES = (ValueType.FP32, ValueType.FP16, ValueType.INT8)
 _HEADER = struct.Struct("<4sBBHII")
 _CRC = struct.Struct("<I")
 MAX_NAME_BYTES = 255
@@ -43,9 +56,8 @@ class FrameKind(IntEnum):
     SNAPSHOT = 3  # coordinator -> devices: the full trainable state at a version
 
 
-class Layout(IntEnum):
-    DENSE = 0
-    SPARSE = 1
+DENSE = 0
+"""The layout byte of a dense tensor record; sparse records carry their IndexCoding there."""
 
 
 class NonFiniteError(FrameError):
@@ -103,13 +115,17 @@ def encode_frame(
     values: ValueType = ValueType.FP32,
     int8_block: int = 256,
     zstd_level: int = 3,
+    index_coding: IndexCoding = IndexCoding.BITPACK,
 ) -> bytes:
-    """Serialize ``tensors`` into one frame. Raises :class:`CodecError` on bad input."""
+    """Serialize ``tensors`` into one frame. Raises :class:`CodecError` on bad input.
+
+    ``int8_block`` is the number of values per scale for the blockwise types (int8, sign).
+    """
     if not 1 <= int8_block <= MAX_INT8_BLOCK:
         raise CodecError(f"int8_block must be in 1..{MAX_INT8_BLOCK}, got {int8_block}")
     parts: list[bytes] = [struct.pack("<I", len(tensors))]
     for name, t in tensors.items():
-        parts.append(_encode_record(name, t, values, int8_block))
+        parts.append(_encode_record(name, t, values, int8_block, index_coding))
     body = b"".join(parts)
     comp = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(body)
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, int(kind), 0, len(body), len(comp))
@@ -117,7 +133,7 @@ def encode_frame(
     return header + comp + _CRC.pack(crc)
 
 
-def _encode_record(name: str, t: SparseTensor, vtype: ValueType, block: int) -> bytes:
+def _encode_record(name: str, t: SparseTensor, vtype: ValueType, block: int, coding: IndexCoding) -> bytes:
     raw_name = name.encode("utf-8")
     if not 1 <= len(raw_name) <= MAX_NAME_BYTES:
         raise CodecError(f"tensor name {name!r} must be 1..{MAX_NAME_BYTES} bytes of UTF-8")
@@ -126,23 +142,28 @@ def _encode_record(name: str, t: SparseTensor, vtype: ValueType, block: int) -> 
     numel = t.numel
     vals = np.ascontiguousarray(t.values, dtype=np.float32).reshape(-1)
     if t.indices is None:
-        layout, index_bytes = Layout.DENSE, b""
+        layout, index_bytes = DENSE, b""
         if vals.size != numel:
             raise CodecError(f"tensor {name!r}: {vals.size} dense values for shape {t.shape}")
     else:
-        layout = Layout.SPARSE
+        layout = int(coding)
         idx = np.asarray(t.indices, dtype=np.int64).reshape(-1)
         if idx.size != vals.size:
             raise CodecError(f"tensor {name!r}: {idx.size} indices but {vals.size} values")
         if idx.size and (idx[0] < 0 or idx[-1] >= numel or np.any(np.diff(idx) <= 0)):
             raise CodecError(f"tensor {name!r}: indices must be strictly increasing in [0, {numel})")
-        # Gaps instead of absolute indices: small numbers whose zero high bytes zstd removes.
-        gaps = np.diff(idx, prepend=0).astype("<u4")
-        index_bytes = gaps.tobytes()
+        gaps = to_gaps(idx)
+        if coding is IndexCoding.U32:
+            index_bytes = gaps.astype("<u4").tobytes()
+        elif coding is IndexCoding.BITPACK:
+            index_bytes = bitpack_encode(gaps)
+        else:
+            index_bytes = varint_encode(gaps)
+            index_bytes = struct.pack("<I", len(index_bytes)) + index_bytes
     scales, codes = quantize_values(vals, vtype, block)
     head = struct.pack("<H", len(raw_name)) + raw_name
     head += struct.pack("<B", len(t.shape)) + struct.pack(f"<{len(t.shape)}I", *(int(d) for d in t.shape))
-    head += struct.pack("<BBII", layout, vtype, block if vtype is ValueType.INT8 else 0, vals.size)
+    head += struct.pack("<BBII", layout, vtype, block if vtype.blockwise else 0, vals.size)
     return head + index_bytes + scales + codes
 
 
@@ -181,8 +202,8 @@ def decode_frame(data: bytes, limits: FrameLimits = FrameLimits()) -> Frame:
     magic, version, kind, flags, body_len, comp_len = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise FrameError(f"bad magic {magic!r}; expected {MAGIC!r}")
-    if version != FORMAT_VERSION:
-        raise FrameError(f"unsupported frame format version {version}; this decoder reads {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise FrameError(f"unsupported frame format version {version}; this decoder reads {READABLE_VERSIONS}")
     if kind not in FrameKind._value2member_map_:
         raise FrameError(f"unknown frame kind {kind}")
     if flags != 0:
@@ -201,17 +222,17 @@ def decode_frame(data: bytes, limits: FrameLimits = FrameLimits()) -> Frame:
         raise FrameError(f"zstd decompression failed: {exc}") from None
     if len(body) != body_len:
         raise FrameError(f"body is {len(body)} bytes after decompression, header says {body_len}")
-    return Frame(FrameKind(kind), _decode_body(body, limits))
+    return Frame(FrameKind(kind), _decode_body(body, limits, version))
 
 
-def _decode_body(body: bytes, limits: FrameLimits) -> dict[str, SparseTensor]:
+def _decode_body(body: bytes, limits: FrameLimits, version: int) -> dict[str, SparseTensor]:
     r = _Reader(body)
     (count,) = r.unpack("<I", "tensor count")
     if count > limits.max_tensors:
         raise LimitError(f"frame declares {count} tensors, above the limit of {limits.max_tensors}")
     tensors: dict[str, SparseTensor] = {}
     for i in range(count):
-        name, t = _decode_record(r, i, limits)
+        name, t = _decode_record(r, i, limits, version)
         if name in tensors:
             raise FrameError(f"tensor {name!r} appears twice")
         tensors[name] = t
@@ -220,7 +241,7 @@ def _decode_body(body: bytes, limits: FrameLimits) -> dict[str, SparseTensor]:
     return tensors
 
 
-def _decode_record(r: _Reader, i: int, limits: FrameLimits) -> tuple[str, SparseTensor]:
+def _decode_record(r: _Reader, i: int, limits: FrameLimits, version: int) -> tuple[str, SparseTensor]:
     (name_len,) = r.unpack("<H", f"name length of tensor {i}")
     if not 1 <= name_len <= MAX_NAME_BYTES:
         raise FrameError(f"tensor {i}: name length {name_len} outside 1..{MAX_NAME_BYTES}")
@@ -242,41 +263,47 @@ def _decode_record(r: _Reader, i: int, limits: FrameLimits) -> tuple[str, Sparse
     if numel > limits.max_numel:
         raise LimitError(f"tensor {name!r}: {numel} elements, above the limit of {limits.max_numel}")
     layout, vcode, block, nnz = r.unpack("<BBII", f"encoding of {name!r}")
-    if layout not in Layout._value2member_map_:
-        raise FrameError(f"tensor {name!r}: unknown layout {layout}")
-    if vcode not in ValueType._value2member_map_:
-        raise FrameError(f"tensor {name!r}: unknown value type {vcode}")
+    if layout != DENSE and layout not in IndexCoding._value2member_map_ or (version == 1 and layout not in _V1_LAYOUTS):
+        raise FrameError(f"tensor {name!r}: unknown layout {layout} in a version {version} frame")
+    if vcode not in ValueType._value2member_map_ or (version == 1 and vcode not in _V1_VALUES):
+        raise FrameError(f"tensor {name!r}: unknown value type {vcode} in a version {version} frame")
     vtype = ValueType(vcode)
-    if vtype is ValueType.INT8:
+    if vtype.blockwise:
         if not 1 <= block <= MAX_INT8_BLOCK:
-            raise FrameError(f"tensor {name!r}: int8 block size {block} outside 1..{MAX_INT8_BLOCK}")
+            raise FrameError(f"tensor {name!r}: block size {block} outside 1..{MAX_INT8_BLOCK}")
     elif block != 0:
-        raise FrameError(f"tensor {name!r}: block size {block} given for a non-int8 value type")
+        raise FrameError(f"tensor {name!r}: block size {block} given for value type {vtype.name}")
     indices: np.ndarray | None = None
-    if layout == Layout.DENSE:
+    if layout == DENSE:
         if nnz != numel:
             raise FrameError(f"tensor {name!r}: dense with {nnz} values for {numel} elements")
     else:
         if nnz > numel:
             raise FrameError(f"tensor {name!r}: {nnz} sparse values for {numel} elements")
-        gaps = r.array("<u4", nnz, f"indices of {name!r}").astype(np.int64)
-        if nnz and np.any(gaps[1:] == 0):
-            raise FrameError(f"tensor {name!r}: indices are not strictly increasing")
-        indices = np.cumsum(gaps)
-        if nnz and indices[-1] >= numel:
-            raise FrameError(f"tensor {name!r}: index {int(indices[-1])} out of range for {numel} elements")
+        indices = from_gaps(_read_gaps(r, IndexCoding(layout), nnz, name), numel, f"tensor {name!r}")
     scales = None
-    if vtype is ValueType.INT8:
-        nblocks = -(-nnz // block)
-        scales = r.array("<f4", nblocks, f"scales of {name!r}")
+    if vtype.blockwise:
+        scales = r.array("<f4", -(-nnz // block), f"scales of {name!r}")
         if not np.all(np.isfinite(scales)) or np.any(scales < 0):
-            raise FrameError(f"tensor {name!r}: int8 scales must be finite and non-negative")
-        codes = r.array("<i1", nnz, f"values of {name!r}")
-    elif vtype is ValueType.FP16:
-        codes = r.array("<f2", nnz, f"values of {name!r}")
-    else:
-        codes = r.array("<f4", nnz, f"values of {name!r}")
-    values = dequantize_values(codes, scales, vtype, block)
+            raise FrameError(f"tensor {name!r}: scales must be finite and non-negative")
+    codes = r.take(code_bytes(vtype, nnz), f"values of {name!r}")
+    values = dequantize_values(codes, nnz, scales, vtype, block)
     if not np.all(np.isfinite(values)):
         raise NonFiniteError(f"tensor {name!r}: values are not all finite")
     return name, SparseTensor(shape=shape, values=values, indices=indices)
+
+
+def _read_gaps(r: _Reader, coding: IndexCoding, nnz: int, name: str) -> np.ndarray:
+    what = f"indices of {name!r}"
+    if coding is IndexCoding.U32:
+        return r.array("<u4", nnz, what)
+    if coding is IndexCoding.BITPACK:
+        (width,) = r.unpack("<B", what)
+        if width > 32:
+            raise FrameError(f"{what}: bit width {width} exceeds 32")
+        r.pos -= 1
+        return bitpack_decode(r.take((nnz * width + 7) // 8 + 1, what), nnz, what)
+    (length,) = r.unpack("<I", what)
+    if length > 5 * nnz:
+        raise FrameError(f"{what}: {length} varint bytes for {nnz} indices")
+    return varint_decode(r.take(length, what), nnz, what)

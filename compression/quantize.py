@@ -7,7 +7,9 @@ Three value types go on the wire:
   into infinities;
 - ``int8``: blockwise absmax quantization. Each block of ``block`` consecutive
   values has one fp32 scale ``max|v| / 127``; a value is sent as
-  ``round(v / scale)``. The error of every value is at most ``scale / 2``.
+  ``round(v / scale)``. The error of every value is at most ``scale / 2``;
+- ``sign``: one bit a value and one fp32 scale per block, ``mean|v|`` of the block; a
+  value is sent as ``±scale`` (signSGD-style; for comparison, it relies on error feedback).
 """
 
 from __future__ import annotations
@@ -27,13 +29,19 @@ class ValueType(IntEnum):
     FP32 = 0
     FP16 = 1
     INT8 = 2
+    SIGN = 3
 
     @classmethod
     def from_name(cls, name: str) -> ValueType:
         try:
-            return {"fp32": cls.FP32, "fp16": cls.FP16, "int8": cls.INT8}[name]
+            return {"fp32": cls.FP32, "fp16": cls.FP16, "int8": cls.INT8, "sign": cls.SIGN}[name]
         except KeyError:
-            raise CodecError(f"unknown value type {name!r}; expected fp32, fp16 or int8") from None
+            raise CodecError(f"unknown value type {name!r}; expected fp32, fp16, int8 or sign") from None
+
+    @property
+    def blockwise(self) -> bool:
+        """Whether the type carries one fp32 scale per block of values."""
+        return self in (ValueType.INT8, ValueType.SIGN)
 
 
 def quantize_int8(values: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,6 +67,26 @@ def dequantize_int8(codes: np.ndarray, scales: np.ndarray, block: int) -> np.nda
     return codes.astype(np.float32) * scales[idx]
 
 
+def quantize_sign(values: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """One bit per value (1 = non-negative) and one fp32 scale ``mean|v|`` per block."""
+    v = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    n = v.size
+    nblocks = -(-n // block)
+    padded = np.zeros(nblocks * block, dtype=np.float32)
+    padded[:n] = np.abs(v)
+    counts = np.full(nblocks, block, dtype=np.float32)
+    if n % block:
+        counts[-1] = n % block
+    scales = (padded.reshape(nblocks, block).sum(axis=1) / counts).astype(np.float32)
+    return np.packbits(v >= 0, bitorder="little"), scales
+
+
+def dequantize_sign(bits: np.ndarray, scales: np.ndarray, block: int, n: int) -> np.ndarray:
+    positive = np.unpackbits(bits, count=n, bitorder="little").astype(bool)
+    mags = scales[np.arange(n) // block]
+    return np.where(positive, mags, -mags).astype(np.float32)
+
+
 def quantize_values(values: np.ndarray, vtype: ValueType, block: int) -> tuple[bytes, bytes]:
     """Encode 1-D float values; returns ``(scales_bytes, codes_bytes)``."""
     v = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
@@ -70,13 +98,25 @@ def quantize_values(values: np.ndarray, vtype: ValueType, block: int) -> tuple[b
         if v.size and float(np.abs(v).max()) > FP16_MAX:
             raise CodecError(f"value {float(np.abs(v).max()):.3g} exceeds the fp16 range")
         return b"", v.astype("<f2").tobytes()
+    if vtype is ValueType.SIGN:
+        bits, scales = quantize_sign(v, block)
+        return scales.astype("<f4").tobytes(), bits.tobytes()
     codes, scales = quantize_int8(v, block)
     return scales.astype("<f4").tobytes(), codes.tobytes()
 
 
-def dequantize_values(values: np.ndarray, scales: np.ndarray | None, vtype: ValueType, block: int) -> np.ndarray:
-    """Decode values that :func:`quantize_values` produced, as float32."""
+def code_bytes(vtype: ValueType, n: int) -> int:
+    """Bytes of the value codes of ``n`` values."""
+    return {ValueType.FP32: 4 * n, ValueType.FP16: 2 * n, ValueType.INT8: n, ValueType.SIGN: (n + 7) // 8}[vtype]
+
+
+def dequantize_values(codes: bytes, n: int, scales: np.ndarray | None, vtype: ValueType, block: int) -> np.ndarray:
+    """Decode the codes of ``n`` values that :func:`quantize_values` produced, as float32."""
     if vtype is ValueType.INT8:
         assert scales is not None
-        return dequantize_int8(values, scales, block)
-    return values.astype(np.float32)
+        return dequantize_int8(np.frombuffer(codes, dtype=np.int8, count=n), scales, block)
+    if vtype is ValueType.SIGN:
+        assert scales is not None
+        return dequantize_sign(np.frombuffer(codes, dtype=np.uint8), scales, block, n)
+    dtype = "<f2" if vtype is ValueType.FP16 else "<f4"
+    return np.frombuffer(codes, dtype=dtype, count=n).astype(np.float32)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from compression import CodecError, FrameKind, decode_frame, encode_frame
 from compression.errors import ChecksumError, FrameError, LimitError
 from compression.frame import FrameLimits, NonFiniteError, SparseTensor
+from compression.indices import IndexCoding
 from compression.quantize import ValueType
 
 
@@ -26,10 +27,11 @@ def _sample() -> dict[str, SparseTensor]:
     }
 
 
-@pytest.mark.parametrize("vtype", list(ValueType))
-def test_round_trip_preserves_names_shapes_and_indices(vtype: ValueType) -> None:
+@pytest.mark.parametrize("coding", list(IndexCoding))
+@pytest.mark.parametrize("vtype", [ValueType.FP32, ValueType.FP16, ValueType.INT8])
+def test_round_trip_preserves_names_shapes_and_indices(vtype: ValueType, coding: IndexCoding) -> None:
     tensors = _sample()
-    frame = decode_frame(encode_frame(FrameKind.UPDATE, tensors, values=vtype, int8_block=4))
+    frame = decode_frame(encode_frame(FrameKind.UPDATE, tensors, values=vtype, int8_block=4, index_coding=coding))
     assert frame.kind is FrameKind.UPDATE
     assert list(frame.tensors) == list(tensors)
     for name, t in tensors.items():
@@ -41,6 +43,27 @@ def test_round_trip_preserves_names_shapes_and_indices(vtype: ValueType) -> None
             np.testing.assert_array_equal(got.indices, t.indices)
         tol = {ValueType.FP32: 0, ValueType.FP16: 2e-3, ValueType.INT8: 0.03}[vtype]
         np.testing.assert_allclose(got.values, t.values, atol=tol * float(np.abs(t.values).max()) + 1e-7)
+
+
+def test_sign_values_are_the_block_mean_magnitude_with_the_sign() -> None:
+    values = np.array([1.0, -3.0, 2.0, -2.0, 0.5], np.float32)
+    frame = encode_frame(FrameKind.UPDATE, {"x": SparseTensor((5,), values)}, values=ValueType.SIGN, int8_block=2)
+    np.testing.assert_allclose(decode_frame(frame).tensors["x"].values, [2.0, -2.0, 2.0, -2.0, 0.5])
+
+
+@given(st.lists(st.integers(0, 5000), unique=True, max_size=300), st.sampled_from(list(IndexCoding)))
+def test_every_index_coding_round_trips(idx: list[int], coding: IndexCoding) -> None:
+    indices = np.array(sorted(idx), dtype=np.int64)
+    t = SparseTensor((5001,), np.ones(indices.size, np.float32), indices)
+    got = decode_frame(encode_frame(FrameKind.UPDATE, {"x": t}, index_coding=coding)).tensors["x"]
+    np.testing.assert_array_equal(got.indices, indices)
+
+
+def test_version_1_frames_may_not_use_version_2_codings() -> None:
+    body = struct.pack("<I", 1) + _record(layout=2, payload=bytes([1, 0b11]) + struct.pack("<2f", 1, 2))
+    with pytest.raises(FrameError, match="unknown layout 2 in a version 1 frame"):
+        decode_frame(_reframe(body, version=1))
+    assert decode_frame(_reframe(body, version=2)).tensors["t"].indices.tolist() == [1, 2]
 
 
 def test_fp32_round_trip_is_exact() -> None:
@@ -79,8 +102,8 @@ def test_decoder_names_what_is_wrong(mutate, error, message) -> None:  # type: i
 
 def test_unknown_version_kind_and_flags_are_rejected() -> None:
     body = struct.pack("<I", 0)
-    with pytest.raises(FrameError, match="version 2"):
-        decode_frame(_reframe(body, version=2))
+    with pytest.raises(FrameError, match="version 3"):
+        decode_frame(_reframe(body, version=3))
     with pytest.raises(FrameError, match="kind 9"):
         decode_frame(_reframe(body, kind=9))
     with pytest.raises(FrameError, match="flags"):

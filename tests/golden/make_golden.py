@@ -14,10 +14,20 @@ import numpy as np
 
 from compression import FrameKind, encode_frame, protocol
 from compression.frame import SparseTensor
+from compression.indices import IndexCoding
 from compression.protocol import UpdateHeader
 from compression.quantize import ValueType
 
 HERE = Path(__file__).parent
+
+
+def _as_version_1(frame: bytes) -> bytes:
+    """Version 1 frames (u32 indices, fp32/fp16/int8 values) differ from version 2 only in the version byte."""
+    import struct
+    import zlib
+
+    body = frame[:4] + bytes([1]) + frame[5:-4]
+    return body + struct.pack("<I", zlib.crc32(body))
 
 
 def cases() -> dict[str, tuple[bytes, dict[str, list]]]:
@@ -26,9 +36,15 @@ def cases() -> dict[str, tuple[bytes, dict[str, list]]]:
     tensors = {"layer.lora_A.weight": SparseTensor(shape=(3, 4), values=dense.reshape(-1)), "layer.lora_B.weight": sparse}
     out = {}
     for name, vtype in (("update_v1_fp32", ValueType.FP32), ("update_v1_fp16", ValueType.FP16), ("update_v1_int8", ValueType.INT8)):
-        frame = encode_frame(FrameKind.UPDATE, tensors, values=vtype, int8_block=4, zstd_level=3)
-        out[name] = (frame, {})
-    snap = encode_frame(FrameKind.SNAPSHOT, {"w": SparseTensor(shape=(2, 2), values=np.array([1, 2, 3, 4], np.float32))})
+        frame = encode_frame(FrameKind.UPDATE, tensors, values=vtype, int8_block=4, zstd_level=3, index_coding=IndexCoding.U32)
+        out[name] = (_as_version_1(frame), {})
+    for name, vtype, coding in (
+        ("update_v2_int8_bitpack", ValueType.INT8, IndexCoding.BITPACK),
+        ("update_v2_fp16_varint", ValueType.FP16, IndexCoding.VARINT),
+        ("update_v2_sign_bitpack", ValueType.SIGN, IndexCoding.BITPACK),
+    ):
+        out[name] = (encode_frame(FrameKind.UPDATE, tensors, values=vtype, int8_block=4, index_coding=coding), {})
+    snap = _as_version_1(encode_frame(FrameKind.SNAPSHOT, {"w": SparseTensor(shape=(2, 2), values=np.array([1, 2, 3, 4], np.float32))}))
     out["snapshot_v1_fp32"] = (snap, {})
     header = UpdateHeader(
         device="pi-1",
