@@ -5,7 +5,7 @@ bytes. It does no file, network or clock I/O, so that the agent and the coordina
 can share it and so that every byte on the wire is decided here.
 """
 
-from compression.codec import CodecConfig, ErrorFeedback, compress_dense, compress_update
+from compression.codec import CodecConfig, ErrorFeedback, apply_delta, compress_dense, compress_update, state_digest
 from compression.errors import CodecError, FrameError, LimitError, ProtocolError
 from compression.frame import (
     FORMAT_VERSION,
@@ -27,6 +27,8 @@ __all__ = [
     "FrameLimits",
     "LimitError",
     "ProtocolError",
+    "apply_delta",
+    "state_digest",
     "compress_dense",
     "compress_update",
     "decode_frame",

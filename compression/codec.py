@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+import hashlib
+import struct
+
 import numpy as np
 
 from compression.errors import CodecError
@@ -110,7 +113,8 @@ def compress_update(
     # Decode our own frame so that the residual accounts for quantization error too,
     # and so that `sent` is bit-identical to what the receiver will apply.
     sent = decode_frame(frame, FrameLimits(max_frame_bytes=len(frame), max_body_bytes=1 << 40)).dense()
-    residual = {n: corrected[n] - sent[n] for n in corrected} if config.error_feedback else {}
+    # Tensors this update does not carry keep their residual (mixed fleets send subsets).
+    residual = {**feedback.residual, **{n: corrected[n] - sent[n] for n in corrected}} if config.error_feedback else {}
     dense_bytes = int(sum(np.asarray(d).size * 4 for d in delta.values()))
     return CompressedUpdate(frame=frame, sent=sent, feedback=ErrorFeedback(residual), dense_fp32_bytes=dense_bytes)
 
@@ -121,3 +125,31 @@ def compress_dense(tensors: Mapping[str, np.ndarray], kind: FrameKind, zstd_leve
         n: SparseTensor(shape=tuple(np.shape(a)), values=np.ascontiguousarray(a, dtype=np.float32).reshape(-1)) for n, a in tensors.items()
     }
     return encode_frame(kind, records, values=ValueType.FP32, zstd_level=zstd_level)
+
+
+def apply_delta(state: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``state + delta`` in float32 for the tensors ``delta`` carries.
+
+    The coordinator and every device use this one function on the same decoded delta, so
+    that their copies of each global version are bit-identical (checked by
+    :func:`state_digest`) and no drift builds up over versions.
+    """
+    out = dict(state)
+    for name, d in delta.items():
+        if name not in state:
+            raise CodecError(f"delta carries {name!r}, which the state does not have")
+        if tuple(np.shape(d)) != tuple(np.shape(state[name])):
+            raise CodecError(f"delta of {name!r} has shape {np.shape(d)}, state has {np.shape(state[name])}")
+        out[name] = np.add(state[name], d, dtype=np.float32)
+    return out
+
+
+def state_digest(state: Mapping[str, np.ndarray]) -> str:
+    """sha256 over names, shapes and float32 bytes of every tensor, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        arr = np.ascontiguousarray(state[name], dtype="<f4")
+        raw = name.encode()
+        h.update(struct.pack("<HB", len(raw), arr.ndim) + raw + struct.pack(f"<{arr.ndim}Q", *arr.shape))
+        h.update(arr.tobytes())
+    return h.hexdigest()

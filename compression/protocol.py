@@ -175,9 +175,7 @@ def decode_envelope(payload: bytes, max_bytes: int = 64 << 20) -> tuple[UpdateHe
     unknown = set(obj) - {f for f in UpdateHeader.__dataclass_fields__}
     if unknown:
         raise ProtocolError(f"{what}: unknown fields {sorted(unknown)}")
-    sha = _str(obj, "frame_sha256", what, 64)
-    if not re.fullmatch(r"[0-9a-f]{64}", sha):
-        raise ProtocolError(f"{what}: 'frame_sha256' must be 64 lowercase hex digits")
+    sha = _hex64(obj, "frame_sha256", what)
     header = UpdateHeader(
         device=check_id(_str(obj, "device", what, 64), "device id"),
         seq=_int(obj, "seq", what),
@@ -199,12 +197,22 @@ def decode_envelope(payload: bytes, max_bytes: int = 64 << 20) -> tuple[UpdateHe
 
 @dataclass(frozen=True)
 class GlobalMeta:
-    """Retained description of the current global version."""
+    """Retained description of the current global version.
+
+    A device holding version ``delta_base_version`` applies the retained delta frame
+    (sha256 ``delta_sha256``) with :func:`compression.apply_delta` and must then hold a state
+    whose :func:`compression.state_digest` is ``state_sha256``. Any other device takes the
+    retained snapshot (sha256 ``snapshot_sha256``).
+    """
 
     version: int
     snapshot_sha256: str
     snapshot_bytes: int
     created: float
+    state_sha256: str = ""
+    delta_base_version: int | None = None
+    delta_sha256: str | None = None
+    delta_bytes: int | None = None
     model: dict[str, Any] = field(default_factory=dict)
     """The trainable spec: model id, tier, LoRA rank/alpha/targets. Agents must match it."""
     protocol: int = PROTOCOL_VERSION
@@ -222,14 +230,30 @@ class GlobalMeta:
         model = obj.get("model", {})
         if not isinstance(model, dict):
             raise ProtocolError(f"{what}: 'model' must be an object")
+        version = _int(obj, "version", what)
+        has_delta = obj.get("delta_base_version") is not None
+        delta_base = _int(obj, "delta_base_version", what) if has_delta else None
+        if delta_base is not None and delta_base >= version:
+            raise ProtocolError(f"{what}: delta_base_version {delta_base} must be below version {version}")
         return cls(
-            version=_int(obj, "version", what),
-            snapshot_sha256=_str(obj, "snapshot_sha256", what, 64),
+            version=version,
+            snapshot_sha256=_hex64(obj, "snapshot_sha256", what),
             snapshot_bytes=_int(obj, "snapshot_bytes", what),
             created=_float(obj, "created", what) or 0.0,
+            state_sha256=_hex64(obj, "state_sha256", what),
+            delta_base_version=delta_base,
+            delta_sha256=_hex64(obj, "delta_sha256", what) if has_delta else None,
+            delta_bytes=_int(obj, "delta_bytes", what) if has_delta else None,
             model=model,
             protocol=protocol,
         )
+
+
+def _hex64(obj: dict[str, Any], key: str, what: str) -> str:
+    v = obj.get(key)
+    if not isinstance(v, str) or not re.fullmatch(r"[0-9a-f]{64}", v):
+        raise ProtocolError(f"{what}: {key!r} must be 64 lowercase hex digits, got {v!r}")
+    return v
 
 
 # --- device status and commands ---------------------------------------------------------

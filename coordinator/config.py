@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from compression import CodecConfig
 from compression.protocol import ProtocolError, check_id
 from compression.records import RecordError, env_overrides, from_mapping
 from coordinator.errors import ConfigError
@@ -83,6 +84,8 @@ class CoordinatorConfig:
     model: ModelSpecConfig = field(default_factory=ModelSpecConfig)
     strategy: FedAsyncConfig = field(default_factory=FedAsyncConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    downlink: CodecConfig = field(default_factory=lambda: CodecConfig(topk_fraction=0.02, values="int8"))
+    """Codec of the global deltas published each version (with error feedback at the coordinator)."""
     keep_versions: int = 20
     """Snapshot files kept on disk; older versions keep their ledger rows."""
     snapshot_zstd_level: int = 3

@@ -23,13 +23,13 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from compression import CodecError, FrameKind, compress_dense, protocol
+from compression import CodecError, ErrorFeedback, FrameKind, apply_delta, compress_dense, compress_update, protocol, state_digest
 from compression.protocol import DeviceStatus, GlobalMeta, TrainableSpec
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import BrokerError, Rejection, StoreError
 from coordinator.initial import initial_state
 from coordinator.store import LedgerEntry, Store
-from coordinator.strategy import fedasync_apply, staleness_weight
+from coordinator.strategy import fedasync_step, staleness_weight
 from coordinator.validate import validate_update
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class CoordinatorService:
     def __init__(self, cfg: CoordinatorConfig) -> None:
         self.cfg = cfg
         self.store = Store(cfg.state_dir)
-        self.spec, self.version, self.state = self._load_or_init()
+        self.spec, self.version, self.state, self.downlink = self._load_or_init()
         self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}
         self.inbox: queue.Queue[_Message | str] = queue.Queue()
         self.stop_event = threading.Event()
@@ -57,21 +57,21 @@ class CoordinatorService:
         self._last_status = 0.0
         self.client = self._make_client()
 
-    def _load_or_init(self) -> tuple[TrainableSpec, int, dict[str, np.ndarray]]:
+    def _load_or_init(self) -> tuple[TrainableSpec, int, dict[str, np.ndarray], ErrorFeedback]:
         version = self.store.current_version()
         spec_json = self.store.get_meta("spec")
         if version is not None and spec_json is not None:
             spec = TrainableSpec.from_dict(json.loads(spec_json))
-            state = self.store.load_version(version)
+            state, residual = self.store.load_version(version)
             log.info("resuming at version %d (%d tensors)", version, len(state))
-            return spec, version, state
+            return spec, version, state, ErrorFeedback(residual)
         if version is not None:
             raise StoreError(f"{self.cfg.state_dir}: versions exist but the trainable spec is missing")
         spec, state = initial_state(self.cfg.model)
         self.store.set_meta("spec", json.dumps(spec.to_dict(), sort_keys=True))
         self.store.commit_version(0, state, None, self.cfg.keep_versions)
         log.info("initialised version 0")
-        return spec, 0, state
+        return spec, 0, state, ErrorFeedback()
 
     # -- MQTT ------------------------------------------------------------------------
 
@@ -138,7 +138,7 @@ class CoordinatorService:
                 except queue.Empty:
                     item = None
                 if item == "connected":
-                    self._publish_global()
+                    self._publish_global(self.store.delta_frame(self.version))
                 elif isinstance(item, _Message):
                     self._handle(item)
                 if time.monotonic() - self._last_status >= self.cfg.heartbeat_s:
@@ -196,7 +196,12 @@ class CoordinatorService:
             return
         h = valid.header
         weight = self.cfg.strategy.alpha * staleness_weight(valid.staleness, self.cfg.strategy)
-        new_state = fedasync_apply(self.state, valid.delta, weight)
+        # The global step goes out compressed, with the coordinator's own error feedback, and
+        # the coordinator applies exactly what it sends: devices that apply the same frame
+        # hold bit-identical state, version after version.
+        step = fedasync_step(valid.delta, weight)
+        down = compress_update(step, self.cfg.downlink, self.downlink, kind=FrameKind.GLOBAL_DELTA)
+        new_state = apply_delta(self.state, down.sent)
         new_version = self.version + 1
         entry = LedgerEntry(
             update_id=h.update_id,
@@ -209,22 +214,35 @@ class CoordinatorService:
             size=valid.size,
             train_loss=h.train_loss,
         )
-        self.store.commit_version(new_version, new_state, entry, self.cfg.keep_versions)
-        self.state, self.version = new_state, new_version
-        log.info("v%d from %s (staleness %d, weight %.3f)", new_version, device, valid.staleness, weight)
-        self._publish_global()
+        self.store.commit_version(
+            new_version, new_state, entry, self.cfg.keep_versions, residual=down.feedback.residual, delta_frame=down.frame
+        )
+        self.state, self.version, self.downlink = new_state, new_version, down.feedback
+        log.info("v%d from %s (staleness %d, weight %.3f, downlink %d B)", new_version, device, valid.staleness, weight, len(down.frame))
+        self._publish_global(down.frame)
         self._publish_status("online")
 
-    def _publish_global(self) -> None:
+    def _publish_global(self, delta_frame: bytes | None) -> None:
+        """Publish the current version retained: delta, snapshot, then meta (the meta names both)."""
         snapshot = compress_dense(self.state, FrameKind.SNAPSHOT, self.cfg.snapshot_zstd_level)
+        fleet = self.cfg.fleet
+        delta_fields: dict[str, object] = {}
+        if delta_frame is not None and self.version > 0:
+            delta_fields = {
+                "delta_base_version": self.version - 1,
+                "delta_sha256": hashlib.sha256(delta_frame).hexdigest(),
+                "delta_bytes": len(delta_frame),
+            }
+            self.client.publish(protocol.global_delta(fleet), delta_frame, qos=1, retain=True)
         meta = GlobalMeta(
             version=self.version,
             snapshot_sha256=hashlib.sha256(snapshot).hexdigest(),
             snapshot_bytes=len(snapshot),
             created=time.time(),
+            state_sha256=state_digest(self.state),
             model=self.spec.to_dict(),
+            **delta_fields,  # type: ignore[arg-type]
         )
-        fleet = self.cfg.fleet
         self.client.publish(protocol.global_snapshot(fleet), snapshot, qos=1, retain=True)
         self.client.publish(protocol.global_meta(fleet), meta.to_json(), qos=1, retain=True)
 

@@ -2,8 +2,10 @@
 
 Commit protocol for a new version ``N``:
 
-1. write ``versions/vN.safetensors`` atomically (temp file, fsync, rename, fsync dir);
-2. in one SQLite transaction insert the version row and the ledger row of the update;
+1. write ``versions/vN.safetensors`` atomically (temp file, fsync, rename, fsync dir): the
+   global state and the downlink error-feedback residual, together;
+2. in one SQLite transaction insert the version row (with the published delta frame) and
+   the ledger row of the update;
 3. only then acknowledge the update to the broker.
 
 The SQLite commit is the commit point. A crash before it leaves an orphan file that the
@@ -26,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save
+from safetensors.numpy import load, save
 
 from coordinator.errors import StoreError
 
 log = logging.getLogger(__name__)
+
+RESIDUAL_PREFIX = "__downlink_residual__/"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -38,7 +42,8 @@ CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY,
     created REAL NOT NULL,
     sha256 TEXT NOT NULL,
-    update_id TEXT
+    update_id TEXT,
+    delta_frame BLOB
 );
 CREATE TABLE IF NOT EXISTS ledger (
     update_id TEXT PRIMARY KEY,
@@ -142,7 +147,8 @@ class Store:
         row = self.db.execute("SELECT MAX(version) AS v FROM versions").fetchone()
         return None if row["v"] is None else int(row["v"])
 
-    def load_version(self, version: int) -> dict[str, np.ndarray]:
+    def load_version(self, version: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The global state of ``version`` and the downlink residual saved with it."""
         path = self._path(version)
         row = self.db.execute("SELECT sha256 FROM versions WHERE version=?", (version,)).fetchone()
         if row is None or not path.exists():
@@ -150,17 +156,40 @@ class Store:
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != row["sha256"]:
             raise StoreError(f"{path} does not match its recorded sha256; the state directory is corrupt")
-        return {k: v.astype(np.float32) for k, v in load_file(str(path)).items()}
+        state: dict[str, np.ndarray] = {}
+        residual: dict[str, np.ndarray] = {}
+        for k, v in load(data).items():
+            if k.startswith(RESIDUAL_PREFIX):
+                residual[k[len(RESIDUAL_PREFIX) :]] = v.astype(np.float32)
+            else:
+                state[k] = v.astype(np.float32)
+        return state, residual
 
-    def commit_version(self, version: int, tensors: dict[str, np.ndarray], entry: LedgerEntry | None, keep: int) -> None:
+    def delta_frame(self, version: int) -> bytes | None:
+        """The global-delta frame published for ``version`` (None for version 0 or pruned ones)."""
+        row = self.db.execute("SELECT delta_frame FROM versions WHERE version=?", (version,)).fetchone()
+        return None if row is None or row["delta_frame"] is None else bytes(row["delta_frame"])
+
+    def commit_version(
+        self,
+        version: int,
+        state: dict[str, np.ndarray],
+        entry: LedgerEntry | None,
+        keep: int,
+        *,
+        residual: dict[str, np.ndarray] | None = None,
+        delta_frame: bytes | None = None,
+    ) -> None:
         """Durably record ``version`` (and the update that made it). Returns after the commit point."""
-        data = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(tensors.items())})
+        tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
+        tensors.update({RESIDUAL_PREFIX + k: np.ascontiguousarray(v, dtype=np.float32) for k, v in (residual or {}).items()})
+        data = save(dict(sorted(tensors.items())))
         atomic_write(self._path(version), data)
         now = time.time()
         with self._tx():
             self.db.execute(
-                "INSERT INTO versions(version, created, sha256, update_id) VALUES (?,?,?,?)",
-                (version, now, hashlib.sha256(data).hexdigest(), entry.update_id if entry else None),
+                "INSERT INTO versions(version, created, sha256, update_id, delta_frame) VALUES (?,?,?,?,?)",
+                (version, now, hashlib.sha256(data).hexdigest(), entry.update_id if entry else None, delta_frame),
             )
             if entry is not None:
                 self.db.execute(
@@ -185,6 +214,7 @@ class Store:
                     "last_loss=COALESCE(excluded.last_loss, last_loss), last_seen=excluded.last_seen",
                     (entry.device, entry.size, entry.train_loss, now),
                 )
+            self.db.execute("UPDATE versions SET delta_frame=NULL WHERE version<=? AND delta_frame IS NOT NULL", (version - keep,))
         self._prune(version, keep)
 
     def _prune(self, version: int, keep: int) -> None:

@@ -55,9 +55,11 @@ def staleness_weight(tau: int, cfg: FedAsyncConfig) -> float:
     return float(1.0 / (cfg.a * (tau - cfg.b) + 1.0))
 
 
-def fedasync_apply(global_state: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], weight: float) -> dict[str, np.ndarray]:
-    """``global + weight * delta`` for the tensors ``delta`` carries; other tensors are shared, not copied."""
-    out = dict(global_state)
-    for name, d in delta.items():
-        out[name] = (global_state[name] + np.float32(weight) * d).astype(np.float32)
-    return out
+def fedasync_step(delta: Mapping[str, np.ndarray], weight: float) -> dict[str, np.ndarray]:
+    """The global step of one update: ``weight * delta`` for each tensor it carries.
+
+    The caller adds it to the global state (through the downlink codec, so that devices
+    can follow exactly); tensors the update does not carry do not move.
+    """
+    w = np.float32(weight)
+    return {name: (w * np.asarray(d, dtype=np.float32)).astype(np.float32) for name, d in delta.items()}

@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 import torch
 
-from compression import CodecError, FrameKind, compress_update, decode_frame, protocol
+from compression import CodecError, FrameKind, apply_delta, compress_update, decode_frame, protocol, state_digest
 from compression.protocol import GlobalMeta, TrainableSpec, UpdateHeader
 from edge_agent import model as model_lib
 from edge_agent.config import AgentConfig
@@ -28,6 +28,9 @@ from edge_agent.train import evaluate, train_round
 from edge_agent.transport import AgentTransport, Inbound
 
 log = logging.getLogger(__name__)
+
+KEEP_PENDING = 64
+"""Global metas and deltas buffered while training; older ones are dropped (the snapshot covers them)."""
 
 
 @dataclass
@@ -45,6 +48,8 @@ class Counters:
     updates_sent: int = 0
     bytes_up: int = 0
     dense_bytes_up: int = 0
+    bytes_down_delta: int = 0
+    bytes_down_snapshot: int = 0
     eval_loss: float | None = None
     eval_loss_first: float | None = None
     eval_loss_base: float | None = None
@@ -64,7 +69,8 @@ class Agent:
         self.paused = False
         self.counters = Counters()
         self.global_model: GlobalModel | None = None
-        self._meta: GlobalMeta | None = None
+        self._metas: dict[int, GlobalMeta] = {}
+        self._deltas: dict[str, bytes] = {}
         self._snapshot: bytes | None = None
         self._model: torch.nn.Module | None = None
         self._tokenizer: object | None = None
@@ -200,9 +206,18 @@ class Agent:
         fleet, dev = self.cfg.fleet, self.cfg.device_id
         try:
             if msg.topic == protocol.global_meta(fleet):
-                self._meta = GlobalMeta.from_json(msg.payload)
+                meta = GlobalMeta.from_json(msg.payload)
+                self._metas[meta.version] = meta
+                for old in sorted(self._metas)[:-KEEP_PENDING]:
+                    del self._metas[old]
+            elif msg.topic == protocol.global_delta(fleet):
+                self._deltas[hashlib.sha256(msg.payload).hexdigest()] = msg.payload
+                self.counters.bytes_down_delta += len(msg.payload)
+                while len(self._deltas) > KEEP_PENDING:
+                    del self._deltas[next(iter(self._deltas))]
             elif msg.topic == protocol.global_snapshot(fleet):
                 self._snapshot = msg.payload
+                self.counters.bytes_down_snapshot += len(msg.payload)
             elif msg.topic == protocol.device_cmd(fleet, dev):
                 command = protocol.decode_command(msg.payload)
                 self.paused = command == "pause"
@@ -212,13 +227,49 @@ class Agent:
             log.warning("ignored a bad message on %s: %s", msg.topic, exc)
 
     def _try_adopt_global(self) -> None:
-        meta, snap = self._meta, self._snapshot
-        if meta is None or snap is None:
+        """Move to the newest global version: by deltas when they chain, else by the snapshot."""
+        if not self._metas:
             return
-        if self.global_model is not None and meta.version <= self.global_model.version:
+        latest = self._metas[max(self._metas)]
+        current = self.global_model.version if self.global_model else -1
+        if latest.version <= current:
             return
-        if hashlib.sha256(snap).hexdigest() != meta.snapshot_sha256:
-            return  # the matching snapshot (or meta) is still on its way
+        adopted = self._follow_deltas()
+        if self.global_model is None or self.global_model.version < latest.version:
+            self.transport.want_snapshot(True)
+            adopted = self._adopt_snapshot(latest) or adopted
+        if self.global_model is not None and self.global_model.version >= latest.version:
+            self.transport.want_snapshot(False)
+            self._snapshot = None
+        if adopted:
+            self._after_adopt()
+
+    def _follow_deltas(self) -> bool:
+        """Apply every retained delta that chains from the version held; True if any applied."""
+        moved = False
+        while self.global_model is not None:
+            meta = self._metas.get(self.global_model.version + 1)
+            if meta is None or meta.delta_sha256 is None or meta.delta_sha256 not in self._deltas:
+                return moved
+            try:
+                frame = decode_frame(self._deltas.pop(meta.delta_sha256))
+                if frame.kind is not FrameKind.GLOBAL_DELTA:
+                    raise CodecError(f"expected a global delta frame, got {frame.kind.name}")
+                tensors = apply_delta(self.global_model.tensors, frame.dense())
+            except CodecError as exc:
+                log.warning("global delta to v%d unusable (%s); taking the snapshot", meta.version, exc)
+                return moved
+            if state_digest(tensors) != meta.state_sha256:
+                log.warning("state after the delta to v%d does not match the coordinator's; taking the snapshot", meta.version)
+                return moved
+            self.global_model = GlobalModel(meta.version, tensors, self.global_model.spec)
+            moved = True
+        return moved
+
+    def _adopt_snapshot(self, meta: GlobalMeta) -> bool:
+        snap = self._snapshot
+        if snap is None or hashlib.sha256(snap).hexdigest() != meta.snapshot_sha256:
+            return False  # the matching snapshot (or meta) is still on its way
         try:
             frame = decode_frame(snap)
             if frame.kind is not FrameKind.SNAPSHOT:
@@ -226,23 +277,29 @@ class Agent:
             spec = TrainableSpec.from_dict(meta.model)
         except CodecError as exc:
             log.warning("ignored global v%d: %s", meta.version, exc)
-            return
+            return False
+        tensors = frame.dense()
+        if state_digest(tensors) != meta.state_sha256:
+            log.warning("snapshot of v%d does not match its state digest; waiting for the next one", meta.version)
+            return False
         assert self._model is not None
         if self._spec is None:
             self._model = model_lib.attach_lora(self._model, spec, seed=self.cfg.train.seed)
             self._spec = spec
         elif spec != self._spec:
             raise ModelError(f"the fleet's trainable spec changed from {self._spec} to {spec}; restart the agent")
-        tensors = frame.dense()
-        model_lib.set_trainable(self._model, tensors)
         self.global_model = GlobalModel(meta.version, tensors, spec)
-        assert self._data is not None
+        return True
+
+    def _after_adopt(self) -> None:
+        assert self.global_model is not None and self._model is not None and self._data is not None
+        model_lib.set_trainable(self._model, self.global_model.tensors)
         loss = evaluate(self._model, self._data, self.cfg.train.eval_blocks, self.cfg.train.batch_size)
         c = self.counters
         c.eval_loss = loss
         if c.eval_loss_first is None:
             c.eval_loss_first = loss
-        log.info("adopted global v%d, held-out loss %.4f", meta.version, loss)
+        log.info("adopted global v%d, held-out loss %.4f", self.global_model.version, loss)
         self._set_state(self._state_name if self._state_name != "waiting" else "idle", force=True)
 
     # -- status ----------------------------------------------------------------------
@@ -256,6 +313,8 @@ class Agent:
             "updates_sent": c.updates_sent,
             "bytes_up": c.bytes_up,
             "dense_bytes_up": c.dense_bytes_up,
+            "bytes_down_delta": c.bytes_down_delta,
+            "bytes_down_snapshot": c.bytes_down_snapshot,
             "pending": len(self.state.pending()),
             **c.extra,
         }

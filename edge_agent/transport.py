@@ -33,6 +33,7 @@ class AgentTransport:
         self.cfg = cfg
         self.inbox: queue.Queue[Inbound] = queue.Queue()
         self.connected = threading.Event()
+        self._want_snapshot = True
         self._acks: dict[int, int] = {}
         self._ack_cond = threading.Condition()
         b = cfg.broker
@@ -71,6 +72,18 @@ class AgentTransport:
         self.client.disconnect()
         self.client.loop_stop()
 
+    def want_snapshot(self, wanted: bool) -> None:
+        """Follow the 1.8 MB-per-version snapshot topic only while this device is out of sync."""
+        if wanted == self._want_snapshot:
+            return
+        self._want_snapshot = wanted
+        if self.connected.is_set():
+            topic = protocol.global_snapshot(self.cfg.fleet)
+            if wanted:
+                self.client.subscribe(topic, qos=1)
+            else:
+                self.client.unsubscribe(topic)
+
     # -- paho callbacks: enqueue only ------------------------------------------------
 
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
@@ -78,7 +91,12 @@ class AgentTransport:
             log.error("broker refused the connection: %s", reason)
             return
         fleet = self.cfg.fleet
-        topics = [protocol.global_meta(fleet), protocol.global_snapshot(fleet), protocol.device_cmd(fleet, self.cfg.device_id)]
+        # Delta before meta: retained messages arrive in subscription order, and a device
+        # that already holds the previous version then needs nothing else.
+        topics = [protocol.global_delta(fleet)]
+        if self._want_snapshot:
+            topics.append(protocol.global_snapshot(fleet))
+        topics += [protocol.global_meta(fleet), protocol.device_cmd(fleet, self.cfg.device_id)]
         client.subscribe([(t, 1) for t in topics])
         self.connected.set()
         log.info("connected to %s:%d", self.cfg.broker.host, self.cfg.broker.port)

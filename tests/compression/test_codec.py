@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from compression import CodecConfig, CodecError, ErrorFeedback, compress_update, decode_frame
+from compression import CodecConfig, CodecError, ErrorFeedback, apply_delta, compress_update, decode_frame, state_digest
 from compression.quantize import dequantize_int8, quantize_int8
 from compression.sparsify import k_for, topk_global, topk_per_tensor
 
@@ -98,3 +98,28 @@ def test_empty_and_non_finite_deltas_are_refused() -> None:
         compress_update({}, CodecConfig())
     with pytest.raises(CodecError, match="non-finite"):
         compress_update({"x": np.array([np.inf], np.float32)}, CodecConfig())
+
+
+def test_apply_delta_and_digest_make_receivers_bit_identical() -> None:
+    rng = np.random.default_rng(3)
+    state = {"a": rng.normal(size=(16, 4)).astype(np.float32), "b": rng.normal(size=(3,)).astype(np.float32)}
+    update = compress_update({"a": rng.normal(size=(16, 4)).astype(np.float32)}, CodecConfig(topk_fraction=0.1))
+    coordinator = apply_delta(state, update.sent)
+    device = apply_delta({k: v.copy() for k, v in state.items()}, decode_frame(update.frame).dense())
+    assert state_digest(coordinator) == state_digest(device) != state_digest(state)
+    assert coordinator["b"] is state["b"]
+
+
+def test_apply_delta_refuses_unknown_tensors_and_shapes() -> None:
+    state = {"a": np.zeros(2, np.float32)}
+    with pytest.raises(CodecError, match="does not have"):
+        apply_delta(state, {"z": np.zeros(2, np.float32)})
+    with pytest.raises(CodecError, match="shape"):
+        apply_delta(state, {"a": np.zeros(3, np.float32)})
+
+
+def test_residual_of_tensors_not_in_an_update_is_kept() -> None:
+    cfg = CodecConfig(topk_fraction=0.5)
+    first = compress_update({"a": np.array([1.0, 0.1], np.float32), "b": np.array([2.0, 0.2], np.float32)}, cfg)
+    second = compress_update({"a": np.array([0.0, 0.0], np.float32)}, cfg, first.feedback)
+    np.testing.assert_allclose(second.feedback.residual["b"], first.feedback.residual["b"])

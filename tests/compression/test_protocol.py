@@ -64,8 +64,23 @@ def test_envelope_header_fields_are_validated(field: str, value: object) -> None
 
 
 def test_meta_and_status_round_trip() -> None:
-    meta = GlobalMeta(version=4, snapshot_sha256="ab" * 32, snapshot_bytes=10, created=1.0, model={"tier": "lora"})
+    meta = GlobalMeta(version=4, snapshot_sha256="ab" * 32, snapshot_bytes=10, created=1.0, state_sha256="cd" * 32, model={"tier": "lora"})
     assert GlobalMeta.from_json(meta.to_json()) == meta
+    with_delta = GlobalMeta(
+        version=4,
+        snapshot_sha256="ab" * 32,
+        snapshot_bytes=10,
+        created=1.0,
+        state_sha256="cd" * 32,
+        delta_base_version=3,
+        delta_sha256="ef" * 32,
+        delta_bytes=5,
+    )
+    assert GlobalMeta.from_json(with_delta.to_json()) == with_delta
+    bad = json.loads(with_delta.to_json())
+    bad["delta_base_version"] = 4
+    with pytest.raises(ProtocolError, match="delta_base_version"):
+        GlobalMeta.from_json(json.dumps(bad).encode())
     status = DeviceStatus(state="training", version=4, ts=2.0, profile="laptop", metrics={"eval_loss": 1.5})
     assert DeviceStatus.from_json(status.to_json()) == status
 

@@ -23,7 +23,9 @@ def test_versions_survive_reopen(tmp_path: Path) -> None:
     store.close()
     again = Store(tmp_path)
     assert again.current_version() == 1
-    np.testing.assert_array_equal(again.load_version(1)["w"], [0, 1, 2])
+    state, residual = again.load_version(1)
+    np.testing.assert_array_equal(state["w"], [0, 1, 2])
+    assert residual == {}
     assert again.is_applied("u1") and not again.is_applied("u2")
     assert again.counts() == {"accepted": 1, "rejected": 0, "versions": 2}
     assert again.devices()[0]["accepted"] == 1
@@ -71,3 +73,17 @@ def test_rejections_and_statuses_are_counted(tmp_path: Path) -> None:
 def test_readonly_open_of_a_missing_store_says_so(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no coordinator state"):
         Store(tmp_path / "nowhere", readonly=True)
+
+
+def test_residual_and_delta_frame_are_stored_with_the_version(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.commit_version(0, {"w": np.zeros(2, np.float32)}, None, keep=2)
+    for v in (1, 2, 3):
+        store.commit_version(
+            v, {"w": np.full(2, v, np.float32)}, None, keep=2, residual={"w": np.full(2, -v, np.float32)}, delta_frame=b"frame%d" % v
+        )
+    state, residual = Store(tmp_path).load_version(3)
+    np.testing.assert_array_equal(residual["w"], [-3, -3])
+    assert set(state) == {"w"}
+    assert store.delta_frame(3) == b"frame3" and store.delta_frame(2) == b"frame2"
+    assert store.delta_frame(1) is None and store.delta_frame(0) is None  # pruned with the snapshot window

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from compression import state_digest
+
 from coordinator.store import Store
 from coordinator.testbed.broker import MosquittoBroker
 from coordinator.testbed.processes import Child
@@ -37,6 +39,10 @@ def test_agent_round_trip_produces_a_new_global_version(tmp_path: Path, broker: 
         wait_until(lambda: service.version >= 2, 30, "two versions")
         assert agent.global_model is not None and agent.global_model.version >= 1
         assert agent.counters.updates_sent == 2 and not agent.state.pending()
+        # The agent followed the compressed global deltas and holds exactly the coordinator's state.
+        wait_until(lambda: agent.global_model.version == service.version, 10, "the agent to hold the last version")  # type: ignore[union-attr]
+        assert state_digest(agent.global_model.tensors) == state_digest(service.state)
+        assert agent.counters.bytes_down_delta > 0
     store = Store(tmp_path / "coord")
     ledger = list(store.ledger())
     assert [e["device"] for e in ledger] == ["pi-1", "pi-1"]
