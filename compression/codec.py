@@ -7,12 +7,11 @@ residual comes out, so the caller decides where (and how durably) it lives.
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
-
-import hashlib
-import struct
 
 import numpy as np
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from compression import state_digest
-
 from coordinator.store import Store
 from coordinator.testbed.broker import MosquittoBroker
 from coordinator.testbed.processes import Child
