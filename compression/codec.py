@@ -34,7 +34,7 @@ class CodecConfig:
     """Value encoding: lossless fp32, fp16, blockwise int8, or 1-bit sign with one fp32 scale per block."""
     int8_block: int = 256
     """Values per scale (int8 and sign)."""
-    index_coding: Literal["u32", "bitpack", "varint"] = "bitpack"
+    index_coding: Literal["u32", "bitpack", "varint"] = "varint"
     """How sparse indices are coded (as gaps) before zstd."""
     zstd_level: int = 3
     """zstd compression level (1..22)."""

@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,7 @@ class Demo:
             )
         )
         train = MODEL_TRAIN["smollm2" if source == "smollm2" else "tiny"]
-        codec = {f: getattr(DEFAULT_CODEC, f) for f in ("topk_fraction", "topk_scope", "values", "int8_block", "zstd_level")}
+        codec = asdict(DEFAULT_CODEC)
         for i in range(self.plan.agents):
             device = f"dev{i + 1}-{PROFILES[i % len(PROFILES)]}"
             root = run / "agents" / device
@@ -289,7 +289,7 @@ class Demo:
             "agents": len(devices),
             "run_dir": str(self.plan.run_dir),
             "strategy": "fedasync",
-            "codec": dict(topk_fraction=DEFAULT_CODEC.topk_fraction, values=DEFAULT_CODEC.values),
+            "codec": asdict(DEFAULT_CODEC),
         }
         return summarize(devices, counts, rejections, extra)
 

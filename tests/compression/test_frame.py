@@ -204,9 +204,25 @@ def test_truncated_and_bit_flipped_frames_raise_codec_error_only(data: st.DataOb
         decode_frame(bytes(frame))
 
 
-@given(st.binary(min_size=4, max_size=300))
-def test_garbage_bodies_with_valid_checksum_raise_codec_error_only(body: bytes) -> None:
+@given(st.binary(min_size=4, max_size=300), st.sampled_from([1, 2]))
+def test_garbage_bodies_with_valid_checksum_raise_codec_error_only(body: bytes, version: int) -> None:
     try:
-        decode_frame(_reframe(body))
+        decode_frame(_reframe(body, version=version))
+    except CodecError:
+        pass
+
+
+@given(st.data())
+def test_mutated_v2_bodies_raise_codec_error_only(data: st.DataObject) -> None:
+    import zstandard
+
+    coding = data.draw(st.sampled_from(list(IndexCoding)))
+    vtype = data.draw(st.sampled_from(list(ValueType)))
+    valid = encode_frame(FrameKind.UPDATE, _sample(), values=vtype, int8_block=4, index_coding=coding)
+    body = bytearray(zstandard.ZstdDecompressor().decompress(valid[16:-4]))
+    for _ in range(data.draw(st.integers(1, 4))):
+        body[data.draw(st.integers(0, len(body) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+    try:
+        decode_frame(_reframe(bytes(body), version=2))
     except CodecError:
         pass

