@@ -43,8 +43,10 @@ SIZE_SETTINGS: dict[str, CodecConfig] = {
     "top-1% int8, zstd 19": replace(DEFAULT, zstd_level=19),
     "top-1% sign": replace(DEFAULT, values="sign"),
     "top-0.3% int8": replace(DEFAULT, topk_fraction=0.003),
+    "top-2% int8, global top-k": replace(DEFAULT, topk_fraction=0.02, topk_scope="global"),
+    "top-3% sign, global top-k": replace(DEFAULT, topk_fraction=0.03, topk_scope="global", values="sign"),
 }
-QUALITY_SETTINGS = ("top-1% int8 (default)", "top-1% int8, global top-k", "top-0.3% int8", "top-1% sign")
+QUALITY_SETTINGS = ("top-1% int8 (default)", "top-1% int8, global top-k", "top-2% int8, global top-k", "top-3% sign, global top-k")
 ENVELOPE_OVERHEAD = 330  # bytes of envelope header around a frame (device id, ids, sha256)
 
 
@@ -113,7 +115,7 @@ def measure(setting: str, cfg: CodecConfig, delta: dict[str, np.ndarray], kind: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.codec", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["auto", "smollm2", "tiny"], default="auto")
-    parser.add_argument("--ticks", type=int, default=5, help="federated ticks in the quality experiment (3 updates each)")
+    parser.add_argument("--ticks", type=int, default=10, help="federated ticks in the quality experiment (3 updates each)")
     parser.add_argument("--local-steps", type=int, default=4)
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--json", action="store_true")

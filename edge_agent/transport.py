@@ -72,6 +72,11 @@ class AgentTransport:
         self.client.disconnect()
         self.client.loop_stop()
 
+    @property
+    def following_snapshot(self) -> bool:
+        """Whether the agent is subscribed to the snapshot topic (only while out of sync)."""
+        return self._want_snapshot
+
     def want_snapshot(self, wanted: bool) -> None:
         """Follow the 1.8 MB-per-version snapshot topic only while this device is out of sync."""
         if wanted == self._want_snapshot:

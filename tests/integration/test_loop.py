@@ -130,3 +130,22 @@ def test_last_will_marks_a_killed_agent_offline(tmp_path: Path, broker: Mosquitt
     finally:
         agent.stop()
         monitor.close()
+
+
+def test_a_late_joiner_takes_the_snapshot_then_follows_deltas(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, device_data, device_client: DeviceClient
+) -> None:  # type: ignore[no-untyped-def]
+    with ThreadedCoordinator(coordinator_config(broker, tmp_path / "coord", tiny_model)) as service:
+        meta = device_client.wait_meta(0)
+        for _ in range(3):
+            device_client.publish(device_client.update_payload(meta))
+            meta = device_client.wait_meta(meta.version + 1)
+        cfg = parse_config(agent_config_dict(broker, tiny_model, device_data(0), tmp_path / "agent", "late", max_rounds=2), "t", environ={})
+        agent = Agent(cfg)
+        thread = _run_agent(agent)
+        thread.join(120)
+        assert not thread.is_alive()
+        assert agent.global_model is not None and agent.global_model.version == service.version == 5
+        assert state_digest(agent.global_model.tensors) == state_digest(service.state)
+        assert agent.counters.bytes_down_snapshot > 0 and agent.counters.bytes_down_delta > 0
+        assert not agent.transport.following_snapshot  # back to deltas only once in sync
