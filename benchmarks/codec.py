@@ -33,20 +33,20 @@ DEFAULT = CodecConfig()
 SIZE_SETTINGS: dict[str, CodecConfig] = {
     "dense fp32": CodecConfig(topk_fraction=1.0, values="fp32", error_feedback=False),
     "dense fp16": CodecConfig(topk_fraction=1.0, values="fp16", error_feedback=False),
-    "top-5% int8": replace(DEFAULT, topk_fraction=0.05),
-    "top-1% fp16": replace(DEFAULT, values="fp16"),
     "top-1% int8 (default)": DEFAULT,
+    "top-1% int8, per-tensor top-k": replace(DEFAULT, topk_scope="tensor"),
     "top-1% int8, u32 indices": replace(DEFAULT, index_coding="u32"),
-    "top-1% int8, varint indices": replace(DEFAULT, index_coding="varint"),
-    "top-1% int8, global top-k": replace(DEFAULT, topk_scope="global"),
+    "top-1% int8, bit-packed indices": replace(DEFAULT, index_coding="bitpack"),
     "top-1% int8, zstd 1": replace(DEFAULT, zstd_level=1),
     "top-1% int8, zstd 19": replace(DEFAULT, zstd_level=19),
+    "top-1% fp16": replace(DEFAULT, values="fp16"),
     "top-1% sign": replace(DEFAULT, values="sign"),
     "top-0.3% int8": replace(DEFAULT, topk_fraction=0.003),
-    "top-2% int8, global top-k": replace(DEFAULT, topk_fraction=0.02, topk_scope="global"),
-    "top-3% sign, global top-k": replace(DEFAULT, topk_fraction=0.03, topk_scope="global", values="sign"),
+    "top-2% int8": replace(DEFAULT, topk_fraction=0.02),
+    "top-3% sign": replace(DEFAULT, topk_fraction=0.03, values="sign"),
+    "top-5% int8": replace(DEFAULT, topk_fraction=0.05),
 }
-QUALITY_SETTINGS = ("top-1% int8 (default)", "top-1% int8, global top-k", "top-2% int8, global top-k", "top-3% sign, global top-k")
+QUALITY_SETTINGS = ("top-1% int8 (default)", "top-2% int8", "top-3% sign")
 ENVELOPE_OVERHEAD = 330  # bytes of envelope header around a frame (device id, ids, sha256)
 
 

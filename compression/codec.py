@@ -28,7 +28,7 @@ class CodecConfig:
 
     topk_fraction: float = 0.01
     """Fraction of entries sent per update (1.0 sends the dense delta)."""
-    topk_scope: Literal["tensor", "global"] = "tensor"
+    topk_scope: Literal["tensor", "global"] = "global"
     """``tensor``: each tensor keeps its own top fraction; ``global``: over all tensors together."""
     values: Literal["fp32", "fp16", "int8", "sign"] = "int8"
     """Value encoding: lossless fp32, fp16, blockwise int8, or 1-bit sign with one fp32 scale per block."""
