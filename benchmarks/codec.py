@@ -199,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         "step_ms": 1000 * step_s,
         "codec_fraction_of_step": fraction,
         "embedding_ratio_vs_dense_fp32": emb_default.ratio_vs_dense_fp32,
+        # Over a whole federated run later deltas (carrying the residual) compress less than the first.
+        "run_ratio_vs_dense_fp32": (
+            quality["top-1% int8 (default)"]["dense_bytes_up"] / quality["top-1% int8 (default)"]["bytes_up"]
+            if "top-1% int8 (default)" in quality
+            else None
+        ),
         "default_codec": asdict(DEFAULT),
         "sizes": [asdict(r) for r in rows],
         "quality": quality,
