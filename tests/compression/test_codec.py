@@ -68,11 +68,14 @@ def test_error_feedback_conserves_the_sum_of_deltas(deltas: list[np.ndarray], va
 def test_sent_is_exactly_what_the_receiver_decodes() -> None:
     rng = np.random.default_rng(1)
     delta = {"a": rng.normal(size=(64, 8)).astype(np.float32), "b": rng.normal(size=(8, 64)).astype(np.float32)}
-    out = compress_update(delta, CodecConfig(topk_fraction=0.05))
-    decoded = decode_frame(out.frame).dense()
-    for name in delta:
-        np.testing.assert_array_equal(decoded[name], out.sent[name])
-        assert np.count_nonzero(out.sent[name]) <= k_for(delta[name].size, 0.05)
+    for scope in ("tensor", "global"):
+        out = compress_update(delta, CodecConfig(topk_fraction=0.05, topk_scope=scope))
+        decoded = decode_frame(out.frame).dense()
+        for name in delta:
+            np.testing.assert_array_equal(decoded[name], out.sent[name])
+            if scope == "tensor":
+                assert np.count_nonzero(out.sent[name]) <= k_for(delta[name].size, 0.05)
+        assert sum(np.count_nonzero(v) for v in out.sent.values()) <= k_for(sum(d.size for d in delta.values()), 0.05)
 
 
 def test_compressed_update_is_much_smaller_than_dense() -> None:
