@@ -64,6 +64,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.state = AgentState(cfg.state_dir)
+        self._feedback = self.state.load_feedback()
         self.transport = AgentTransport(cfg)
         self.stop_event = threading.Event()
         self.paused = False
@@ -130,7 +131,7 @@ class Agent:
             return
         local = model_lib.get_trainable(self._model)
         delta = {n: local[n] - g.tensors[n] for n in g.tensors}
-        compressed = compress_update(delta, self.cfg.codec, self.state.load_feedback())
+        compressed = compress_update(delta, self.cfg.codec, self._feedback)
         seq = self.state.next_seq()
         header = UpdateHeader(
             device=self.cfg.device_id,
@@ -143,10 +144,12 @@ class Agent:
             train_loss=result.train_loss if np.isfinite(result.train_loss) else None,
         )
         envelope = protocol.encode_envelope(header, compressed.frame)
-        # Outbox first, residual second: a crash in between re-sends an update the residual
-        # already excludes, which the coordinator drops as a duplicate; never the reverse.
-        self.state.put_outbox(seq, envelope)
+        # Residual first, outbox second. A crash in between loses this one update (the
+        # fleet tolerates a dropped update); the other order would keep a stale residual
+        # whose sent part would be sent, and applied, a second time.
         self.state.save_feedback(compressed.feedback)
+        self._feedback = compressed.feedback
+        self.state.put_outbox(seq, envelope)
         c = self.counters
         c.rounds += 1
         c.train_loss = header.train_loss
