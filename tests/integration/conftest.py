@@ -20,14 +20,14 @@ from compression import CodecConfig, compress_update, decode_frame, protocol
 from compression.protocol import GlobalMeta, UpdateHeader
 from coordinator.config import BrokerConfig, CoordinatorConfig, ModelSpecConfig
 from coordinator.service import CoordinatorService
-from coordinator.testbed.broker import MosquittoBroker
+from coordinator.testbed.broker import Broker, MosquittoBroker
 from coordinator.testbed.demo import write_toml
 from coordinator.testbed.processes import Child
 
 FLEET = "test"
 
 
-def coordinator_config(broker: MosquittoBroker, state_dir: Path, model: Path) -> CoordinatorConfig:
+def coordinator_config(broker: Broker, state_dir: Path, model: Path) -> CoordinatorConfig:
     return CoordinatorConfig(
         state_dir=str(state_dir),
         fleet=FLEET,
@@ -142,7 +142,7 @@ def device_client(broker: MosquittoBroker) -> Iterator[DeviceClient]:
     c.close()
 
 
-def agent_config_dict(broker: MosquittoBroker, model: Path, data: Path, state: Path, device: str, **extra: object) -> dict:
+def agent_config_dict(broker: Broker, model: Path, data: Path, state: Path, device: str, **extra: object) -> dict:
     return {
         "device_id": device,
         "fleet": FLEET,

@@ -149,3 +149,23 @@ def test_a_late_joiner_takes_the_snapshot_then_follows_deltas(
         assert state_digest(agent.global_model.tensors) == state_digest(service.state)
         assert agent.counters.bytes_down_snapshot > 0 and agent.counters.bytes_down_delta > 0
         assert not agent.transport.following_snapshot  # back to deltas only once in sync
+
+
+def test_the_amqtt_demo_broker_carries_the_loop_over_mqtt_3_1_1(tmp_path: Path, tiny_model: Path, device_data) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("amqtt")
+    from dataclasses import replace
+
+    from coordinator.testbed.broker import AmqttBroker
+
+    with AmqttBroker(tmp_path / "amqtt") as amqtt:
+        cfg = coordinator_config(amqtt, tmp_path / "coord", tiny_model)
+        cfg = replace(cfg, broker=replace(cfg.broker, protocol="3.1.1"))
+        agent_cfg = agent_config_dict(amqtt, tiny_model, device_data(0), tmp_path / "agent", "pi-amqtt", max_rounds=1)
+        agent_cfg["broker"]["protocol"] = "3.1.1"
+        with ThreadedCoordinator(cfg) as service:
+            agent = Agent(parse_config(agent_cfg, "t", environ={}))
+            thread = _run_agent(agent)
+            thread.join(120)
+            assert not thread.is_alive()
+            wait_until(lambda: service.version >= 1, 30, "a version over amqtt")
+        assert agent.counters.updates_sent == 1
