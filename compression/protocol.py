@@ -97,6 +97,8 @@ def _load_json_object(payload: bytes, what: str) -> dict[str, Any]:
         raise LimitError(f"{what} is {len(payload)} bytes, above {MAX_JSON_BYTES}")
     try:
         obj = json.loads(bytes(payload).decode("utf-8"))
+    except RecursionError:
+        raise ProtocolError(f"{what} is nested too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"{what} is not UTF-8 JSON: {exc}") from None
     if not isinstance(obj, dict):

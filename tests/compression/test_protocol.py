@@ -127,3 +127,11 @@ def test_status_parser_on_near_valid_objects(obj: dict) -> None:
         DeviceStatus.from_json(json.dumps(obj).encode())
     except CodecError:
         pass
+
+
+def test_deeply_nested_json_is_an_error_not_a_crash() -> None:
+    payload = b"[" * 60000 + b"]" * 60000
+    with pytest.raises(CodecError):
+        DeviceStatus.from_json(payload[:60000])
+    with pytest.raises(ProtocolError, match="nested too deeply"):
+        DeviceStatus.from_json(b'{"metrics": ' + b"[" * 30000 + b"]" * 30000 + b"}")
