@@ -51,6 +51,9 @@ class CoordinatorService:
         self.store = Store(cfg.state_dir)
         self.spec, self.version, self.state, self.downlink = self._load_or_init()
         self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}
+        # Counted once here and kept current in memory: COUNT(*) over the ledger on every
+        # update would grow with the fleet's history.
+        self.counts = self.store.counts()
         self.inbox: queue.Queue[_Message | str] = queue.Queue()
         self.stop_event = threading.Event()
         self.connected = threading.Event()
@@ -192,6 +195,7 @@ class CoordinatorService:
                 return
             log.warning("rejected update from %s: %s", device, rej)
             self.store.record_rejection(device, rej.reason, rej.detail)
+            self.counts["rejected"] += 1
             self._publish_status("online")
             return
         h = valid.header
@@ -218,6 +222,8 @@ class CoordinatorService:
             new_version, new_state, entry, self.cfg.keep_versions, residual=down.feedback.residual, delta_frame=down.frame
         )
         self.state, self.version, self.downlink = new_state, new_version, down.feedback
+        self.counts["accepted"] += 1
+        self.counts["versions"] += 1
         log.info("v%d from %s (staleness %d, weight %.3f, downlink %d B)", new_version, device, valid.staleness, weight, len(down.frame))
         self._publish_global(down.frame)
         self._publish_status("online")
@@ -248,7 +254,7 @@ class CoordinatorService:
 
     def _publish_status(self, state: str) -> None:
         self._last_status = time.monotonic()
-        counts = self.store.counts() if state == "online" else {}
+        counts = dict(self.counts) if state == "online" else {}
         payload = {"state": state, "version": self.version, "ts": time.time(), **counts}
         info = self.client.publish(protocol.coordinator_status(self.cfg.fleet), json.dumps(payload).encode(), qos=1, retain=True)
         if state == "offline" and self.connected.is_set():
