@@ -40,9 +40,11 @@ SIZE_SETTINGS: dict[str, CodecConfig] = {
     "top-1% int8, zstd 1": replace(DEFAULT, zstd_level=1),
     "top-1% int8, zstd 19": replace(DEFAULT, zstd_level=19),
     "top-1% fp16": replace(DEFAULT, values="fp16"),
+    "top-1% int4": replace(DEFAULT, values="int4"),
     "top-1% sign": replace(DEFAULT, values="sign"),
     "top-0.3% int8": replace(DEFAULT, topk_fraction=0.003),
     "top-2% int8": replace(DEFAULT, topk_fraction=0.02),
+    "top-2% int4": replace(DEFAULT, topk_fraction=0.02, values="int4"),
     "top-3% sign": replace(DEFAULT, topk_fraction=0.03, values="sign"),
     "top-5% int8": replace(DEFAULT, topk_fraction=0.05),
 }
@@ -163,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
 
     quality: dict[str, dict[str, Any]] = {}
     if not args.skip_quality:
-        train = TrainConfig(batch_size=2, seq_len=128, local_steps=args.local_steps, lr=3e-3, threads=2)
+        train = TrainConfig(
+            batch_size=2, seq_len=128, local_steps=args.local_steps, lr=3e-3, threads=2, gradient_checkpointing=False, loss_chunk_tokens=0
+        )
         runs = [("uncompressed", None, None)] + [
             (name, SIZE_SETTINGS[name], CodecConfig(topk_fraction=0.02, values="int8")) for name in args.quality_settings
         ]

@@ -30,10 +30,10 @@ class CodecConfig:
     """Fraction of entries sent per update (1.0 sends the dense delta)."""
     topk_scope: Literal["tensor", "global"] = "global"
     """``tensor``: each tensor keeps its own top fraction; ``global``: over all tensors together."""
-    values: Literal["fp32", "fp16", "int8", "sign"] = "int8"
-    """Value encoding: lossless fp32, fp16, blockwise int8, or 1-bit sign with one fp32 scale per block."""
+    values: Literal["fp32", "fp16", "int8", "int4", "sign"] = "int8"
+    """Value encoding: lossless fp32, fp16, blockwise int8 or int4, or 1-bit sign with one fp32 scale per block."""
     int8_block: int = 256
-    """Values per scale (int8 and sign)."""
+    """Values per scale (int8, int4 and sign)."""
     index_coding: Literal["u32", "bitpack", "varint"] = "varint"
     """How sparse indices are coded (as gaps) before zstd."""
     zstd_level: int = 3

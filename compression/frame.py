@@ -2,7 +2,7 @@
 
 Layout (all integers little-endian; see ``docs/wire-format.md`` for every byte)::
 
-    header  16 B   magic "FEDG" | u8 version (1 or 2) | u8 kind | u16 flags (0)
+    header  16 B   magic "FEDG" | u8 version (1, 2 or 3) | u8 kind | u16 flags (0)
                    | u32 body length | u32 compressed length
     body    n B    zstd(tensor records)
     trailer  4 B   u32 CRC-32 of header + compressed body
@@ -36,11 +36,16 @@ from compression.indices import (
 from compression.quantize import ValueType, code_bytes, dequantize_values, quantize_values
 
 MAGIC = b"FEDG"
-FORMAT_VERSION = 2
-"""Version 2 added bit-packed and varint indices and sign values; version 1 frames still decode."""
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+"""Version 2 added bit-packed and varint indices and sign values, version 3 int4 values.
+
+The encoder writes the lowest version that can hold the frame (2 unless it carries int4
+values), so coordinators that read only versions 1 and 2 keep accepting such frames
+during a rolling upgrade. Frames of every earlier version still decode."""
+READABLE_VERSIONS = (1, 2, 3)
 _V1_LAYOUTS = (0, 1)
 _V1_VALUES = (ValueType.FP32, ValueType.FP16, ValueType.INT8)
+_V2_VALUES = (*_V1_VALUES, ValueType.SIGN)
 _HEADER = struct.Struct("<4sBBHII")
 _CRC = struct.Struct("<I")
 MAX_NAME_BYTES = 255
@@ -119,7 +124,7 @@ def encode_frame(
 ) -> bytes:
     """Serialize ``tensors`` into one frame. Raises :class:`CodecError` on bad input.
 
-    ``int8_block`` is the number of values per scale for the blockwise types (int8, sign).
+    ``int8_block`` is the number of values per scale for the blockwise types (int8, int4, sign).
     """
     if not 1 <= int8_block <= MAX_INT8_BLOCK:
         raise CodecError(f"int8_block must be in 1..{MAX_INT8_BLOCK}, got {int8_block}")
@@ -128,7 +133,8 @@ def encode_frame(
         parts.append(_encode_record(name, t, values, int8_block, index_coding))
     body = b"".join(parts)
     comp = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(body)
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, int(kind), 0, len(body), len(comp))
+    version = 3 if values is ValueType.INT4 else 2
+    header = _HEADER.pack(MAGIC, version, int(kind), 0, len(body), len(comp))
     crc = zlib.crc32(comp, zlib.crc32(header))
     return header + comp + _CRC.pack(crc)
 
@@ -265,7 +271,7 @@ def _decode_record(r: _Reader, i: int, limits: FrameLimits, version: int) -> tup
     layout, vcode, block, nnz = r.unpack("<BBII", f"encoding of {name!r}")
     if layout != DENSE and layout not in IndexCoding._value2member_map_ or (version == 1 and layout not in _V1_LAYOUTS):
         raise FrameError(f"tensor {name!r}: unknown layout {layout} in a version {version} frame")
-    if vcode not in ValueType._value2member_map_ or (version == 1 and vcode not in _V1_VALUES):
+    if vcode not in ValueType._value2member_map_ or vcode not in {1: _V1_VALUES, 2: _V2_VALUES}.get(version, tuple(ValueType)):
         raise FrameError(f"tensor {name!r}: unknown value type {vcode} in a version {version} frame")
     vtype = ValueType(vcode)
     if vtype.blockwise:

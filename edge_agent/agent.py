@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -22,7 +23,9 @@ from compression.protocol import GlobalMeta, TrainableSpec, UpdateHeader
 from edge_agent import model as model_lib
 from edge_agent.config import AgentConfig
 from edge_agent.data import LocalData, build_blocks, read_texts
-from edge_agent.errors import ModelError, TransportError
+from edge_agent.errors import ModelError, PublishRefused, TransportError
+from edge_agent.memory import release_free_memory
+from edge_agent.schedule import blocked_reason
 from edge_agent.state import AgentState
 from edge_agent.train import evaluate, train_round
 from edge_agent.transport import AgentTransport, Inbound
@@ -65,6 +68,7 @@ class Agent:
         self.cfg = cfg
         self.state = AgentState(cfg.state_dir)
         self._feedback = self.state.load_feedback()
+        self.last_seq_at_start = self.state.seq
         self.transport = AgentTransport(cfg)
         self.stop_event = threading.Event()
         self.paused = False
@@ -78,6 +82,8 @@ class Agent:
         self._spec: TrainableSpec | None = None
         self._data: LocalData | None = None
         self._state_name = "starting"
+        self._blocked: str | None = None
+        self.pending_count = len(self.state.pending())
         self._last_heartbeat = 0.0
         device_key = int.from_bytes(hashlib.sha256(cfg.device_id.encode()).digest()[:4], "little")
         self._rng = np.random.default_rng([cfg.train.seed, device_key])
@@ -93,12 +99,18 @@ class Agent:
         torch.set_num_threads(self.cfg.train.threads)
         texts = read_texts(self.cfg.data_dir)
         t0 = time.monotonic()
-        self._model, self._tokenizer = model_lib.load_base(self.cfg.model.source, self.cfg.model.quantize)
+        cache = Path(self.cfg.state_dir) / "model-cache"
+        self._model, self._tokenizer = model_lib.load_base(self.cfg.model.source, self.cfg.model.quantize, cache)
         log.info("loaded base %s (%s) in %.1fs", self.cfg.model.source, self.cfg.model.quantize, time.monotonic() - t0)
         self._data = build_blocks(texts, self._tokenizer, self.cfg.train.seq_len, self.cfg.train.heldout_fraction, self.cfg.train.seed)
         log.info("local data: %d files, %d train blocks, %d held-out", self._data.num_files, len(self._data.train), len(self._data.heldout))
-        self.counters.eval_loss_base = evaluate(self._model, self._data, self.cfg.train.eval_blocks, self.cfg.train.batch_size)
+        self.counters.eval_loss_base = self._evaluate()
         log.info("held-out loss of the base model: %.4f", self.counters.eval_loss_base)
+
+    def _evaluate(self) -> float:
+        assert self._model is not None and self._data is not None
+        t = self.cfg.train
+        return evaluate(self._model, self._data, t.eval_blocks, t.batch_size, t.loss_chunk_tokens)
 
     def run(self) -> None:
         if self._model is None:
@@ -111,13 +123,31 @@ class Agent:
                 if self.cfg.max_rounds and self.counters.rounds >= self.cfg.max_rounds:
                     break
                 self._pump(timeout=0.5)
+                if self.pending_count and self.transport.connected.is_set():
+                    self._flush_outbox()  # updates made while offline, once the broker is back
                 if self.global_model is None or self.paused:
                     self._set_state("paused" if self.paused else "waiting")
                     continue
+                if self.pending_count >= self.cfg.max_outbox:
+                    self._flush_outbox()
+                    self._wait_reason("outbox full: waiting for the broker")
+                    continue
+                reason = blocked_reason(self.cfg.schedule)
+                if reason is not None:
+                    self._wait_reason(reason)
+                    self.stop_event.wait(5.0)
+                    continue
+                self._blocked = None
                 self._round()
         finally:
             final = self._status("offline")
             self.transport.stop(final)
+
+    def _wait_reason(self, reason: str) -> None:
+        if reason != self._blocked:
+            log.info("not training: %s", reason)
+            self._blocked = reason
+            self._set_state("idle", force=True)
 
     # -- the round -------------------------------------------------------------------
 
@@ -144,12 +174,11 @@ class Agent:
             train_loss=result.train_loss if np.isfinite(result.train_loss) else None,
         )
         envelope = protocol.encode_envelope(header, compressed.frame)
-        # Residual first, outbox second. A crash in between loses this one update (the
-        # fleet tolerates a dropped update); the other order would keep a stale residual
-        # whose sent part would be sent, and applied, a second time.
-        self.state.save_feedback(compressed.feedback)
+        # One durable commit of the update and of the residual after it (see edge_agent.state).
+        self.state.commit_round(seq, envelope, compressed.feedback)
         self._feedback = compressed.feedback
-        self.state.put_outbox(seq, envelope)
+        self.pending_count = len(self.state.pending())
+        release_free_memory()
         c = self.counters
         c.rounds += 1
         c.train_loss = header.train_loss
@@ -175,17 +204,27 @@ class Agent:
             model_lib.set_trainable(self._model, g.tensors)
 
     def _flush_outbox(self) -> None:
-        for path in self.state.pending():
-            payload = path.read_bytes()
-            topic = protocol.device_update(self.cfg.fleet, self.cfg.device_id)
-            try:
-                self.transport.publish(topic, payload, timeout=30.0)
-            except TransportError as exc:
-                log.warning("update %s stays in the outbox: %s", path.name, exc)
-                return
-            path.unlink()
-            self.counters.updates_sent += 1
-            self.counters.bytes_up += len(payload)
+        """Publish outbox entries oldest first; returns at once while the broker is unreachable."""
+        topic = protocol.device_update(self.cfg.fleet, self.cfg.device_id)
+        try:
+            for path in self.state.pending():
+                if not self.transport.connected.is_set():
+                    return
+                payload = path.read_bytes()
+                try:
+                    self.transport.publish(topic, payload, timeout=30.0)
+                except PublishRefused as exc:
+                    log.error("update %s refused for good, moved to outbox/rejected: %s", path.name, exc)
+                    self.state.dead_letter(path, str(exc))
+                    continue
+                except TransportError as exc:
+                    log.warning("update %s stays in the outbox: %s", path.name, exc)
+                    return
+                self.state.delivered(path)
+                self.counters.updates_sent += 1
+                self.counters.bytes_up += len(payload)
+        finally:
+            self.pending_count = len(self.state.pending())
 
     # -- inbound messages ------------------------------------------------------------
 
@@ -286,6 +325,8 @@ class Agent:
             log.warning("snapshot of v%d does not match its state digest; waiting for the next one", meta.version)
             return False
         assert self._model is not None
+        if spec.r > self.cfg.train.max_lora_r:
+            raise ModelError(f"the fleet trains LoRA rank {spec.r}, above this device's train.max_lora_r={self.cfg.train.max_lora_r}")
         if self._spec is None:
             self._model = model_lib.attach_lora(self._model, spec, seed=self.cfg.train.seed)
             self._spec = spec
@@ -297,7 +338,7 @@ class Agent:
     def _after_adopt(self) -> None:
         assert self.global_model is not None and self._model is not None and self._data is not None
         model_lib.set_trainable(self._model, self.global_model.tensors)
-        loss = evaluate(self._model, self._data, self.cfg.train.eval_blocks, self.cfg.train.batch_size)
+        loss = self._evaluate()
         c = self.counters
         c.eval_loss = loss
         if c.eval_loss_first is None:
@@ -318,7 +359,8 @@ class Agent:
             "dense_bytes_up": c.dense_bytes_up,
             "bytes_down_delta": c.bytes_down_delta,
             "bytes_down_snapshot": c.bytes_down_snapshot,
-            "pending": len(self.state.pending()),
+            "pending": self.pending_count,
+            "reconnects": self.transport.reconnects,
             **c.extra,
         }
         for key in ("eval_loss", "eval_loss_first", "eval_loss_base", "train_loss"):

@@ -1,7 +1,7 @@
 """``fedge-agent``: the device daemon's command line.
 
 Exit codes: 0 clean stop, 1 internal error, 2 bad config, 3 model error, 4 data error,
-5 broker error, 130 interrupted.
+5 broker error, 6 unreadable state directory, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from edge_agent.memory import tune_allocator
+
+    tune_allocator()  # before anything large is allocated; see edge_agent.memory
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

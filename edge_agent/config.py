@@ -75,15 +75,69 @@ class TrainConfig:
     """Held-out blocks evaluated per global version."""
     heldout_fraction: float = 0.1
     seed: int = 0
+    gradient_checkpointing: bool = True
+    """Recompute layer activations in the backward pass: less memory, about a third slower."""
+    loss_chunk_tokens: int = 64
+    """Positions per chunk of the output-head loss (0 = all at once, which holds batch x seq x vocab logits)."""
+    fedprox_mu: float = 0.0
+    """FedProx proximal coefficient (0 = off); 0.01 to 0.1 helps on strongly non-IID data."""
+    max_lora_r: int = 64
+    """The largest LoRA rank this device accepts; a fleet with a larger rank is refused at start."""
 
     def __post_init__(self) -> None:
-        for key in ("threads", "batch_size", "seq_len", "local_steps", "eval_blocks"):
+        for key in ("threads", "batch_size", "seq_len", "local_steps", "eval_blocks", "max_lora_r"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1, got {getattr(self, key)}")
         if not 0.0 < self.lr < 1.0:
             raise ConfigError(f"train.lr must be in (0, 1), got {self.lr}")
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError(f"train.loss_chunk_tokens must be 0 (off) or positive, got {self.loss_chunk_tokens}")
+        if not 0.0 <= self.fedprox_mu <= 10.0:
+            raise ConfigError(f"train.fedprox_mu must be in [0, 10], got {self.fedprox_mu}")
         if not 0.0 < self.heldout_fraction < 0.5:
             raise ConfigError(f"train.heldout_fraction must be in (0, 0.5), got {self.heldout_fraction}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """When the device may train. Outside these conditions the agent stays connected but idle."""
+
+    window: str = "00:00-24:00"
+    """Local-time window ``HH:MM-HH:MM``; it may wrap midnight (``22:00-06:00``)."""
+    min_free_memory_mb: int = 0
+    """Train only while the OS reports at least this much available memory (0 = no check)."""
+    max_load_per_cpu: float = 0.0
+    """Train only while the 1-minute load average per CPU is below this (0 = no check)."""
+    require_ac_power: bool = False
+    """Train only on AC power, where the OS reports a battery (devices without one always pass)."""
+
+    def __post_init__(self) -> None:
+        parse_window(self.window)
+        if self.min_free_memory_mb < 0 or self.max_load_per_cpu < 0:
+            raise ConfigError("schedule.min_free_memory_mb and schedule.max_load_per_cpu must be non-negative")
+
+
+def parse_window(window: str) -> tuple[int, int]:
+    """``"HH:MM-HH:MM"`` as minutes since midnight ``(start, end)``; ``end`` may be 1440 (24:00)."""
+    try:
+        start_s, end_s = window.split("-")
+        start = _minutes(start_s)
+        end = _minutes(end_s)
+    except ValueError:
+        raise ConfigError(f"schedule.window must look like '22:00-06:00', got {window!r}") from None
+    if start == end or start == 1440:
+        raise ConfigError(f"schedule.window {window!r} is empty")
+    return start, end
+
+
+def _minutes(text: str) -> int:
+    hours, minutes = text.strip().split(":")
+    if len(minutes) != 2 or not hours.isdigit() or not minutes.isdigit():
+        raise ValueError(text)
+    value = int(hours) * 60 + int(minutes)
+    if int(minutes) >= 60 or value > 1440:
+        raise ValueError(text)
+    return value
 
 
 @dataclass(frozen=True)
@@ -98,12 +152,15 @@ class AgentConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     heartbeat_s: float = 10.0
     sync_wait_s: float = 10.0
     """After sending, how long to wait for the global version that includes the update."""
     max_rounds: int = 0
     """Stop after this many local rounds (0 = run until stopped)."""
+    max_outbox: int = 8
+    """Updates kept while the broker is unreachable; training pauses while the outbox is full."""
 
     def __post_init__(self) -> None:
         try:
@@ -113,6 +170,8 @@ class AgentConfig:
             raise ConfigError(str(exc)) from None
         if self.heartbeat_s <= 0 or self.sync_wait_s < 0:
             raise ConfigError("heartbeat_s must be positive and sync_wait_s non-negative")
+        if self.max_outbox < 1:
+            raise ConfigError(f"max_outbox must be at least 1, got {self.max_outbox}")
 
 
 def profiles_dirs() -> list[Path]:
@@ -125,15 +184,22 @@ def profiles_dirs() -> list[Path]:
     return dirs
 
 
+PROFILE_SECTIONS = ("train", "schedule")
+
+
 def load_profile(name_or_path: str) -> dict[str, Any]:
-    """Read a device profile (``devices/profiles/<name>.toml``) as a ``[train]`` table."""
+    """Read a device profile (``devices/profiles/<name>.toml``): its ``[train]`` and ``[schedule]`` tables."""
     candidates = [Path(name_or_path)] if name_or_path.endswith(".toml") else [d / f"{name_or_path}.toml" for d in profiles_dirs()]
     for path in candidates:
         if path.is_file():
             data = _read_toml(path)
-            data.pop("name", None)
-            data.pop("description", None)
-            return data
+            unknown = sorted(set(data) - {"name", "description", *PROFILE_SECTIONS})
+            if unknown:
+                raise ConfigError(f"{path}: unknown profile keys {unknown}; expected name, description, [train] and [schedule]")
+            for section in PROFILE_SECTIONS:
+                if not isinstance(data.get(section, {}), dict):
+                    raise ConfigError(f"{path}: {section} must be a table")
+            return {section: dict(data.get(section, {})) for section in PROFILE_SECTIONS}
     known = sorted({p.stem for d in profiles_dirs() if d.is_dir() for p in d.glob("*.toml")})
     raise ConfigError(f"device profile {name_or_path!r} not found; known profiles: {', '.join(known) or 'none'}")
 
@@ -155,9 +221,11 @@ def parse_config(data: Mapping[str, Any], where: str, environ: Mapping[str, str]
     if profile is not None:
         if not isinstance(profile, str):
             raise ConfigError(f"{where}: profile must be a string, got {profile!r}")
-        train = load_profile(profile)
-        train.update(merged.get("train", {}))
-        merged["train"] = train
+        for section, values in load_profile(profile).items():
+            own = merged.get(section, {})
+            if not isinstance(own, dict):
+                raise ConfigError(f"{where}: {section} must be a table")
+            merged[section] = {**values, **own}
     try:
         return from_mapping(AgentConfig, merged, where)
     except (RecordError, CodecError) as exc:

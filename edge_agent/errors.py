@@ -29,3 +29,13 @@ class TransportError(AgentError):
     """The broker cannot be reached or refused a message."""
 
     exit_code = 5
+
+
+class PublishRefused(TransportError):
+    """The broker refused a message for good (not authorized, too large): retrying cannot help."""
+
+
+class StateError(AgentError):
+    """A file in the state directory is unreadable; the message names it and what to do."""
+
+    exit_code = 6

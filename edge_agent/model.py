@@ -47,9 +47,20 @@ def base_fingerprint(config: Any) -> dict[str, Any]:
     return {k: getattr(config, k, None) for k in BASE_FINGERPRINT_KEYS}
 
 
-def load_base(source: str, quantize: str) -> tuple[torch.nn.Module, Any]:
-    """Load the causal LM and its tokenizer, freeze it, and optionally quantize weights to int8."""
+def load_base(
+    source: str, quantize: str, cache_root: str | Path | None = None, *, in_subprocess: bool = True
+) -> tuple[torch.nn.Module, Any]:
+    """Load the causal LM and its tokenizer, freeze it, and optionally quantize weights to int8.
+
+    With ``cache_root`` an int8 base comes from the pre-quantized cache there, built on
+    first use (see :mod:`edge_agent.modelcache`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if quantize == "int8" and cache_root is not None:
+        from edge_agent import modelcache
+
+        return modelcache.load(modelcache.ensure(source, cache_root, in_subprocess=in_subprocess))
 
     directory, gguf = resolve_source(source)
     kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}

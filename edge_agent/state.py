@@ -2,6 +2,18 @@
 
 Every file is written atomically (temp file, fsync, rename, fsync of the directory),
 so a ``kill -9`` at any moment leaves either the old or the new content, never a mix.
+
+A round is committed in three atomic steps, so that the residual and the outbox never
+disagree (which would lose an update's values, or send them twice):
+
+1. ``outbox/<seq>.residual``: the residual *after* this update;
+2. ``outbox/<seq>.update``: the envelope to publish. From here the round exists;
+3. ``residual.safetensors`` (tagged with ``seq``) replaces the old residual, and the
+   ``.residual`` side file goes.
+
+On start, a ``.residual`` without its ``.update`` is a round that never happened (the
+crash came before step 2) and is deleted; one with its ``.update`` is newer than
+``residual.safetensors`` (the crash came before step 3) and is installed.
 """
 
 from __future__ import annotations
@@ -9,14 +21,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from compression import ErrorFeedback
+from edge_agent.errors import StateError
 
 log = logging.getLogger(__name__)
+
+RESIDUAL = "residual.safetensors"
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -32,11 +48,36 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dfd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def _residual_bytes(feedback: ErrorFeedback, seq: int) -> bytes:
+    from safetensors.numpy import save
+
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feedback.residual.items()}
+    return save(tensors, metadata={"seq": str(seq)})
+
+
+def _read_residual(path: Path) -> tuple[int, ErrorFeedback]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            seq = int((fh.metadata() or {}).get("seq", "0"))
+            residual = {k: fh.get_tensor(k).astype(np.float32) for k in fh.keys()}
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise StateError(f"{path} is unreadable ({exc}); move it away to restart without the residual") from None
+    if not all(np.all(np.isfinite(v)) for v in residual.values()):
+        raise StateError(f"{path} holds non-finite values; move it away to restart without the residual")
+    return seq, ErrorFeedback(residual)
 
 
 class AgentState:
@@ -45,6 +86,7 @@ class AgentState:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.outbox = self.root / "outbox"
+        self.rejected = self.outbox / "rejected"
         self.outbox.mkdir(parents=True, exist_ok=True)
         for stale in self.root.rglob(".*.tmp"):
             stale.unlink(missing_ok=True)  # left by a kill -9 during atomic_write
@@ -54,7 +96,31 @@ class AgentState:
             try:
                 self.seq = int(json.loads(self._meta_path.read_text())["seq"])
             except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{self._meta_path} is corrupt ({exc}); move it away to start over") from None
+                raise StateError(f"{self._meta_path} is corrupt ({exc}); move it away to start over") from None
+        self._recover()
+        # Never reuse a sequence number that an outbox entry or the residual already carries.
+        self.seq = max([self.seq, self.residual_seq, *(int(p.stem) for p in self.pending())])
+
+    def _recover(self) -> None:
+        """Finish or undo a round that a crash interrupted (see the module docstring)."""
+        self.residual_seq = 0
+        self._feedback = ErrorFeedback()
+        path = self.root / RESIDUAL
+        if path.exists():
+            self.residual_seq, self._feedback = _read_residual(path)
+        for side in sorted(self.outbox.glob("*.residual")):
+            seq = int(side.stem)
+            if not (self.outbox / f"{seq:012d}.update").exists():
+                log.info("discarding round %d: the agent stopped before its update was written", seq)
+                side.unlink()
+                continue
+            if seq > self.residual_seq:
+                log.info("finishing round %d: installing its residual", seq)
+                os.replace(side, path)
+                _fsync_dir(self.root)
+                self.residual_seq, self._feedback = _read_residual(path)
+            else:
+                side.unlink()
 
     def next_seq(self) -> int:
         """Reserve and persist the next update sequence number."""
@@ -63,23 +129,30 @@ class AgentState:
         return self.seq
 
     def load_feedback(self) -> ErrorFeedback:
-        path = self.root / "residual.safetensors"
-        if not path.exists():
-            return ErrorFeedback()
-        from safetensors.numpy import load_file
+        """The residual of the last committed round."""
+        return self._feedback
 
-        return ErrorFeedback({k: v.astype(np.float32) for k, v in load_file(str(path)).items()})
-
-    def save_feedback(self, feedback: ErrorFeedback) -> None:
-        from safetensors.numpy import save
-
-        atomic_write(self.root / "residual.safetensors", save({k: np.ascontiguousarray(v) for k, v in feedback.residual.items()}))
-
-    def put_outbox(self, seq: int, payload: bytes) -> Path:
-        path = self.outbox / f"{seq:012d}.update"
-        atomic_write(path, payload)
-        return path
+    def commit_round(self, seq: int, envelope: bytes, feedback: ErrorFeedback) -> Path:
+        """Durably record one round: its update in the outbox and the residual after it."""
+        data = _residual_bytes(feedback, seq)
+        side = self.outbox / f"{seq:012d}.residual"
+        atomic_write(side, data)
+        entry = self.outbox / f"{seq:012d}.update"
+        atomic_write(entry, envelope)
+        atomic_write(self.root / RESIDUAL, data)
+        side.unlink(missing_ok=True)
+        self.residual_seq, self._feedback = seq, feedback
+        return entry
 
     def pending(self) -> list[Path]:
         """Outbox entries not yet acknowledged by the broker, oldest first."""
         return sorted(self.outbox.glob("*.update"))
+
+    def delivered(self, entry: Path) -> None:
+        entry.unlink(missing_ok=True)
+
+    def dead_letter(self, entry: Path, reason: str) -> None:
+        """Move an update the broker refused for good out of the way, with the reason beside it."""
+        self.rejected.mkdir(exist_ok=True)
+        shutil.move(str(entry), self.rejected / entry.name)
+        atomic_write(self.rejected / f"{entry.stem}.reason", reason.encode())

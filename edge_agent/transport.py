@@ -1,6 +1,8 @@
 """The agent's MQTT shell: paho-mqtt 2.x, MQTT v5, QoS 1, retained status with a Last Will.
 
-paho callbacks only enqueue; the agent's main loop does the work.
+paho callbacks only enqueue; the agent's main loop does the work. paho reconnects on its
+own network thread; before each attempt the delay is re-drawn from a jittered
+exponential :class:`~edge_agent.backoff.Backoff`, reset by a successful CONNACK.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from compression import protocol
+from edge_agent.backoff import Backoff
 from edge_agent.config import AgentConfig
-from edge_agent.errors import TransportError
+from edge_agent.errors import PublishRefused, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +49,15 @@ class AgentTransport:
         )
         if b.username:
             self.client.username_pw_set(b.username, b.password)
-        self.client.reconnect_delay_set(int(max(1, b.reconnect_min_s)), int(max(1, b.reconnect_max_s)))
+        self.backoff = Backoff(b.reconnect_min_s, b.reconnect_max_s)
+        self.reconnects = 0
+        self._next_delay()
         self.client.max_queued_messages_set(1000)
         offline = protocol.DeviceStatus(state="offline").to_json()
         self.client.will_set(protocol.device_status(cfg.fleet, cfg.device_id), offline, qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
 
@@ -89,6 +95,11 @@ class AgentTransport:
             else:
                 self.client.unsubscribe(topic)
 
+    def _next_delay(self) -> float:
+        delay = self.backoff.next()
+        self.client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]  # paho accepts float seconds
+        return delay
+
     # -- paho callbacks: enqueue only ------------------------------------------------
 
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
@@ -103,12 +114,22 @@ class AgentTransport:
             topics.append(protocol.global_snapshot(fleet))
         topics += [protocol.global_meta(fleet), protocol.device_cmd(fleet, self.cfg.device_id)]
         client.subscribe([(t, 1) for t in topics])
+        self.backoff.reset()
+        self._next_delay()
         self.connected.set()
         log.info("connected to %s:%d", self.cfg.broker.host, self.cfg.broker.port)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
-        log.warning("disconnected from the broker (%s); paho reconnects with backoff", reason)
+        delay = self._next_delay()
+        if was_connected:
+            self.reconnects += 1
+            log.warning("disconnected from the broker (%s); reconnecting in %.1fs", reason, delay)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        delay = self._next_delay()
+        log.info("broker %s:%d unreachable; next attempt in %.1fs", self.cfg.broker.host, self.cfg.broker.port, delay)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         self.inbox.put(Inbound(msg.topic, bytes(msg.payload)))
@@ -125,7 +146,7 @@ class AgentTransport:
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 30.0) -> None:
         """Publish with QoS 1 and wait for the broker's PUBACK. Raises TransportError on refusal or timeout."""
         if len(payload) > self.cfg.broker.max_message_bytes:
-            raise TransportError(f"message of {len(payload)} bytes exceeds broker.max_message_bytes={self.cfg.broker.max_message_bytes}")
+            raise PublishRefused(f"message of {len(payload)} bytes exceeds broker.max_message_bytes={self.cfg.broker.max_message_bytes}")
         if not self.connected.wait(timeout):
             raise TransportError("not connected to the broker")
         info = self.client.publish(topic, payload, qos=1, retain=retain)
@@ -134,7 +155,7 @@ class AgentTransport:
                 raise TransportError(f"no PUBACK for {topic} within {timeout:.0f}s")
             code = self._acks.pop(info.mid)
         if code >= 0x80:
-            raise TransportError(f"broker refused the publish to {topic} with reason code {code}")
+            raise PublishRefused(f"broker refused the publish to {topic} with reason code {code}")
 
     def publish_nowait(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Fire a QoS 1 publish without waiting (status heartbeats)."""

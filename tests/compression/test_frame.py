@@ -28,7 +28,7 @@ def _sample() -> dict[str, SparseTensor]:
 
 
 @pytest.mark.parametrize("coding", list(IndexCoding))
-@pytest.mark.parametrize("vtype", [ValueType.FP32, ValueType.FP16, ValueType.INT8])
+@pytest.mark.parametrize("vtype", [ValueType.FP32, ValueType.FP16, ValueType.INT8, ValueType.INT4])
 def test_round_trip_preserves_names_shapes_and_indices(vtype: ValueType, coding: IndexCoding) -> None:
     tensors = _sample()
     frame = decode_frame(encode_frame(FrameKind.UPDATE, tensors, values=vtype, int8_block=4, index_coding=coding))
@@ -41,7 +41,7 @@ def test_round_trip_preserves_names_shapes_and_indices(vtype: ValueType, coding:
             assert got.indices is None
         else:
             np.testing.assert_array_equal(got.indices, t.indices)
-        tol = {ValueType.FP32: 0, ValueType.FP16: 2e-3, ValueType.INT8: 0.03}[vtype]
+        tol = {ValueType.FP32: 0, ValueType.FP16: 2e-3, ValueType.INT8: 0.03, ValueType.INT4: 0.5 / 7}[vtype]
         np.testing.assert_allclose(got.values, t.values, atol=tol * float(np.abs(t.values).max()) + 1e-7)
 
 
@@ -64,6 +64,22 @@ def test_version_1_frames_may_not_use_version_2_codings() -> None:
     with pytest.raises(FrameError, match="unknown layout 2 in a version 1 frame"):
         decode_frame(_reframe(body, version=1))
     assert decode_frame(_reframe(body, version=2)).tensors["t"].indices.tolist() == [1, 2]
+
+
+def test_int4_frames_are_version_3_and_everything_else_stays_version_2() -> None:
+    for vtype in ValueType:
+        frame = encode_frame(FrameKind.UPDATE, _sample(), values=vtype, int8_block=4)
+        assert frame[4] == (3 if vtype is ValueType.INT4 else 2), vtype
+
+
+def test_version_2_frames_may_not_carry_int4_values() -> None:
+    record = _record(shape=(3,), layout=0, vtype=ValueType.INT4, block=4, nnz=3, payload=struct.pack("<f", 1.0) + bytes([0x21, 0x03]))
+    body = struct.pack("<I", 1) + record
+    with pytest.raises(FrameError, match="unknown value type 4 in a version 2 frame"):
+        decode_frame(_reframe(body, version=2))
+    assert decode_frame(_reframe(body, version=3)).tensors["t"].values.tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(FrameError, match="padding nibble"):
+        decode_frame(_reframe(body[:-1] + bytes([0x13]), version=3))
 
 
 def test_fp32_round_trip_is_exact() -> None:
@@ -102,8 +118,8 @@ def test_decoder_names_what_is_wrong(mutate, error, message) -> None:  # type: i
 
 def test_unknown_version_kind_and_flags_are_rejected() -> None:
     body = struct.pack("<I", 0)
-    with pytest.raises(FrameError, match="version 3"):
-        decode_frame(_reframe(body, version=3))
+    with pytest.raises(FrameError, match="version 4"):
+        decode_frame(_reframe(body, version=4))
     with pytest.raises(FrameError, match="kind 9"):
         decode_frame(_reframe(body, kind=9))
     with pytest.raises(FrameError, match="flags"):
@@ -204,7 +220,7 @@ def test_truncated_and_bit_flipped_frames_raise_codec_error_only(data: st.DataOb
         decode_frame(bytes(frame))
 
 
-@given(st.binary(min_size=4, max_size=300), st.sampled_from([1, 2]))
+@given(st.binary(min_size=4, max_size=300), st.sampled_from([1, 2, 3]))
 def test_garbage_bodies_with_valid_checksum_raise_codec_error_only(body: bytes, version: int) -> None:
     try:
         decode_frame(_reframe(body, version=version))
@@ -213,7 +229,7 @@ def test_garbage_bodies_with_valid_checksum_raise_codec_error_only(body: bytes, 
 
 
 @given(st.data())
-def test_mutated_v2_bodies_raise_codec_error_only(data: st.DataObject) -> None:
+def test_mutated_bodies_raise_codec_error_only(data: st.DataObject) -> None:
     import zstandard
 
     coding = data.draw(st.sampled_from(list(IndexCoding)))
@@ -223,6 +239,6 @@ def test_mutated_v2_bodies_raise_codec_error_only(data: st.DataObject) -> None:
     for _ in range(data.draw(st.integers(1, 4))):
         body[data.draw(st.integers(0, len(body) - 1))] ^= 1 << data.draw(st.integers(0, 7))
     try:
-        decode_frame(_reframe(bytes(body), version=2))
+        decode_frame(_reframe(bytes(body), version=valid[4]))
     except CodecError:
         pass

@@ -14,7 +14,7 @@ CASES = sorted(p.stem for p in GOLDEN.glob("*.bin"))
 
 def test_golden_vectors_exist() -> None:
     assert {"update_v1_fp32", "update_v1_fp16", "update_v1_int8", "snapshot_v1_fp32", "envelope_v1"} <= set(CASES)
-    assert {"update_v2_int8_bitpack", "update_v2_fp16_varint", "update_v2_sign_bitpack"} <= set(CASES)
+    assert {"update_v2_int8_bitpack", "update_v2_fp16_varint", "update_v2_sign_bitpack", "update_v3_int4_varint"} <= set(CASES)
 
 
 @pytest.mark.parametrize("name", CASES)

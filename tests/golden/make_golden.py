@@ -42,6 +42,7 @@ def cases() -> dict[str, tuple[bytes, dict[str, list]]]:
         ("update_v2_int8_bitpack", ValueType.INT8, IndexCoding.BITPACK),
         ("update_v2_fp16_varint", ValueType.FP16, IndexCoding.VARINT),
         ("update_v2_sign_bitpack", ValueType.SIGN, IndexCoding.BITPACK),
+        ("update_v3_int4_varint", ValueType.INT4, IndexCoding.VARINT),
     ):
         out[name] = (encode_frame(FrameKind.UPDATE, tensors, values=vtype, int8_block=4, index_coding=coding), {})
     snap = _as_version_1(encode_frame(FrameKind.SNAPSHOT, {"w": SparseTensor(shape=(2, 2), values=np.array([1, 2, 3, 4], np.float32))}))

