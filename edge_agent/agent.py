@@ -26,7 +26,8 @@ from edge_agent.data import LocalData, build_blocks, read_texts
 from edge_agent.errors import ModelError, PublishRefused, TransportError
 from edge_agent.memory import release_free_memory
 from edge_agent.schedule import blocked_reason
-from edge_agent.state import AgentState
+from edge_agent.sdnotify import Notifier
+from edge_agent.state import AgentState, write_status
 from edge_agent.train import evaluate, train_round
 from edge_agent.transport import AgentTransport, Inbound
 
@@ -64,8 +65,9 @@ class Counters:
 class Agent:
     """A device agent. ``run()`` blocks until ``stop()`` or ``max_rounds``."""
 
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, notifier: Notifier | None = None) -> None:
         self.cfg = cfg
+        self.notifier = notifier or Notifier(environ={})
         self.state = AgentState(cfg.state_dir)
         self._feedback = self.state.load_feedback()
         self.last_seq_at_start = self.state.seq
@@ -114,8 +116,10 @@ class Agent:
 
     def run(self) -> None:
         if self._model is None:
+            self.notifier.status("loading the model and local data")
             self.prepare()
         self.transport.start()
+        self.notifier.ready(f"connecting to {self.cfg.broker.host}:{self.cfg.broker.port}")
         self._set_state("waiting")
         try:
             self._flush_outbox()
@@ -140,6 +144,7 @@ class Agent:
                 self._blocked = None
                 self._round()
         finally:
+            self.notifier.stopping("stopping: finishing the current step")
             final = self._status("offline")
             self.transport.stop(final)
 
@@ -156,7 +161,12 @@ class Agent:
         g = self.global_model
         base = g.version
         self._set_state("training")
-        result = train_round(self._model, self._data, self.cfg.train, self._rng, should_stop=self.stop_event.is_set)
+
+        def should_stop() -> bool:
+            self.notifier.alive()
+            return self.stop_event.is_set()
+
+        result = train_round(self._model, self._data, self.cfg.train, self._rng, should_stop=should_stop)
         if result.steps == 0:
             return
         local = model_lib.get_trainable(self._model)
@@ -230,6 +240,7 @@ class Agent:
 
     def _pump(self, timeout: float) -> None:
         """Handle inbound messages for up to ``timeout`` seconds, and heartbeat."""
+        self.notifier.alive()
         try:
             msg = self.transport.inbox.get(timeout=timeout)
         except queue.Empty:
@@ -375,4 +386,10 @@ class Agent:
             return
         self._state_name = state
         self._last_heartbeat = time.monotonic()
-        self.transport.publish_nowait(protocol.device_status(self.cfg.fleet, self.cfg.device_id), self._status(state), retain=True)
+        payload = self._status(state)
+        self.transport.publish_nowait(protocol.device_status(self.cfg.fleet, self.cfg.device_id), payload, retain=True)
+        version = self.global_model.version if self.global_model else None
+        detail = f"; {self._blocked}" if self._blocked and state == "idle" else ""
+        connected = "connected" if self.transport.connected.is_set() else "offline"
+        self.notifier.status(f"{state} at v{version} ({connected}, {self.pending_count} pending){detail}")
+        write_status(self.state.root, payload, blocked=self._blocked, connected=self.transport.connected.is_set())

@@ -20,9 +20,10 @@ log = logging.getLogger("edge_agent")
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from edge_agent.agent import Agent
+    from edge_agent.sdnotify import Notifier
 
     cfg = load_config(args.config)
-    agent = Agent(cfg)
+    agent = Agent(cfg, Notifier())
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: finishing the current step and stopping", signum)
@@ -31,6 +32,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     agent.run()
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from edge_agent.check import run_checks
+
+    return run_checks(args.config, skip_model=args.skip_model, broker_timeout=args.timeout)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from edge_agent.check import show_status
+
+    return show_status(args.config, as_json=args.json)
+
+
+def _cmd_unit(args: argparse.Namespace) -> int:
+    from edge_agent.unit import render_unit
+
+    sys.stdout.write(render_unit(args.profile, config=args.agent_config, venv=args.venv))
     return 0
 
 
@@ -47,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the agent until SIGTERM")
     run.add_argument("--config", required=True, help="agent TOML config")
     run.set_defaults(func=_cmd_run)
+    check = sub.add_parser("check", help="validate the config, state, data, broker and model, and say plainly what is wrong")
+    check.add_argument("--config", required=True, help="agent TOML config")
+    check.add_argument("--skip-model", action="store_true", help="skip loading the model (the slowest check)")
+    check.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the broker's CONNACK")
+    check.set_defaults(func=_cmd_check)
+    status = sub.add_parser("status", help="the agent's last heartbeat, outbox and state, read from its state directory")
+    status.add_argument("--config", required=True, help="agent TOML config")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_cmd_status)
+    unit = sub.add_parser("systemd-unit", help="print the systemd unit with MemoryMax and CPU settings from a device profile")
+    unit.add_argument("--profile", required=True, help="device profile name or .toml path")
+    unit.add_argument("--agent-config", default="/etc/fedge/agent.toml", help="config path the unit passes to `run`")
+    unit.add_argument("--venv", default="/opt/fedge/venv", help="virtualenv holding fedge")
+    unit.set_defaults(func=_cmd_unit)
     tiny = sub.add_parser("make-tiny-model", help="build the tiny test model from a text directory")
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--text-dir", required=True)

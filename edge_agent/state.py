@@ -80,6 +80,27 @@ def _read_residual(path: Path) -> tuple[int, ErrorFeedback]:
     return seq, ErrorFeedback(residual)
 
 
+STATUS = "status.json"
+
+
+def write_status(root: Path, status_json: bytes, **extra: object) -> None:
+    """The last heartbeat, for ``fedge-agent status``. Replaced atomically but not fsynced:
+    it is rewritten every heartbeat and need not survive a power cut (spares SD cards)."""
+    doc = json.loads(status_json)
+    doc.update(extra, pid=os.getpid())
+    tmp = root / f".{STATUS}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, root / STATUS)
+
+
+def read_status(root: Path) -> dict[str, object] | None:
+    try:
+        doc = json.loads((root / STATUS).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 class AgentState:
     """The agent's state directory."""
 
