@@ -162,7 +162,7 @@ def show_status(config_path: str, *, as_json: bool = False) -> int:
     if not root.is_dir():
         raise ConfigError(f"state directory {root} does not exist: the agent has never run with this config")
     st = AgentState(root)
-    hb = read_status(root) or {}
+    hb: dict[str, Any] = dict(read_status(root) or {})
     running = _pid_alive(hb.get("pid"))
     doc = {
         "device": cfg.device_id,
