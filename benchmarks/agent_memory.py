@@ -44,11 +44,11 @@ def _child(args: argparse.Namespace) -> int:
     import torch
 
     from benchmarks.fedsim import smollm2_available
-    from compression.protocol import TrainableSpec
+    from compression.protocol import EMBED_DELTA, TrainableSpec
     from coordinator.testbed.corpus import write_device_corpus
     from edge_agent.config import TrainConfig, load_profile
     from edge_agent.data import build_blocks, read_texts
-    from edge_agent.model import attach_lora, load_base
+    from edge_agent.model import attach_trainable, get_trainable, load_base, load_global, round_delta
     from edge_agent.train import train_round
 
     profile = load_profile(args.profile)
@@ -63,17 +63,26 @@ def _child(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     base, tok = load_base(source, "int8", args.cache_root)
     load_s = time.monotonic() - t0
-    # The agent gets version 0 from the coordinator; peft's own initialisation is the same (A random, B zero).
-    model = attach_lora(base, TrainableSpec(r=8, alpha=16, targets=("q_proj", "v_proj")))
     data_dir = Path(args.work) / "data"
     write_device_corpus(data_dir, 0)
     data = build_blocks(read_texts(data_dir), tok, cfg.seq_len, 0.1, seed=0)
+    # A fleet with an embedding table when the profile trains embedding rows (a mixed fleet).
+    # The agent gets version 0 from the coordinator; peft's own initialisation is the same (A random, B zero).
+    spec = TrainableSpec(r=8, alpha=16, targets=("q_proj", "v_proj"), embedding=cfg.tier == "embedding")
+    model = attach_trainable(base, spec, cfg.tier, rows=np.unique(data.train) if cfg.tier == "embedding" else None)
+    state = get_trainable(model)
+    if spec.embedding:
+        vocab, hidden = base.get_input_embeddings().weight.shape
+        state[EMBED_DELTA] = np.zeros((vocab, hidden), dtype=np.float32)
+    load_global(model, state)
     rng = np.random.default_rng(0)
     train_round(model, data, replace(cfg, local_steps=1), rng)  # warm-up: allocator, thread pools
     result = train_round(model, data, cfg, rng)
+    round_delta(model, state, cfg.tier)  # the update the agent compresses next
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {
         "profile": args.profile,
+        "tier": cfg.tier,
         "model": "smollm2" if source == "smollm2" and smollm2_available() else "tiny",
         "plain": bool(args.plain),
         "threads": threads,
@@ -102,7 +111,7 @@ def _run_child(cli: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.agent_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", action="append", help="device profile (repeatable); default raspberry-pi-4")
-    parser.add_argument("--all", action="store_true", help="every LoRA profile in devices/profiles")
+    parser.add_argument("--all", action="store_true", help="every profile in devices/profiles")
     parser.add_argument("--steps", type=int, default=4, help="timed training steps after one warm-up step")
     parser.add_argument("--model", choices=["auto", "smollm2", "tiny"], default="auto")
     parser.add_argument("--compare", action="store_true", help="also run without checkpointing and chunked loss")
@@ -120,12 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.fedsim import smollm2_available
     from coordinator.testbed.corpus import pydoc_domains
     from edge_agent import modelcache
-    from edge_agent.config import load_profile, profiles_dirs
+    from edge_agent.config import profiles_dirs
 
     console = Console(stderr=args.json, width=150)
     if args.all:
         names = sorted({p.stem for d in profiles_dirs() if d.is_dir() for p in d.glob("*.toml")})
-        profiles = [n for n in names if load_profile(n).get("train", {}).get("tier", "lora") == "lora"]
+        profiles = names
     else:
         profiles = args.profile or ["raspberry-pi-4"]
     work = Path(tempfile.mkdtemp(prefix="fedge-mem-"))
@@ -152,9 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"measuring {name}{' (plain)' if plain else ''} ...")
             rows.append(_run_child(cli + (["--plain"] if plain else [])))
 
-    table = Table(title=f"local training memory and speed ({model_name}, LoRA r=8 on q,v, int8 base, {os.cpu_count()} cores here)")
-    for col in ("profile", "memory settings", "batch × seq", "threads", "peak RSS MB", "s/step", "tokens/s", "load s", "target"):
-        table.add_column(col, justify="left" if col in ("profile", "memory settings") else "right")
+    title = f"local training memory and speed ({model_name}, int8 base; lora r=8 on q,v or local embedding rows; {os.cpu_count()} cores)"
+    table = Table(title=title)
+    for col in ("profile", "tier", "memory settings", "batch × seq", "threads", "peak RSS MB", "s/step", "tokens/s", "load s", "target"):
+        table.add_column(col, justify="left" if col in ("profile", "tier", "memory settings") else "right")
     for r in rows:
         target = TARGETS_MB.get(r["profile"]) if not r["plain"] else None
         if target is None:
@@ -163,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             verdict = f"[green]≤ {target:.0f} ok[/]" if r["peak_rss_mb"] <= target else f"[red]> {target:.0f}[/]"
         table.add_row(
             r["profile"],
+            r["tier"],
             "plain" if r["plain"] else f"checkpointing, loss chunk {r['loss_chunk_tokens']}",
             f"{r['batch_size']} × {r['seq_len']}",
             str(r["threads"]),

@@ -26,11 +26,11 @@ from compression.sparsify import topk_global, topk_per_tensor
 class CodecConfig:
     """How an update is compressed on the wire."""
 
-    topk_fraction: float = 0.01
+    topk_fraction: float = 0.02
     """Fraction of entries sent per update (1.0 sends the dense delta)."""
     topk_scope: Literal["tensor", "global"] = "global"
     """``tensor``: each tensor keeps its own top fraction; ``global``: over all tensors together."""
-    values: Literal["fp32", "fp16", "int8", "int4", "sign"] = "int8"
+    values: Literal["fp32", "fp16", "int8", "int4", "sign"] = "int4"
     """Value encoding: lossless fp32, fp16, blockwise int8 or int4, or 1-bit sign with one fp32 scale per block."""
     int8_block: int = 256
     """Values per scale (int8, int4 and sign)."""
@@ -119,11 +119,21 @@ def compress_update(
 
 
 def compress_dense(tensors: Mapping[str, np.ndarray], kind: FrameKind, zstd_level: int = 3) -> bytes:
-    """A lossless frame of dense fp32 tensors (used for snapshots)."""
-    records = {
-        n: SparseTensor(shape=tuple(np.shape(a)), values=np.ascontiguousarray(a, dtype=np.float32).reshape(-1)) for n, a in tensors.items()
-    }
-    return encode_frame(kind, records, values=ValueType.FP32, zstd_level=zstd_level)
+    """A lossless frame of fp32 tensors (used for snapshots).
+
+    A tensor that is mostly zero (an embedding-delta table whose untouched rows are 0)
+    goes as a sparse record of its non-zero bit patterns, so ``-0.0`` survives and the
+    decoded state is bit-identical.
+    """
+    records = {}
+    for n, a in tensors.items():
+        flat = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
+        nonzero = np.flatnonzero(flat.view(np.uint32))
+        if flat.size >= 64 and nonzero.size < flat.size // 3:
+            records[n] = SparseTensor(shape=tuple(np.shape(a)), values=flat[nonzero], indices=nonzero)
+        else:
+            records[n] = SparseTensor(shape=tuple(np.shape(a)), values=flat)
+    return encode_frame(kind, records, values=ValueType.FP32, zstd_level=zstd_level, index_coding=IndexCoding.VARINT)
 
 
 def apply_delta(state: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -315,9 +315,19 @@ def decode_command(payload: bytes) -> str:
 # --- the trainable spec carried in global meta ------------------------------------------
 
 
+EMBED_DELTA = "embed_tokens.delta"
+"""Name of the input-embedding delta table in the global state of a fleet with an embedding tier."""
+
+
 @dataclass(frozen=True)
 class TrainableSpec:
-    """What the fleet trains on which base. The coordinator is authoritative; agents must match it."""
+    """What the fleet trains on which base. The coordinator is authoritative; agents must match it.
+
+    The global state always holds the LoRA adapters. With ``embedding`` it also holds
+    :data:`EMBED_DELTA`, a ``[vocab, hidden]`` table added to the frozen input embedding
+    (the output head stays the base's), which devices of the ``embedding`` tier train
+    row by row. Each device sends only the tensors of its own tier.
+    """
 
     tier: str = "lora"
     r: int = 8
@@ -325,6 +335,7 @@ class TrainableSpec:
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     base: dict[str, Any] = field(default_factory=dict)
     """Fingerprint of the base model: model_type, vocab_size, hidden_size, num_hidden_layers."""
+    embedding: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -342,10 +353,14 @@ class TrainableSpec:
         base = obj.get("base", {})
         if not isinstance(base, dict):
             raise ProtocolError(f"{what}: 'base' must be an object")
+        embedding = obj.get("embedding", False)
+        if not isinstance(embedding, bool):
+            raise ProtocolError(f"{what}: 'embedding' must be true or false, got {embedding!r}")
         return cls(
             tier="lora",
             r=_int(obj, "r", what, 1, 1024),
             alpha=_int(obj, "alpha", what, 1, 1 << 16),
             targets=tuple(targets),
             base=base,
+            embedding=embedding,
         )

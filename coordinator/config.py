@@ -54,6 +54,8 @@ class ModelSpecConfig:
     lora_alpha: int = 16
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     init_seed: int = 0
+    embedding: bool = False
+    """Also keep an input-embedding delta table, for devices of the ``embedding`` tier (mixed fleets)."""
     """Seed of the LoRA A matrices of version 0."""
 
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from compression.protocol import TrainableSpec
+from compression.protocol import EMBED_DELTA, TrainableSpec
 from coordinator.config import ModelSpecConfig
 from coordinator.errors import ConfigError
 
@@ -67,7 +67,12 @@ def initial_state(cfg: ModelSpecConfig) -> tuple[TrainableSpec, dict[str, np.nda
         else:
             t.zero_()
         tensors[name] = t.numpy()
+    if cfg.embedding:
+        # Zero: version 0 is the base model; embedding-tier devices fill the rows they see.
+        tensors[EMBED_DELTA] = np.zeros((config.vocab_size, config.hidden_size), dtype=np.float32)
     fingerprint = {k: getattr(config, k, None) for k in BASE_FINGERPRINT_KEYS}
-    spec = TrainableSpec(tier="lora", r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.targets), base=fingerprint)
+    spec = TrainableSpec(
+        tier="lora", r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.targets), base=fingerprint, embedding=cfg.embedding
+    )
     log.info("version 0: %d adapter tensors, %d parameters", len(tensors), sum(t.size for t in tensors.values()))
     return spec, tensors

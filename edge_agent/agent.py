@@ -169,8 +169,7 @@ class Agent:
         result = train_round(self._model, self._data, self.cfg.train, self._rng, should_stop=should_stop)
         if result.steps == 0:
             return
-        local = model_lib.get_trainable(self._model)
-        delta = {n: local[n] - g.tensors[n] for n in g.tensors}
+        delta = model_lib.round_delta(self._model, g.tensors, self.cfg.train.tier)
         compressed = compress_update(delta, self.cfg.codec, self._feedback)
         seq = self.state.next_seq()
         header = UpdateHeader(
@@ -211,7 +210,7 @@ class Agent:
         while not self.stop_event.is_set() and self.global_model.version == base and time.monotonic() < deadline:
             self._pump(timeout=0.2)
         if self.global_model.version == base:
-            model_lib.set_trainable(self._model, g.tensors)
+            model_lib.load_global(self._model, g.tensors)
 
     def _flush_outbox(self) -> None:
         """Publish outbox entries oldest first; returns at once while the broker is unreachable."""
@@ -339,7 +338,9 @@ class Agent:
         if spec.r > self.cfg.train.max_lora_r:
             raise ModelError(f"the fleet trains LoRA rank {spec.r}, above this device's train.max_lora_r={self.cfg.train.max_lora_r}")
         if self._spec is None:
-            self._model = model_lib.attach_lora(self._model, spec, seed=self.cfg.train.seed)
+            assert self._data is not None
+            rows = np.unique(self._data.train) if self.cfg.train.tier == "embedding" else None
+            self._model = model_lib.attach_trainable(self._model, spec, self.cfg.train.tier, rows=rows, seed=self.cfg.train.seed)
             self._spec = spec
         elif spec != self._spec:
             raise ModelError(f"the fleet's trainable spec changed from {self._spec} to {spec}; restart the agent")
@@ -348,7 +349,7 @@ class Agent:
 
     def _after_adopt(self) -> None:
         assert self.global_model is not None and self._model is not None and self._data is not None
-        model_lib.set_trainable(self._model, self.global_model.tensors)
+        model_lib.load_global(self._model, self.global_model.tensors)
         loss = self._evaluate()
         c = self.counters
         c.eval_loss = loss

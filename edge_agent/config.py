@@ -64,7 +64,8 @@ class ModelConfig:
 class TrainConfig:
     """Local training. Defaults come from the device profile; the config file may override them."""
 
-    tier: Literal["lora"] = "lora"
+    tier: Literal["lora", "embedding"] = "lora"
+    """What this device trains: LoRA adapters, or the input-embedding rows of its local tokens."""
     threads: int = 2
     memory_budget_mb: int = 1024
     batch_size: int = 4

@@ -1,7 +1,17 @@
-"""Loading the frozen base, quantizing it to int8 and attaching LoRA adapters.
+"""Loading the frozen base, quantizing it to int8 and attaching the trainable tensors.
 
-The trainable state that crosses the wire is exactly peft's adapter state dict
-(``get_peft_model_state_dict``): names without the adapter name, float32 arrays.
+The trainable state that crosses the wire is peft's adapter state dict
+(``get_peft_model_state_dict``: names without the adapter name, float32 arrays), plus,
+in a fleet with an embedding tier, the input-embedding delta table
+(:data:`~compression.protocol.EMBED_DELTA`).
+
+Two tiers train different parts of the same global model:
+
+- ``lora``: the adapters train; the embedding delta (if any) is applied, frozen;
+- ``embedding``: the adapters are applied, frozen; only the embedding rows of tokens in
+  this device's local data train. The input embedding is untied from the output head
+  (the head keeps the base weights), so an update is row-sparse and rows of tokens the
+  device never saw cannot change.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from compression.protocol import TrainableSpec
+from compression.protocol import EMBED_DELTA, TrainableSpec
 from edge_agent.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -130,3 +140,108 @@ def set_trainable(model: torch.nn.Module, tensors: dict[str, np.ndarray]) -> Non
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ModelError(f"peft did not load {list(unexpected)[:3]}")
+
+
+class DeltaEmbedding(torch.nn.Module):
+    """``base[ids] + global_delta[ids] + local[ids]``: the frozen input embedding plus the fleet's
+    delta table plus this device's trainable rows (only for ``rows``, the local vocabulary).
+
+    ``base`` stays shared with the tied output head, and ``global_delta`` shares memory with
+    the global state held by the agent, so the tier costs one table, not three.
+    """
+
+    rows: torch.Tensor
+    slot: torch.Tensor
+
+    def __init__(self, base: torch.nn.Embedding, rows: np.ndarray | None) -> None:
+        super().__init__()
+        self.base = base
+        vocab, hidden = base.weight.shape
+        self.global_delta = torch.zeros((vocab, hidden), dtype=torch.float32)
+        rows = np.zeros(0, dtype=np.int64) if rows is None else np.unique(np.asarray(rows, dtype=np.int64))
+        if rows.size and (rows.min() < 0 or rows.max() >= vocab):
+            raise ModelError(f"token ids outside the vocabulary of {vocab}")
+        self.register_buffer("rows", torch.from_numpy(rows), persistent=False)
+        slot = torch.full((vocab,), -1, dtype=torch.long)
+        slot[torch.from_numpy(rows)] = torch.arange(rows.size)
+        self.register_buffer("slot", slot, persistent=False)
+        self.local = torch.nn.Parameter(torch.zeros((rows.size, hidden), dtype=torch.float32), requires_grad=rows.size > 0)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base embedding (what code that inspects ``get_input_embeddings().weight`` expects)."""
+        return self.base.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.embedding(ids, self.base.weight) + torch.nn.functional.embedding(ids, self.global_delta)
+        if self.local.numel():
+            slot = self.slot[ids]
+            hit = slot >= 0
+            extra = torch.zeros_like(out)
+            extra[hit] = self.local[slot[hit]]
+            out = out + extra
+        return out
+
+    def local_delta(self) -> np.ndarray:
+        """This round's change as a dense ``[vocab, hidden]`` table (zero outside local rows)."""
+        out = np.zeros(tuple(self.global_delta.shape), dtype=np.float32)
+        out[self.rows.numpy()] = self.local.detach().numpy()
+        return out
+
+
+def _delta_embedding(model: torch.nn.Module) -> DeltaEmbedding | None:
+    from edge_agent.train import causal_lm
+
+    emb = causal_lm(model).get_input_embeddings()
+    return emb if isinstance(emb, DeltaEmbedding) else None
+
+
+def attach_trainable(
+    model: torch.nn.Module, spec: TrainableSpec, tier: str, rows: np.ndarray | None = None, seed: int = 0
+) -> torch.nn.Module:
+    """Attach what the fleet trains (LoRA, and the embedding delta if ``spec.embedding``),
+    and let only this device's ``tier`` require grad. ``rows``: token ids of the local data."""
+    if tier == "embedding" and not spec.embedding:
+        raise ModelError(
+            "this device's tier is 'embedding', but the fleet keeps no embedding table (model.embedding = true on the coordinator)"
+        )
+    peft_model = attach_lora(model, spec, seed=seed)
+    if spec.embedding:
+        from edge_agent.train import causal_lm
+
+        inner = causal_lm(peft_model)
+        inner.set_input_embeddings(DeltaEmbedding(inner.get_input_embeddings(), rows if tier == "embedding" else None))
+    for name, p in peft_model.named_parameters():
+        p.requires_grad_(("lora_" in name) if tier == "lora" else name.endswith(".local"))
+    if not any(p.requires_grad for p in peft_model.parameters()):
+        raise ModelError(f"nothing to train for tier {tier!r} (no local tokens?)")
+    return peft_model
+
+
+def load_global(model: torch.nn.Module, tensors: dict[str, np.ndarray]) -> None:
+    """Load a global version: adapters into peft, the embedding table by reference; local rows restart at 0."""
+    emb = _delta_embedding(model)
+    lora = {k: v for k, v in tensors.items() if k != EMBED_DELTA}
+    set_trainable(model, lora)
+    if emb is None:
+        if EMBED_DELTA in tensors:
+            raise ModelError("the global state has an embedding table, but this model was attached without one")
+        return
+    if EMBED_DELTA not in tensors:
+        raise ModelError(f"the global state lacks {EMBED_DELTA!r}")
+    table = tensors[EMBED_DELTA]
+    if tuple(table.shape) != tuple(emb.global_delta.shape):
+        raise ModelError(f"global {EMBED_DELTA!r} has shape {table.shape}, the model's embedding is {tuple(emb.global_delta.shape)}")
+    emb.global_delta = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32))
+    with torch.no_grad():
+        emb.local.zero_()
+
+
+def round_delta(model: torch.nn.Module, tensors: dict[str, np.ndarray], tier: str) -> dict[str, np.ndarray]:
+    """What this device's tier changed since :func:`load_global` (``local - global``)."""
+    if tier == "embedding":
+        emb = _delta_embedding(model)
+        assert emb is not None
+        return {EMBED_DELTA: emb.local_delta()}
+    local = get_trainable(model)
+    return {n: local[n] - tensors[n] for n in local}

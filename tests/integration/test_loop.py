@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from compression import state_digest
@@ -169,3 +170,36 @@ def test_the_amqtt_demo_broker_carries_the_loop_over_mqtt_3_1_1(tmp_path: Path, 
             assert not thread.is_alive()
             wait_until(lambda: service.version >= 1, 30, "a version over amqtt")
         assert agent.counters.updates_sent == 1
+
+
+def test_a_mixed_fleet_of_lora_and_embedding_devices_trains_one_model(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, device_data
+) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from compression.protocol import EMBED_DELTA
+
+    coord = coordinator_config(broker, tmp_path / "coord", tiny_model)
+    coord = replace(coord, model=replace(coord.model, embedding=True))
+    agents = []
+    for i, tier in enumerate(("lora", "embedding")):
+        raw = agent_config_dict(broker, tiny_model, device_data(i), tmp_path / f"agent{i}", f"mix-{tier}", max_rounds=2)
+        raw["train"]["tier"] = tier
+        agents.append(Agent(parse_config(raw, "test", environ={})))
+    with ThreadedCoordinator(coord) as service:
+        threads = [_run_agent(a) for a in agents]
+        for t in threads:
+            t.join(180)
+            assert not t.is_alive()
+        wait_until(lambda: service.version >= 4, 30, "four versions")
+        table = service.state[EMBED_DELTA]
+        assert np.count_nonzero(np.abs(table).sum(axis=1)) > 0  # embedding rows moved
+        assert np.count_nonzero(np.abs(table).sum(axis=1)) < table.shape[0]  # ... only some of them
+    store = Store(tmp_path / "coord", readonly=True)
+    for a in agents:
+        # Each agent stopped after its own rounds; what it held is exactly the coordinator's version.
+        assert a.global_model is not None and a.global_model.version >= 1
+        held, _ = store.load_version(a.global_model.version)
+        assert state_digest(a.global_model.tensors) == state_digest(held)
+    ledger = list(store.ledger())
+    assert sorted({e["device"] for e in ledger}) == ["mix-embedding", "mix-lora"]
