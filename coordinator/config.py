@@ -16,7 +16,7 @@ from compression import CodecConfig
 from compression.protocol import ProtocolError, check_id
 from compression.records import RecordError, env_overrides, from_mapping
 from coordinator.errors import ConfigError
-from coordinator.strategy import FedAsyncConfig
+from coordinator.strategy import StrategyConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -74,6 +74,12 @@ class LimitsConfig:
     """Accept updates from devices that were never enrolled (lab use)."""
     max_update_norm: float = 0.0
     """Reject updates whose L2 norm exceeds this (0 = off)."""
+    devices: tuple[str, ...] = ()
+    """Devices accepted when ``allow_unknown_devices`` is false."""
+    max_updates_per_minute: float = 0.0
+    """Per-device rate limit (token bucket, burst of the same size; 0 = off)."""
+    rate_burst: int = 0
+    """Updates a device may send at once before the rate applies (0 = one minute's worth)."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,7 @@ class CoordinatorConfig:
     fleet: str = "default"
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     model: ModelSpecConfig = field(default_factory=ModelSpecConfig)
-    strategy: FedAsyncConfig = field(default_factory=FedAsyncConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     downlink: CodecConfig = field(default_factory=lambda: CodecConfig(topk_fraction=0.02, values="int8"))
     """Codec of the global deltas published each version (with error feedback at the coordinator)."""

@@ -9,13 +9,14 @@ persistent session and redelivers them after a crash.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -23,16 +24,30 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from compression import CodecError, ErrorFeedback, FrameKind, apply_delta, compress_dense, compress_update, protocol, state_digest
+from compression import (
+    CodecError,
+    ErrorFeedback,
+    FrameKind,
+    apply_delta,
+    compress_dense,
+    compress_update,
+    decode_frame,
+    protocol,
+    state_digest,
+)
 from compression.protocol import DeviceStatus, GlobalMeta, TrainableSpec
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import BrokerError, Rejection, StoreError
 from coordinator.initial import initial_state
-from coordinator.store import LedgerEntry, Store
-from coordinator.strategy import fedasync_step, staleness_weight
-from coordinator.validate import validate_update
+from coordinator.ratelimit import RateLimiter
+from coordinator.store import BufferedUpdate, LedgerEntry, Store
+from coordinator.strategy import WeightedUpdate, buffered_step, fedasync_step, fedasync_weight, update_weights
+from coordinator.validate import ValidUpdate, validate_update
 
 log = logging.getLogger(__name__)
+
+BATCH_MAX = 64
+"""Queued messages handled in one transaction (one fsync)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,15 @@ class CoordinatorService:
         # Counted once here and kept current in memory: COUNT(*) over the ledger on every
         # update would grow with the fleet's history.
         self.counts = self.store.counts()
+        self.rejections = self.store.rejection_counts()
+        self.buffer = self.store.buffered()  # accepted before a restart, not yet aggregated
+        self.online: dict[str, bool] = {}
+        self._round_online: dict[str, bool] = {}
+        self._round_started = time.monotonic()
+        self._new_versions: list[tuple[int, dict[str, np.ndarray], bytes]] = []
+        self.staleness_seen: collections.deque[int] = collections.deque(maxlen=4096)
+        limits = cfg.limits
+        self.rate = RateLimiter(limits.max_updates_per_minute, limits.rate_burst)
         self.inbox: queue.Queue[_Message | str] = queue.Queue()
         self.stop_event = threading.Event()
         self.connected = threading.Event()
@@ -137,13 +161,21 @@ class CoordinatorService:
         try:
             while not self.stop_event.is_set():
                 try:
-                    item = self.inbox.get(timeout=0.5)
+                    first = self.inbox.get(timeout=0.5)
                 except queue.Empty:
-                    item = None
-                if item == "connected":
+                    first = None
+                batch: list[_Message | str] = [] if first is None else [first]
+                while len(batch) < BATCH_MAX:
+                    try:
+                        batch.append(self.inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                if "connected" in batch:
                     self._publish_global(self.store.delta_frame(self.version))
-                elif isinstance(item, _Message):
-                    self._handle(item)
+                messages = [m for m in batch if isinstance(m, _Message)]
+                if messages:
+                    self._process(messages)
+                self._maybe_close_round()
                 if time.monotonic() - self._last_status >= self.cfg.heartbeat_s:
                     self._publish_status("online")
         finally:
@@ -152,18 +184,34 @@ class CoordinatorService:
             self.client.loop_stop()
             self.store.close()
 
+    def _process(self, messages: list[_Message]) -> None:
+        """Handle queued messages in one transaction (group commit), then publish, then acknowledge.
+
+        Nothing is acknowledged or published before the commit: a crash inside the batch
+        loses only unacknowledged work, which the broker redelivers.
+        """
+        self._new_versions = []
+        with self.store.batch():
+            for msg in messages:
+                self._handle(msg)
+        for _version, state, frame in self._new_versions:
+            self._publish_global(frame, state=state, version=_version)
+        for msg in messages:
+            self._ack(msg)
+        if self._new_versions or any(m.topic.endswith("/update") for m in messages):
+            self._publish_status("online")
+        self._new_versions = []
+
     def _handle(self, msg: _Message) -> None:
         try:
             fleet, device, leaf = protocol.parse_device_topic(msg.topic)
         except CodecError as exc:
             log.warning("ignored message on %s: %s", msg.topic, exc)
-            self._ack(msg)
             return
         if leaf == "update":
             self._handle_update(device, msg)
         elif leaf == "status":
             self._handle_status(device, msg)
-        self._ack(msg)
 
     def _handle_status(self, device: str, msg: _Message) -> None:
         if not msg.payload:
@@ -173,10 +221,23 @@ class CoordinatorService:
         except CodecError as exc:
             log.warning("bad status from %s: %s", device, exc)
             return
+        self.online[device] = status.state != "offline"
         self.store.record_status(device, status.state, status.version, status.profile, status.metrics)
+
+    def _reject(self, device: str, rej: Rejection) -> None:
+        log.warning("rejected update from %s: %s", device, rej)
+        self.store.record_rejection(device, rej.reason, rej.detail)
+        self.counts["rejected"] += 1
+        self.rejections[rej.reason] = self.rejections.get(rej.reason, 0) + 1
+
+    def _is_known(self, device: str) -> bool:
+        return self.cfg.limits.allow_unknown_devices or device in self.cfg.limits.devices
 
     def _handle_update(self, device: str, msg: _Message) -> None:
         limits = self.cfg.limits
+        if not self.rate.allow(device):
+            self._reject(device, Rejection("rate_limited", f"more than {limits.max_updates_per_minute:g} updates a minute"))
+            return
         try:
             valid = validate_update(
                 device,
@@ -186,28 +247,33 @@ class CoordinatorService:
                 strategy=self.cfg.strategy,
                 max_update_bytes=limits.max_update_bytes,
                 max_update_norm=limits.max_update_norm,
-                is_known_device=lambda d: limits.allow_unknown_devices,
+                is_known_device=self._is_known,
                 is_duplicate=self.store.is_applied,
             )
         except Rejection as rej:
             if rej.reason == "duplicate":
                 log.info("duplicate from %s dropped: %s", device, rej.detail)
                 return
-            log.warning("rejected update from %s: %s", device, rej)
-            self.store.record_rejection(device, rej.reason, rej.detail)
-            self.counts["rejected"] += 1
-            self._publish_status("online")
+            self._reject(device, rej)
             return
+        self.staleness_seen.append(valid.staleness)
+        self.counts["received"] = self.counts.get("received", 0) + 1
+        if self.cfg.strategy.kind == "fedasync":
+            weight = fedasync_weight(valid.staleness, self.cfg.strategy)
+            self._commit_step(fedasync_step(valid.delta, weight), [self._entry(valid, weight)])
+            return
+        entry = self._entry(valid, 0.0)
+        self.store.add_to_buffer(entry, valid.frame)
+        self.buffer.append(BufferedUpdate(entry, valid.frame))
+        if self.cfg.strategy.kind == "fedbuff" and len(self.buffer) >= self.cfg.strategy.buffer_size:
+            self._aggregate_buffer()
+        elif self.cfg.strategy.kind == "fedavg":
+            self._maybe_close_round()
+
+    @staticmethod
+    def _entry(valid: ValidUpdate, weight: float) -> LedgerEntry:
         h = valid.header
-        weight = self.cfg.strategy.alpha * staleness_weight(valid.staleness, self.cfg.strategy)
-        # The global step goes out compressed, with the coordinator's own error feedback, and
-        # the coordinator applies exactly what it sends: devices that apply the same frame
-        # hold bit-identical state, version after version.
-        step = fedasync_step(valid.delta, weight)
-        down = compress_update(step, self.cfg.downlink, self.downlink, kind=FrameKind.GLOBAL_DELTA)
-        new_state = apply_delta(self.state, down.sent)
-        new_version = self.version + 1
-        entry = LedgerEntry(
+        return LedgerEntry(
             update_id=h.update_id,
             device=h.device,
             seq=h.seq,
@@ -218,34 +284,80 @@ class CoordinatorService:
             size=valid.size,
             train_loss=h.train_loss,
         )
+
+    def _aggregate_buffer(self) -> None:
+        """FedBuff (or a FedAvg round): one version from every buffered update."""
+        updates = []
+        for b in self.buffer:
+            delta = decode_frame(b.frame).dense()
+            updates.append(WeightedUpdate(delta, b.entry.num_samples, self.version - b.entry.base_version))
+        step = buffered_step(updates, self.cfg.strategy)
+        names = sorted({n for u in updates for n in u.delta})
+        weights: dict[int, float] = {}
+        for name in names:
+            for i, w in update_weights(updates, name, self.cfg.strategy, stale=self.cfg.strategy.kind != "fedavg"):
+                weights[i] = max(weights.get(i, 0.0), w)
+        entries = [
+            replace(b.entry, staleness=u.staleness, weight=weights.get(i, 0.0)) for i, (b, u) in enumerate(zip(self.buffer, updates, strict=True))
+        ]
+        self._commit_step(step, entries)
+        self.buffer = []
+
+    def _maybe_close_round(self) -> None:
+        """FedAvg: close the round when enough updates came, or at the deadline with the minimum."""
+        s = self.cfg.strategy
+        if s.kind != "fedavg" or not self.buffer:
+            return
+        target = s.round_participants or max(s.min_participants, sum(1 for on in self._round_online.values() if on))
+        waited = time.monotonic() - self._round_started
+        if len(self.buffer) >= target or (waited >= s.round_deadline_s and len(self.buffer) >= s.min_participants):
+            log.info("round %d closes with %d updates after %.0fs (target %d)", self.version, len(self.buffer), waited, target)
+            with self.store.batch():
+                self._aggregate_buffer()
+            for version, state, frame in self._new_versions:
+                self._publish_global(frame, state=state, version=version)
+            self._new_versions = []
+
+    def _commit_step(self, step: dict[str, np.ndarray], entries: list[LedgerEntry]) -> None:
+        """Send the global step through the downlink codec, apply exactly what is sent, commit."""
+        # The global step goes out compressed, with the coordinator's own error feedback, and
+        # the coordinator applies exactly what it sends: devices that apply the same frame
+        # hold bit-identical state, version after version.
+        down = compress_update(step, self.cfg.downlink, self.downlink, kind=FrameKind.GLOBAL_DELTA)
+        new_state = apply_delta(self.state, down.sent)
+        new_version = self.version + 1
         self.store.commit_version(
-            new_version, new_state, entry, self.cfg.keep_versions, residual=down.feedback.residual, delta_frame=down.frame
+            new_version, new_state, entries, self.cfg.keep_versions, residual=down.feedback.residual, delta_frame=down.frame
         )
         self.state, self.version, self.downlink = new_state, new_version, down.feedback
-        self.counts["accepted"] += 1
+        self.counts["accepted"] += len(entries)
         self.counts["versions"] += 1
-        log.info("v%d from %s (staleness %d, weight %.3f, downlink %d B)", new_version, device, valid.staleness, weight, len(down.frame))
-        self._publish_global(down.frame)
-        self._publish_status("online")
+        self._round_started = time.monotonic()
+        self._round_online = dict(self.online)
+        devices = ",".join(sorted({e.device for e in entries}))
+        log.info("v%d from %d update(s) (%s), downlink %d B", new_version, len(entries), devices, len(down.frame))
+        self._new_versions.append((new_version, new_state, down.frame))
 
-    def _publish_global(self, delta_frame: bytes | None) -> None:
-        """Publish the current version retained: delta, snapshot, then meta (the meta names both)."""
-        snapshot = compress_dense(self.state, FrameKind.SNAPSHOT, self.cfg.snapshot_zstd_level)
+    def _publish_global(self, delta_frame: bytes | None, *, state: dict[str, np.ndarray] | None = None, version: int | None = None) -> None:
+        """Publish a version retained: delta, snapshot, then meta (the meta names both)."""
+        state = self.state if state is None else state
+        version = self.version if version is None else version
+        snapshot = compress_dense(state, FrameKind.SNAPSHOT, self.cfg.snapshot_zstd_level)
         fleet = self.cfg.fleet
         delta_fields: dict[str, object] = {}
-        if delta_frame is not None and self.version > 0:
+        if delta_frame is not None and version > 0:
             delta_fields = {
-                "delta_base_version": self.version - 1,
+                "delta_base_version": version - 1,
                 "delta_sha256": hashlib.sha256(delta_frame).hexdigest(),
                 "delta_bytes": len(delta_frame),
             }
             self.client.publish(protocol.global_delta(fleet), delta_frame, qos=1, retain=True)
         meta = GlobalMeta(
-            version=self.version,
+            version=version,
             snapshot_sha256=hashlib.sha256(snapshot).hexdigest(),
             snapshot_bytes=len(snapshot),
             created=time.time(),
-            state_sha256=state_digest(self.state),
+            state_sha256=state_digest(state),
             model=self.spec.to_dict(),
             **delta_fields,  # type: ignore[arg-type]
         )
@@ -255,7 +367,9 @@ class CoordinatorService:
     def _publish_status(self, state: str) -> None:
         self._last_status = time.monotonic()
         counts = dict(self.counts) if state == "online" else {}
-        payload = {"state": state, "version": self.version, "ts": time.time(), **counts}
+        payload: dict[str, object] = {"state": state, "version": self.version, "ts": time.time(), **counts}
+        if state == "online":
+            payload.update(strategy=self.cfg.strategy.kind, buffered=len(self.buffer), rejections=dict(self.rejections))
         info = self.client.publish(protocol.coordinator_status(self.cfg.fleet), json.dumps(payload).encode(), qos=1, retain=True)
         if state == "offline" and self.connected.is_set():
             info.wait_for_publish(timeout=2.0)

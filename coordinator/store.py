@@ -5,12 +5,17 @@ Commit protocol for a new version ``N``:
 1. write ``versions/vN.safetensors`` atomically (temp file, fsync, rename, fsync dir): the
    global state and the downlink error-feedback residual, together;
 2. in one SQLite transaction insert the version row (with the published delta frame) and
-   the ledger row of the update;
-3. only then acknowledge the update to the broker.
+   the ledger rows of the updates it aggregates (moving them out of the buffer);
+3. only then acknowledge the updates to the broker.
+
+Updates that wait for aggregation (FedBuff, FedAvg rounds) are first written to the
+``buffer`` table, frame included, and acknowledged after that commit; a restart reloads
+the buffer. The service groups the messages it finds queued into one transaction
+(:meth:`Store.batch`), so that one fsync covers many updates.
 
 The SQLite commit is the commit point. A crash before it leaves an orphan file that the
 next start ignores and overwrites; a crash after it but before the acknowledgement makes
-the broker redeliver, and the ledger recognises the update id as a duplicate.
+the broker redeliver, and the ledger or the buffer recognises the update id as a duplicate.
 """
 
 from __future__ import annotations
@@ -57,6 +62,18 @@ CREATE TABLE IF NOT EXISTS ledger (
     bytes INTEGER NOT NULL,
     train_loss REAL,
     received REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS buffer (
+    update_id TEXT PRIMARY KEY,
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    base_version INTEGER NOT NULL,
+    staleness INTEGER NOT NULL,
+    num_samples INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    train_loss REAL,
+    received REAL NOT NULL,
+    frame BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -113,6 +130,14 @@ class LedgerEntry:
     train_loss: float | None
 
 
+@dataclass(frozen=True)
+class BufferedUpdate:
+    """An accepted update waiting for aggregation, as stored (frame and all)."""
+
+    entry: LedgerEntry
+    frame: bytes
+
+
 class Store:
     """The coordinator's state directory: ``coordinator.db`` and ``versions/``."""
 
@@ -134,6 +159,7 @@ class Store:
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
         self.db.row_factory = sqlite3.Row
+        self._batch_depth = 0
 
     def close(self) -> None:
         self.db.close()
@@ -174,13 +200,17 @@ class Store:
         self,
         version: int,
         state: dict[str, np.ndarray],
-        entry: LedgerEntry | None,
+        entry: LedgerEntry | list[LedgerEntry] | None,
         keep: int,
         *,
         residual: dict[str, np.ndarray] | None = None,
         delta_frame: bytes | None = None,
     ) -> None:
-        """Durably record ``version`` (and the update that made it). Returns after the commit point."""
+        """Durably record ``version`` and the updates that made it (taken out of the buffer).
+
+        Inside :meth:`batch` the rows join the batch's transaction, whose commit is then
+        the commit point."""
+        entries = [] if entry is None else [entry] if isinstance(entry, LedgerEntry) else list(entry)
         tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
         tensors.update({RESIDUAL_PREFIX + k: np.ascontiguousarray(v, dtype=np.float32) for k, v in (residual or {}).items()})
         data = save(dict(sorted(tensors.items())))
@@ -189,9 +219,10 @@ class Store:
         with self._tx():
             self.db.execute(
                 "INSERT INTO versions(version, created, sha256, update_id, delta_frame) VALUES (?,?,?,?,?)",
-                (version, now, hashlib.sha256(data).hexdigest(), entry.update_id if entry else None, delta_frame),
+                (version, now, hashlib.sha256(data).hexdigest(), entries[-1].update_id if entries else None, delta_frame),
             )
-            if entry is not None:
+            for entry in entries:
+                self.db.execute("DELETE FROM buffer WHERE update_id=?", (entry.update_id,))
                 self.db.execute(
                     "INSERT INTO ledger VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (
@@ -227,12 +258,65 @@ class Store:
                 path.unlink(missing_ok=True)  # older than the window, or an orphan of a crash
 
     def _tx(self) -> _Transaction:
-        return _Transaction(self.db)
+        return _Transaction(self)
+
+    def batch(self) -> _Transaction:
+        """One transaction around many writes (group commit); writes inside it join it."""
+        return _Transaction(self)
 
     # -- ledger and registry ---------------------------------------------------------
 
     def is_applied(self, update_id: str) -> bool:
-        return self.db.execute("SELECT 1 FROM ledger WHERE update_id=?", (update_id,)).fetchone() is not None
+        """Whether the update is in the ledger or waiting in the buffer (a redelivery is a duplicate)."""
+        if self.db.execute("SELECT 1 FROM ledger WHERE update_id=?", (update_id,)).fetchone() is not None:
+            return True
+        return self.db.execute("SELECT 1 FROM buffer WHERE update_id=?", (update_id,)).fetchone() is not None
+
+    def add_to_buffer(self, entry: LedgerEntry, frame: bytes) -> None:
+        """Durably keep an accepted update until its aggregation."""
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO buffer VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    entry.update_id,
+                    entry.device,
+                    entry.seq,
+                    entry.base_version,
+                    entry.staleness,
+                    entry.num_samples,
+                    entry.size,
+                    entry.train_loss,
+                    time.time(),
+                    frame,
+                ),
+            )
+
+    def buffered(self) -> list[BufferedUpdate]:
+        """The buffer, oldest first."""
+        out = []
+        for r in self.db.execute("SELECT * FROM buffer ORDER BY received, rowid"):
+            entry = LedgerEntry(
+                update_id=r["update_id"],
+                device=r["device"],
+                seq=r["seq"],
+                base_version=r["base_version"],
+                staleness=r["staleness"],
+                weight=0.0,
+                num_samples=r["num_samples"],
+                size=r["bytes"],
+                train_loss=r["train_loss"],
+            )
+            out.append(BufferedUpdate(entry, bytes(r["frame"])))
+        return out
+
+    def drop_buffer(self, reason: str) -> int:
+        """Empty the buffer, recording each update as rejected with ``reason`` (e.g. a closed FedAvg round)."""
+        rows = self.db.execute("SELECT update_id, device FROM buffer").fetchall()
+        with self._tx():
+            for r in rows:
+                self.record_rejection(r["device"], reason, f"update {r['update_id']} dropped from the buffer")
+            self.db.execute("DELETE FROM buffer")
+        return len(rows)
 
     def record_rejection(self, device: str | None, reason: str, detail: str) -> None:
         now = time.time()
@@ -288,11 +372,17 @@ class Store:
 
 
 class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+    """``BEGIN IMMEDIATE`` .. ``COMMIT``; nested uses join the outermost transaction."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        if self.store._batch_depth == 0:
+            self.store.db.execute("BEGIN IMMEDIATE")
+        self.store._batch_depth += 1
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        self.store._batch_depth -= 1
+        if self.store._batch_depth == 0:
+            self.store.db.execute("COMMIT" if exc_type is None else "ROLLBACK")

@@ -1,18 +1,28 @@
 """Aggregation maths as pure functions over numpy arrays.
 
-FedAsync (Xie et al., 2019): on each update from a device that trained on version
-``base``, with staleness ``tau = current - base``::
+Every update ``i`` carries ``delta_i = local_i - x_{base_i}``, its sample count ``n_i``
+and its staleness ``tau_i = current - base_i``. Three strategies:
 
-    x_{t+1} = x_t + alpha * s(tau) * delta
+- **FedAsync** (Xie et al., 2019): each update is applied on arrival,
+  ``x <- x + alpha * s(tau_i) * delta_i``.
+- **FedBuff** (Nguyen et al., 2022): updates wait in a buffer of ``K``; when it is full,
+  ``x <- x + eta_g * sum_i p_i * s(tau_i) * delta_i``.
+- **FedAvg** (McMahan et al., 2017), synchronous rounds: every update of a round has the
+  same base (``tau = 0``), ``x <- x + eta_g * sum_i p_i * delta_i``.
 
-where ``delta = local - x_base`` and ``s`` is a staleness weight. ``s(tau) = (1 + tau)^-a``
-is the polynomial weight; ``constant`` and ``hinge`` are the other two from the paper.
-Aggregation is per tensor: an update changes only the tensors it carries.
+``p_i`` is ``n_i / sum_j n_j`` with sample weighting (``weight_by_samples``), else
+``1 / K``. Aggregation is per tensor: the sums and the sample normalisation run over the
+updates that carry the tensor, so a mixed fleet (LoRA and embedding devices) moves each
+tensor by its own contributors only, and a tensor no update carries does not move.
+
+``s(tau)`` is the staleness weight: ``constant`` (1), ``polynomial`` ``(1 + tau)^-a``, or
+``hinge`` (1 up to ``b``, then ``1 / (a (tau - b) + 1)``). Updates staler than
+``max_staleness`` are rejected before they reach these functions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,29 +30,69 @@ import numpy as np
 
 
 @dataclass(frozen=True)
-class FedAsyncConfig:
-    """FedAsync parameters."""
+class StrategyConfig:
+    """How the coordinator aggregates (``[strategy]`` in its config)."""
 
+    kind: Literal["fedasync", "fedbuff", "fedavg"] = "fedasync"
     alpha: float = 0.6
-    """Mixing rate: how much of one fresh update enters the global model."""
+    """FedAsync mixing rate: how much of one fresh update enters the global model."""
     staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
     a: float = 0.5
     """Exponent of the polynomial weight, or slope of the hinge."""
     b: int = 4
     """Hinge: staleness up to ``b`` has full weight."""
     max_staleness: int = 64
-    """Updates staler than this are rejected."""
+    """Updates staler than this are rejected (``too_stale``); FedAvg uses 0."""
+    buffer_size: int = 10
+    """FedBuff: updates per aggregation (K)."""
+    server_lr: float = 1.0
+    """FedBuff and FedAvg: server learning rate (eta_g)."""
+    weight_by_samples: bool = True
+    """Weight updates by their sample counts (else equally)."""
+    round_deadline_s: float = 120.0
+    """FedAvg: a round closes at this deadline if ``min_participants`` have reported."""
+    min_participants: int = 2
+    """FedAvg: updates needed to close a round (it waits past the deadline for them)."""
+    round_participants: int = 0
+    """FedAvg: close a round as soon as this many updates arrived (0 = the devices online at its start)."""
 
     def __post_init__(self) -> None:
+        if self.kind not in ("fedasync", "fedbuff", "fedavg"):
+            raise ValueError(f"strategy.kind must be fedasync, fedbuff or fedavg, got {self.kind!r}")
+        if self.staleness not in ("constant", "polynomial", "hinge"):
+            raise ValueError(f"strategy.staleness must be constant, polynomial or hinge, got {self.staleness!r}")
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"strategy.alpha must be in (0, 1], got {self.alpha}")
         if self.a < 0:
             raise ValueError(f"strategy.a must be non-negative, got {self.a}")
         if self.b < 0 or self.max_staleness < 0:
             raise ValueError("strategy.b and strategy.max_staleness must be non-negative")
+        if not 1 <= self.buffer_size <= 10_000:
+            raise ValueError(f"strategy.buffer_size must be in 1..10000, got {self.buffer_size}")
+        if not 0.0 < self.server_lr <= 10.0:
+            raise ValueError(f"strategy.server_lr must be in (0, 10], got {self.server_lr}")
+        if self.round_deadline_s <= 0 or self.min_participants < 1 or self.round_participants < 0:
+            raise ValueError("strategy.round_deadline_s and strategy.min_participants must be positive")
+
+    @property
+    def effective_max_staleness(self) -> int:
+        return 0 if self.kind == "fedavg" else self.max_staleness
 
 
-def staleness_weight(tau: int, cfg: FedAsyncConfig) -> float:
+FedAsyncConfig = StrategyConfig
+"""The name under which earlier code knew the strategy settings."""
+
+
+@dataclass(frozen=True)
+class WeightedUpdate:
+    """What aggregation needs of one accepted update."""
+
+    delta: Mapping[str, np.ndarray]
+    num_samples: int
+    staleness: int
+
+
+def staleness_weight(tau: int, cfg: StrategyConfig) -> float:
     """``s(tau)``: 1 for a fresh update, decreasing with staleness."""
     if tau < 0:
         raise ValueError(f"staleness must be non-negative, got {tau}")
@@ -63,3 +113,42 @@ def fedasync_step(delta: Mapping[str, np.ndarray], weight: float) -> dict[str, n
     """
     w = np.float32(weight)
     return {name: (w * np.asarray(d, dtype=np.float32)).astype(np.float32) for name, d in delta.items()}
+
+
+def fedasync_weight(tau: int, cfg: StrategyConfig) -> float:
+    """FedAsync's weight of one update: ``alpha * s(tau)``."""
+    return cfg.alpha * staleness_weight(tau, cfg)
+
+
+def update_weights(updates: Sequence[WeightedUpdate], name: str, cfg: StrategyConfig, stale: bool = True) -> list[tuple[int, float]]:
+    """``(index, weight)`` of each update carrying tensor ``name``: ``eta_g * p_i * s(tau_i)``."""
+    carriers = [i for i, u in enumerate(updates) if name in u.delta]
+    if not carriers:
+        return []
+    if cfg.weight_by_samples:
+        total = float(sum(max(updates[i].num_samples, 0) for i in carriers))
+        shares = [max(updates[i].num_samples, 0) / total if total > 0 else 1.0 / len(carriers) for i in carriers]
+    else:
+        shares = [1.0 / len(carriers)] * len(carriers)
+    out = []
+    for i, p in zip(carriers, shares, strict=True):
+        s = staleness_weight(updates[i].staleness, cfg) if stale else 1.0
+        out.append((i, cfg.server_lr * p * s))
+    return out
+
+
+def buffered_step(updates: Sequence[WeightedUpdate], cfg: StrategyConfig) -> dict[str, np.ndarray]:
+    """The global step of a full FedBuff buffer (or, with ``kind == "fedavg"``, of a round)."""
+    if not updates:
+        raise ValueError("cannot aggregate an empty buffer")
+    names = sorted({n for u in updates for n in u.delta})
+    stale = cfg.kind != "fedavg"
+    step: dict[str, np.ndarray] = {}
+    for name in names:
+        acc: np.ndarray | None = None
+        for i, w in update_weights(updates, name, cfg, stale):
+            term = np.float32(w) * np.asarray(updates[i].delta[name], dtype=np.float32)
+            acc = term if acc is None else acc + term
+        assert acc is not None
+        step[name] = acc.astype(np.float32)
+    return step

@@ -3,7 +3,7 @@
 Each failure raises :class:`~coordinator.errors.Rejection` with a stable reason code:
 ``malformed``, ``malformed_frame``, ``bad_checksum``, ``too_large``, ``non_finite``,
 ``device_mismatch``, ``unknown_device``, ``duplicate``, ``future_version``, ``too_stale``,
-``shape_mismatch``, ``norm_bound``.
+``shape_mismatch``, ``norm_bound``. The service adds ``rate_limited`` (it needs a clock).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from compression import CodecError, FrameKind, FrameLimits, decode_frame, protocol
 from compression.protocol import UpdateHeader
 from coordinator.errors import Rejection
-from coordinator.strategy import FedAsyncConfig
+from coordinator.strategy import StrategyConfig
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class ValidUpdate:
     delta: dict[str, np.ndarray]
     staleness: int
     size: int
+    frame: bytes
 
 
 def validate_update(
@@ -33,7 +34,7 @@ def validate_update(
     *,
     shapes: Mapping[str, tuple[int, ...]],
     current_version: int,
-    strategy: FedAsyncConfig,
+    strategy: StrategyConfig,
     max_update_bytes: int,
     max_update_norm: float,
     is_known_device: Callable[[str], bool],
@@ -56,8 +57,9 @@ def validate_update(
     if header.base_version > current_version:
         raise Rejection("future_version", f"base version {header.base_version} is newer than the current {current_version}")
     tau = current_version - header.base_version
-    if tau > strategy.max_staleness:
-        raise Rejection("too_stale", f"staleness {tau} exceeds max_staleness {strategy.max_staleness}")
+    if tau > strategy.effective_max_staleness:
+        limit = "a synchronous round takes only updates on its own version" if strategy.kind == "fedavg" else "max_staleness"
+        raise Rejection("too_stale", f"staleness {tau} exceeds {strategy.effective_max_staleness} ({limit})")
     if not frame.tensors:
         raise Rejection("malformed_frame", "update carries no tensors")
     delta: dict[str, np.ndarray] = {}
@@ -72,4 +74,4 @@ def validate_update(
         norm = float(np.sqrt(sum(float(np.square(d, dtype=np.float64).sum()) for d in delta.values())))
         if norm > max_update_norm:
             raise Rejection("norm_bound", f"update norm {norm:.4g} exceeds {max_update_norm:.4g}")
-    return ValidUpdate(header=header, delta=delta, staleness=tau, size=len(payload))
+    return ValidUpdate(header=header, delta=delta, staleness=tau, size=len(payload), frame=frame_bytes)

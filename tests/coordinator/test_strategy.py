@@ -1,9 +1,17 @@
-"""FedAsync staleness weights and application, against hand-computed values."""
+"""FedAsync, FedBuff and FedAvg, against hand-computed values."""
 
 import numpy as np
 import pytest
 
-from coordinator.strategy import FedAsyncConfig, fedasync_step, staleness_weight
+from coordinator.strategy import (
+    FedAsyncConfig,
+    StrategyConfig,
+    WeightedUpdate,
+    buffered_step,
+    fedasync_step,
+    fedasync_weight,
+    staleness_weight,
+)
 
 
 @pytest.mark.parametrize("tau, expected", [(0, 1.0), (1, 2**-0.5), (3, 0.5), (8, 1 / 3)])
@@ -34,3 +42,63 @@ def test_fedasync_step_scales_only_the_carried_tensors() -> None:
 def test_config_names_bad_values() -> None:
     with pytest.raises(ValueError, match="alpha"):
         FedAsyncConfig(alpha=0.0)
+
+
+def _u(n: int, tau: int, **tensors: list[float]) -> WeightedUpdate:
+    return WeightedUpdate({k: np.array(v, np.float32) for k, v in tensors.items()}, n, tau)
+
+
+def test_fedasync_weight_is_alpha_times_staleness_weight() -> None:
+    cfg = StrategyConfig(alpha=0.5, staleness="polynomial", a=1.0)
+    assert fedasync_weight(0, cfg) == pytest.approx(0.5)
+    assert fedasync_weight(3, cfg) == pytest.approx(0.5 / 4)
+
+
+def test_fedbuff_weights_by_samples_and_staleness() -> None:
+    # Hand-computed: p = (1/4, 3/4); s(tau) with a=1: s(0)=1, s(1)=1/2; eta_g = 2.
+    # step = 2 * (1/4 * 1 * [4, 8] + 3/4 * 1/2 * [8, 0]) = 2 * ([1, 2] + [3, 0]) = [8, 4]
+    cfg = StrategyConfig(kind="fedbuff", staleness="polynomial", a=1.0, server_lr=2.0, buffer_size=2)
+    step = buffered_step([_u(1, 0, w=[4, 8]), _u(3, 1, w=[8, 0])], cfg)
+    np.testing.assert_allclose(step["w"], [8.0, 4.0])
+    assert step["w"].dtype == np.float32
+
+
+def test_fedbuff_without_sample_weighting_averages_equally() -> None:
+    cfg = StrategyConfig(kind="fedbuff", staleness="constant", weight_by_samples=False, server_lr=1.0)
+    step = buffered_step([_u(1, 0, w=[3.0]), _u(99, 5, w=[1.0])], cfg)
+    np.testing.assert_allclose(step["w"], [2.0])
+
+
+def test_fedavg_ignores_staleness_and_weights_by_samples() -> None:
+    cfg = StrategyConfig(kind="fedavg", staleness="polynomial", a=1.0, server_lr=1.0)
+    step = buffered_step([_u(2, 0, w=[1.0, 0.0]), _u(6, 0, w=[5.0, 4.0])], cfg)
+    np.testing.assert_allclose(step["w"], [0.25 * 1 + 0.75 * 5, 0.75 * 4])
+    assert cfg.effective_max_staleness == 0
+
+
+def test_mixed_fleets_aggregate_each_tensor_over_its_own_contributors() -> None:
+    # The LoRA device carries 'lora'; the embedding device carries 'table'. Each tensor's
+    # sample shares are normalised over the updates that carry it, so neither is diluted.
+    cfg = StrategyConfig(kind="fedbuff", staleness="constant", server_lr=1.0)
+    step = buffered_step([_u(4, 0, lora=[2.0]), _u(1, 0, table=[6.0]), _u(4, 0, lora=[4.0])], cfg)
+    np.testing.assert_allclose(step["lora"], [3.0])
+    np.testing.assert_allclose(step["table"], [6.0])
+
+
+def test_an_empty_buffer_is_an_error() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        buffered_step([], StrategyConfig(kind="fedbuff"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"kind": "fedprox"}, "kind"),
+        ({"buffer_size": 0}, "buffer_size"),
+        ({"server_lr": 0.0}, "server_lr"),
+        ({"staleness": "x"}, "staleness"),
+    ],
+)
+def test_strategy_config_names_the_bad_key(kwargs: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        StrategyConfig(**kwargs)
