@@ -297,9 +297,9 @@ class CoordinatorService:
         for name in names:
             for i, w in update_weights(updates, name, self.cfg.strategy, stale=self.cfg.strategy.kind != "fedavg"):
                 weights[i] = max(weights.get(i, 0.0), w)
-        entries = [
-            replace(b.entry, staleness=u.staleness, weight=weights.get(i, 0.0)) for i, (b, u) in enumerate(zip(self.buffer, updates, strict=True))
-        ]
+        entries = []
+        for i, (b, u) in enumerate(zip(self.buffer, updates, strict=True)):
+            entries.append(replace(b.entry, staleness=u.staleness, weight=weights.get(i, 0.0)))
         self._commit_step(step, entries)
         self.buffer = []
 
