@@ -1,0 +1,139 @@
+"""FedBuff, FedAvg rounds, rate limits and the device list, in the running coordinator against Mosquitto."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.store import Store
+from coordinator.strategy import StrategyConfig
+from coordinator.testbed.broker import MosquittoBroker
+from coordinator.testbed.demo import write_toml
+from coordinator.testbed.processes import Child
+from tests.conftest import wait_until
+from tests.integration.conftest import FLEET, DeviceClient, ThreadedCoordinator, coordinator_config
+
+pytestmark = pytest.mark.broker
+
+
+def _rejections(coord: Path) -> dict[str, int]:
+    return Store(coord, readonly=True).rejection_counts()
+
+
+def test_fedbuff_makes_one_version_per_k_updates_weighted_by_samples(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> None:
+    cfg = coordinator_config(broker, tmp_path / "coord", tiny_model)
+    cfg = replace(cfg, strategy=StrategyConfig(kind="fedbuff", buffer_size=3, staleness="constant", server_lr=1.0))
+    a, b = DeviceClient(broker.port, "dev-a"), DeviceClient(broker.port, "dev-b")
+    try:
+        with ThreadedCoordinator(cfg) as service:
+            meta = a.wait_meta(0)
+            v0 = a.global_state(meta)
+            a.publish(a.update_payload(meta, scale=0.01))
+            b.publish(b.update_payload(b.wait_meta(0), scale=0.04))
+            wait_until(lambda: len(service.buffer) == 2, 10, "two buffered updates")
+            assert service.version == 0
+            a.publish(a.update_payload(meta, scale=0.01))
+            a.wait_meta(1)
+            residual = service.downlink.residual
+            v1 = service.state
+    finally:
+        a.close()
+        b.close()
+    # Every update has 4 samples: the step is the mean delta, (0.01 + 0.04 + 0.01) / 3 = 0.02.
+    # What the sparse downlink did not send yet waits in the coordinator's residual.
+    for name in v0:
+        np.testing.assert_allclose(v1[name] - v0[name] + residual[name], 0.02, rtol=1e-4)
+    ledger = list(Store(tmp_path / "coord", readonly=True).ledger())
+    assert [e["applied_version"] for e in ledger] == [1, 1, 1]
+    assert sorted(e["device"] for e in ledger) == ["dev-a", "dev-a", "dev-b"]
+
+
+def test_a_buffered_update_survives_kill_9(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, device_client: DeviceClient) -> None:
+    cfg_path = write_toml(
+        tmp_path / "coordinator.toml",
+        {
+            "fleet": FLEET,
+            "state_dir": "state",
+            "heartbeat_s": 1.0,
+            "broker": {"port": broker.port},
+            "model": {"source": str(tiny_model), "lora_r": 4, "lora_alpha": 8},
+            "strategy": {"kind": "fedbuff", "buffer_size": 2},
+        },
+    )
+    child = Child("coordinator", [sys.executable, "-m", "coordinator", "serve", "--config", str(cfg_path)], tmp_path / "coord.log")
+    child.start()
+    try:
+        meta = device_client.wait_meta(0)
+        device_client.publish(device_client.update_payload(meta))
+        wait_until(lambda: len(Store(tmp_path / "state", readonly=True).buffered()) == 1, 15, "the update in the durable buffer")
+        os.kill(child.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        child.proc.wait(10)  # type: ignore[union-attr]
+        child.start()
+        device_client.publish(device_client.update_payload(meta))
+        assert device_client.wait_meta(1).version == 1
+    finally:
+        child.stop()
+    ledger = list(Store(tmp_path / "state", readonly=True).ledger())
+    assert len(ledger) == 2 and {e["applied_version"] for e in ledger} == {1}
+
+
+def test_fedavg_round_waits_for_its_participants_and_refuses_stragglers(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> None:
+    cfg = coordinator_config(broker, tmp_path / "coord", tiny_model)
+    cfg = replace(cfg, strategy=StrategyConfig(kind="fedavg", round_participants=2, min_participants=2, round_deadline_s=60))
+    a, b = DeviceClient(broker.port, "dev-a"), DeviceClient(broker.port, "dev-b")
+    try:
+        with ThreadedCoordinator(cfg) as service:
+            meta0 = a.wait_meta(0)
+            late = b.update_payload(b.wait_meta(0))
+            a.publish(a.update_payload(meta0))
+            time.sleep(1.0)
+            assert service.version == 0  # one of two participants
+            b.publish(b.update_payload(meta0))
+            a.wait_meta(1)
+            b.publish(late)  # trained on version 0, arrives in round 1
+            wait_until(lambda: _rejections(tmp_path / "coord").get("too_stale") == 1, 10, "the straggler's rejection")
+            assert service.version == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def test_fedavg_round_closes_at_the_deadline_with_the_minimum(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> None:
+    cfg = coordinator_config(broker, tmp_path / "coord", tiny_model)
+    cfg = replace(cfg, strategy=StrategyConfig(kind="fedavg", round_participants=5, min_participants=1, round_deadline_s=1.5))
+    a = DeviceClient(broker.port, "dev-a")
+    try:
+        with ThreadedCoordinator(cfg) as service:
+            meta0 = a.wait_meta(0)
+            a.publish(a.update_payload(meta0))
+            t0 = time.monotonic()
+            a.wait_meta(1)
+            assert time.monotonic() - t0 >= 1.0 and service.version == 1
+    finally:
+        a.close()
+
+
+def test_rate_limit_and_device_list(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> None:
+    cfg = coordinator_config(broker, tmp_path / "coord", tiny_model)
+    limits = replace(cfg.limits, allow_unknown_devices=False, devices=("dev-a",), max_updates_per_minute=1.0, rate_burst=1)
+    cfg = replace(cfg, limits=limits)
+    a, intruder = DeviceClient(broker.port, "dev-a"), DeviceClient(broker.port, "intruder")
+    try:
+        with ThreadedCoordinator(cfg) as service:
+            meta = a.wait_meta(0)
+            a.publish(a.update_payload(meta))
+            a.publish(a.update_payload(meta))  # within the same minute
+            intruder.publish(intruder.update_payload(intruder.wait_meta(0)))
+            wait_until(lambda: sum(_rejections(tmp_path / "coord").values()) == 2, 10, "two rejections")
+            assert _rejections(tmp_path / "coord") == {"rate_limited": 1, "unknown_device": 1}
+            assert service.version == 1
+    finally:
+        a.close()
+        intruder.close()
