@@ -98,12 +98,18 @@ class CoordinatorConfig:
     """Snapshot files kept on disk; older versions keep their ledger rows."""
     snapshot_zstd_level: int = 3
     heartbeat_s: float = 10.0
+    metrics_port: int = 0
+    """Port of the Prometheus ``/metrics`` endpoint (0 = off)."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics endpoint binds to."""
 
     def __post_init__(self) -> None:
         try:
             check_id(self.fleet, "fleet")
         except ProtocolError as exc:
             raise ConfigError(str(exc)) from None
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.keep_versions < 2:
             raise ConfigError(f"keep_versions must be at least 2, got {self.keep_versions}")
 

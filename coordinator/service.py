@@ -39,6 +39,7 @@ from compression.protocol import DeviceStatus, GlobalMeta, TrainableSpec
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import BrokerError, Rejection, StoreError
 from coordinator.initial import initial_state
+from coordinator.metrics import Metrics
 from coordinator.ratelimit import RateLimiter
 from coordinator.store import BufferedUpdate, LedgerEntry, Store
 from coordinator.strategy import WeightedUpdate, buffered_step, fedasync_step, fedasync_weight, update_weights
@@ -56,6 +57,7 @@ class _Message:
     payload: bytes
     mid: int
     qos: int
+    received: float = 0.0
 
 
 class CoordinatorService:
@@ -78,6 +80,10 @@ class CoordinatorService:
         self.staleness_seen: collections.deque[int] = collections.deque(maxlen=4096)
         limits = cfg.limits
         self.rate = RateLimiter(limits.max_updates_per_minute, limits.rate_burst)
+        self.metrics = Metrics(cfg.fleet)
+        self.metrics.version.set(self.version)
+        self.metrics.buffered.set(len(self.buffer))
+        self.metrics_port: int | None = None
         self.inbox: queue.Queue[_Message | str] = queue.Queue()
         self.stop_event = threading.Event()
         self.connected = threading.Event()
@@ -135,7 +141,7 @@ class CoordinatorService:
         log.warning("disconnected from the broker (%s); reconnecting", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        self.inbox.put(_Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos))
+        self.inbox.put(_Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos, time.monotonic()))
 
     def _ack(self, msg: _Message) -> None:
         if msg.qos > 0:
@@ -158,6 +164,8 @@ class CoordinatorService:
         except OSError as exc:
             raise BrokerError(f"cannot connect to the broker at {b.host}:{b.port}: {exc}") from None
         self.client.loop_start()
+        if self.cfg.metrics_port:
+            self.metrics_port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
         try:
             while not self.stop_event.is_set():
                 try:
@@ -182,6 +190,7 @@ class CoordinatorService:
             self._publish_status("offline")
             self.client.disconnect()
             self.client.loop_stop()
+            self.metrics.close()
             self.store.close()
 
     def _process(self, messages: list[_Message]) -> None:
@@ -196,8 +205,14 @@ class CoordinatorService:
                 self._handle(msg)
         for _version, state, frame in self._new_versions:
             self._publish_global(frame, state=state, version=_version)
+        now = time.monotonic()
         for msg in messages:
             self._ack(msg)
+            if msg.topic.endswith("/update"):
+                self.metrics.latency.observe(now - msg.received)
+        self.metrics.version.set(self.version)
+        self.metrics.buffered.set(len(self.buffer))
+        self.metrics.devices_online.set(sum(1 for on in self.online.values() if on))
         if self._new_versions or any(m.topic.endswith("/update") for m in messages):
             self._publish_status("online")
         self._new_versions = []
@@ -229,6 +244,7 @@ class CoordinatorService:
         self.store.record_rejection(device, rej.reason, rej.detail)
         self.counts["rejected"] += 1
         self.rejections[rej.reason] = self.rejections.get(rej.reason, 0) + 1
+        self.metrics.reject(rej.reason)
 
     def _is_known(self, device: str) -> bool:
         return self.cfg.limits.allow_unknown_devices or device in self.cfg.limits.devices
@@ -257,7 +273,8 @@ class CoordinatorService:
             self._reject(device, rej)
             return
         self.staleness_seen.append(valid.staleness)
-        self.counts["received"] = self.counts.get("received", 0) + 1
+        self.metrics.accepted.inc()
+        self.metrics.staleness.observe(valid.staleness)
         if self.cfg.strategy.kind == "fedasync":
             weight = fedasync_weight(valid.staleness, self.cfg.strategy)
             self._commit_step(fedasync_step(valid.delta, weight), [self._entry(valid, weight)])
@@ -331,6 +348,7 @@ class CoordinatorService:
         )
         self.state, self.version, self.downlink = new_state, new_version, down.feedback
         self.counts["accepted"] += len(entries)
+        self.metrics.applied.inc(len(entries))
         self.counts["versions"] += 1
         self._round_started = time.monotonic()
         self._round_online = dict(self.online)

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import time
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from coordinator.store import Store
 from coordinator.strategy import StrategyConfig
-from coordinator.testbed.broker import MosquittoBroker
+from coordinator.testbed.broker import MosquittoBroker, free_port
 from coordinator.testbed.demo import write_toml
 from coordinator.testbed.processes import Child
 from tests.conftest import wait_until
@@ -123,7 +124,7 @@ def test_fedavg_round_closes_at_the_deadline_with_the_minimum(tmp_path: Path, br
 def test_rate_limit_and_device_list(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> None:
     cfg = coordinator_config(broker, tmp_path / "coord", tiny_model)
     limits = replace(cfg.limits, allow_unknown_devices=False, devices=("dev-a",), max_updates_per_minute=1.0, rate_burst=1)
-    cfg = replace(cfg, limits=limits)
+    cfg = replace(cfg, limits=limits, metrics_port=free_port())
     a, intruder = DeviceClient(broker.port, "dev-a"), DeviceClient(broker.port, "intruder")
     try:
         with ThreadedCoordinator(cfg) as service:
@@ -134,6 +135,14 @@ def test_rate_limit_and_device_list(tmp_path: Path, broker: MosquittoBroker, tin
             wait_until(lambda: sum(_rejections(tmp_path / "coord").values()) == 2, 10, "two rejections")
             assert _rejections(tmp_path / "coord") == {"rate_limited": 1, "unknown_device": 1}
             assert service.version == 1
+            with urllib.request.urlopen(f"http://127.0.0.1:{cfg.metrics_port}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
     finally:
         a.close()
         intruder.close()
+    assert 'fedge_updates_rejected_total{fleet="test",reason="rate_limited"} 1.0' in text
+    assert 'fedge_updates_rejected_total{fleet="test",reason="unknown_device"} 1.0' in text
+    assert 'fedge_global_version{fleet="test"} 1.0' in text
+    assert 'fedge_updates_applied_total{fleet="test"} 1.0' in text
+    assert 'fedge_update_staleness_bucket{fleet="test",le="0.0"} 1.0' in text
+    assert "fedge_ingest_latency_seconds_count" in text
