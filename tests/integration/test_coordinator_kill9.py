@@ -61,7 +61,8 @@ class LoadGenerator:
         self.version = 0
         self.acked: set[str] = set()
         self.stop = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"load-{uuid.uuid4().hex[:6]}", protocol=MQTTProtocolVersion.MQTTv5)
+        client_id = f"load-{uuid.uuid4().hex[:6]}"
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5)
         self.client.on_connect = lambda c, u, f, r, p: c.subscribe(protocol.global_meta(FLEET), qos=1)
         self.client.on_message = self._on_meta
         self.client.connect("127.0.0.1", port)
