@@ -46,6 +46,10 @@ READABLE_VERSIONS = (1, 2, 3)
 _V1_LAYOUTS = (0, 1)
 _V1_VALUES = (ValueType.FP32, ValueType.FP16, ValueType.INT8)
 _V2_VALUES = (*_V1_VALUES, ValueType.SIGN)
+_LAYOUTS = {1: frozenset(_V1_LAYOUTS), 2: frozenset((0, *IndexCoding)), 3: frozenset((0, *IndexCoding))}
+_VALUES = {1: {int(v): v for v in _V1_VALUES}, 2: {int(v): v for v in _V2_VALUES}, 3: {int(v): v for v in ValueType}}
+_SHAPE_FMT = {n: f"<{n}I" for n in range(1, 9)}
+_F32_MAX = float(np.finfo(np.float32).max)
 _HEADER = struct.Struct("<4sBBHII")
 _CRC = struct.Struct("<I")
 MAX_NAME_BYTES = 255
@@ -173,27 +177,43 @@ def _encode_record(name: str, t: SparseTensor, vtype: ValueType, block: int, cod
     return head + index_bytes + scales + codes
 
 
+_STRUCTS: dict[str, struct.Struct] = {}
+
+
+def _struct(fmt: str) -> struct.Struct:
+    s = _STRUCTS.get(fmt)
+    if s is None:
+        s = _STRUCTS[fmt] = struct.Struct(fmt)
+    return s
+
+
 class _Reader:
-    """A bounds-checked cursor over the decompressed body."""
+    """A bounds-checked cursor over the decompressed body.
+
+    ``what`` names the field in errors; with ``ref`` it reads ``"<what> <ref>"``, formatted
+    only when an error is raised (the decoder runs for every update the coordinator takes).
+    """
 
     def __init__(self, buf: bytes) -> None:
         self.buf = buf
+        self.view = memoryview(buf)
         self.pos = 0
 
-    def take(self, n: int, what: str) -> bytes:
+    def take(self, n: int, what: str, ref: object = None) -> bytes:
         if n < 0 or self.pos + n > len(self.buf):
-            raise FrameError(f"frame truncated while reading {what} ({n} bytes at offset {self.pos})")
+            label = what if ref is None else f"{what} {ref!r}" if isinstance(ref, str) else f"{what} {ref}"
+            raise FrameError(f"frame truncated while reading {label} ({n} bytes at offset {self.pos})")
         out = self.buf[self.pos : self.pos + n]
         self.pos += n
         return out
 
-    def unpack(self, fmt: str, what: str) -> tuple[int, ...]:
-        s = struct.Struct(fmt)
-        return s.unpack(self.take(s.size, what))
+    def unpack(self, fmt: str, what: str, ref: object = None) -> tuple[int, ...]:
+        s = _struct(fmt)
+        return s.unpack(self.take(s.size, what, ref))
 
-    def array(self, dtype: str, count: int, what: str) -> np.ndarray:
+    def array(self, dtype: str, count: int, what: str, ref: object = None) -> np.ndarray:
         itemsize = np.dtype(dtype).itemsize
-        return np.frombuffer(self.take(count * itemsize, what), dtype=dtype, count=count)
+        return np.frombuffer(self.take(count * itemsize, what, ref), dtype=dtype, count=count)
 
 
 def decode_frame(data: bytes, limits: FrameLimits = FrameLimits()) -> Frame:
@@ -248,19 +268,19 @@ def _decode_body(body: bytes, limits: FrameLimits, version: int) -> dict[str, Sp
 
 
 def _decode_record(r: _Reader, i: int, limits: FrameLimits, version: int) -> tuple[str, SparseTensor]:
-    (name_len,) = r.unpack("<H", f"name length of tensor {i}")
+    (name_len,) = r.unpack("<H", "name length of tensor", i)
     if not 1 <= name_len <= MAX_NAME_BYTES:
         raise FrameError(f"tensor {i}: name length {name_len} outside 1..{MAX_NAME_BYTES}")
     try:
-        name = r.take(name_len, f"name of tensor {i}").decode("utf-8")
+        name = r.take(name_len, "name of tensor", i).decode("utf-8")
     except UnicodeDecodeError:
         raise FrameError(f"tensor {i}: name is not valid UTF-8") from None
     if not name.isprintable():
         raise FrameError(f"tensor {i}: name {name!r} has control characters")
-    (ndim,) = r.unpack("<B", f"ndim of {name!r}")
+    (ndim,) = r.unpack("<B", "ndim of", name)
     if not 1 <= ndim <= MAX_NDIM:
         raise FrameError(f"tensor {name!r}: ndim {ndim} outside 1..{MAX_NDIM}")
-    shape = tuple(int(d) for d in r.unpack(f"<{ndim}I", f"shape of {name!r}"))
+    shape = r.unpack(_SHAPE_FMT[ndim], "shape of", name)
     if any(d < 1 for d in shape):
         raise FrameError(f"tensor {name!r}: shape {shape} has an empty dimension")
     numel = 1
@@ -268,12 +288,12 @@ def _decode_record(r: _Reader, i: int, limits: FrameLimits, version: int) -> tup
         numel *= d
     if numel > limits.max_numel:
         raise LimitError(f"tensor {name!r}: {numel} elements, above the limit of {limits.max_numel}")
-    layout, vcode, block, nnz = r.unpack("<BBII", f"encoding of {name!r}")
-    if layout != DENSE and layout not in IndexCoding._value2member_map_ or (version == 1 and layout not in _V1_LAYOUTS):
+    layout, vcode, block, nnz = r.unpack("<BBII", "encoding of", name)
+    if layout not in _LAYOUTS[version]:
         raise FrameError(f"tensor {name!r}: unknown layout {layout} in a version {version} frame")
-    if vcode not in ValueType._value2member_map_ or vcode not in {1: _V1_VALUES, 2: _V2_VALUES}.get(version, tuple(ValueType)):
+    vtype = _VALUES[version].get(vcode)
+    if vtype is None:
         raise FrameError(f"tensor {name!r}: unknown value type {vcode} in a version {version} frame")
-    vtype = ValueType(vcode)
     if vtype.blockwise:
         if not 1 <= block <= MAX_INT8_BLOCK:
             raise FrameError(f"tensor {name!r}: block size {block} outside 1..{MAX_INT8_BLOCK}")
@@ -289,27 +309,28 @@ def _decode_record(r: _Reader, i: int, limits: FrameLimits, version: int) -> tup
         indices = from_gaps(_read_gaps(r, IndexCoding(layout), nnz, name), numel, f"tensor {name!r}")
     scales = None
     if vtype.blockwise:
-        scales = r.array("<f4", -(-nnz // block), f"scales of {name!r}")
-        if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+        scales = r.array("<f4", -(-nnz // block), "scales of", name)
+        # One reduction: NaN fails both comparisons, +inf the upper bound, negatives the lower.
+        if scales.size and not (scales.min() >= 0 and scales.max() <= _F32_MAX):
             raise FrameError(f"tensor {name!r}: scales must be finite and non-negative")
-    codes = r.take(code_bytes(vtype, nnz), f"values of {name!r}")
+    codes = r.take(code_bytes(vtype, nnz), "values of", name)
     values = dequantize_values(codes, nnz, scales, vtype, block)
-    if not np.all(np.isfinite(values)):
+    # A float64 sum of float32 values cannot overflow: it is finite exactly when every value is.
+    if values.size and not np.isfinite(values.sum(dtype=np.float64)):
         raise NonFiniteError(f"tensor {name!r}: values are not all finite")
     return name, SparseTensor(shape=shape, values=values, indices=indices)
 
 
 def _read_gaps(r: _Reader, coding: IndexCoding, nnz: int, name: str) -> np.ndarray:
-    what = f"indices of {name!r}"
     if coding is IndexCoding.U32:
-        return r.array("<u4", nnz, what)
+        return r.array("<u4", nnz, "indices of", name)
     if coding is IndexCoding.BITPACK:
-        (width,) = r.unpack("<B", what)
+        (width,) = r.unpack("<B", "indices of", name)
         if width > 32:
-            raise FrameError(f"{what}: bit width {width} exceeds 32")
+            raise FrameError(f"indices of {name!r}: bit width {width} exceeds 32")
         r.pos -= 1
-        return bitpack_decode(r.take((nnz * width + 7) // 8 + 1, what), nnz, what)
-    (length,) = r.unpack("<I", what)
+        return bitpack_decode(r.take((nnz * width + 7) // 8 + 1, "indices of", name), nnz, f"indices of {name!r}")
+    (length,) = r.unpack("<I", "indices of", name)
     if length > 5 * nnz:
-        raise FrameError(f"{what}: {length} varint bytes for {nnz} indices")
-    return varint_decode(r.take(length, what), nnz, what)
+        raise FrameError(f"indices of {name!r}: {length} varint bytes for {nnz} indices")
+    return varint_decode(r.take(length, "indices of", name), nnz, f"indices of {name!r}")

@@ -35,6 +35,7 @@ from compression import (
     protocol,
     state_digest,
 )
+from compression.frame import SparseTensor
 from compression.protocol import DeviceStatus, GlobalMeta, TrainableSpec
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import BrokerError, Rejection, StoreError
@@ -73,6 +74,8 @@ class CoordinatorService:
         self.counts = self.store.counts()
         self.rejections = self.store.rejection_counts()
         self.buffer = self.store.buffered()  # accepted before a restart, not yet aggregated
+        # Decoded (sparse) tensors of the buffered updates, by update id: decoded once, on arrival.
+        self._decoded: dict[str, dict[str, SparseTensor]] = {b.entry.update_id: dict(decode_frame(b.frame).tensors) for b in self.buffer}
         self.online: dict[str, bool] = {}
         self._round_online: dict[str, bool] = {}
         self._round_started = time.monotonic()
@@ -282,6 +285,7 @@ class CoordinatorService:
         entry = self._entry(valid, 0.0)
         self.store.add_to_buffer(entry, valid.frame)
         self.buffer.append(BufferedUpdate(entry, valid.frame))
+        self._decoded[entry.update_id] = valid.tensors
         if self.cfg.strategy.kind == "fedbuff" and len(self.buffer) >= self.cfg.strategy.buffer_size:
             self._aggregate_buffer()
         elif self.cfg.strategy.kind == "fedavg":
@@ -306,8 +310,8 @@ class CoordinatorService:
         """FedBuff (or a FedAvg round): one version from every buffered update."""
         updates = []
         for b in self.buffer:
-            delta = decode_frame(b.frame).dense()
-            updates.append(WeightedUpdate(delta, b.entry.num_samples, self.version - b.entry.base_version))
+            tensors = self._decoded.pop(b.entry.update_id, None) or dict(decode_frame(b.frame).tensors)
+            updates.append(WeightedUpdate(tensors, b.entry.num_samples, self.version - b.entry.base_version))
         step = buffered_step(updates, self.cfg.strategy)
         names = sorted({n for u in updates for n in u.delta})
         weights: dict[int, float] = {}

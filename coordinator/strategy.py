@@ -28,6 +28,8 @@ from typing import Literal
 
 import numpy as np
 
+from compression.frame import SparseTensor
+
 
 @dataclass(frozen=True)
 class StrategyConfig:
@@ -85,9 +87,10 @@ FedAsyncConfig = StrategyConfig
 
 @dataclass(frozen=True)
 class WeightedUpdate:
-    """What aggregation needs of one accepted update."""
+    """What aggregation needs of one accepted update. A delta tensor is a dense array or a
+    :class:`~compression.frame.SparseTensor` (as decoded from the wire: no dense copy)."""
 
-    delta: Mapping[str, np.ndarray]
+    delta: Mapping[str, np.ndarray | SparseTensor]
     num_samples: int
     staleness: int
 
@@ -147,8 +150,16 @@ def buffered_step(updates: Sequence[WeightedUpdate], cfg: StrategyConfig) -> dic
     for name in names:
         acc: np.ndarray | None = None
         for i, w in update_weights(updates, name, cfg, stale):
-            term = np.float32(w) * np.asarray(updates[i].delta[name], dtype=np.float32)
-            acc = term if acc is None else acc + term
+            d = updates[i].delta[name]
+            if acc is None:
+                acc = np.zeros(d.shape, dtype=np.float32)
+            if isinstance(d, SparseTensor):
+                if d.indices is None:
+                    acc += np.float32(w) * d.values.reshape(d.shape)
+                else:
+                    acc.reshape(-1)[d.indices] += np.float32(w) * d.values
+            else:
+                acc += np.float32(w) * np.asarray(d, dtype=np.float32)
         assert acc is not None
-        step[name] = acc.astype(np.float32)
+        step[name] = acc
     return step

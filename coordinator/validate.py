@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from compression import CodecError, FrameKind, FrameLimits, decode_frame, protocol
+from compression.frame import SparseTensor
 from compression.protocol import UpdateHeader
 from coordinator.errors import Rejection
 from coordinator.strategy import StrategyConfig
@@ -22,10 +23,16 @@ from coordinator.strategy import StrategyConfig
 @dataclass(frozen=True)
 class ValidUpdate:
     header: UpdateHeader
-    delta: dict[str, np.ndarray]
+    tensors: dict[str, SparseTensor]
+    """The decoded update, sparse as it came (no dense copy of a 1% update)."""
     staleness: int
     size: int
     frame: bytes
+
+    @property
+    def delta(self) -> dict[str, np.ndarray]:
+        """The update as dense float32 arrays."""
+        return {name: t.to_dense() for name, t in self.tensors.items()}
 
 
 def validate_update(
@@ -62,16 +69,15 @@ def validate_update(
         raise Rejection("too_stale", f"staleness {tau} exceeds {strategy.effective_max_staleness} ({limit})")
     if not frame.tensors:
         raise Rejection("malformed_frame", "update carries no tensors")
-    delta: dict[str, np.ndarray] = {}
     for name, t in frame.tensors.items():
         expected = shapes.get(name)
         if expected is None:
             raise Rejection("shape_mismatch", f"tensor {name!r} is not part of the global state")
         if tuple(t.shape) != tuple(expected):
             raise Rejection("shape_mismatch", f"tensor {name!r} has shape {t.shape}, global has {tuple(expected)}")
-        delta[name] = t.to_dense()
     if max_update_norm > 0:
-        norm = float(np.sqrt(sum(float(np.square(d, dtype=np.float64).sum()) for d in delta.values())))
+        # The zeros a sparse update leaves out add nothing to its norm.
+        norm = float(np.sqrt(sum(float(np.square(t.values, dtype=np.float64).sum()) for t in frame.tensors.values())))
         if norm > max_update_norm:
             raise Rejection("norm_bound", f"update norm {norm:.4g} exceeds {max_update_norm:.4g}")
-    return ValidUpdate(header=header, delta=delta, staleness=tau, size=len(payload), frame=frame_bytes)
+    return ValidUpdate(header=header, tensors=dict(frame.tensors), staleness=tau, size=len(payload), frame=frame_bytes)
