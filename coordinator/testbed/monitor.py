@@ -29,7 +29,9 @@ class FleetView:
 
 
 class FleetMonitor:
-    def __init__(self, host: str, port: int, fleet: str, mqtt_protocol: str = "5") -> None:
+    def __init__(
+        self, host: str, port: int, fleet: str, mqtt_protocol: str = "5", *, username: str | None = None, password: str | None = None
+    ) -> None:
         self.fleet = fleet
         self.view = FleetView()
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
@@ -39,6 +41,8 @@ class FleetMonitor:
             client_id=f"monitor-{uuid.uuid4().hex[:8]}",
             protocol=MQTTProtocolVersion.MQTTv5 if mqtt_protocol == "5" else MQTTProtocolVersion.MQTTv311,
         )
+        if username:
+            self.client.username_pw_set(username, password)
         self.client.on_connect = lambda c, u, f, r, p: c.subscribe(
             [(protocol.coordinator_status(fleet), 1), (protocol.all_device_status(fleet), 1)]
         )

@@ -1,0 +1,64 @@
+"""``fedge-coordinator status``: one screen on the coordinator's state, read from its state directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+from coordinator.cli.common import add_state_args, state_dir
+from coordinator.store import Store
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("status", help="version, updates, rejections by reason, buffer, devices, recent rate")
+    add_state_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def collect(path: str) -> dict[str, Any]:
+    store = Store(path, readonly=True)
+    try:
+        now = time.time()
+        version = store.current_version()
+        created = store.db.execute("SELECT created FROM versions WHERE version=?", (version,)).fetchone() if version is not None else None
+        recent = store.db.execute("SELECT COUNT(*) FROM ledger WHERE received >= ?", (now - 300,)).fetchone()[0]
+        devices = store.devices()
+        spec = store.get_meta("spec")
+        counts = store.counts()
+        return {
+            "state_dir": path,
+            "version": version,
+            "last_version_age_s": None if created is None else round(now - float(created["created"]), 1),
+            "accepted": counts["accepted"],
+            "rejected": counts["rejected"],
+            "rejections": store.rejection_counts(),
+            "buffered": len(store.buffered()),
+            "updates_per_min_5m": round(recent / 5.0, 2),
+            "devices": len(devices),
+            "devices_online": sum(1 for d in devices if d["state"] not in ("offline", "unknown")),
+            "spec": json.loads(spec) if spec else None,
+        }
+    finally:
+        store.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    doc = collect(state_dir(args))
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    age = doc["last_version_age_s"]
+    print(f"global version {doc['version']}" + (f" (made {age:.0f}s ago)" if age is not None else ""))
+    rate = doc["updates_per_min_5m"]
+    print(f"updates: {doc['accepted']} applied, {doc['buffered']} buffered, {doc['rejected']} rejected; {rate}/min over 5 min")
+    if doc["rejections"]:
+        print("rejections: " + ", ".join(f"{k} {v}" for k, v in sorted(doc["rejections"].items())))
+    print(f"devices: {doc['devices_online']} online of {doc['devices']}")
+    spec = doc["spec"] or {}
+    if spec:
+        extra = " + embedding table" if spec.get("embedding") else ""
+        print(f"trains: LoRA r={spec.get('r')} alpha={spec.get('alpha')} on {', '.join(spec.get('targets', []))}{extra}")
+    return 0
