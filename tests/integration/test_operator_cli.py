@@ -40,7 +40,8 @@ def test_watch_cmd_status_and_history_on_a_live_fleet(tmp_path: Path, broker: Mo
         try:
             wait_until(lambda: service.version >= 2, 120, "two versions")
             # env -u: the terminal's own size must rule, not a COLUMNS inherited from the test runner.
-            watch = f"env -u COLUMNS -u LINES {sys.executable} -m coordinator watch --port {broker.port} --fleet {FLEET} --refresh 0.5 --duration 60"
+            watch = f"env -u COLUMNS -u LINES {sys.executable} -m coordinator watch --port {broker.port} --fleet {FLEET}"
+            watch += " --refresh 0.5 --duration 60"
             subprocess.run([*tmux, "new-session", "-d", "-x", "200", "-y", "40", "-s", "w", watch], check=True, cwd=Path.cwd())
             screen = ""
             deadline = time.monotonic() + 30
