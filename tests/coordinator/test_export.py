@@ -1,0 +1,66 @@
+"""Export: the adapter loads with PeftModel.from_pretrained; the merged model gives the same logits."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from coordinator.config import ModelSpecConfig
+from coordinator.errors import ConfigError
+from coordinator.export import PROBE, export
+from coordinator.initial import initial_state
+from coordinator.store import Store
+
+
+def _fleet_state(tmp_path: Path, model: Path, embedding: bool = False) -> Path:
+    import json
+
+    spec, v0 = initial_state(ModelSpecConfig(source=str(model), lora_r=4, lora_alpha=8, embedding=embedding))
+    rng = np.random.default_rng(0)
+    trained = {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in v0.items()}
+    store = Store(tmp_path / "coord")
+    store.set_meta("spec", json.dumps(spec.to_dict()))
+    store.commit_version(0, v0, None, keep=5)
+    store.commit_version(1, trained, None, keep=5)
+    store.close()
+    return tmp_path / "coord"
+
+
+def test_adapter_and_merged_model_reproduce_the_global_model(tmp_path: Path, tiny_model: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    state = _fleet_state(tmp_path, tiny_model)
+    report = export(state, tmp_path / "out", str(tiny_model), merged=True)
+    assert report["version"] == 1 and report["merged"]["max_logit_diff"] < 1e-3
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    ids = torch.tensor([tok.encode(PROBE)])
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "out")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "merged"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b = peft_model(input_ids=ids).logits, merged(input_ids=ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(a, plain)  # the adapter does something
+
+
+def test_embedding_fleet_exports_the_table_beside_the_adapter(tmp_path: Path, tiny_model: Path) -> None:
+    state = _fleet_state(tmp_path, tiny_model, embedding=True)
+    export(state, tmp_path / "out", str(tiny_model), merged=True)
+    assert (tmp_path / "out" / "embedding_delta.safetensors").is_file()
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "merged"))
+    assert merged.get_input_embeddings().weight.data_ptr() != merged.get_output_embeddings().weight.data_ptr()
+
+
+def test_export_refuses_a_non_empty_directory(tmp_path: Path, tiny_model: Path) -> None:
+    state = _fleet_state(tmp_path, tiny_model)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("keep me")
+    with pytest.raises(ConfigError, match="not empty"):
+        export(state, tmp_path / "out", str(tiny_model))
+    assert (tmp_path / "out" / "x").read_text() == "keep me"
