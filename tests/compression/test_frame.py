@@ -242,3 +242,40 @@ def test_mutated_bodies_raise_codec_error_only(data: st.DataObject) -> None:
         decode_frame(_reframe(bytes(body), version=valid[4]))
     except CodecError:
         pass
+
+
+@given(
+    st.lists(st.lists(st.integers(0, 3000), unique=True, min_size=1, max_size=200), min_size=1, max_size=6),
+    st.sampled_from([ValueType.INT8, ValueType.INT4]),
+    st.integers(1, 64),
+)
+def test_batched_varint_records_decode_like_single_ones(index_sets: list[list[int]], vtype: ValueType, block: int) -> None:
+    rng = np.random.default_rng(len(index_sets))
+    tensors = {}
+    for k, idx in enumerate(index_sets):
+        indices = np.array(sorted(idx), dtype=np.int64)
+        tensors[f"t{k}"] = SparseTensor((3001,), rng.normal(size=indices.size).astype(np.float32), indices)
+    frame = decode_frame(encode_frame(FrameKind.UPDATE, tensors, values=vtype, int8_block=block, index_coding=IndexCoding.VARINT))
+    assert list(frame.tensors) == list(tensors)
+    for name, t in tensors.items():
+        got = frame.tensors[name]
+        np.testing.assert_array_equal(got.indices, t.indices)
+        # Each value is within half a quantisation step of its block's scale.
+        qmax = 127 if vtype is ValueType.INT8 else 7
+        blocks = [t.values[i : i + block] for i in range(0, t.values.size, block)]
+        bound = np.concatenate([np.full(b.size, np.abs(b).max() / qmax / 2 + 1e-6) for b in blocks])
+        assert np.all(np.abs(got.values - t.values) <= bound)
+
+
+def test_a_bad_record_in_a_batch_is_named() -> None:
+    import zstandard
+
+    tensors = {f"layer{k}": SparseTensor((100,), np.ones(3, np.float32), np.array([1, 5, 9])) for k in range(4)}
+    frame = encode_frame(FrameKind.UPDATE, tensors, values=ValueType.INT8, index_coding=IndexCoding.VARINT)
+    body = bytearray(zstandard.ZstdDecompressor().decompress(frame[16:-4]))
+    # In layer2's record, make the second gap 0 (indices no longer strictly increasing).
+    pos = body.index(b"layer2") + len(b"layer2") + 1 + 4 + 10 + 4
+    assert list(body[pos : pos + 3]) == [1, 4, 4]
+    body[pos + 1] = 0
+    with pytest.raises(FrameError, match="'layer2': indices are not strictly increasing"):
+        decode_frame(_reframe(bytes(body), version=2))
