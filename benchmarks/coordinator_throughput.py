@@ -7,13 +7,16 @@ No training: each simulated device sends envelopes around real frames of the def
 SmolLM2 is absent). The coordinator runs as its own process (``fedge-coordinator serve``),
 exactly as deployed, with FedBuff (K=20) by default.
 
-Measured, for a fleet of 10 devices and then of 1,000:
+Measured, for a fleet of 10 devices and then of 1,000, each sending as fast as the broker
+takes the messages (a flood, the worst case for latency), then for 1,000 devices paced at
+``--paced-rate`` updates/s:
 
 - accepted updates/s end to end: updates durably applied, over the time from the first
   publish to the commit of the last;
 - ingest latency p50/p99: from the coordinator's receipt of an update to its
-  acknowledgement after the durable commit (the ``fedge_ingest_latency_seconds``
-  histogram, interpolated as Prometheus' ``histogram_quantile`` does);
+  acknowledgement after the durable commit, queueing included (the
+  ``fedge_ingest_latency_seconds`` histogram, interpolated as Prometheus'
+  ``histogram_quantile`` does);
 - the coordinator's RSS after each phase.
 """
 
@@ -106,11 +109,17 @@ class Fleet:
             status = protocol.DeviceStatus(state="idle", version=self.version, ts=time.time(), profile="simulated").to_json()
             self.clients[i % len(self.clients)].publish(protocol.device_status(FLEET, d), status, qos=1, retain=True)
 
-    def send(self, devices: list[str], n: int) -> float:
-        """Publish ``n`` updates round-robin over ``devices``; returns the time of the first publish."""
+    def send(self, devices: list[str], n: int, rate: float = 0.0) -> float:
+        """Publish ``n`` updates round-robin over ``devices`` (paced at ``rate``/s, or as fast as
+        the broker takes them); returns the time of the first publish."""
         infos = []
         t_first = time.time()
+        t0 = time.monotonic()
         for i in range(n):
+            if rate > 0:
+                delay = t0 + i / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
             device = devices[i % len(devices)]
             seq = self.seq.get(device, 0) + 1
             self.seq[device] = seq
@@ -153,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--updates", type=int, default=2000, help="updates sent in each phase")
     parser.add_argument("--strategy", choices=["fedbuff", "fedasync"], default="fedbuff")
     parser.add_argument("--buffer-size", type=int, default=20)
+    parser.add_argument("--paced-rate", type=float, default=100.0, help="updates/s of the paced phase (0 = skip it)")
     parser.add_argument("--model", choices=["auto", "smollm2", "tiny"], default="auto")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -208,13 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         fleet = Fleet(broker.port, frames)
         proc = psutil.Process(coordinator.proc.pid)  # type: ignore[union-attr]
         sent_total = 0
-        for n_devices in (10, 1000):
+        plan = [(10, 0.0), (1000, 0.0)] + ([(1000, args.paced_rate)] if args.paced_rate > 0 else [])
+        for n_devices, rate in plan:
             devices = [f"sim-{n_devices}-{i:04d}" for i in range(n_devices)]
             fleet.announce(devices)
             n = args.updates - args.updates % args.buffer_size if args.strategy == "fedbuff" else args.updates
             before = len(_ledger(work / "state"))
             latency_before = scrape_latency(metrics_port)
-            t_first = fleet.send(devices, n)
+            t_first = fleet.send(devices, n, rate)
             sent_total += n
             done_by = time.monotonic() + 300
             ledger = _ledger(work / "state")
@@ -230,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             phases.append(
                 {
                     "devices": n_devices,
+                    "paced_per_s": rate or None,
                     "updates": n,
                     "seconds": t_last - t_first,
                     "updates_per_s": n / (t_last - t_first),
@@ -238,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                     "rss_mb": proc.memory_info().rss / 1e6,
                 }
             )
-            console.print(f"{n_devices} devices: {phases[-1]['updates_per_s']:.0f} updates/s, RSS {phases[-1]['rss_mb']:.0f} MB")
+            load = f"paced at {rate:.0f}/s" if rate else "flood"
+            console.print(f"{n_devices} devices ({load}): {phases[-1]['updates_per_s']:.0f} updates/s, RSS {phases[-1]['rss_mb']:.0f} MB")
     finally:
         if fleet is not None:
             fleet.close()
@@ -248,11 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(
         title=f"coordinator throughput ({args.strategy}, K={args.buffer_size}; {model_name} LoRA frames; one Mosquitto on 127.0.0.1)"
     )
-    for col in ("devices", "updates", "seconds", "updates/s", "ingest p50 ms", "ingest p99 ms", "coordinator RSS MB"):
+    for col in ("devices", "load", "updates", "seconds", "updates/s", "ingest p50 ms", "ingest p99 ms", "coordinator RSS MB"):
         table.add_column(col, justify="right")
     for p in phases:
         table.add_row(
             f"{p['devices']:,}",
+            f"paced {p['paced_per_s']:.0f}/s" if p["paced_per_s"] else "flood",
             f"{p['updates']:,}",
             f"{p['seconds']:.1f}",
             f"{p['updates_per_s']:.0f}",
@@ -261,11 +275,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{p['rss_mb']:.0f}",
         )
     console.print(table)
-    small, large = phases
+    small, large = phases[0], phases[1]
+    paced = phases[2] if len(phases) > 2 else None
     report = {
         "updates_per_s": min(small["updates_per_s"], large["updates_per_s"]),
-        "p50_ms": max(small["p50_ms"], large["p50_ms"]),
-        "p99_ms": max(small["p99_ms"], large["p99_ms"]),
+        # Latency at a sustainable rate when measured; under a flood it is mostly queueing.
+        "p50_ms": (paced or large)["p50_ms"],
+        "p99_ms": (paced or large)["p99_ms"],
+        "flood_p99_ms": max(small["p99_ms"], large["p99_ms"]),
         "rss_mb_10": small["rss_mb"],
         "rss_mb_1000": large["rss_mb"],
         "target_updates_per_s": TARGET_UPDATES_PER_S,
