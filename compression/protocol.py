@@ -270,6 +270,8 @@ class DeviceStatus:
     ts: float | None = None
     profile: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    tier: str | None = None
+    """``lora`` or ``embedding`` (absent from agents older than the embedding tier)."""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
@@ -295,7 +297,10 @@ class DeviceStatus:
                 metrics[str(k)[:64]] = float(v)
             elif v is not None:
                 raise ProtocolError(f"{what}: metric {k!r} must be a finite number, got {v!r}")
-        return cls(state=state, version=version, ts=ts, profile=profile, metrics=metrics)
+        tier = obj.get("tier")
+        if tier is not None and tier not in ("lora", "embedding"):
+            raise ProtocolError(f"{what}: 'tier' must be 'lora' or 'embedding', got {tier!r}")
+        return cls(state=state, version=version, ts=ts, profile=profile, metrics=metrics, tier=tier)
 
 
 def encode_command(command: str) -> bytes:

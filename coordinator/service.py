@@ -240,7 +240,7 @@ class CoordinatorService:
             log.warning("bad status from %s: %s", device, exc)
             return
         self.online[device] = status.state != "offline"
-        self.store.record_status(device, status.state, status.version, status.profile, status.metrics)
+        self.store.record_status(device, status.state, status.version, status.profile, status.metrics, status.tier)
 
     def _reject(self, device: str, rej: Rejection) -> None:
         log.warning("rejected update from %s: %s", device, rej)

@@ -93,7 +93,8 @@ CREATE TABLE IF NOT EXISTS devices (
     bytes_up INTEGER NOT NULL DEFAULT 0,
     last_loss REAL,
     eval_loss REAL,
-    metrics TEXT
+    metrics TEXT,
+    tier TEXT
 );
 """
 
@@ -158,6 +159,9 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
+            columns = {r[1] for r in self.db.execute("PRAGMA table_info(devices)")}
+            if "tier" not in columns:  # a database from before the embedding tier
+                self.db.execute("ALTER TABLE devices ADD COLUMN tier TEXT")
         self.db.row_factory = sqlite3.Row
         self._batch_depth = 0
 
@@ -329,15 +333,18 @@ class Store:
                     (device, now),
                 )
 
-    def record_status(self, device: str, state: str, version: int | None, profile: str | None, metrics: dict[str, float]) -> None:
+    def record_status(
+        self, device: str, state: str, version: int | None, profile: str | None, metrics: dict[str, float], tier: str | None = None
+    ) -> None:
         now = time.time()
         with self._tx():
             self.db.execute(
-                "INSERT INTO devices(device, state, profile, last_seen, version, eval_loss, metrics) VALUES (?,?,?,?,?,?,?) "
+                "INSERT INTO devices(device, state, profile, last_seen, version, eval_loss, metrics, tier) VALUES (?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(device) DO UPDATE SET state=excluded.state, profile=COALESCE(excluded.profile, profile), "
                 "last_seen=excluded.last_seen, version=COALESCE(excluded.version, version), "
-                "eval_loss=COALESCE(excluded.eval_loss, eval_loss), metrics=COALESCE(excluded.metrics, metrics)",
-                (device, state, profile, now, version, metrics.get("eval_loss"), json.dumps(metrics) if metrics else None),
+                "eval_loss=COALESCE(excluded.eval_loss, eval_loss), metrics=COALESCE(excluded.metrics, metrics), "
+                "tier=COALESCE(excluded.tier, tier)",
+                (device, state, profile, now, version, metrics.get("eval_loss"), json.dumps(metrics) if metrics else None, tier),
             )
 
     def devices(self) -> list[dict[str, Any]]:

@@ -380,7 +380,10 @@ class Agent:
             if value is not None:
                 metrics[key] = value
         version = self.global_model.version if self.global_model else None
-        return protocol.DeviceStatus(state=state, version=version, ts=time.time(), profile=self.cfg.profile, metrics=metrics).to_json()
+        status = protocol.DeviceStatus(
+            state=state, version=version, ts=time.time(), profile=self.cfg.profile, metrics=metrics, tier=self.cfg.train.tier
+        )
+        return status.to_json()
 
     def _set_state(self, state: str, force: bool = False) -> None:
         if state == self._state_name and not force:

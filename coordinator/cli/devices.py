@@ -37,6 +37,7 @@ def device_rows(state_dir: str | Path) -> list[dict[str, Any]]:
                     "state": "offline" if d["state"] == "offline" else ("online" if d["state"] != "unknown" else "unknown"),
                     "activity": d["state"],
                     "profile": d["profile"],
+                    "tier": d.get("tier"),
                     "last_seen": d["last_seen"],
                     "base_version": d["version"],
                     "staleness": None if d["version"] is None or current is None else current - d["version"],
@@ -44,6 +45,7 @@ def device_rows(state_dir: str | Path) -> list[dict[str, Any]]:
                     "rejected": d["rejected"],
                     "bytes_up": d["bytes_up"],
                     "last_loss": d["last_loss"],
+                    "train_loss": m.get("train_loss"),
                     "eval_loss": d["eval_loss"],
                     "rss_mb": m.get("rss_mb"),
                 }
@@ -76,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(rows))
         return 0
     table = Table(title=f"devices ({len(rows)})")
-    for col in ("device", "state", "activity", "profile", "last seen", "base v", "accepted", "rejected", "bytes up", "eval loss", "RSS MB"):
-        table.add_column(col, justify="right" if col not in ("device", "state", "activity", "profile") else "left")
+    columns = ("device", "state", "activity", "profile", "tier", "last seen", "base v", "stale", "accepted", "rejected", "bytes up")
+    for col in (*columns, "eval loss", "RSS MB"):
+        table.add_column(col, justify="right" if col not in ("device", "state", "activity", "profile", "tier") else "left")
     for r in rows:
         style = "green" if r["state"] == "online" else "red"
         table.add_row(
@@ -85,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
             f"[{style}]{r['state']}[/]",
             r["activity"],
             r["profile"] or "-",
+            r["tier"] or "-",
             _ago(r["last_seen"]),
             _fmt(r["base_version"]),
+            _fmt(r["staleness"]),
             str(r["accepted"]),
             str(r["rejected"]),
             f"{r['bytes_up']:,}",
