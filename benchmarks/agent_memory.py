@@ -101,6 +101,12 @@ def _child(args: argparse.Namespace) -> int:
     return 0
 
 
+def settings_label(r: dict[str, Any]) -> str:
+    ckpt = "checkpointing" if r["gradient_checkpointing"] else "no checkpointing"
+    loss = f"loss chunk {r['loss_chunk_tokens']}" if r["loss_chunk_tokens"] else "full logits"
+    return f"{'plain: ' if r['plain'] else ''}{ckpt}, {loss}"
+
+
 def _run_child(cli: list[str]) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.agent_memory", "--child", *cli], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(
             r["profile"],
             r["tier"],
-            "plain" if r["plain"] else f"checkpointing, loss chunk {r['loss_chunk_tokens']}",
+            settings_label(r),
             f"{r['batch_size']} × {r['seq_len']}",
             str(r["threads"]),
             f"{r['peak_rss_mb']:.0f}",

@@ -33,7 +33,7 @@ from compression.indices import (
     varint_decode,
     varint_encode,
 )
-from compression.quantize import ValueType, code_bytes, dequantize_values, quantize_values, unpack_int4
+from compression.quantize import ValueType, code_bytes, dequantize_values, quantize_values
 
 MAGIC = b"FEDG"
 FORMAT_VERSION = 3
@@ -405,14 +405,33 @@ class _VarintBatch:
         if scales.size and not (scales.min() >= 0 and scales.max() <= _F32_MAX):
             bad = np.array([bool(s.size and not (s.min() >= 0 and s.max() <= _F32_MAX)) for s in self.scales])
             self._fail(bad, "tensor {name!r}: scales must be finite and non-negative")
-        # Codes: int8 as is; int4 unpacked per record (a record with an odd count pads a nibble).
+        # Codes: int8 as is; int4 nibbles unpacked for all records at once. A record with an
+        # odd count pads its last byte with a nibble that must be 0.
         codes = np.empty(total, dtype=np.int8)
-        for k, (h, raw_codes) in enumerate(zip(heads, self.codes, strict=True)):
-            lo = int(starts[k])
-            if h.vtype is ValueType.INT8:
-                codes[lo : lo + h.nnz] = np.frombuffer(raw_codes, dtype=np.int8)
-            else:
-                codes[lo : lo + h.nnz] = unpack_int4(np.frombuffer(raw_codes, dtype=np.uint8), h.nnz)
+        is4 = np.array([h.vtype is ValueType.INT4 for h in heads])
+        for want4 in (False, True):
+            sel = np.flatnonzero(is4 == want4)
+            if not sel.size:
+                continue
+            raw_codes = np.frombuffer(b"".join(self.codes[int(k)] for k in sel), dtype=np.uint8)
+            rec = np.repeat(sel, nnz[sel])
+            local_sel = np.arange(rec.size, dtype=np.int64) - np.repeat(np.concatenate(([0], np.cumsum(nnz[sel])[:-1])), nnz[sel])
+            dest = starts[rec] + local_sel
+            if not want4:
+                codes[dest] = raw_codes.view(np.int8)
+                continue
+            nib = np.empty(raw_codes.size * 2, dtype=np.uint8)
+            nib[0::2] = raw_codes & 0xF
+            nib[1::2] = raw_codes >> 4
+            nbytes = (nnz[sel] + 1) // 2
+            byte_start = np.concatenate(([0], np.cumsum(nbytes)[:-1]))
+            odd = nnz[sel] % 2 == 1
+            pads = nib[2 * byte_start[odd] + nnz[sel][odd]]
+            bad_pad = np.zeros(len(heads), dtype=bool)
+            bad_pad[sel[odd]] = pads != 0
+            self._fail(bad_pad, "tensor {name!r}: int4 values: the padding nibble is not 0")
+            signed = nib[2 * np.repeat(byte_start, nnz[sel]) + local_sel].astype(np.int8)
+            codes[dest] = np.where(signed > 7, signed - 16, signed)
         blocks = np.array([h.block for h in heads], dtype=np.int64)
         scale_counts = np.array([s.size for s in self.scales], dtype=np.int64)
         scale_start = np.concatenate(([0], np.cumsum(scale_counts)[:-1]))

@@ -148,18 +148,21 @@ def buffered_step(updates: Sequence[WeightedUpdate], cfg: StrategyConfig) -> dic
     stale = cfg.kind != "fedavg"
     step: dict[str, np.ndarray] = {}
     for name in names:
-        acc: np.ndarray | None = None
-        for i, w in update_weights(updates, name, cfg, stale):
+        carriers = update_weights(updates, name, cfg, stale)
+        shape = updates[carriers[0][0]].delta[name].shape
+        numel = int(np.prod(shape, dtype=np.int64))
+        dense = np.zeros(numel, dtype=np.float64)
+        sparse_idx, sparse_val = [], []
+        for i, w in carriers:
             d = updates[i].delta[name]
-            if acc is None:
-                acc = np.zeros(d.shape, dtype=np.float32)
-            if isinstance(d, SparseTensor):
-                if d.indices is None:
-                    acc += np.float32(w) * d.values.reshape(d.shape)
-                else:
-                    acc.reshape(-1)[d.indices] += np.float32(w) * d.values
+            if isinstance(d, SparseTensor) and d.indices is not None:
+                sparse_idx.append(d.indices)
+                sparse_val.append(w * d.values.astype(np.float64))
             else:
-                acc += np.float32(w) * np.asarray(d, dtype=np.float32)
-        assert acc is not None
-        step[name] = acc
+                values = d.values if isinstance(d, SparseTensor) else np.asarray(d, dtype=np.float32)
+                dense += w * values.reshape(-1).astype(np.float64)
+        if sparse_idx:
+            # One weighted bincount per tensor sums every sparse update at once.
+            dense += np.bincount(np.concatenate(sparse_idx), weights=np.concatenate(sparse_val), minlength=numel)
+        step[name] = dense.astype(np.float32).reshape(shape)
     return step
