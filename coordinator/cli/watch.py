@@ -133,11 +133,11 @@ def run(args: argparse.Namespace) -> int:
             console.print(render(view, progress, fleet, where))
             return 0
         deadline = time.monotonic() + args.duration if args.duration > 0 else None
-        with Live(console=console, refresh_per_second=max(1.0, 1.0 / args.refresh), screen=False) as live:
+        with Live(console=console, refresh_per_second=max(1.0, 1.0 / args.refresh), screen=True, auto_refresh=False) as live:
             while deadline is None or time.monotonic() < deadline:
                 view = monitor.poll()
                 progress.observe(view)
-                live.update(render(view, progress, fleet, where))
+                live.update(render(view, progress, fleet, where), refresh=True)
                 time.sleep(args.refresh)
     except KeyboardInterrupt:
         pass
