@@ -21,6 +21,7 @@ import json
 import math
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -132,8 +133,14 @@ def _str(obj: dict[str, Any], key: str, what: str, max_len: int = 256) -> str:
 # --- update envelope --------------------------------------------------------------------
 
 ENVELOPE_MAGIC = b"FEV1"
+"""Unsigned envelopes (still decoded; a coordinator that requires signatures rejects them)."""
+SIGNED_ENVELOPE_MAGIC = b"FEV2"
+"""Signed envelopes: ``FEV2 | u32 header length | header JSON | u8 signature length | signature | frame``."""
 _ENV_HEAD = struct.Struct("<4sI")
 MAX_ENVELOPE_HEADER = 4096
+MAX_SIGNATURE = 128
+SIGNING_CONTEXT = b"fedge update v1\x00"
+"""Prefix of every signed message, so that a signature over an update can never be replayed as anything else."""
 
 
 @dataclass(frozen=True)
@@ -153,26 +160,71 @@ class UpdateHeader:
     train_loss: float | None = None
 
 
-def encode_envelope(header: UpdateHeader, frame: bytes) -> bytes:
-    """``FEV1 | u32 header length | header JSON | frame``."""
+def header_bytes(header: UpdateHeader) -> bytes:
+    """The canonical JSON of a header: what goes on the wire and what is signed."""
+    return json.dumps(asdict(header), separators=(",", ":"), sort_keys=True).encode()
+
+
+def signing_message(head: bytes) -> bytes:
+    """The bytes a device signs: a context prefix and the canonical header, which names the
+    device, its sequence number, the base version, the time and the frame's sha256."""
+    return SIGNING_CONTEXT + head
+
+
+def encode_envelope(header: UpdateHeader, frame: bytes, signer: Callable[[bytes], bytes] | None = None) -> bytes:
+    """``FEV1 | u32 header length | header JSON | frame``, or with ``signer`` (bytes to sign ->
+    signature) the signed ``FEV2`` envelope."""
     if hashlib.sha256(frame).hexdigest() != header.frame_sha256:
         raise ProtocolError("envelope header's frame_sha256 does not match the frame")
-    head = json.dumps(asdict(header), separators=(",", ":"), sort_keys=True).encode()
-    return _ENV_HEAD.pack(ENVELOPE_MAGIC, len(head)) + head + frame
+    head = header_bytes(header)
+    if signer is None:
+        return _ENV_HEAD.pack(ENVELOPE_MAGIC, len(head)) + head + frame
+    signature = signer(signing_message(head))
+    if not 1 <= len(signature) <= MAX_SIGNATURE:
+        raise ProtocolError(f"signature of {len(signature)} bytes; expected 1..{MAX_SIGNATURE}")
+    return _ENV_HEAD.pack(SIGNED_ENVELOPE_MAGIC, len(head)) + head + bytes([len(signature)]) + signature + frame
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A decoded envelope: the header, the signature (None if unsigned), the signed bytes, the frame."""
+
+    header: UpdateHeader
+    signature: bytes | None
+    signed: bytes
+    frame: bytes
 
 
 def decode_envelope(payload: bytes, max_bytes: int = 64 << 20) -> tuple[UpdateHeader, bytes]:
     """Split and validate an update envelope; returns the header and the (undecoded) frame."""
+    env = decode_signed_envelope(payload, max_bytes)
+    return env.header, env.frame
+
+
+def decode_signed_envelope(payload: bytes, max_bytes: int = 64 << 20) -> Envelope:
+    """Split and validate an envelope, signed (``FEV2``) or not (``FEV1``). The signature is
+    returned, not checked: checking needs the device's key, which only the coordinator has."""
     if len(payload) > max_bytes:
         raise LimitError(f"update is {len(payload)} bytes, above the limit of {max_bytes}")
     if len(payload) < _ENV_HEAD.size:
         raise ProtocolError(f"update is {len(payload)} bytes, too short for an envelope")
     magic, head_len = _ENV_HEAD.unpack_from(payload)
-    if magic != ENVELOPE_MAGIC:
-        raise ProtocolError(f"bad envelope magic {bytes(magic)!r}; expected {ENVELOPE_MAGIC!r}")
+    if magic not in (ENVELOPE_MAGIC, SIGNED_ENVELOPE_MAGIC):
+        raise ProtocolError(f"bad envelope magic {bytes(magic)!r}; expected {ENVELOPE_MAGIC!r} or {SIGNED_ENVELOPE_MAGIC!r}")
     if head_len > MAX_ENVELOPE_HEADER or _ENV_HEAD.size + head_len > len(payload):
         raise ProtocolError(f"envelope header length {head_len} is out of bounds")
-    obj = _load_json_object(payload[_ENV_HEAD.size : _ENV_HEAD.size + head_len], "envelope header")
+    head = bytes(payload[_ENV_HEAD.size : _ENV_HEAD.size + head_len])
+    rest = _ENV_HEAD.size + head_len
+    signature: bytes | None = None
+    if magic == SIGNED_ENVELOPE_MAGIC:
+        if rest >= len(payload):
+            raise ProtocolError("signed envelope ends before its signature")
+        sig_len = payload[rest]
+        if not 1 <= sig_len <= MAX_SIGNATURE or rest + 1 + sig_len > len(payload):
+            raise ProtocolError(f"signature length {sig_len} is out of bounds")
+        signature = bytes(payload[rest + 1 : rest + 1 + sig_len])
+        rest += 1 + sig_len
+    obj = _load_json_object(head, "envelope header")
     what = "envelope header"
     unknown = set(obj) - {f for f in UpdateHeader.__dataclass_fields__}
     if unknown:
@@ -188,10 +240,10 @@ def decode_envelope(payload: bytes, max_bytes: int = 64 << 20) -> tuple[UpdateHe
         frame_sha256=sha,
         train_loss=_float(obj, "train_loss", what, optional=True),
     )
-    frame = bytes(payload[_ENV_HEAD.size + head_len :])
+    frame = bytes(payload[rest:])
     if hashlib.sha256(frame).hexdigest() != sha:
         raise ProtocolError("frame does not match the envelope's frame_sha256")
-    return header, frame
+    return Envelope(header=header, signature=signature, signed=signing_message(head), frame=frame)
 
 
 # --- global meta ------------------------------------------------------------------------

@@ -71,7 +71,9 @@ class LimitsConfig:
 
     max_update_bytes: int = 16 << 20
     allow_unknown_devices: bool = True
-    """Accept updates from devices that were never enrolled (lab use)."""
+    """Accept unsigned updates from devices that were never enrolled (lab use; set false in production)."""
+    require_signatures: bool = False
+    """Refuse every unsigned update, enrolled device or not."""
     max_update_norm: float = 0.0
     """Reject updates whose L2 norm exceeds this (0 = off)."""
     devices: tuple[str, ...] = ()

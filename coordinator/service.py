@@ -39,6 +39,7 @@ from compression.frame import SparseTensor
 from compression.protocol import DeviceStatus, GlobalMeta, TrainableSpec
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import BrokerError, Rejection, StoreError
+from coordinator.identity import Verifier
 from coordinator.initial import initial_state
 from coordinator.metrics import Metrics
 from coordinator.ratelimit import RateLimiter
@@ -83,6 +84,9 @@ class CoordinatorService:
         self.staleness_seen: collections.deque[int] = collections.deque(maxlen=4096)
         limits = cfg.limits
         self.rate = RateLimiter(limits.max_updates_per_minute, limits.rate_burst)
+        self.verifier = Verifier(
+            self.store, allow_unknown=limits.allow_unknown_devices or bool(limits.devices), require_signatures=limits.require_signatures
+        )
         self.metrics = Metrics(cfg.fleet)
         self.metrics.version.set(self.version)
         self.metrics.buffered.set(len(self.buffer))
@@ -268,6 +272,7 @@ class CoordinatorService:
                 max_update_norm=limits.max_update_norm,
                 is_known_device=self._is_known,
                 is_duplicate=self.store.is_applied,
+                check_identity=self.verifier.check,
             )
         except Rejection as rej:
             if rej.reason == "duplicate":
@@ -275,6 +280,7 @@ class CoordinatorService:
                 return
             self._reject(device, rej)
             return
+        self.store.advance_seq(valid.header.device, valid.header.seq)  # replay protection, in this batch's transaction
         self.staleness_seen.append(valid.staleness)
         self.metrics.accepted.inc()
         self.metrics.staleness.observe(valid.staleness)

@@ -75,6 +75,13 @@ CREATE TABLE IF NOT EXISTS buffer (
     received REAL NOT NULL,
     frame BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS enrolled (
+    device TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL,
+    created REAL NOT NULL,
+    revoked REAL,
+    last_seq INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     device TEXT,
@@ -368,6 +375,31 @@ class Store:
     def ledger(self) -> Iterator[dict[str, Any]]:
         for r in self.db.execute("SELECT * FROM ledger ORDER BY applied_version"):
             yield dict(r)
+
+    # -- identities --------------------------------------------------------------------
+
+    def enroll(self, device: str, public_key: bytes) -> None:
+        """Register (or re-register after a revocation) a device's Ed25519 public key."""
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO enrolled(device, public_key, created) VALUES (?,?,?) "
+                "ON CONFLICT(device) DO UPDATE SET public_key=excluded.public_key, created=excluded.created, revoked=NULL",
+                (device, public_key, time.time()),
+            )
+
+    def revoke(self, device: str) -> bool:
+        with self._tx():
+            cur = self.db.execute("UPDATE enrolled SET revoked=? WHERE device=? AND revoked IS NULL", (time.time(), device))
+        return cur.rowcount > 0
+
+    def identity(self, device: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM enrolled WHERE device=?", (device,)).fetchone()
+        return None if row is None else dict(row)
+
+    def advance_seq(self, device: str, seq: int) -> None:
+        """Record the newest accepted sequence number of an enrolled device (replay protection)."""
+        with self._tx():
+            self.db.execute("UPDATE enrolled SET last_seq=MAX(last_seq, ?) WHERE device=?", (seq, device))
 
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

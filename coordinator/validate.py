@@ -3,7 +3,8 @@
 Each failure raises :class:`~coordinator.errors.Rejection` with a stable reason code:
 ``malformed``, ``malformed_frame``, ``bad_checksum``, ``too_large``, ``non_finite``,
 ``device_mismatch``, ``unknown_device``, ``duplicate``, ``future_version``, ``too_stale``,
-``shape_mismatch``, ``norm_bound``. The service adds ``rate_limited`` (it needs a clock).
+``shape_mismatch``, ``norm_bound``; the identity check adds ``unsigned``, ``unknown_key``,
+``bad_signature``, ``replayed`` and ``revoked``. The service adds ``rate_limited`` (it needs a clock).
 """
 
 from __future__ import annotations
@@ -46,19 +47,26 @@ def validate_update(
     max_update_norm: float,
     is_known_device: Callable[[str], bool],
     is_duplicate: Callable[[str], bool],
+    check_identity: Callable[[protocol.Envelope], bool] | None = None,
 ) -> ValidUpdate:
     """Check an update payload completely; return the dense delta or raise :class:`Rejection`."""
     try:
-        header, frame_bytes = protocol.decode_envelope(payload, max_bytes=max_update_bytes)
+        env = protocol.decode_signed_envelope(payload, max_bytes=max_update_bytes)
+    except CodecError as exc:
+        raise Rejection(exc.reason, str(exc)) from None
+    header, frame_bytes = env.header, env.frame
+    if header.device != topic_device:
+        raise Rejection("device_mismatch", f"update says device {header.device!r} but came on {topic_device!r}'s topic")
+    # A redelivery of an applied update is a duplicate (dropped quietly) before it is a replay.
+    if is_duplicate(header.update_id):
+        raise Rejection("duplicate", f"update {header.update_id!r} was already applied")
+    signed = check_identity(env) if check_identity is not None else False
+    if not signed and not is_known_device(header.device):
+        raise Rejection("unknown_device", f"device {header.device!r} is not enrolled")
+    try:
         frame = decode_frame(frame_bytes, FrameLimits(max_frame_bytes=max_update_bytes))
     except CodecError as exc:
         raise Rejection(exc.reason, str(exc)) from None
-    if header.device != topic_device:
-        raise Rejection("device_mismatch", f"update says device {header.device!r} but came on {topic_device!r}'s topic")
-    if not is_known_device(header.device):
-        raise Rejection("unknown_device", f"device {header.device!r} is not enrolled")
-    if is_duplicate(header.update_id):
-        raise Rejection("duplicate", f"update {header.update_id!r} was already applied")
     if frame.kind is not FrameKind.UPDATE:
         raise Rejection("malformed_frame", f"expected an update frame, got {frame.kind.name}")
     if header.base_version > current_version:

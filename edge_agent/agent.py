@@ -11,7 +11,9 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -22,7 +24,7 @@ from compression.protocol import GlobalMeta, TrainableSpec, UpdateHeader
 from edge_agent import model as model_lib
 from edge_agent.config import AgentConfig, model_cache_dir
 from edge_agent.data import LocalData, build_blocks, read_texts
-from edge_agent.errors import ModelError, PublishRefused, TransportError
+from edge_agent.errors import ConfigError, ModelError, PublishRefused, TransportError
 from edge_agent.memory import release_free_memory
 from edge_agent.schedule import blocked_reason
 from edge_agent.sdnotify import Notifier
@@ -31,6 +33,21 @@ from edge_agent.train import evaluate, train_round
 from edge_agent.transport import AgentTransport, Inbound
 
 log = logging.getLogger(__name__)
+
+
+def load_signer(path: str) -> Callable[[bytes], bytes]:
+    """The device's Ed25519 signing function, from the PEM that enrolment wrote."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"signing_key {path}: cannot load an Ed25519 private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"signing_key {path}: not an Ed25519 key")
+    return key.sign
+
 
 KEEP_PENDING = 64
 """Global metas and deltas buffered while training; older ones are dropped (the snapshot covers them)."""
@@ -70,6 +87,7 @@ class Agent:
         self.state = AgentState(cfg.state_dir)
         self._feedback = self.state.load_feedback()
         self.last_seq_at_start = self.state.seq
+        self._signer = load_signer(cfg.signing_key) if cfg.signing_key else None
         self.transport = AgentTransport(cfg)
         self.stop_event = threading.Event()
         self.paused = False
@@ -181,7 +199,7 @@ class Agent:
             frame_sha256=hashlib.sha256(compressed.frame).hexdigest(),
             train_loss=result.train_loss if np.isfinite(result.train_loss) else None,
         )
-        envelope = protocol.encode_envelope(header, compressed.frame)
+        envelope = protocol.encode_envelope(header, compressed.frame, signer=self._signer)
         # One durable commit of the update and of the residual after it (see edge_agent.state).
         self.state.commit_round(seq, envelope, compressed.feedback)
         self._feedback = compressed.feedback

@@ -164,6 +164,8 @@ class AgentConfig:
     """Stop after this many local rounds (0 = run until stopped)."""
     max_outbox: int = 8
     """Updates kept while the broker is unreachable; training pauses while the outbox is full."""
+    signing_key: str | None = None
+    """Ed25519 private key (PEM) from ``fedge-coordinator enroll``; every update is signed with it."""
 
     def __post_init__(self) -> None:
         try:
@@ -245,8 +247,10 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> A
     if source != "smollm2" and not Path(source).is_absolute():
         source = str((base / source).resolve())
     cache_dir = None if cfg.model.cache_dir is None else str((base / cfg.model.cache_dir).resolve())
+    signing_key = None if cfg.signing_key is None else str((base / cfg.signing_key).resolve())
     return replace(
         cfg,
+        signing_key=signing_key,
         data_dir=str((base / cfg.data_dir).resolve()),
         state_dir=str((base / cfg.state_dir).resolve()),
         model=replace(cfg.model, source=source, cache_dir=cache_dir),

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 MOSQUITTO_CONF = """\
 listener {port} 127.0.0.1
-allow_anonymous true
+allow_anonymous {anonymous}
 persistence {persistence}
 persistence_location {data_dir}/
 autosave_interval 1
@@ -118,13 +118,18 @@ class MosquittoBroker(Broker):
     kind = "mosquitto"
     protocol = "5"
 
-    def __init__(self, data_dir: str | Path, port: int | None = None, persistence: bool = False) -> None:
+    def __init__(
+        self, data_dir: str | Path, port: int | None = None, persistence: bool = False, *, anonymous: bool = True, extra: str = ""
+    ) -> None:
+        """``extra`` is appended to the config: password/ACL files and TLS options of the one listener."""
         super().__init__(data_dir, port)
         binary = mosquitto_path()
         if binary is None:
             raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
         self.binary = binary
-        conf = MOSQUITTO_CONF.format(port=self.port, persistence="true" if persistence else "false", data_dir=self.data_dir)
+        flags = {"persistence": "true" if persistence else "false", "anonymous": "true" if anonymous else "false"}
+        conf = MOSQUITTO_CONF.format(port=self.port, data_dir=self.data_dir, **flags)
+        conf += extra
         if os.geteuid() == 0:
             conf += "user root\n"  # otherwise it drops to 'mosquitto', which cannot write data_dir
         self.conf_path = self.data_dir / "mosquitto.conf"

@@ -15,6 +15,15 @@ CASES = sorted(p.stem for p in GOLDEN.glob("*.bin"))
 def test_golden_vectors_exist() -> None:
     assert {"update_v1_fp32", "update_v1_fp16", "update_v1_int8", "snapshot_v1_fp32", "envelope_v1"} <= set(CASES)
     assert {"update_v2_int8_bitpack", "update_v2_fp16_varint", "update_v2_sign_bitpack", "update_v3_int4_varint"} <= set(CASES)
+    assert {"envelope_v2_signed"} <= set(CASES)
+
+
+def test_the_signed_golden_envelope_still_verifies() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    env = protocol.decode_signed_envelope((GOLDEN / "envelope_v2_signed.bin").read_bytes())
+    assert env.signature is not None
+    Ed25519PrivateKey.from_private_bytes(bytes(range(32))).public_key().verify(env.signature, env.signed)
 
 
 @pytest.mark.parametrize("name", CASES)

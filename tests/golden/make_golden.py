@@ -58,6 +58,11 @@ def cases() -> dict[str, tuple[bytes, dict[str, list]]]:
         train_loss=2.5,
     )
     out["envelope_v1"] = (protocol.encode_envelope(header, out["update_v1_int8"][0]), {})
+    # Ed25519 signatures are deterministic: a fixed key gives a fixed vector.
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    out["envelope_v2_signed"] = (protocol.encode_envelope(header, out["update_v1_int8"][0], signer=key.sign), {})
     return out
 
 

@@ -1,0 +1,62 @@
+"""``fedge-coordinator enroll`` and ``revoke``: device identities and broker credentials."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from coordinator.cli.common import add_state_args, state_dir
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("enroll", help="create a device's Ed25519 key, broker credentials and agent config snippet")
+    p.add_argument("device")
+    add_state_args(p)
+    p.add_argument("--out", required=True, help="new directory for the device's secrets (copy it to the device)")
+    p.add_argument("--password-file", help="Mosquitto password_file to add the device to")
+    p.add_argument("--ca-dir", help="fleet CA directory: also issue a client certificate (CN = device id)")
+    p.add_argument("--fleet", help="fleet id for the snippet (default: the config's)")
+    p.add_argument("--broker-host", default="broker.lan", help="broker host for the snippet")
+    p.add_argument("--broker-port", type=int, default=8883, help="broker port for the snippet")
+    p.set_defaults(func=run_enroll)
+    r = sub.add_parser("revoke", help="revoke a device: refuse its updates and delete its broker password")
+    r.add_argument("device")
+    add_state_args(r)
+    r.add_argument("--password-file", help="Mosquitto password_file to remove the device from")
+    r.set_defaults(func=run_revoke)
+
+
+def run_enroll(args: argparse.Namespace) -> int:
+    from coordinator.enrolment import enroll
+
+    fleet = args.fleet
+    if fleet is None and args.config:
+        from coordinator.config import load_config
+
+        fleet = load_config(args.config).fleet
+    report = enroll(
+        state_dir(args),
+        args.device,
+        args.out,
+        fleet=fleet or "default",
+        broker_host=args.broker_host,
+        broker_port=args.broker_port,
+        password_file=Path(args.password_file) if args.password_file else None,
+        ca_dir=Path(args.ca_dir) if args.ca_dir else None,
+    )
+    print(json.dumps(report))
+    if args.password_file:
+        print("reload the broker to apply the password file: systemctl reload mosquitto (or kill -HUP its pid)")
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    from coordinator.enrolment import revoke
+
+    changed = revoke(state_dir(args), args.device, password_file=Path(args.password_file) if args.password_file else None)
+    print(f"{args.device}: {'revoked' if changed else 'already revoked'}; its updates are refused from now on")
+    if args.password_file:
+        print("reload the broker to drop its password: systemctl reload mosquitto (or kill -HUP its pid)")
+    return 0
