@@ -23,12 +23,13 @@ tensor by its own contributors only, and a tensor no update carries does not mov
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
 from compression.frame import SparseTensor
+from coordinator.robust import RobustConfig, coordinate_median, multi_krum_select, trimmed_mean
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class StrategyConfig:
     """FedAvg: updates needed to close a round (it waits past the deadline for them)."""
     round_participants: int = 0
     """FedAvg: close a round as soon as this many updates arrived (0 = the devices online at its start)."""
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    """FedBuff and FedAvg: robust aggregation of each buffer (``[strategy.robust]``)."""
 
     def __post_init__(self) -> None:
         if self.kind not in ("fedasync", "fedbuff", "fedavg"):
@@ -140,10 +143,31 @@ def update_weights(updates: Sequence[WeightedUpdate], name: str, cfg: StrategyCo
     return out
 
 
+def _dense(d: np.ndarray | SparseTensor) -> np.ndarray:
+    return d.to_dense().reshape(-1) if isinstance(d, SparseTensor) else np.asarray(d, dtype=np.float32).reshape(-1)
+
+
+def _update_norm(u: WeightedUpdate) -> float:
+    total = 0.0
+    for d in u.delta.values():
+        v = d.values if isinstance(d, SparseTensor) else np.asarray(d, dtype=np.float32)
+        total += float(np.square(v, dtype=np.float64).sum())
+    return float(np.sqrt(total))
+
+
 def buffered_step(updates: Sequence[WeightedUpdate], cfg: StrategyConfig) -> dict[str, np.ndarray]:
     """The global step of a full FedBuff buffer (or, with ``kind == "fedavg"``, of a round)."""
     if not updates:
         raise ValueError("cannot aggregate an empty buffer")
+    rule = cfg.robust.rule
+    if rule in ("trimmed_mean", "median"):
+        return _rank_step(updates, cfg)
+    if rule == "multi_krum":
+        keep = krum_keep(updates, cfg.robust.krum_f, cfg.robust.krum_m)
+        updates = [updates[i] for i in keep]
+    scale = [1.0] * len(updates)
+    if rule == "norm_bound":
+        scale = [min(1.0, cfg.robust.clip / max(_update_norm(u), 1e-12)) for u in updates]
     names = sorted({n for u in updates for n in u.delta})
     stale = cfg.kind != "fedavg"
     step: dict[str, np.ndarray] = {}
@@ -155,6 +179,7 @@ def buffered_step(updates: Sequence[WeightedUpdate], cfg: StrategyConfig) -> dic
         sparse_idx, sparse_val = [], []
         for i, w in carriers:
             d = updates[i].delta[name]
+            w *= scale[i]
             if isinstance(d, SparseTensor) and d.indices is not None:
                 sparse_idx.append(d.indices)
                 sparse_val.append(w * d.values.astype(np.float64))
@@ -165,4 +190,33 @@ def buffered_step(updates: Sequence[WeightedUpdate], cfg: StrategyConfig) -> dic
             # One weighted bincount per tensor sums every sparse update at once.
             dense += np.bincount(np.concatenate(sparse_idx), weights=np.concatenate(sparse_val), minlength=numel)
         step[name] = dense.astype(np.float32).reshape(shape)
+    return step
+
+
+def krum_keep(updates: Sequence[WeightedUpdate], f: int, m: int = 0) -> list[int]:
+    """Multi-Krum over whole updates, within each group of updates that carry the same tensors
+    (a mixed fleet's LoRA and embedding devices are compared among themselves)."""
+    groups: dict[frozenset[str], list[int]] = {}
+    for i, u in enumerate(updates):
+        groups.setdefault(frozenset(u.delta), []).append(i)
+    keep: list[int] = []
+    for names, members in groups.items():
+        if len(members) <= f + 2:
+            keep += members  # too few to judge: kept (the norm bound is the defence for small groups)
+            continue
+        rows = np.stack([np.concatenate([_dense(updates[i].delta[n]) for n in sorted(names)]) for i in members])
+        keep += [members[int(j)] for j in multi_krum_select(rows, f, m)]
+    return sorted(keep)
+
+
+def _rank_step(updates: Sequence[WeightedUpdate], cfg: StrategyConfig) -> dict[str, np.ndarray]:
+    """Trimmed mean or coordinate median, per tensor, of the staleness-weighted deltas."""
+    stale = cfg.kind != "fedavg"
+    step: dict[str, np.ndarray] = {}
+    for name in sorted({n for u in updates for n in u.delta}):
+        carriers = [u for u in updates if name in u.delta]
+        shape = carriers[0].delta[name].shape
+        rows = np.stack([_dense(u.delta[name]) * np.float32(staleness_weight(u.staleness, cfg) if stale else 1.0) for u in carriers])
+        agg = trimmed_mean(rows, cfg.robust.trim) if cfg.robust.rule == "trimmed_mean" else coordinate_median(rows)
+        step[name] = (np.float32(cfg.server_lr) * agg).astype(np.float32).reshape(shape)
     return step
