@@ -16,6 +16,7 @@ from compression import CodecConfig
 from compression.protocol import ProtocolError, check_id
 from compression.records import RecordError, env_overrides, from_mapping
 from coordinator.errors import ConfigError
+from coordinator.privacy import DPConfig
 from coordinator.strategy import StrategyConfig
 
 if sys.version_info >= (3, 11):
@@ -94,6 +95,8 @@ class CoordinatorConfig:
     model: ModelSpecConfig = field(default_factory=ModelSpecConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    """Central differential privacy (DP-FedBuff); needs ``strategy.kind = "fedbuff"``."""
     downlink: CodecConfig = field(default_factory=lambda: CodecConfig(topk_fraction=0.02, values="int8"))
     """Codec of the global deltas published each version (with error feedback at the coordinator)."""
     keep_versions: int = 20
@@ -110,6 +113,10 @@ class CoordinatorConfig:
             check_id(self.fleet, "fleet")
         except ProtocolError as exc:
             raise ConfigError(str(exc)) from None
+        if self.dp.enabled and self.strategy.kind != "fedbuff":
+            raise ConfigError(f"dp.enabled needs strategy.kind = 'fedbuff' (DP-FedBuff), got {self.strategy.kind!r}")
+        if self.dp.enabled and self.strategy.robust.rule != "none":
+            raise ConfigError("dp.enabled replaces robust aggregation (clipping is the bound); set strategy.robust.rule = 'none'")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.keep_versions < 2:

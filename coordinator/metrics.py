@@ -41,6 +41,9 @@ class Metrics:
             **labels
         )
         self.buffered = Gauge("fedge_buffered_updates", "Accepted updates waiting for aggregation", ["fleet"], registry=r).labels(**labels)
+        self.epsilon_max = Gauge(
+            "fedge_dp_epsilon_max", "Largest per-device epsilon spent, RDP bound (central DP; 0 when off)", ["fleet"], registry=r
+        ).labels(**labels)
         self._fleet = fleet
         self._server: Any = None
 

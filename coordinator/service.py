@@ -42,9 +42,10 @@ from coordinator.errors import BrokerError, Rejection, StoreError
 from coordinator.identity import Verifier
 from coordinator.initial import initial_state
 from coordinator.metrics import Metrics
+from coordinator.privacy import dp_mean, epsilon
 from coordinator.ratelimit import RateLimiter
 from coordinator.store import BufferedUpdate, LedgerEntry, Store
-from coordinator.strategy import WeightedUpdate, buffered_step, fedasync_step, fedasync_weight, update_weights
+from coordinator.strategy import WeightedUpdate, buffered_step, fedasync_step, fedasync_weight, staleness_weight, update_weights
 from coordinator.validate import ValidUpdate, validate_update
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,15 @@ class CoordinatorService:
         self.verifier = Verifier(
             self.store, allow_unknown=limits.allow_unknown_devices or bool(limits.devices), require_signatures=limits.require_signatures
         )
+        self.dp = cfg.dp
+        self.participations = self.store.participations()
+        self._dp_rng = np.random.default_rng(cfg.dp.seed)
+        if cfg.dp.enabled:
+            self.store.set_meta("dp", json.dumps({"noise_multiplier": cfg.dp.noise_multiplier, "delta": cfg.dp.delta}))
         self.metrics = Metrics(cfg.fleet)
         self.metrics.version.set(self.version)
         self.metrics.buffered.set(len(self.buffer))
+        self.metrics.epsilon_max.set(self.fleet_epsilon())
         self.metrics_port: int | None = None
         self.inbox: queue.Queue[_Message | str] = queue.Queue()
         self.stop_event = threading.Event()
@@ -288,6 +295,12 @@ class CoordinatorService:
             weight = fedasync_weight(valid.staleness, self.cfg.strategy)
             self._commit_step(fedasync_step(valid.delta, weight), [self._entry(valid, weight)])
             return
+        if self.dp.enabled:
+            try:
+                self._dp_admit(valid.header.device)
+            except Rejection as rej:
+                self._reject(device, rej)
+                return
         entry = self._entry(valid, 0.0)
         self.store.add_to_buffer(entry, valid.frame)
         self.buffer.append(BufferedUpdate(entry, valid.frame))
@@ -296,6 +309,28 @@ class CoordinatorService:
             self._aggregate_buffer()
         elif self.cfg.strategy.kind == "fedavg":
             self._maybe_close_round()
+
+    # The service uses RDP: microseconds per call, and never below PLD, so enforcing a budget
+    # with it cannot overspend. `status` and `devices` report the tighter PLD value.
+    def device_epsilon(self, device: str, extra: int = 0) -> float:
+        return epsilon(self.participations.get(device, 0) + extra, self.dp.noise_multiplier, self.dp.delta, "rdp")
+
+    def fleet_epsilon(self) -> float:
+        if not self.dp.enabled or not self.participations:
+            return 0.0
+        return epsilon(max(self.participations.values()), self.dp.noise_multiplier, self.dp.delta, "rdp")
+
+    def _dp_admit(self, device: str) -> None:
+        """DP-FedBuff admission: one update per device per buffer, and the privacy budget."""
+        if any(b.entry.device == device for b in self.buffer):
+            raise Rejection("one_per_buffer", f"{device} already has an update in this DP buffer")
+        budget, enforce = self.dp.epsilon_budget, self.dp.enforce
+        if budget <= 0 or enforce == "off":
+            return
+        if enforce == "fleet" and (spent := self.fleet_epsilon()) >= budget:
+            raise Rejection("privacy_budget", f"the fleet has spent its privacy budget (epsilon {spent:.3g} >= {budget:g})")
+        if enforce == "device" and (after := self.device_epsilon(device, extra=1)) > budget:
+            raise Rejection("privacy_budget", f"{device} would exceed its privacy budget (epsilon {after:.3g} > {budget:g})")
 
     @staticmethod
     def _entry(valid: ValidUpdate, weight: float) -> LedgerEntry:
@@ -318,7 +353,18 @@ class CoordinatorService:
         for b in self.buffer:
             tensors = self._decoded.pop(b.entry.update_id, None) or dict(decode_frame(b.frame).tensors)
             updates.append(WeightedUpdate(tensors, b.entry.num_samples, self.version - b.entry.base_version))
-        step = buffered_step(updates, self.cfg.strategy)
+        if self.dp.enabled:
+            deltas = [{n: t.to_dense() if isinstance(t, SparseTensor) else t for n, t in u.delta.items()} for u in updates]
+            weights_s = [staleness_weight(u.staleness, self.cfg.strategy) for u in updates]
+            mean = dp_mean(deltas, self.shapes, weights_s, self.dp, self.cfg.strategy.buffer_size, self._dp_rng)
+            step = {n: (np.float32(self.cfg.strategy.server_lr) * v).astype(np.float32) for n, v in mean.items()}
+            devices = [b.entry.device for b in self.buffer]
+            self.store.add_participations(devices)
+            for d in devices:
+                self.participations[d] = self.participations.get(d, 0) + 1
+            self.metrics.epsilon_max.set(self.fleet_epsilon())
+        else:
+            step = buffered_step(updates, self.cfg.strategy)
         names = sorted({n for u in updates for n in u.delta})
         weights: dict[int, float] = {}
         for name in names:
@@ -398,6 +444,8 @@ class CoordinatorService:
         payload: dict[str, object] = {"state": state, "version": self.version, "ts": time.time(), **counts}
         if state == "online":
             payload.update(strategy=self.cfg.strategy.kind, buffered=len(self.buffer), rejections=dict(self.rejections))
+            if self.dp.enabled:
+                payload.update(dp_epsilon=round(self.fleet_epsilon(), 4), dp_delta=self.dp.delta)
         info = self.client.publish(protocol.coordinator_status(self.cfg.fleet), json.dumps(payload).encode(), qos=1, retain=True)
         if state == "offline" and self.connected.is_set():
             info.wait_for_publish(timeout=2.0)

@@ -82,6 +82,10 @@ CREATE TABLE IF NOT EXISTS enrolled (
     revoked REAL,
     last_seq INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS dp_participation (
+    device TEXT PRIMARY KEY,
+    participations INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     device TEXT,
@@ -400,6 +404,21 @@ class Store:
         """Record the newest accepted sequence number of an enrolled device (replay protection)."""
         with self._tx():
             self.db.execute("UPDATE enrolled SET last_seq=MAX(last_seq, ?) WHERE device=?", (seq, device))
+
+    # -- differential privacy ------------------------------------------------------------
+
+    def add_participations(self, devices: list[str]) -> None:
+        """One more DP-FedBuff buffer for each device (in the version's transaction when batched)."""
+        with self._tx():
+            for d in devices:
+                self.db.execute(
+                    "INSERT INTO dp_participation(device, participations) VALUES (?,1) "
+                    "ON CONFLICT(device) DO UPDATE SET participations=participations+1",
+                    (d,),
+                )
+
+    def participations(self) -> dict[str, int]:
+        return {r["device"]: int(r["participations"]) for r in self.db.execute("SELECT device, participations FROM dp_participation")}
 
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

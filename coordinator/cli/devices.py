@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from coordinator.privacy import epsilon
 from coordinator.store import Store
 
 
@@ -28,6 +29,8 @@ def device_rows(state_dir: str | Path) -> list[dict[str, Any]]:
     store = Store(state_dir, readonly=True)
     try:
         current = store.current_version()
+        dp = json.loads(store.get_meta("dp") or "null")
+        participations = store.participations() if dp else {}
         rows = []
         for d in store.devices():
             m = d["metrics"]
@@ -48,6 +51,8 @@ def device_rows(state_dir: str | Path) -> list[dict[str, Any]]:
                     "train_loss": m.get("train_loss"),
                     "eval_loss": d["eval_loss"],
                     "rss_mb": m.get("rss_mb"),
+                    "dp_participations": participations.get(d["device"], 0) if dp else None,
+                    "dp_epsilon": epsilon(participations.get(d["device"], 0), dp["noise_multiplier"], dp["delta"]) if dp else None,
                 }
             )
         return rows
@@ -79,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     table = Table(title=f"devices ({len(rows)})")
     columns = ("device", "state", "activity", "profile", "tier", "last seen", "base v", "stale", "accepted", "rejected", "bytes up")
-    for col in (*columns, "eval loss", "RSS MB"):
+    dp_on = any(r["dp_epsilon"] is not None for r in rows)
+    for col in (*columns, "eval loss", "RSS MB", *(("ε",) if dp_on else ())):
         table.add_column(col, justify="right" if col not in ("device", "state", "activity", "profile", "tier") else "left")
     for r in rows:
         style = "green" if r["state"] == "online" else "red"
@@ -97,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             f"{r['bytes_up']:,}",
             _fmt(r["eval_loss"], ".4f"),
             _fmt(r["rss_mb"], ".0f"),
+            *((_fmt(r["dp_epsilon"], ".3g"),) if dp_on else ()),
         )
     console = Console()
     (console if console.is_terminal else Console(width=150)).print(table)

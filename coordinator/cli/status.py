@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from coordinator.cli.common import add_state_args, state_dir
+from coordinator.privacy import epsilon
 from coordinator.store import Store
 
 
@@ -28,7 +29,13 @@ def collect(path: str) -> dict[str, Any]:
         devices = store.devices()
         spec = store.get_meta("spec")
         counts = store.counts()
+        dp = json.loads(store.get_meta("dp") or "null")
+        if dp:
+            parts = store.participations()
+            worst = max(parts.values(), default=0)
+            dp = {**dp, "epsilon_max": epsilon(worst, dp["noise_multiplier"], dp["delta"]), "max_participations": worst}
         return {
+            "dp": dp,
             "state_dir": path,
             "version": version,
             "last_version_age_s": None if created is None else round(now - float(created["created"]), 1),
@@ -57,6 +64,12 @@ def run(args: argparse.Namespace) -> int:
     if doc["rejections"]:
         print("rejections: " + ", ".join(f"{k} {v}" for k, v in sorted(doc["rejections"].items())))
     print(f"devices: {doc['devices_online']} online of {doc['devices']}")
+    if doc["dp"]:
+        dp = doc["dp"]
+        print(
+            f"central DP: epsilon {dp['epsilon_max']:.3g} at delta {dp['delta']:g} for the most-participating device "
+            f"({dp['max_participations']} buffers, noise multiplier {dp['noise_multiplier']:g}, no sampling amplification)"
+        )
     spec = doc["spec"] or {}
     if spec:
         extra = " + embedding table" if spec.get("embedding") else ""

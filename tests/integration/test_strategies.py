@@ -146,3 +146,46 @@ def test_rate_limit_and_device_list(tmp_path: Path, broker: MosquittoBroker, tin
     assert 'fedge_updates_applied_total{fleet="test"} 1.0' in text
     assert 'fedge_update_staleness_bucket{fleet="test",le="0.0"} 1.0' in text
     assert "fedge_ingest_latency_seconds_count" in text
+
+
+def test_dp_fedbuff_one_update_per_device_per_buffer_and_the_budget(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from coordinator.privacy import DPConfig, epsilon
+
+    cfg = coordinator_config(broker, tmp_path / "coord", tiny_model)
+    dp = DPConfig(enabled=True, clip=0.5, noise_multiplier=1.0, epsilon_budget=epsilon(2, 1.0, 1e-5, "rdp") + 0.01, seed=0)
+    cfg = replace(cfg, strategy=StrategyConfig(kind="fedbuff", buffer_size=2, staleness="constant"), dp=dp)
+    a, b = DeviceClient(broker.port, "dev-a"), DeviceClient(broker.port, "dev-b")
+    try:
+        with ThreadedCoordinator(cfg) as service:
+            meta = a.wait_meta(0)
+            a.publish(a.update_payload(meta))
+            a.publish(a.update_payload(meta))  # a second one in the same buffer
+            wait_until(lambda: _rejections(tmp_path / "coord").get("one_per_buffer") == 1, 10, "one_per_buffer")
+            b.publish(b.update_payload(b.wait_meta(0)))
+            meta1 = a.wait_meta(1)
+            # A second buffer: both devices reach 2 participations.
+            a.publish(a.update_payload(meta1))
+            b.publish(b.update_payload(meta1))
+            wait_until(lambda: service.version >= 2, 30, f"version 2 (rejections {_rejections(tmp_path / 'coord')}, buffer {service.buffer})")
+            assert service.participations == {"dev-a": 2, "dev-b": 2}
+            a.publish(a.update_payload(a.wait_meta(2)))  # a third would exceed the budget
+            wait_until(lambda: _rejections(tmp_path / "coord").get("privacy_budget") == 1, 10, "privacy_budget")
+    finally:
+        a.close()
+        b.close()
+    out = subprocess.run(
+        [sys.executable, "-m", "coordinator", "devices", "--state-dir", str(tmp_path / "coord"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    rows = {r["device"]: r for r in json.loads(out.stdout)}
+    assert rows["dev-a"]["dp_participations"] == 2
+    assert rows["dev-a"]["dp_epsilon"] == pytest.approx(epsilon(2, 1.0, 1e-5), rel=1e-6)  # PLD in the CLI
+    cmd = [sys.executable, "-m", "coordinator", "status", "--state-dir", str(tmp_path / "coord"), "--json"]
+    status = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout)
+    assert status["dp"]["max_participations"] == 2 and status["dp"]["epsilon_max"] == pytest.approx(rows["dev-a"]["dp_epsilon"])
