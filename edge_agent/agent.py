@@ -26,6 +26,7 @@ from edge_agent.config import AgentConfig, model_cache_dir
 from edge_agent.data import LocalData, build_blocks, read_texts
 from edge_agent.errors import ConfigError, ModelError, PublishRefused, TransportError
 from edge_agent.memory import release_free_memory
+from edge_agent.privacy import local_epsilon, privatize
 from edge_agent.schedule import blocked_reason
 from edge_agent.sdnotify import Notifier
 from edge_agent.state import AgentState, write_status
@@ -187,8 +188,11 @@ class Agent:
         if result.steps == 0:
             return
         delta = model_lib.round_delta(self._model, g.tensors, self.cfg.train.tier)
+        ldp = self.cfg.privacy.mechanism != "none"
+        seq = self.state.next_seq(dp_round=ldp)  # counted before anything noised exists
+        if ldp:
+            delta = privatize(delta, self.cfg.privacy, self._rng)
         compressed = compress_update(delta, self.cfg.codec, self._feedback)
-        seq = self.state.next_seq()
         header = UpdateHeader(
             device=self.cfg.device_id,
             seq=seq,
@@ -392,6 +396,10 @@ class Agent:
             "reconnects": self.transport.reconnects,
             **c.extra,
         }
+        p = self.cfg.privacy
+        if p.mechanism != "none":
+            metrics["local_dp_rounds"] = self.state.dp_rounds
+            metrics["local_epsilon"] = local_epsilon(self.state.dp_rounds, p.mechanism, p.noise_multiplier, p.epsilon_per_round, p.delta)
         for key in ("eval_loss", "eval_loss_first", "eval_loss_base", "train_loss"):
             value = getattr(c, key)
             if value is not None:

@@ -17,6 +17,7 @@ from compression import CodecConfig, CodecError
 from compression.protocol import ProtocolError, check_id
 from compression.records import RecordError, env_overrides, from_mapping
 from edge_agent.errors import ConfigError
+from edge_agent.privacy import LocalDPConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -164,6 +165,8 @@ class AgentConfig:
     """Stop after this many local rounds (0 = run until stopped)."""
     max_outbox: int = 8
     """Updates kept while the broker is unreachable; training pauses while the outbox is full."""
+    privacy: LocalDPConfig = field(default_factory=LocalDPConfig)
+    """Local differential privacy of each round's delta (``[privacy]``)."""
     signing_key: str | None = None
     """Ed25519 private key (PEM) from ``fedge-coordinator enroll``; every update is signed with it."""
 

@@ -113,10 +113,13 @@ class AgentState:
             stale.unlink(missing_ok=True)  # left by a kill -9 during atomic_write
         self._meta_path = self.root / "state.json"
         self.seq = 0
+        self.dp_rounds = 0
         if self._meta_path.exists():
             try:
-                self.seq = int(json.loads(self._meta_path.read_text())["seq"])
-            except (ValueError, KeyError, TypeError) as exc:
+                meta = json.loads(self._meta_path.read_text())
+                self.seq = int(meta["seq"])
+                self.dp_rounds = int(meta.get("dp_rounds", 0))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise StateError(f"{self._meta_path} is corrupt ({exc}); move it away to start over") from None
         self._recover()
         # Never reuse a sequence number that an outbox entry or the residual already carries.
@@ -143,10 +146,14 @@ class AgentState:
             else:
                 side.unlink()
 
-    def next_seq(self) -> int:
-        """Reserve and persist the next update sequence number."""
+    def next_seq(self, dp_round: bool = False) -> int:
+        """Reserve and persist the next update sequence number (and count a locally noised round).
+
+        The round is counted before its update exists: a crash afterwards over-counts the
+        privacy spent, never under-counts it."""
         self.seq += 1
-        atomic_write(self._meta_path, json.dumps({"seq": self.seq}).encode())
+        self.dp_rounds += int(dp_round)
+        atomic_write(self._meta_path, json.dumps({"seq": self.seq, "dp_rounds": self.dp_rounds}).encode())
         return self.seq
 
     def load_feedback(self) -> ErrorFeedback:
