@@ -144,3 +144,46 @@ def run_federated(
     result.final_loss = result.losses[-1]
     result.seconds = time.monotonic() - t0
     return result
+
+
+def run_buffered(
+    sim: SimModel,
+    datas: list[LocalData],
+    label: str,
+    aggregate: Any,
+    *,
+    ticks: int,
+    train: TrainConfig,
+    poison: Any = None,
+    seed: int = 0,
+    eval_blocks: int = 8,
+    progress: Any = None,
+) -> RunResult:
+    """One buffer per tick: every device trains on the same global version, then
+    ``aggregate(deltas) -> step`` makes the next version (FedBuff with K = the devices).
+
+    ``poison(i, delta, rng) -> delta | None`` replaces device ``i``'s update (None: honest).
+    Uploads are uncompressed here, to isolate aggregation from the codec.
+    """
+    t0 = time.monotonic()
+    state = {k: v.copy() for k, v in sim.v0.items()}
+    rngs = [np.random.default_rng([seed, i]) for i in range(len(datas))]
+    poison_rng = np.random.default_rng([seed, 999])
+    result = RunResult(label, 0.0, 0, 0, 0, 0.0)
+    for _tick in range(ticks):
+        deltas = []
+        for i, data in enumerate(datas):
+            set_trainable(sim.model, state)
+            train_round(sim.model, data, train, rngs[i])
+            local = get_trainable(sim.model)
+            delta = {n: local[n] - state[n] for n in state}
+            if poison is not None:
+                delta = poison(i, delta, poison_rng) or delta
+            deltas.append(delta)
+            if progress is not None:
+                progress()
+        state = apply_delta(state, aggregate(deltas))
+        result.losses.append(union_loss(sim, datas, state, eval_blocks, train.batch_size))
+    result.final_loss = result.losses[-1]
+    result.seconds = time.monotonic() - t0
+    return result
