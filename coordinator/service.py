@@ -307,8 +307,7 @@ class CoordinatorService:
         self._decoded[entry.update_id] = valid.tensors
         if self.cfg.strategy.kind == "fedbuff" and len(self.buffer) >= self.cfg.strategy.buffer_size:
             self._aggregate_buffer()
-        elif self.cfg.strategy.kind == "fedavg":
-            self._maybe_close_round()
+        # FedAvg rounds close in the worker loop, after this batch has committed (see run()).
 
     # The service uses RDP: microseconds per call, and never below PLD, so enforcing a budget
     # with it cannot overspend. `status` and `devices` report the tighter PLD value.
@@ -381,6 +380,7 @@ class CoordinatorService:
         s = self.cfg.strategy
         if s.kind != "fedavg" or not self.buffer:
             return
+        assert not self.store.in_batch, "a round closes only between batches, so that it publishes after its commit"
         target = s.round_participants or max(s.min_participants, sum(1 for on in self._round_online.values() if on))
         waited = time.monotonic() - self._round_started
         if len(self.buffer) >= target or (waited >= s.round_deadline_s and len(self.buffer) >= s.min_participants):

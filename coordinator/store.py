@@ -175,6 +175,7 @@ class Store:
                 self.db.execute("ALTER TABLE devices ADD COLUMN tier TEXT")
         self.db.row_factory = sqlite3.Row
         self._batch_depth = 0
+        self._pending_prune: tuple[int, int] | None = None
 
     def close(self) -> None:
         self.db.close()
@@ -261,7 +262,17 @@ class Store:
                     (entry.device, entry.size, entry.train_loss, now),
                 )
             self.db.execute("UPDATE versions SET delta_frame=NULL WHERE version<=? AND delta_frame IS NOT NULL", (version - keep,))
-        self._prune(version, keep)
+        # Files of older versions go only once this version is committed: inside a batch, the
+        # last committed version may be one that a later, uncommitted version would prune.
+        self._pending_prune = (version, keep)
+        if not self.in_batch:
+            self._flush_prune()
+
+    def _flush_prune(self) -> None:
+        if self._pending_prune is not None:
+            version, keep = self._pending_prune
+            self._pending_prune = None
+            self._prune(version, keep)
 
     def _prune(self, version: int, keep: int) -> None:
         for path in self.versions_dir.glob("v*.safetensors"):
@@ -274,6 +285,10 @@ class Store:
 
     def _tx(self) -> _Transaction:
         return _Transaction(self)
+
+    @property
+    def in_batch(self) -> bool:
+        return self._batch_depth > 0
 
     def batch(self) -> _Transaction:
         """One transaction around many writes (group commit); writes inside it join it."""
@@ -444,3 +459,7 @@ class _Transaction:
         self.store._batch_depth -= 1
         if self.store._batch_depth == 0:
             self.store.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            if exc_type is None:
+                self.store._flush_prune()
+            else:
+                self.store._pending_prune = None

@@ -87,3 +87,23 @@ def test_residual_and_delta_frame_are_stored_with_the_version(tmp_path: Path) ->
     assert set(state) == {"w"}
     assert store.delta_frame(3) == b"frame3" and store.delta_frame(2) == b"frame2"
     assert store.delta_frame(1) is None and store.delta_frame(0) is None  # pruned with the snapshot window
+
+
+def test_a_batch_that_never_commits_leaves_the_last_committed_version_loadable(tmp_path: Path) -> None:
+    """Pruning waits for the commit: uncommitted later versions must not delete the committed one."""
+    store = Store(tmp_path)
+    store.commit_version(0, {"w": np.zeros(2, np.float32)}, None, keep=2)
+    with pytest.raises(RuntimeError), store.batch():
+        for v in range(1, 6):
+            store.commit_version(v, {"w": np.full(2, v, np.float32)}, None, keep=2)
+        raise RuntimeError("kill -9 before the commit")
+    store.close()
+    again = Store(tmp_path)
+    assert again.current_version() == 0
+    state, _ = again.load_version(0)
+    assert state["w"].tolist() == [0.0, 0.0]
+    # A batch that commits prunes afterwards, keeping the window.
+    with again.batch():
+        for v in range(1, 6):
+            again.commit_version(v, {"w": np.full(2, v, np.float32)}, None, keep=2)
+    assert sorted(p.name for p in (tmp_path / "versions").glob("v*.safetensors")) == ["v00000004.safetensors", "v00000005.safetensors"]
