@@ -287,6 +287,12 @@ class CoordinatorService:
                 return
             self._reject(device, rej)
             return
+        if self.dp.enabled:
+            try:
+                self._dp_admit(valid.header.device)
+            except Rejection as rej:
+                self._reject(device, rej)
+                return
         self.store.advance_seq(valid.header.device, valid.header.seq)  # replay protection, in this batch's transaction
         self.staleness_seen.append(valid.staleness)
         self.metrics.accepted.inc()
@@ -295,12 +301,6 @@ class CoordinatorService:
             weight = fedasync_weight(valid.staleness, self.cfg.strategy)
             self._commit_step(fedasync_step(valid.delta, weight), [self._entry(valid, weight)])
             return
-        if self.dp.enabled:
-            try:
-                self._dp_admit(valid.header.device)
-            except Rejection as rej:
-                self._reject(device, rej)
-                return
         entry = self._entry(valid, 0.0)
         self.store.add_to_buffer(entry, valid.frame)
         self.buffer.append(BufferedUpdate(entry, valid.frame))
