@@ -187,3 +187,15 @@ def run_buffered(
     result.final_loss = result.losses[-1]
     result.seconds = time.monotonic() - t0
     return result
+
+
+def buffered_setup(model: str, devices: int, local_steps: int, console: Any) -> tuple[SimModel, list[LocalData], TrainConfig]:
+    """The model, the devices' non-IID data and the training settings of the buffered benchmarks."""
+    sim = load_sim_model(model)
+    if sim.name != "smollm2":
+        console.print("[yellow]SmolLM2 is not installed: using the tiny model[/]")
+    datas = device_data(sim, devices, 128)
+    train = TrainConfig(
+        batch_size=2, seq_len=128, local_steps=local_steps, lr=3e-3, threads=2, gradient_checkpointing=False, loss_chunk_tokens=0
+    )
+    return sim, datas, train

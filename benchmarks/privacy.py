@@ -20,9 +20,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.fedsim import device_data, load_sim_model, run_buffered, union_loss
+from benchmarks.fedsim import buffered_setup, run_buffered, union_loss
 from coordinator.privacy import DPConfig, dp_mean, epsilon
-from edge_agent.config import TrainConfig
 
 DELTA = 1e-5
 
@@ -39,13 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console(stderr=args.json, width=130)
     t_start = time.monotonic()
-    sim = load_sim_model(args.model)
-    if sim.name != "smollm2":
-        console.print("[yellow]SmolLM2 is not installed: using the tiny model[/]")
-    datas = device_data(sim, args.devices, 128)
-    train = TrainConfig(
-        batch_size=2, seq_len=128, local_steps=args.local_steps, lr=3e-3, threads=2, gradient_checkpointing=False, loss_chunk_tokens=0
-    )
+    sim, datas, train = buffered_setup(args.model, args.devices, args.local_steps, console)
     k = args.devices
     norms: list[float] = []
 

@@ -9,7 +9,6 @@ persistent session and redelivers them after a crash.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import logging
@@ -82,7 +81,6 @@ class CoordinatorService:
         self._round_online: dict[str, bool] = {}
         self._round_started = time.monotonic()
         self._new_versions: list[tuple[int, dict[str, np.ndarray], bytes]] = []
-        self.staleness_seen: collections.deque[int] = collections.deque(maxlen=4096)
         limits = cfg.limits
         self.rate = RateLimiter(limits.max_updates_per_minute, limits.rate_burst)
         self.verifier = Verifier(
@@ -294,7 +292,6 @@ class CoordinatorService:
                 self._reject(device, rej)
                 return
         self.store.advance_seq(valid.header.device, valid.header.seq)  # replay protection, in this batch's transaction
-        self.staleness_seen.append(valid.staleness)
         self.metrics.accepted.inc()
         self.metrics.staleness.observe(valid.staleness)
         if self.cfg.strategy.kind == "fedasync":

@@ -87,7 +87,6 @@ class Agent:
         self.notifier = notifier or Notifier(environ={})
         self.state = AgentState(cfg.state_dir)
         self._feedback = self.state.load_feedback()
-        self.last_seq_at_start = self.state.seq
         self._signer = load_signer(cfg.signing_key) if cfg.signing_key else None
         self.transport = AgentTransport(cfg)
         self.stop_event = threading.Event()

@@ -142,21 +142,9 @@ def run_checks(config_path: str, *, skip_model: bool = False, broker_timeout: fl
     return report.failed.exit_code
 
 
-def _pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def show_status(config_path: str, *, as_json: bool = False) -> int:
     from edge_agent.config import load_config, model_cache_dir
-    from edge_agent.state import AgentState, read_status
+    from edge_agent.state import AgentState, pid_alive, read_status
 
     cfg = load_config(config_path)
     root = Path(cfg.state_dir)
@@ -165,7 +153,7 @@ def show_status(config_path: str, *, as_json: bool = False) -> int:
     st = AgentState(root)
     cache = model_cache_dir(cfg)
     hb: dict[str, Any] = dict(read_status(root) or {})
-    running = _pid_alive(hb.get("pid"))
+    running = pid_alive(hb.get("pid"))
     doc = {
         "device": cfg.device_id,
         "fleet": cfg.fleet,

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import ModelError
+from edge_agent.state import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -134,15 +135,7 @@ def _builder_alive(tmp: Path) -> bool:
         pid = int(tmp.name.rsplit("-", 1)[1])
     except (IndexError, ValueError):
         return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid != os.getpid() and pid_alive(pid)
 
 
 def ensure(source: str, root: str | Path, *, in_subprocess: bool = True) -> Path:

@@ -83,6 +83,19 @@ def _read_residual(path: Path) -> tuple[int, ErrorFeedback]:
 STATUS = "status.json"
 
 
+def pid_alive(pid: object) -> bool:
+    """Whether a process with this PID runs (one we may not signal still counts)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_status(root: Path, status_json: bytes, **extra: object) -> None:
     """The last heartbeat, for ``fedge-agent status``. Replaced atomically but not fsynced:
     it is rewritten every heartbeat and need not survive a power cut (spares SD cards)."""
