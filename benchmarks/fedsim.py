@@ -85,6 +85,8 @@ class RunResult:
     bytes_down: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+    """The final global state."""
 
 
 def run_federated(
@@ -143,6 +145,7 @@ def run_federated(
         result.losses.append(union_loss(sim, datas, state, eval_blocks, train.batch_size))
     result.final_loss = result.losses[-1]
     result.seconds = time.monotonic() - t0
+    result.state = state
     return result
 
 

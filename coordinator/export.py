@@ -64,8 +64,41 @@ def _logits(model: Any, tokenizer: Any) -> np.ndarray:
         return model(input_ids=ids).logits.float().numpy()
 
 
-def export(state_dir: str | Path, out: str | Path, source: str, *, version: int | None = None, merged: bool = False) -> dict[str, Any]:
-    """Write the adapter (and the merged model) of ``version`` (default: the latest) to ``out``."""
+def _export_onnx(merged_dir: Path, out: Path, quantize: bool) -> dict[str, Any]:
+    """Run the agent's ONNX exporter in a child process on the merged model (see ``edge_agent.onnx_export``).
+
+    A child process keeps the packages independent and returns the exporter's memory (a second
+    copy of the model, the ONNX graph) to the system when it ends.
+    """
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "edge_agent.onnx_export", "--model", str(merged_dir), "--out", str(out)]
+    proc = subprocess.run(argv + ([] if quantize else ["--no-quantize"]), capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+        raise StoreError(f"ONNX export failed, nothing was written: {tail}")
+    report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    report["out"] = str(out)
+    return report
+
+
+def export(
+    state_dir: str | Path,
+    out: str | Path,
+    source: str,
+    *,
+    version: int | None = None,
+    merged: bool = False,
+    onnx: bool = False,
+    onnx_quantize: bool = True,
+) -> dict[str, Any]:
+    """Write the adapter (and the merged model, and its ONNX export) of ``version`` (default: the latest) to ``out``.
+
+    ``onnx`` implies ``merged``: ``out/onnx`` holds the merged model with a KV cache and 8-bit
+    weights, published only if it matched torch on held-out text (see ``edge_agent.onnx_export``).
+    """
+    merged = merged or onnx
     import torch
     from peft import LoraConfig, PeftModel
     from safetensors.torch import save_file
@@ -143,6 +176,14 @@ def export(state_dir: str | Path, out: str | Path, source: str, *, version: int 
             shutil.rmtree(tmp, ignore_errors=True)
             raise StoreError(f"the merged model differs from base + adapter by {diff:.2e} in its logits; nothing was written")
         report["merged"] = {"dir": str(out / "merged"), "max_logit_diff": diff}
+        if onnx:
+            del peft_model, model, fresh, reloaded, base  # the exporter loads its own copy
+            try:
+                report["onnx"] = _export_onnx(merged_dir, tmp / "onnx", onnx_quantize)
+            except StoreError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            report["onnx"]["out"] = str(out / "onnx")
     if out.exists():
         out.rmdir()
     tmp.rename(out)

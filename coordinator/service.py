@@ -378,7 +378,10 @@ class CoordinatorService:
         if s.kind != "fedavg" or not self.buffer:
             return
         assert not self.store.in_batch, "a round closes only between batches, so that it publishes after its commit"
-        target = s.round_participants or max(s.min_participants, sum(1 for on in self._round_online.values() if on))
+        # The devices online when the round began; a round that began with none online (the
+        # coordinator started before its fleet) waits for the devices online now.
+        online = sum(1 for on in self._round_online.values() if on) or sum(1 for on in self.online.values() if on)
+        target = s.round_participants or max(s.min_participants, online)
         waited = time.monotonic() - self._round_started
         if len(self.buffer) >= target or (waited >= s.round_deadline_s and len(self.buffer) >= s.min_participants):
             log.info("round %d closes with %d updates after %.0fs (target %d)", self.version, len(self.buffer), waited, target)

@@ -60,6 +60,48 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
     return tiny.main(["--out", args.out, "--text-dir", args.text_dir, "--seed", str(args.seed)])
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from edge_agent.errors import ConfigError
+    from edge_agent.inference import LocalModel
+
+    if args.prompt is None and args.prompt_file is None:
+        raise ConfigError("give --prompt TEXT or --prompt-file FILE")
+    prompt = args.prompt
+    if args.prompt_file is not None:
+        try:
+            prompt = open(args.prompt_file, encoding="utf-8").read()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --prompt-file {args.prompt_file}: {exc.strerror}") from None
+    lm = LocalModel(args.model, threads=args.threads)
+    stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    if stream is not None:
+        sys.stdout.write(prompt)
+    gen = lm.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed, on_token=stream)
+    if args.json:
+        print(json.dumps(asdict(gen)))
+    else:
+        sys.stdout.write("\n")
+        log.info(
+            "%d prompt tokens, prefill %.0f ms, %d new tokens at %.1f ms/token (%s)",
+            gen.prompt_tokens,
+            gen.prefill_ms,
+            len(gen.tokens),
+            gen.decode_ms_per_token,
+            gen.stopped,
+        )
+    return 0
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from edge_agent import onnx_export
+
+    argv = ["--model", args.model, "--out", args.out, "--threads", str(args.threads)]
+    return onnx_export.main(argv + (["--no-quantize"] if args.no_quantize else []))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedge-agent", description="fedge edge agent")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -81,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     unit.add_argument("--agent-config", default="/etc/fedge/agent.toml", help="config path the unit passes to `run`")
     unit.add_argument("--venv", default="/opt/fedge/venv", help="virtualenv holding fedge")
     unit.set_defaults(func=_cmd_unit)
+    gen = sub.add_parser("generate", help="generate text locally with an exported ONNX model (onnxruntime, KV cache)")
+    gen.add_argument("--model", required=True, help="directory from `fedge-coordinator export --format onnx` (its onnx/ folder)")
+    gen.add_argument("--prompt", help="prompt text")
+    gen.add_argument("--prompt-file", help="read the prompt from this file")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--threads", type=int, default=2)
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming the text")
+    gen.set_defaults(func=_cmd_generate)
+    exp = sub.add_parser("export-onnx", help="export a merged model directory to ONNX (KV cache, 8-bit), checked against torch")
+    exp.add_argument("--model", required=True, help="merged model directory (e.g. from `fedge-coordinator export --merged`)")
+    exp.add_argument("--out", required=True, help="new directory to write")
+    exp.add_argument("--no-quantize", action="store_true", help="keep fp32 weights")
+    exp.add_argument("--threads", type=int, default=2)
+    exp.set_defaults(func=_cmd_export_onnx)
     tiny = sub.add_parser("make-tiny-model", help="build the tiny test model from a text directory")
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--text-dir", required=True)

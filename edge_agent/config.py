@@ -87,8 +87,13 @@ class TrainConfig:
     """FedProx proximal coefficient (0 = off); 0.01 to 0.1 helps on strongly non-IID data."""
     max_lora_r: int = 64
     """The largest LoRA rank this device accepts; a fleet with a larger rank is refused at start."""
+    slowdown: float = 1.0
+    """Lab testbeds only: after each step, idle ``(slowdown - 1)`` times the step's duration, so that
+    one machine can stand in for devices 3x or 10x slower. Leave at 1 on real devices."""
 
     def __post_init__(self) -> None:
+        if not 1.0 <= self.slowdown <= 1000.0:
+            raise ConfigError(f"train.slowdown must be in [1, 1000], got {self.slowdown}")
         for key in ("threads", "batch_size", "seq_len", "local_steps", "eval_blocks", "max_lora_r"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be at least 1, got {getattr(self, key)}")

@@ -78,6 +78,13 @@ def lm_loss(model: torch.nn.Module, batch: np.ndarray, chunk_tokens: int = 0) ->
     return total / y.numel()
 
 
+def _idle(seconds: float, should_stop: Callable[[], bool]) -> None:
+    """Sleep in short slices, so that a stop request (and the watchdog) is served while idle."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0 and not should_stop():
+        time.sleep(min(left, 0.5))
+
+
 def train_round(
     model: torch.nn.Module,
     data: LocalData,
@@ -103,6 +110,7 @@ def train_round(
     for batch in data.batches(rng, cfg.batch_size, cfg.local_steps):
         if should_stop():
             break
+        step_started = time.monotonic()
         loss = lm_loss(model, batch, cfg.loss_chunk_tokens)
         objective = loss
         if anchors:
@@ -112,6 +120,8 @@ def train_round(
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        if cfg.slowdown > 1.0:
+            _idle((cfg.slowdown - 1.0) * (time.monotonic() - step_started), should_stop)
     model.eval()
     return RoundResult(
         steps=len(losses),

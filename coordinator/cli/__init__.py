@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from coordinator.cli import cmd, demo, devices, enroll, export, history, serve, status, watch
+from coordinator.cli import cmd, demo, devices, enroll, export, history, serve, status, testbed, watch
 from coordinator.errors import CoordinatorError
 
 log = logging.getLogger("coordinator")
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedge-coordinator", description="fedge coordinator and operator CLI")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (serve, status, devices, watch, history, cmd, export, enroll, demo):
+    for module in (serve, status, devices, watch, history, cmd, export, enroll, demo, testbed):
         module.register(sub)
     return parser
 

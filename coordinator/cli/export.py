@@ -15,6 +15,13 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True, help="new directory to write")
     p.add_argument("--version", type=int, help="global version (default: the latest)")
     p.add_argument("--merged", action="store_true", help="also write out/merged: the base with the adapter merged in")
+    p.add_argument(
+        "--format",
+        choices=["peft", "onnx"],
+        default="peft",
+        help="onnx: also out/onnx, the merged model with a KV cache and 8-bit weights for onnxruntime (implies --merged)",
+    )
+    p.add_argument("--no-quantize", action="store_true", help="with --format onnx: keep fp32 weights")
     p.add_argument("--source", help="base model (default: the config's model.source, else smollm2)")
     p.set_defaults(func=run)
 
@@ -27,6 +34,14 @@ def run(args: argparse.Namespace) -> int:
         from coordinator.config import load_config
 
         source = load_config(args.config).model.source
-    report = export(state_dir(args), args.out, source or "smollm2", version=args.version, merged=args.merged)
+    report = export(
+        state_dir(args),
+        args.out,
+        source or "smollm2",
+        version=args.version,
+        merged=args.merged,
+        onnx=args.format == "onnx",
+        onnx_quantize=not args.no_quantize,
+    )
     print(json.dumps(report))
     return 0

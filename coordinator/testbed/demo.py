@@ -72,14 +72,19 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v))
 
 
-def write_toml(path: Path, data: dict[str, Any]) -> Path:
-    """A minimal TOML writer for the flat-plus-tables configs the demo generates."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+def _toml_lines(data: dict[str, Any], prefix: str) -> list[str]:
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if v is not None and not isinstance(v, dict)]
     for k, v in data.items():
         if isinstance(v, dict):
-            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+            name = f"{prefix}.{k}" if prefix else k
+            lines += ["", f"[{name}]", *_toml_lines(v, name)]
+    return lines
+
+
+def write_toml(path: Path, data: dict[str, Any]) -> Path:
+    """A minimal TOML writer for the configs the testbeds generate: scalars, lists and nested tables."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(_toml_lines(data, "")) + "\n")
     return path
 
 

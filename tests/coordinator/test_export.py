@@ -64,3 +64,16 @@ def test_export_refuses_a_non_empty_directory(tmp_path: Path, tiny_model: Path) 
     with pytest.raises(ConfigError, match="not empty"):
         export(state, tmp_path / "out", str(tiny_model))
     assert (tmp_path / "out" / "x").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_onnx_export_of_a_global_version_matches_torch(tmp_path: Path, tiny_model: Path) -> None:
+    import json
+
+    state = _fleet_state(tmp_path, tiny_model)
+    report = export(state, tmp_path / "out", str(tiny_model), onnx=True, onnx_quantize=False)
+    onnx_dir = tmp_path / "out" / "onnx"
+    assert report["onnx"]["out"] == str(onnx_dir) and (onnx_dir / "model.onnx").is_file()
+    check = json.loads((onnx_dir / "fedge-onnx.json").read_text())["check"]
+    assert check["top1_agreement"] >= 0.99 and check["greedy_equal"]
+    assert (tmp_path / "out" / "merged" / "config.json").is_file()  # --format onnx implies --merged

@@ -1,0 +1,316 @@
+"""On-device inference: torch fp32 against the ONNX exports (fp32 and 8-bit weights), with a KV cache.
+
+    python -m benchmarks.inference [--model auto|smollm2|tiny] [--threads 2] [--new-tokens 64] [--json]
+
+The model is SmolLM2-135M as the fleet starts from it (version 0: the base; pass
+``--merged DIR`` for a merged global model). Each runtime is measured in a fresh process,
+so that its peak RSS is its own:
+
+* prefill ms/token over a 128-token prompt, and decode ms/token over greedy generation;
+* next-token NLL and argmax on held-out text (pydoc domains, teacher-forced);
+* top-1 agreement with torch where decoding sees it: torch continues each held-out text's
+  first 32 tokens greedily for 32 tokens, and each runtime, fed the same tokens, names its
+  next token at every generated step (``top1_agreement``); also teacher-forced over the
+  whole text (``top1_agreement_text``), which counts positions where torch's two best tokens
+  are nearly tied;
+* greedy text of the README example prompt.
+
+The ONNX exports come from :func:`edge_agent.onnx_export.export_onnx`, which checks them
+against torch before writing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from edge_agent.onnx_export import EXAMPLE_PROMPT
+
+RUNTIMES = ("torch-fp32", "ort-fp32", "ort-int8")
+
+
+def heldout_texts(n: int = 8) -> list[str]:
+    from coordinator.testbed.corpus import pydoc_domains
+
+    texts = [t for topics in pydoc_domains().values() for t in topics.values()]
+    rng = np.random.default_rng(7)
+    picks = rng.choice(len(texts), size=min(n, len(texts)), replace=False)
+    return [texts[int(i)][:2000] for i in picks]
+
+
+def prepare_model(kind: str, out: Path) -> Path:
+    """A merged Hugging Face directory of the base model (what version 0 merges to)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from coordinator.export import _load_base
+
+    if kind == "tiny":
+        from coordinator.testbed.corpus import pydoc_domains
+        from edge_agent.tiny import build_tiny_model
+
+        texts = [t for topics in pydoc_domains().values() for t in topics.values()]
+        return build_tiny_model(out, texts)
+    model, tokenizer = _load_base("smollm2")
+    fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    fresh.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+# -- one runtime, in its own process ---------------------------------------------------
+
+
+def _nll_argmax(logits: np.ndarray, ids: list[int]) -> tuple[list[float], list[int]]:
+    z = logits[:-1].astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    tgt = np.asarray(ids[1:])
+    return (-logp[np.arange(len(tgt)), tgt]).tolist(), z.argmax(-1).tolist()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss it does not carry the parent's peak over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(
+    runtime: str, model_dir: Path, onnx_dir: Path | None, threads: int, new_tokens: int, prompt_tokens: int, sequences: Path | None
+) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    texts = heldout_texts()
+    prompt_ids = tokenizer.encode(" ".join(texts))[:prompt_tokens]
+    example = tokenizer.encode(EXAMPLE_PROMPT)
+    eos = tokenizer.eos_token_id
+    nll: list[float] = []
+    argmax: list[int] = []
+    if runtime == "torch-fp32":
+        from transformers import AutoModelForCausalLM
+
+        from edge_agent.onnx_export import greedy_torch
+
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+        def forward(ids: list[int]) -> np.ndarray:
+            with torch.no_grad():
+                return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+
+        def greedy(ids: list[int], n: int, stop: int | None) -> list[int]:
+            return greedy_torch(model, ids, n, stop)
+
+    else:
+        from edge_agent.inference import OnnxSession
+        from edge_agent.onnx_export import greedy_onnx
+
+        assert onnx_dir is not None
+        session = OnnxSession(onnx_dir / "model.onnx", threads)
+
+        def forward(ids: list[int]) -> np.ndarray:
+            return session.step(ids, session.empty_cache())[0]
+
+        def greedy(ids: list[int], n: int, stop: int | None) -> list[int]:
+            return greedy_onnx(session, ids, n, stop)
+
+    for text in texts:
+        ids = tokenizer.encode(text)[:256]
+        a, b = _nll_argmax(forward(ids), ids)
+        nll += a
+        argmax += b
+    # Decoding fidelity: torch continues each text's first 32 tokens greedily (sequences it
+    # writes); every runtime, fed those tokens, names its next token at each generated step.
+    if sequences is None:
+        seqs = []
+        for text in texts:
+            prompt = tokenizer.encode(text)[:32]
+            seqs.append([prompt, greedy(prompt, 32, None)])
+    else:
+        seqs = json.loads(sequences.read_text())
+    decode_picks: list[int] = []
+    for prompt, cont in seqs:
+        logits = forward(prompt + cont[:-1])
+        decode_picks += logits[len(prompt) - 1 :].argmax(-1).tolist()
+    forward(prompt_ids[:16])  # warm-up
+    reps = 3
+    t = time.perf_counter()
+    for _ in range(reps):
+        forward(prompt_ids)
+    prefill_ms = (time.perf_counter() - t) / reps / len(prompt_ids) * 1000
+    greedy(prompt_ids[:32], 4, None)  # warm-up of the decode path
+    t = time.perf_counter()
+    gen = greedy(prompt_ids, new_tokens, None)
+    total = time.perf_counter() - t
+    # Decode time: the whole greedy loop less one prefill of the prompt.
+    decode_ms = max(total - prefill_ms * len(prompt_ids) / 1000, 0.0) / max(len(gen) - 1, 1) * 1000
+    example_out = greedy(example, 24, eos)
+    return {
+        "runtime": runtime,
+        "prefill_ms_per_token": prefill_ms,
+        "decode_ms_per_token": decode_ms,
+        "nll": float(np.mean(nll)),
+        "argmax": argmax,
+        "example_tokens": example_out,
+        "example_text": tokenizer.decode(example_out),
+        "peak_rss_mb": peak_rss_mb(),
+        "positions": len(argmax),
+        "decode_picks": decode_picks,
+        "sequences": seqs,
+    }
+
+
+def run_child(runtime: str, args: argparse.Namespace, model_dir: Path, onnx_dir: Path | None, sequences: Path | None) -> dict[str, Any]:
+    argv = [sys.executable, "-m", "benchmarks.inference", "--measure", runtime, "--merged", str(model_dir)]
+    if sequences is not None:
+        argv += ["--sequences", str(sequences)]
+    argv += ["--threads", str(args.threads), "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens)]
+    if onnx_dir is not None:
+        argv += ["--onnx-dir", str(onnx_dir)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{runtime} measurement failed:\n{proc.stderr[-3000:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.inference", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["auto", "smollm2", "tiny"], default="auto")
+    parser.add_argument("--merged", help="a merged model directory to use instead of the base model")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--workdir", help="keep the model and exports here (default: a temp dir)")
+    parser.add_argument("--measure", choices=RUNTIMES, help=argparse.SUPPRESS)
+    parser.add_argument("--onnx-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--sequences", help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if args.measure:
+        onnx_dir = Path(args.onnx_dir) if args.onnx_dir else None
+        seqs = Path(args.sequences) if args.sequences else None
+        print(json.dumps(measure(args.measure, Path(args.merged), onnx_dir, args.threads, args.new_tokens, args.prompt_tokens, seqs)))
+        return 0
+    from benchmarks.fedsim import smollm2_available
+    from edge_agent.onnx_export import export_onnx
+
+    console = Console(stderr=True, width=130)
+    t0 = time.monotonic()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="fedge-inference-"))
+    work.mkdir(parents=True, exist_ok=True)
+    kind = args.model if args.model != "auto" else ("smollm2" if smollm2_available() else "tiny")
+    if args.merged:
+        model_dir, kind = Path(args.merged), "merged"
+    else:
+        model_dir = work / f"{kind}-merged"
+        if not (model_dir / "config.json").is_file():
+            console.print(f"preparing the {kind} model ...")
+            prepare_model(kind, model_dir)
+    exports: dict[str, Any] = {}
+    for name, quantize in (("ort-fp32", False), ("ort-int8", True)):
+        out = work / name
+        if not (out / "model.onnx").is_file():
+            console.print(f"exporting {name} (checked against torch before it is written) ...")
+            # The tiny random-init model is only a smoke test: its near-uniform logits make argmax ties.
+            export_onnx(
+                model_dir,
+                out,
+                quantize=quantize,
+                threads=args.threads,
+                min_top1=0.0 if kind == "tiny" else 0.99,
+                max_rel_nll=1.0 if kind == "tiny" else 0.01,
+                require_greedy_equal=kind != "tiny",
+            )
+        exports[name] = out
+    results: dict[str, dict[str, Any]] = {}
+    seq_file = work / "sequences.json"
+    for runtime in RUNTIMES:
+        console.print(f"measuring {runtime} in a fresh process ...")
+        results[runtime] = run_child(runtime, args, model_dir, exports.get(runtime), seq_file if runtime != "torch-fp32" else None)
+        if runtime == "torch-fp32":
+            seq_file.write_text(json.dumps(results[runtime]["sequences"]))
+    ref = results["torch-fp32"]
+    chosen = [t for _, cont in ref["sequences"] for t in cont]
+    for r in results.values():
+        r["top1_agreement"] = float(np.mean(np.asarray(r["decode_picks"]) == np.asarray(chosen)))
+        r["top1_agreement_text"] = float(np.mean(np.asarray(r["argmax"]) == np.asarray(ref["argmax"])))
+        r["rel_nll_increase"] = (r["nll"] - ref["nll"]) / ref["nll"]
+        r["same_example_text"] = r["example_tokens"] == ref["example_tokens"]
+        r["speedup_decode"] = ref["decode_ms_per_token"] / r["decode_ms_per_token"]
+        r["speedup_prefill"] = ref["prefill_ms_per_token"] / r["prefill_ms_per_token"]
+        path = exports.get(r["runtime"])
+        r["size_mb"] = round((path / "model.onnx").stat().st_size / 2**20, 1) if path else None
+    table = Table(title=f"{kind}, {args.threads} threads, prompt {args.prompt_tokens} tokens, greedy {args.new_tokens} new tokens")
+    for col in (
+        "runtime",
+        "prefill ms/token",
+        "decode ms/token",
+        "decode speedup",
+        "file MB",
+        "peak RSS MB",
+        "top-1 vs torch",
+        "NLL",
+        "NLL vs torch",
+    ):
+        table.add_column(col, justify="left" if col == "runtime" else "right")
+    for r in results.values():
+        table.add_row(
+            r["runtime"],
+            f"{r['prefill_ms_per_token']:.2f}",
+            f"{r['decode_ms_per_token']:.1f}",
+            f"{r['speedup_decode']:.2f}x",
+            "-" if r["size_mb"] is None else f"{r['size_mb']:.0f}",
+            f"{r['peak_rss_mb']:.0f}",
+            f"{r['top1_agreement']:.2%}",
+            f"{r['top1_agreement_text']:.2%}",
+            f"{r['nll']:.4f}",
+            f"{r['rel_nll_increase']:+.2%}",
+        )
+    console.print(table)
+    q = results["ort-int8"]
+    console.print(f"example prompt {EXAMPLE_PROMPT!r}: torch {ref['example_text']!r}")
+    console.print(f"  ORT 8-bit: {q['example_text']!r} ({'same tokens' if q['same_example_text'] else 'DIFFERENT tokens'})")
+    out = {
+        "model": kind,
+        "threads": args.threads,
+        "speedup_decode": q["speedup_decode"],
+        "speedup_prefill": q["speedup_prefill"],
+        "top1_agreement": q["top1_agreement"],
+        "top1_agreement_text": q["top1_agreement_text"],
+        "rel_nll_increase": q["rel_nll_increase"],
+        "size_mb": q["size_mb"],
+        "peak_rss_mb": q["peak_rss_mb"],
+        "same_example_text": q["same_example_text"],
+        "example_prompt": EXAMPLE_PROMPT,
+        "example_text": q["example_text"],
+        "runtimes": {
+            k: {kk: vv for kk, vv in r.items() if kk not in ("argmax", "example_tokens", "decode_picks", "sequences")}
+            for k, r in results.items()
+        },
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    if args.json:
+        print(json.dumps(out))
+    ok = q["speedup_decode"] >= 3 and q["top1_agreement"] >= 0.99 and q["rel_nll_increase"] <= 0.01 and q["same_example_text"]
+    return 0 if ok or kind == "tiny" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

