@@ -77,7 +77,7 @@ def run_one(kind: str, args: argparse.Namespace, run_dir: Path, console: Console
     finally:
         codes = bed.stop()
     report = bed.report(codes)
-    start = bed.sim_start_at
+    start = bed.sim_start_at if bed.sim_start_at is not None else bed.t0
     history = bed.scorer.history if bed.scorer else []
     hit = next(((t, v, loss) for t, v, loss in history if loss is not None and loss <= args.target), None)
     diverged = hit is None and any(loss is not None and loss > 3.0 for _, _, loss in history)

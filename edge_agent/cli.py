@@ -76,10 +76,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ConfigError(f"cannot read --prompt-file {args.prompt_file}: {exc.strerror}") from None
     lm = LocalModel(args.model, threads=args.threads)
-    stream = None if args.json else (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-    if stream is not None:
+
+    def stream(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    if not args.json:
         sys.stdout.write(prompt)
-    gen = lm.generate(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed, on_token=stream)
+    gen = lm.generate(
+        prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed, on_token=None if args.json else stream
+    )
     if args.json:
         print(json.dumps(asdict(gen)))
     else:

@@ -13,8 +13,10 @@ is not used: it breaks this model (top-1 agreement with torch falls to 64%).
 
 Nothing is published unless it passes the check on held-out text: along torch's greedy
 continuations of the text's first tokens, the export must pick torch's token at ``min_top1``
-of the steps; teacher-forced over the whole text, at ``min_top1_text`` of the positions (a
-floor that catches broken quantization: near-tied positions flip under any 8-bit weights);
+of the steps; teacher-forced over the whole text, at ``min_top1_text`` of the positions.
+Both are floors that catch a broken export (``quantize_dynamic`` scores 64%), not 100%:
+positions where torch's two best tokens are within a few tenths of a logit flip under any
+8-bit weights (SmolLM2: 96-97% with int8 activations, 98.5% even with fp32 activations);
 its NLL must be within ``max_rel_nll`` of torch's; and greedy generation of the example
 prompt must give the same tokens. The directory is written by temp dir and rename.
 
@@ -109,7 +111,7 @@ def build_kv_module(hf_model: Any) -> Any:
     kv_heads = getattr(cfg, "num_key_value_heads", heads) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
 
-    class KVLlama(nn.Module):
+    class KVLlama(nn.Module):  # type: ignore[name-defined,misc]
         def __init__(self) -> None:
             super().__init__()
             self.layers = inner.layers
@@ -301,7 +303,7 @@ def export_onnx(
     *,
     quantize: bool = True,
     check_texts: tuple[str, ...] | list[str] = CHECK_TEXTS,
-    min_top1: float = 0.99,
+    min_top1: float = 0.95,
     min_top1_text: float = 0.9,
     max_rel_nll: float = 0.01,
     require_greedy_equal: bool = True,
@@ -390,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="new directory to write")
     parser.add_argument("--no-quantize", action="store_true", help="keep fp32 weights")
     parser.add_argument("--check-text", action="append", default=[], help="file of held-out text for the check (repeatable)")
-    parser.add_argument("--min-top1", type=float, default=0.99, help="top-1 agreement along greedy decoding")
+    parser.add_argument("--min-top1", type=float, default=0.95, help="top-1 agreement along greedy decoding")
     parser.add_argument("--min-top1-text", type=float, default=0.9, help="teacher-forced top-1 agreement over the text")
     parser.add_argument("--max-rel-nll", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=2)

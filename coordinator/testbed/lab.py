@@ -41,7 +41,7 @@ from coordinator.config import ModelSpecConfig
 from coordinator.errors import ConfigError
 from coordinator.store import Store
 from coordinator.strategy import StrategyConfig
-from coordinator.testbed.broker import MosquittoBroker, free_port
+from coordinator.testbed.broker import Broker, MosquittoBroker, free_port
 from coordinator.testbed.corpus import write_all_text, write_device_corpus
 from coordinator.testbed.demo import MODEL_TRAIN, smollm2_available, write_toml
 from coordinator.testbed.mirror import GlobalMirror
@@ -127,6 +127,8 @@ class SimSettings:
 
 @dataclass(frozen=True)
 class TestbedConfig:
+    __test__ = False  # not a pytest test class, despite its name
+
     duration_s: float = 60.0
     fleet: str = "lab"
     seed: int = 0
@@ -211,7 +213,7 @@ class VersionScorer:
         )
         self.client.on_connect = lambda c, u, f, r, p: c.subscribe([(t, 1) for t in self.mirror.topics])
         self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.2, 2)
+        self.client.reconnect_delay_set(1, 2)
         self.client.connect(host, port, keepalive=30)
         self.client.loop_start()
 
@@ -245,7 +247,7 @@ class Testbed:
         self.run_dir = run_dir
         self.console = console or Console(stderr=True)
         self.children = ChildGroup()
-        self.broker: MosquittoBroker | None = None
+        self.broker: Broker | None = None
         self.link: ImpairedLink | None = None
         self.real: dict[str, Child] = {}
         self.real_argv: dict[str, list[str]] = {}
@@ -259,6 +261,11 @@ class Testbed:
         self.t0 = 0.0
         self.rng = random.Random(cfg.seed)
         self._killed: dict[str, float] = {}
+        self._kills = 0
+        self._broker_phase = 0
+        self._broker_back = 0.0
+        self.sim_start_at: float | None = None
+        self.coord_state = run_dir / "coordinator" / "state"
 
     def event(self, what: str) -> None:
         self.events.append(Event(time.time() - self.t0, what))
@@ -314,7 +321,6 @@ class Testbed:
                 **({"downlink": asdict(cfg.downlink)} if cfg.downlink else {}),
             },
         )
-        self.coord_state = coord_cfg.parent / "state"
         self.children.add(
             Child(
                 "coordinator", [sys.executable, "-m", "coordinator", "serve", "--config", str(coord_cfg)], run / "logs" / "coordinator.log"
@@ -348,8 +354,9 @@ class Testbed:
         # Speed is assigned by group but domains by index: shuffle so that each process, and each
         # speed tier, holds a mix of domains (stragglers are not all of one kind of data).
         self.rng.shuffle(devices)
-        start_at = self.t0 + cfg.start_delay_s + (time.time() - self.t0)
-        end_at = self.t0 + cfg.duration_s + cfg.start_delay_s + 3600  # the testbed stops them by PID first
+        start_at = time.time() + cfg.start_delay_s
+        # The testbed stops the fleet processes by PID; end_at only bounds orphans of a testbed that died.
+        end_at = start_at + cfg.duration_s + 600
         for impaired in (False, True):
             part = [d for d in devices if d[1].impaired == impaired]
             if not part:
@@ -441,7 +448,7 @@ class Testbed:
         if not c.kill_every_s or not self.real:
             return
         due = int((now - self.t0) // c.kill_every_s)
-        if due > getattr(self, "_kills", 0):
+        if due > self._kills:
             self._kills = due
             alive = [d for d, ch in self.real.items() if d not in self._killed and ch.returncode is None]
             if alive:
@@ -458,7 +465,7 @@ class Testbed:
         b = self.cfg.broker_restart
         if not b.at_s or self.broker is None:
             return
-        phase = getattr(self, "_broker_phase", 0)
+        phase = self._broker_phase
         if phase == 0 and now - self.t0 >= b.at_s:
             pid = self.broker.pid
             self.broker.kill() if b.kill else self.broker.stop()
@@ -502,7 +509,8 @@ class Testbed:
 
     def run(self, stop_when: Callable[[VersionScorer], bool] | None = None, live: bool = True) -> str:
         """Run until the duration ends (or ``stop_when(scorer)``); returns why it stopped."""
-        deadline = self.t0 + self.cfg.duration_s + (getattr(self, "sim_start_at", self.t0) - self.t0)
+        started = self.sim_start_at if self.sim_start_at is not None else self.t0
+        deadline = started + self.cfg.duration_s
         reason = "duration"
         with Live(console=self.console, refresh_per_second=1, transient=False, auto_refresh=False) as view:
             while (remaining := deadline - time.time()) > 0:

@@ -119,8 +119,8 @@ class _Client:
             self.mqtt.username_pw_set(plan.username, plan.password)
         self.mqtt.on_socket_open = self._sock_open
         self.mqtt.on_socket_close = self._sock_close
-        self.mqtt.on_socket_register_write = lambda c, u, s: fleet.sel.modify(s, selectors.EVENT_READ | selectors.EVENT_WRITE, self)
-        self.mqtt.on_socket_unregister_write = lambda c, u, s: fleet.sel.modify(s, selectors.EVENT_READ, self)
+        self.mqtt.on_socket_register_write = self._want_write
+        self.mqtt.on_socket_unregister_write = self._done_writing
         self.mqtt.on_connect = self._on_connect
         self.mqtt.on_disconnect = self._on_disconnect
         self.mqtt.on_message = self._on_message
@@ -129,10 +129,16 @@ class _Client:
         self.backoff = RECONNECT_MIN_S
         self.refused = 0
 
-    def _sock_open(self, c: mqtt.Client, u: Any, sock: socket.socket) -> None:
+    def _sock_open(self, c: mqtt.Client, u: Any, sock: Any) -> None:
         self.fleet.sel.register(sock, selectors.EVENT_READ, self)
 
-    def _sock_close(self, c: mqtt.Client, u: Any, sock: socket.socket) -> None:
+    def _want_write(self, c: mqtt.Client, u: Any, sock: Any) -> None:
+        self.fleet.sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self)
+
+    def _done_writing(self, c: mqtt.Client, u: Any, sock: Any) -> None:
+        self.fleet.sel.modify(sock, selectors.EVENT_READ, self)
+
+    def _sock_close(self, c: mqtt.Client, u: Any, sock: Any) -> None:
         try:
             self.fleet.sel.unregister(sock)
         except (KeyError, ValueError):
@@ -201,7 +207,7 @@ class _Client:
 
     def drop(self) -> None:
         """Close the socket without DISCONNECT, as a device that loses power does."""
-        sock = self.mqtt.socket()
+        sock: Any = self.mqtt.socket()
         self.connected = False
         if sock is not None:
             try:
