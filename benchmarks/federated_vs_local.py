@@ -59,7 +59,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.0))
-    colors = {"base": "grey", "local-only": "tab:orange", "federated": "tab:blue", "centralized": "tab:green"}
+    colors = {"base": "grey", "local-only": "tab:orange", "federated": "tab:blue", "federated-fp32": "tab:cyan", "centralized": "tab:green"}
     ax.bar(range(len(rows)), [r["union_loss"] for r in rows], color=[colors[r["kind"]] for r in rows])
     ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=30, ha="right")
     lo = min(r["union_loss"] for r in rows)
@@ -77,11 +77,12 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.federated_vs_local", description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=5)
-    parser.add_argument("--ticks", type=int, default=6, help="federated ticks (each device trains one round per tick)")
+    parser.add_argument("--ticks", type=int, default=10, help="federated ticks (each device trains one round per tick)")
     parser.add_argument("--local-steps", type=int, default=3)
     parser.add_argument("--eval-blocks", type=int, default=8, help="held-out blocks per device")
     parser.add_argument("--model", choices=["auto", "smollm2", "tiny"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--uncompressed", action="store_true", help="also run federated with uncompressed fp32 links (a reference)")
     parser.add_argument("--plot", default=str(Path(__file__).parent.parent / "docs" / "img" / "federated_vs_local.png"))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -102,10 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"model {sim.name}, {args.devices} devices (non-IID pydoc domains), {args.ticks} ticks x {args.local_steps} steps")
     add("base", "base", sim.v0, 0.0)
     t = time.monotonic()
+    # The product's links: the default uplink codec and the coordinator's default downlink.
+    downlink = CodecConfig(topk_fraction=0.02, values="int8")
     fed = run_federated(
-        sim, datas, "federated", CodecConfig(), CodecConfig(), ticks=args.ticks, train=train, strategy=FedAsyncConfig(), seed=args.seed
+        sim, datas, "federated", CodecConfig(), downlink, ticks=args.ticks, train=train, strategy=FedAsyncConfig(), seed=args.seed
     )
     add("federated", "federated (async)", fed.state, time.monotonic() - t)
+    if args.uncompressed:
+        t = time.monotonic()
+        raw = run_federated(
+            sim, datas, "federated-fp32", None, None, ticks=args.ticks, train=train, strategy=FedAsyncConfig(), seed=args.seed
+        )
+        add("federated-fp32", "federated, fp32 links", raw.state, time.monotonic() - t)
     for i, data in enumerate(datas):
         t = time.monotonic()
         state = train_alone(sim, data, train, args.ticks, seed=args.seed * 1000 + i)
