@@ -57,3 +57,11 @@ def test_device_id_must_be_a_safe_topic_segment() -> None:
 def test_invalid_toml_is_reported_with_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_config(_write(tmp_path, "device_id = \n"), environ={})
+
+
+def test_slowdown_is_a_lab_setting_bounded_below_by_one() -> None:
+    from edge_agent.config import TrainConfig
+
+    assert TrainConfig().slowdown == 1.0
+    with pytest.raises(ConfigError, match="train.slowdown"):
+        TrainConfig(slowdown=0.5)
