@@ -88,6 +88,32 @@ def write_toml(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+def build_tiny_model(run: Path) -> str:
+    """Build the tiny model from the pydoc corpus in a child process; returns its directory."""
+    text = write_all_text(run / "corpus")
+    model_dir = run / "tiny-model"
+    Child(
+        "make-tiny-model",
+        [sys.executable, "-m", "edge_agent", "make-tiny-model", "--out", str(model_dir), "--text-dir", str(text)],
+        run / "logs" / "make-tiny-model.log",
+    ).start().proc.wait(300)  # type: ignore[union-attr]
+    if not (model_dir / "config.json").is_file():
+        raise RuntimeError(f"building the tiny model failed; see {run / 'logs' / 'make-tiny-model.log'}")
+    return str(model_dir)
+
+
+def build_model_cache(source: str, run: Path) -> Path:
+    """One int8 cache for every agent on this machine, built once before they start (each agent
+    would otherwise convert the GGUF itself, at 1.2 GB and 20 s apiece)."""
+    cache = run / "model-cache"
+    Child(
+        "model-cache",
+        [sys.executable, "-m", "edge_agent.modelcache", "--source", source, "--cache-root", str(cache)],
+        run / "logs" / "model-cache.log",
+    ).start().proc.wait(600)  # type: ignore[union-attr]
+    return cache
+
+
 class Demo:
     def __init__(self, plan: DemoPlan, console: Console) -> None:
         self.plan = plan
@@ -100,20 +126,10 @@ class Demo:
     # -- setup -----------------------------------------------------------------------
 
     def _model_source(self) -> str:
-        run = self.plan.run_dir
         if self.plan.model == "smollm2":
             return "smollm2"
-        text = write_all_text(run / "corpus")
-        model_dir = run / "tiny-model"
         self.console.print("building the tiny model from the corpus ...")
-        Child(
-            "make-tiny-model",
-            [sys.executable, "-m", "edge_agent", "make-tiny-model", "--out", str(model_dir), "--text-dir", str(text)],
-            run / "logs" / "make-tiny-model.log",
-        ).start().proc.wait(300)  # type: ignore[union-attr]
-        if not (model_dir / "config.json").is_file():
-            raise RuntimeError(f"building the tiny model failed; see {run / 'logs' / 'make-tiny-model.log'}")
-        return str(model_dir)
+        return build_tiny_model(self.plan.run_dir)
 
     def start(self) -> None:
         run = self.plan.run_dir
@@ -133,15 +149,8 @@ class Demo:
             },
         )
         self.coord_state = coord_cfg.parent / "state"
-        # One int8 cache for every agent on this machine, built once before they start
-        # (each agent would otherwise convert the GGUF itself, at 1.2 GB and 20 s apiece).
         self.console.print("building the int8 model cache once for all agents ...")
-        cache = run / "model-cache"
-        Child(
-            "model-cache",
-            [sys.executable, "-m", "edge_agent.modelcache", "--source", source, "--cache-root", str(cache)],
-            run / "logs" / "model-cache.log",
-        ).start().proc.wait(600)  # type: ignore[union-attr]
+        cache = build_model_cache(source, run)
         self.children.add(
             Child(
                 "coordinator", [sys.executable, "-m", "coordinator", "serve", "--config", str(coord_cfg)], run / "logs" / "coordinator.log"

@@ -42,8 +42,8 @@ from coordinator.errors import ConfigError
 from coordinator.store import Store
 from coordinator.strategy import StrategyConfig
 from coordinator.testbed.broker import Broker, MosquittoBroker, free_port
-from coordinator.testbed.corpus import write_all_text, write_device_corpus
-from coordinator.testbed.demo import MODEL_TRAIN, smollm2_available, write_toml
+from coordinator.testbed.corpus import write_device_corpus
+from coordinator.testbed.demo import MODEL_TRAIN, build_model_cache, build_tiny_model, smollm2_available, write_toml
 from coordinator.testbed.mirror import GlobalMirror
 from coordinator.testbed.monitor import FleetMonitor
 from coordinator.testbed.netem import ImpairedLink, Impairment
@@ -284,16 +284,7 @@ class Testbed:
             return "smollm2"
         if model == "sim":
             return str(write_sim_model(run / "sim-model", cfg.sim.hidden, cfg.sim.layers))
-        text = write_all_text(run / "corpus")
-        out = run / "tiny-model"
-        Child(
-            "make-tiny-model",
-            [sys.executable, "-m", "edge_agent", "make-tiny-model", "--out", str(out), "--text-dir", str(text)],
-            run / "logs" / "make-tiny-model.log",
-        ).start().proc.wait(300)  # type: ignore[union-attr]
-        if not (out / "config.json").is_file():
-            raise RuntimeError(f"building the tiny model failed; see {run / 'logs' / 'make-tiny-model.log'}")
-        return str(out)
+        return build_tiny_model(run)
 
     def start(self) -> None:
         cfg, run = self.cfg, self.run_dir
@@ -394,13 +385,8 @@ class Testbed:
 
     def _start_real(self, source: str, port: int) -> None:
         cfg, run = self.cfg, self.run_dir
-        cache = run / "model-cache"
         self.console.print("building the int8 model cache once for all real agents ...")
-        Child(
-            "model-cache",
-            [sys.executable, "-m", "edge_agent.modelcache", "--source", source, "--cache-root", str(cache)],
-            run / "logs" / "model-cache.log",
-        ).start().proc.wait(600)  # type: ignore[union-attr]
+        cache = build_model_cache(source, run)
         train = MODEL_TRAIN["smollm2" if source == "smollm2" else "tiny"]
         i = 0
         for g in cfg.agents:
