@@ -31,7 +31,6 @@ from coordinator.strategy import StrategyConfig
 from coordinator.testbed.lab import AgentGroup, SimSettings, Testbed, TestbedConfig, VersionScorer
 
 STRATEGIES = ("fedasync", "fedbuff", "fedavg")
-RESULTS = Path(__file__).parent / "results"
 
 
 def fleet_groups(devices: int, mix: tuple[float, float, float]) -> tuple[AgentGroup, ...]:

@@ -35,8 +35,6 @@ from edge_agent.data import LocalData
 from edge_agent.model import get_trainable, set_trainable
 from edge_agent.train import evaluate, train_round
 
-RESULTS = Path(__file__).parent / "results"
-
 
 def train_alone(sim: Any, data: LocalData, train: Any, rounds: int, seed: int) -> dict[str, np.ndarray]:
     """``rounds`` local rounds from version 0 on one dataset, as a device that never federates."""

@@ -35,7 +35,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from edge_agent.onnx_export import EXAMPLE_PROMPT
+from edge_agent.onnx_export import EXAMPLE_PROMPT, token_nll
 
 RUNTIMES = ("torch-fp32", "ort-fp32", "ort-int8")
 
@@ -75,10 +75,7 @@ def prepare_model(kind: str, out: Path) -> Path:
 
 def _nll_argmax(logits: np.ndarray, ids: list[int]) -> tuple[list[float], list[int]]:
     z = logits[:-1].astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    tgt = np.asarray(ids[1:])
-    return (-logp[np.arange(len(tgt)), tgt]).tolist(), z.argmax(-1).tolist()
+    return token_nll(z, np.asarray(ids[1:])).tolist(), z.argmax(-1).tolist()
 
 
 def peak_rss_mb() -> float:

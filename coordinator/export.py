@@ -79,7 +79,6 @@ def _export_onnx(merged_dir: Path, out: Path, quantize: bool) -> dict[str, Any]:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
         raise StoreError(f"ONNX export failed, nothing was written: {tail}")
     report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    report["out"] = str(out)
     return report
 
 

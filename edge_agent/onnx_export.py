@@ -241,7 +241,7 @@ def greedy_torch(model: Any, ids: list[int], max_new: int, eos: int | None) -> l
     return out
 
 
-def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
     return -logp[np.arange(len(targets)), targets]
@@ -266,8 +266,8 @@ def check_against_torch(
         text_agree += int((ref[:-1].argmax(-1) == got[:-1].argmax(-1)).sum())
         text_total += len(ids) - 1
         target = np.asarray(ids[1:])
-        nll_t.append(_nll(ref[:-1].astype(np.float64), target))
-        nll_o.append(_nll(got[:-1].astype(np.float64), target))
+        nll_t.append(token_nll(ref[:-1].astype(np.float64), target))
+        nll_o.append(token_nll(got[:-1].astype(np.float64), target))
         # Decoding: torch continues the first tokens greedily; the export, fed the same tokens,
         # must pick the token torch picked at each generated position.
         prompt = ids[: min(32, len(ids) - 1)]

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -168,7 +168,7 @@ class TestbedConfig:
         return sum(g.count for g in self.agents if g.kind == "real")
 
 
-def load_testbed_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TestbedConfig:
+def load_testbed_config(path: str | Path) -> TestbedConfig:
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -176,7 +176,6 @@ def load_testbed_config(path: str | Path, overrides: dict[str, Any] | None = Non
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    data.update(overrides or {})
     try:
         return from_mapping(TestbedConfig, data, str(path))
     except (RecordError, ValueError) as exc:
@@ -493,7 +492,7 @@ class Testbed:
             t.caption = (t.caption + "\n" if t.caption else "") + f"{e.t:6.1f}s  {e.what}"
         return t
 
-    def run(self, stop_when: Callable[[VersionScorer], bool] | None = None, live: bool = True) -> str:
+    def run(self, stop_when: Callable[[VersionScorer], bool] | None = None) -> str:
         """Run until the duration ends (or ``stop_when(scorer)``); returns why it stopped."""
         started = self.sim_start_at if self.sim_start_at is not None else self.t0
         deadline = started + self.cfg.duration_s
@@ -507,8 +506,7 @@ class Testbed:
                 if stop_when is not None and self.scorer is not None and stop_when(self.scorer):
                     reason = "target"
                     break
-                if live:
-                    view.update(self._table(remaining), refresh=True)
+                view.update(self._table(remaining), refresh=True)
                 time.sleep(0.25 if stop_when else 1.0)
         return reason
 
@@ -620,7 +618,3 @@ def run_testbed(cfg: TestbedConfig, run_dir: Path, as_json: bool = False) -> int
         print(json.dumps(report))
     bad = {k: v for k, v in codes.items() if v not in (0, None, -9, -15)}
     return 0 if not bad else 1
-
-
-def with_overrides(cfg: TestbedConfig, **kw: Any) -> TestbedConfig:
-    return replace(cfg, **kw)

@@ -425,14 +425,17 @@ class SimFleet:
             while self.timers and self.timers[0][0] <= now:
                 _, _, fn = heapq.heappop(self.timers)
                 fn()
-            timeout = min(0.05, max(0.0, (self.timers[0][0] - time.time()) if self.timers else 0.05))
-            for key, mask in self.sel.select(timeout):
-                client: _Client = key.data
-                if mask & selectors.EVENT_READ:
-                    client.mqtt.loop_read()
-                if mask & selectors.EVENT_WRITE:
-                    client.mqtt.loop_write()
+            self._pump(min(0.05, max(0.0, (self.timers[0][0] - time.time()) if self.timers else 0.05)))
         return self.shutdown(time.time() - t0)
+
+    def _pump(self, timeout: float) -> None:
+        """Serve every connection whose socket is ready, waiting at most ``timeout``."""
+        for key, mask in self.sel.select(timeout):
+            client: _Client = key.data
+            if mask & selectors.EVENT_READ:
+                client.mqtt.loop_read()
+            if mask & selectors.EVENT_WRITE:
+                client.mqtt.loop_write()
 
     def shutdown(self, elapsed: float) -> dict[str, Any]:
         self.stopping = True
@@ -441,12 +444,7 @@ class SimFleet:
                 d.client.mqtt.publish(protocol.device_status(self.plan.fleet, d.spec.id), d.status_payload("offline"), qos=1, retain=True)
         deadline = time.time() + 5.0
         while time.time() < deadline and any(c.connected and c.mqtt.want_write() for c in self.clients):
-            for key, mask in self.sel.select(0.05):
-                client: _Client = key.data
-                if mask & selectors.EVENT_READ:
-                    client.mqtt.loop_read()
-                if mask & selectors.EVENT_WRITE:
-                    client.mqtt.loop_write()
+            self._pump(0.05)
         for c in self.clients:
             if c.connected:
                 c.mqtt.disconnect()
