@@ -46,7 +46,7 @@ from coordinator.config import ModelSpecConfig
 from coordinator.initial import initial_state
 from coordinator.store import Store
 from coordinator.testbed.broker import MosquittoBroker, free_port
-from coordinator.testbed.demo import write_toml
+from coordinator.testbed.demo import LAB_LIMITS, serve_argv, write_toml
 from coordinator.testbed.processes import Child
 
 FLEET = "bench"
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         {
             "fleet": FLEET,
             "state_dir": "state",
+            "limits": LAB_LIMITS,
             "heartbeat_s": 5.0,
             "metrics_port": metrics_port,
             "broker": {"port": broker.port},
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     coordinator = Child(
-        "coordinator", [sys.executable, "-m", "coordinator", "serve", "--config", str(cfg)], work / "coordinator.log"
+        "coordinator", serve_argv(cfg), work / "coordinator.log"
     ).start()
     fleet = None
     phases = []

@@ -77,12 +77,35 @@ class NonFiniteError(FrameError):
 
 @dataclass(frozen=True)
 class FrameLimits:
-    """Bounds the decoder enforces before allocating anything."""
+    """Bounds the decoder enforces before allocating anything.
+
+    The decompressed body is never larger than ``max_body_bytes`` (the zstd header's
+    declared size is checked first, and decompression streams under a hard cap), and the
+    tensors a frame declares hold at most ``max_total_numel`` elements together, so that a
+    small frame can never make a receiver allocate much more than its limits.
+    """
 
     max_frame_bytes: int = 64 << 20
     max_body_bytes: int = 256 << 20
     max_tensors: int = 4096
     max_numel: int = 1 << 28
+    max_total_numel: int = 1 << 28
+
+    @classmethod
+    def for_shapes(cls, shapes: Mapping[str, tuple[int, ...]], max_frame_bytes: int) -> FrameLimits:
+        """The tightest limits that still admit any frame over tensors of ``shapes``: a dense fp32
+        or sparse record of every tensor in any coding (at most 12 bytes an element: a u32 index, a
+        per-value scale and a code), names and headers included."""
+        numels = [int(np.prod(s, dtype=np.int64)) for s in shapes.values()] or [1]
+        total = int(sum(numels))
+        body = 4 + sum(12 * n + 64 + MAX_NAME_BYTES + 4 * MAX_NDIM for n in numels)
+        return cls(
+            max_frame_bytes=max_frame_bytes,
+            max_body_bytes=body,
+            max_tensors=max(1, len(shapes)),
+            max_numel=max(numels),
+            max_total_numel=total,
+        )
 
 
 @dataclass(frozen=True)
@@ -242,13 +265,44 @@ def decode_frame(data: bytes, limits: FrameLimits = FrameLimits()) -> Frame:
     (crc,) = _CRC.unpack_from(data, _HEADER.size + comp_len)
     if zlib.crc32(comp, zlib.crc32(data[: _HEADER.size])) != crc:
         raise ChecksumError("frame checksum mismatch")
+    body = _decompress(comp, body_len)
+    return Frame(FrameKind(kind), _decode_body(body, limits, version))
+
+
+_CHUNK = 1 << 20
+
+
+def _decompress(comp: bytes, body_len: int) -> bytes:
+    """Exactly ``body_len`` bytes out of one zstd frame, never allocating more.
+
+    python-zstandard's one-shot ``decompress`` allocates whatever the zstd header declares
+    and ignores ``max_output_size`` when a size is declared, so a 411-byte frame can ask
+    for 64 GiB. The declared size must equal the (already bounded) body length, and the
+    stream is read under a hard cap as well, in case the header lies.
+    """
     try:
-        body = zstandard.ZstdDecompressor().decompress(comp, max_output_size=body_len)
+        declared = zstandard.frame_content_size(comp)
+    except zstandard.ZstdError as exc:
+        raise FrameError(f"zstd frame header is invalid: {exc}") from None
+    if declared < 0:
+        raise FrameError("zstd frame does not declare its content size (fedge frames always do)")
+    if declared != body_len:
+        raise FrameError(f"zstd frame declares {declared} bytes, the frame header says {body_len}")
+    parts: list[bytes] = []
+    got = 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(comp, read_across_frames=False) as reader:
+            while got <= body_len:
+                piece = reader.read(min(_CHUNK, body_len + 1 - got))
+                if not piece:
+                    break
+                parts.append(piece)
+                got += len(piece)
     except zstandard.ZstdError as exc:
         raise FrameError(f"zstd decompression failed: {exc}") from None
-    if len(body) != body_len:
-        raise FrameError(f"body is {len(body)} bytes after decompression, header says {body_len}")
-    return Frame(FrameKind(kind), _decode_body(body, limits, version))
+    if got != body_len:
+        raise FrameError(f"body is {'more than ' if got > body_len else ''}{got} bytes after decompression, header says {body_len}")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _decode_body(body: bytes, limits: FrameLimits, version: int) -> dict[str, SparseTensor]:
@@ -259,8 +313,12 @@ def _decode_body(body: bytes, limits: FrameLimits, version: int) -> dict[str, Sp
     decoded: dict[str, SparseTensor] = {}
     order: list[str] = []
     batch = _VarintBatch()
+    total_numel = 0
     for i in range(count):
         head = _read_header(r, i, limits, version)
+        total_numel += head.numel
+        if total_numel > limits.max_total_numel:
+            raise LimitError(f"frame declares more than {limits.max_total_numel} elements in all (at tensor {head.name!r})")
         if head.name in decoded or head.name in batch.names:
             raise FrameError(f"tensor {head.name!r} appears twice")
         order.append(head.name)

@@ -8,7 +8,12 @@ Topic names are built only here (see ``docs/protocol.md``)::
     fl/<fleet>/devices/<id>/update      device -> coord  envelope + frame
     fl/<fleet>/devices/<id>/status      device -> all    JSON, retained, LWT offline
     fl/<fleet>/devices/<id>/cmd         coord -> device  JSON
+    fl/<fleet>/devices/<id>/ack         coord -> device  JSON, retained, signed: the last update processed
     fl/<fleet>/coordinator/status       coord -> all     JSON, retained, LWT offline
+
+The global meta and every ack carry an Ed25519 signature by the fleet key (the meta names
+the sha256 of the delta and the snapshot, so it binds them too). Signing and verifying
+go through callables, so that this package needs no key material and no crypto library.
 
 Every parser here validates its input completely and raises
 :class:`~compression.errors.ProtocolError` naming the bad field.
@@ -22,7 +27,7 @@ import math
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from compression.errors import LimitError, ProtocolError
@@ -66,6 +71,10 @@ def device_status(fleet: str, device: str) -> str:
 
 def device_cmd(fleet: str, device: str) -> str:
     return f"fl/{check_id(fleet, 'fleet')}/devices/{check_id(device, 'device id')}/cmd"
+
+
+def device_ack(fleet: str, device: str) -> str:
+    return f"fl/{check_id(fleet, 'fleet')}/devices/{check_id(device, 'device id')}/ack"
 
 
 def coordinator_status(fleet: str) -> str:
@@ -128,6 +137,45 @@ def _str(obj: dict[str, Any], key: str, what: str, max_len: int = 256) -> str:
     if not isinstance(v, str) or not 0 < len(v) <= max_len:
         raise ProtocolError(f"{what}: {key!r} must be a non-empty string of at most {max_len} characters, got {v!r}")
     return v
+
+
+# --- signed JSON (global meta, acks) ---------------------------------------------------
+
+Signer = Callable[[bytes], bytes]
+"""Bytes to sign -> signature (the fleet key's ``sign``)."""
+Verifier = Callable[[bytes, bytes], bool]
+"""``(signature, message) -> valid`` (the fleet's public key)."""
+
+META_CONTEXT = b"fedge global meta v1\x00"
+ACK_CONTEXT = b"fedge ack v1\x00"
+
+
+def _canonical(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _signed_message(context: bytes, obj: dict[str, Any]) -> bytes:
+    return context + _canonical({k: v for k, v in obj.items() if k != "signature"})
+
+
+def _check_signature(obj: dict[str, Any], context: bytes, verify: Verifier | None, what: str) -> str:
+    """The object's hex signature; with ``verify``, it must be present and valid."""
+    sig = obj.get("signature", "")
+    if not isinstance(sig, str) or (sig and not re.fullmatch(r"[0-9a-f]{2,256}", sig)):
+        raise ProtocolError(f"{what}: 'signature' must be hex, got {sig!r}")
+    if verify is None:
+        return sig
+    if not sig:
+        raise SignatureError(f"{what} is not signed by the fleet key")
+    if not verify(bytes.fromhex(sig), _signed_message(context, obj)):
+        raise SignatureError(f"{what}: the fleet key's signature does not verify (forged or tampered)")
+    return sig
+
+
+class SignatureError(ProtocolError):
+    """A global message is unsigned, or its signature does not verify against the fleet key."""
+
+    reason = "bad_signature"
 
 
 # --- update envelope --------------------------------------------------------------------
@@ -270,14 +318,22 @@ class GlobalMeta:
     model: dict[str, Any] = field(default_factory=dict)
     """The trainable spec: model id, tier, LoRA rank/alpha/targets. Agents must match it."""
     protocol: int = PROTOCOL_VERSION
+    signature: str = ""
+    """Hex Ed25519 signature by the fleet key over every other field (empty: unsigned, lab only)."""
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
+        return _canonical(asdict(self))
+
+    def signed(self, signer: Signer) -> GlobalMeta:
+        """This meta with the fleet key's signature."""
+        return replace(self, signature=signer(_signed_message(META_CONTEXT, asdict(self))).hex())
 
     @classmethod
-    def from_json(cls, payload: bytes) -> GlobalMeta:
+    def from_json(cls, payload: bytes, verify: Verifier | None = None) -> GlobalMeta:
+        """Parse a meta; with ``verify`` (the fleet's public key) refuse it unless the fleet key signed it."""
         what = "global meta"
         obj = _load_json_object(payload, what)
+        signature = _check_signature(obj, META_CONTEXT, verify, what)
         protocol = _int(obj, "protocol", what)
         if protocol != PROTOCOL_VERSION:
             raise ProtocolError(f"{what}: protocol {protocol} is not supported (this side speaks {PROTOCOL_VERSION})")
@@ -300,6 +356,62 @@ class GlobalMeta:
             delta_bytes=_int(obj, "delta_bytes", what) if has_delta else None,
             model=model,
             protocol=protocol,
+            signature=signature,
+        )
+
+
+@dataclass(frozen=True)
+class UpdateAck:
+    """The coordinator's end-to-end acknowledgement of a device's update, retained per device.
+
+    A broker's PUBACK only says the broker took a message; this says the coordinator
+    durably applied, buffered or refused it. The agent keeps an update in its outbox
+    until an ack names its ``update_id``.
+    """
+
+    device: str
+    seq: int
+    update_id: str
+    outcome: str
+    """``applied``, ``buffered`` (durably waiting for aggregation) or ``rejected``."""
+    reason: str | None = None
+    """The rejection reason code and detail, for ``rejected``."""
+    version: int = 0
+    """The coordinator's global version when it processed the update."""
+    ts: float = 0.0
+    signature: str = ""
+
+    OUTCOMES = ("applied", "buffered", "rejected")
+
+    def to_json(self) -> bytes:
+        return _canonical(asdict(self))
+
+    def signed(self, signer: Signer) -> UpdateAck:
+        return replace(self, signature=signer(_signed_message(ACK_CONTEXT, asdict(self))).hex())
+
+    @classmethod
+    def from_json(cls, payload: bytes, verify: Verifier | None = None) -> UpdateAck:
+        what = "update ack"
+        obj = _load_json_object(payload, what)
+        unknown = set(obj) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ProtocolError(f"{what}: unknown fields {sorted(unknown)}")
+        signature = _check_signature(obj, ACK_CONTEXT, verify, what)
+        outcome = obj.get("outcome")
+        if outcome not in cls.OUTCOMES:
+            raise ProtocolError(f"{what}: 'outcome' must be one of {cls.OUTCOMES}, got {outcome!r}")
+        reason = obj.get("reason")
+        if reason is not None and (not isinstance(reason, str) or len(reason) > 600):
+            raise ProtocolError(f"{what}: 'reason' must be a string of at most 600 characters")
+        return cls(
+            device=check_id(_str(obj, "device", what, 64), "device id"),
+            seq=_int(obj, "seq", what),
+            update_id=_str(obj, "update_id", what, 128),
+            outcome=str(outcome),
+            reason=reason,
+            version=_int(obj, "version", what),
+            ts=_float(obj, "ts", what) or 0.0,
+            signature=signature,
         )
 
 
@@ -324,6 +436,8 @@ class DeviceStatus:
     metrics: dict[str, float] = field(default_factory=dict)
     tier: str | None = None
     """``lora`` or ``embedding`` (absent from agents older than the embedding tier)."""
+    detail: str | None = None
+    """Why the device is not training, when it says (a refused global spec, a schedule, a full outbox)."""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
@@ -352,7 +466,10 @@ class DeviceStatus:
         tier = obj.get("tier")
         if tier is not None and tier not in ("lora", "embedding"):
             raise ProtocolError(f"{what}: 'tier' must be 'lora' or 'embedding', got {tier!r}")
-        return cls(state=state, version=version, ts=ts, profile=profile, metrics=metrics, tier=tier)
+        detail = obj.get("detail")
+        if detail is not None and (not isinstance(detail, str) or len(detail) > 500):
+            raise ProtocolError(f"{what}: 'detail' must be a string of at most 500 characters")
+        return cls(state=state, version=version, ts=ts, profile=profile, metrics=metrics, tier=tier, detail=detail)
 
 
 def encode_command(command: str) -> bytes:

@@ -39,10 +39,27 @@ class BrokerConfig:
     password: str | None = None
     session_expiry_s: int = 86400
     """How long the broker keeps unacknowledged updates for the coordinator while it is down."""
+    tls: bool = False
+    """Connect over TLS (the shipped broker config listens with TLS only, on 8883)."""
+    cafile: str | None = None
+    """CA certificate that signed the broker's certificate (the fleet CA); None = the system's CAs."""
+    certfile: str | None = None
+    """Client certificate (with ``use_identity_as_username``, its CN is the MQTT user name)."""
+    keyfile: str | None = None
+    """Private key of ``certfile``."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"broker.port must be in 1..65535, got {self.port}")
+        if (self.cafile or self.certfile or self.keyfile) and not self.tls:
+            raise ConfigError("broker.cafile, broker.certfile and broker.keyfile need broker.tls = true")
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ConfigError("broker.certfile and broker.keyfile go together")
+
+    @property
+    def client_id(self) -> str | None:
+        """The MQTT client id is the broker identity (the user name), never chosen freely."""
+        return self.username
 
 
 @dataclass(frozen=True)
@@ -71,18 +88,48 @@ class LimitsConfig:
     """What an update may be."""
 
     max_update_bytes: int = 16 << 20
-    allow_unknown_devices: bool = True
-    """Accept unsigned updates from devices that were never enrolled (lab use; set false in production)."""
-    require_signatures: bool = False
-    """Refuse every unsigned update, enrolled device or not."""
+    allow_unknown_devices: bool = False
+    """Accept unsigned updates from devices that were never enrolled (lab mode only: the daemon warns)."""
+    require_signatures: bool = True
+    """Refuse every unsigned update, enrolled device or not (turning it off is lab mode: the daemon warns)."""
+    norm_bound: Literal["adaptive", "fixed", "off"] = "adaptive"
+    """How update norms are bounded: relative to the fleet's recent median (``adaptive``), by
+    ``max_update_norm`` (``fixed``), or not at all (``off``). See ``coordinator.influence``."""
     max_update_norm: float = 0.0
-    """Reject updates whose L2 norm exceeds this (0 = off)."""
+    """The fixed norm bound; with ``adaptive``, an absolute ceiling when positive."""
+    norm_factor: float = 4.0
+    """Adaptive bound: this many times the recent median norm (or, while warming up, the global state's norm)."""
+    norm_window: int = 64
+    """Adaptive bound: accepted updates whose norms form the median."""
+    norm_warmup: int = 5
+    """Adaptive bound: norms needed before the median is used."""
+    max_num_samples: int = 100_000
+    """Absolute cap on the sample count an update is weighted with."""
+    sample_factor: float = 4.0
+    """A device's sample count is capped at this many times the median of the other devices' last counts."""
     devices: tuple[str, ...] = ()
     """Devices accepted when ``allow_unknown_devices`` is false."""
     max_updates_per_minute: float = 0.0
     """Per-device rate limit (token bucket, burst of the same size; 0 = off)."""
     rate_burst: int = 0
     """Updates a device may send at once before the rate applies (0 = one minute's worth)."""
+
+    def __post_init__(self) -> None:
+        if self.norm_bound not in ("adaptive", "fixed", "off"):
+            raise ConfigError(f"limits.norm_bound must be adaptive, fixed or off, got {self.norm_bound!r}")
+        if self.norm_bound == "fixed" and self.max_update_norm <= 0:
+            raise ConfigError("limits.norm_bound = 'fixed' needs a positive limits.max_update_norm")
+        if self.norm_factor <= 1.0 or self.sample_factor < 1.0:
+            raise ConfigError(
+                f"limits.norm_factor must be above 1 and limits.sample_factor at least 1, got {self.norm_factor}, {self.sample_factor}"
+            )
+        if self.norm_window < 1 or self.norm_warmup < 1 or self.max_num_samples < 1:
+            raise ConfigError("limits.norm_window, limits.norm_warmup and limits.max_num_samples must be at least 1")
+
+    @property
+    def lab_mode(self) -> bool:
+        """Whether unsigned or unenrolled updates are accepted: fine on a lab bench, never in production."""
+        return self.allow_unknown_devices or not self.require_signatures
 
 
 @dataclass(frozen=True)
@@ -107,6 +154,8 @@ class CoordinatorConfig:
     """Port of the Prometheus ``/metrics`` endpoint (0 = off)."""
     metrics_host: str = "127.0.0.1"
     """Address the metrics endpoint binds to."""
+    quarantine_max_files: int = 100
+    """Messages whose handling failed, kept in ``<state_dir>/quarantine`` for inspection (oldest dropped)."""
 
     def __post_init__(self) -> None:
         try:
@@ -146,4 +195,11 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     source = cfg.model.source
     if source != "smollm2" and not Path(source).is_absolute():
         source = str((base / source).resolve())
-    return replace(cfg, state_dir=str((base / cfg.state_dir).resolve()), model=replace(cfg.model, source=source))
+    b = cfg.broker
+    tls = {k: None if getattr(b, k) is None else str((base / str(getattr(b, k))).resolve()) for k in ("cafile", "certfile", "keyfile")}
+    return replace(
+        cfg,
+        state_dir=str((base / cfg.state_dir).resolve()),
+        model=replace(cfg.model, source=source),
+        broker=replace(b, **tls),  # type: ignore[arg-type]
+    )

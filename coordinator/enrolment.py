@@ -26,8 +26,11 @@ from typing import Any
 
 from compression.protocol import check_id
 from coordinator.errors import ConfigError
-from coordinator.identity import new_key, write_private
+from coordinator.identity import fleet_key, new_key, public_hex, write_private
 from coordinator.store import Store
+
+RESERVED = frozenset({"coordinator", "operator", "admin", "root", "mosquitto"})
+"""Broker identities that the ACL gives more than a device's rights; never a device id."""
 
 
 def _passwd(args: list[str]) -> None:
@@ -45,6 +48,16 @@ def set_password(password_file: Path, user: str, password: str) -> None:
     create = [] if password_file.exists() else ["-c"]
     _passwd([*create, "-b", str(password_file), user, password])
     os.chmod(password_file, 0o640)
+
+
+def _has_user(password_file: Path, user: str) -> bool:
+    try:
+        lines = password_file.read_text().splitlines()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise ConfigError(f"cannot read {password_file}: {exc.strerror}") from None
+    return any(line.split(":", 1)[0] == user for line in lines)
 
 
 def delete_password(password_file: Path, user: str) -> None:
@@ -132,8 +145,25 @@ def enroll(
     broker_port: int,
     password_file: Path | None = None,
     ca_dir: Path | None = None,
+    force: bool = False,
+    max_samples: int | None = None,
 ) -> dict[str, Any]:
+    """Issue a device's identity. Refuses reserved names, and a device already enrolled unless ``force``
+    (which replaces its key and password: the old ones stop working)."""
     check_id(device, "device id")
+    if device.lower() in RESERVED or device.lower().startswith("coordinator"):
+        raise ConfigError(f"{device!r} is a reserved broker identity (it has more than a device's rights); choose another device id")
+    if max_samples is not None and max_samples < 1:
+        raise ConfigError(f"--max-samples must be at least 1, got {max_samples}")
+    store = Store(state_dir, create=True)
+    try:
+        if store.identity(device) is not None and not force:
+            raise ConfigError(f"device {device!r} is already enrolled; pass --force to replace its key and password")
+        if password_file is not None and not force and _has_user(password_file, device):
+            raise ConfigError(f"{password_file} already has a user {device!r}; pass --force to replace its password")
+        fleet_public = public_hex(fleet_key(state_dir, create=True))
+    finally:
+        store.close()
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; enrolment writes secrets only into a new directory")
@@ -151,6 +181,8 @@ def enroll(
         'data_dir = "/srv/fedge-data"',
         'state_dir = "/var/lib/fedge-agent"',
         f'signing_key = "{key_path.name}"',
+        "# The fleet key's public half: the agent refuses global state not signed by it.",
+        f'fleet_public_key = "{fleet_public}"',
         "",
         "[broker]",
         f'host = "{broker_host}"',
@@ -158,6 +190,10 @@ def enroll(
     ]
     if password_file is not None:
         lines += [f'username = "{device}"', f'password = "{password}"']
+    if ca_dir is not None:
+        lines += ["tls = true", 'cafile = "ca.crt"', f'certfile = "{device}.crt"', f'keyfile = "{device}.pem"']
+    elif broker_port == 8883:
+        lines += ["tls = true", '# cafile = "ca.crt"   # the CA of the broker\'s certificate, if not a public one']
     files = [key_path.name, "agent.toml"]
     if ca_dir is not None:
         issue_cert(ca_dir, device, out / f"{device}.pem", out / f"{device}.crt")
@@ -168,17 +204,24 @@ def enroll(
     with os.fdopen(fd, "w") as fh:
         fh.write("# Written by `fedge-coordinator enroll`; keep it secret (it holds the broker password).\n")
         fh.write("\n".join(lines) + "\n")
-    store = Store(state_dir)
+    store = Store(state_dir, create=True)
     try:
-        store.enroll(device, public)
+        store.enroll(device, public, max_samples)
     finally:
         store.close()
-    return {"device": device, "out": str(out), "files": files, "public_key": public.hex(), "password_file": str(password_file or "")}
+    return {
+        "device": device,
+        "out": str(out),
+        "files": files,
+        "public_key": public.hex(),
+        "fleet_public_key": fleet_public,
+        "password_file": str(password_file or ""),
+    }
 
 
 def revoke(state_dir: str | Path, device: str, *, password_file: Path | None = None) -> bool:
     check_id(device, "device id")
-    store = Store(state_dir)
+    store = Store(state_dir, create=False)
     try:
         if store.identity(device) is None:
             raise ConfigError(f"device {device!r} is not enrolled")

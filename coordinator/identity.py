@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from compression.protocol import Envelope
-from coordinator.errors import Rejection
+from coordinator.errors import Rejection, StoreError
 from coordinator.store import Store
 
 
@@ -80,3 +80,29 @@ class Verifier:
         if env.header.seq <= int(ident["last_seq"]):
             raise Rejection("replayed", f"sequence number {env.header.seq} of {device!r} is not above {ident['last_seq']}")
         return True
+
+
+FLEET_KEY = "fleet.key"
+"""The fleet key's private half, in the coordinator's state directory (0600)."""
+
+
+def fleet_key(state_dir: str | Path, *, create: bool) -> Ed25519PrivateKey:
+    """The fleet's Ed25519 key, which signs every global meta and ack; created on first use with ``create``."""
+    path = Path(state_dir) / FLEET_KEY
+    if not path.exists():
+        if not create:
+            raise StoreError(f"{path} is missing: the fleet key signs the global model; restore it, or start a new fleet with --init")
+        pem, _ = new_key()
+        write_private(path, pem)
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise StoreError(f"{path}: cannot load the fleet key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise StoreError(f"{path}: not an Ed25519 key")
+    return key
+
+
+def public_hex(key: Ed25519PrivateKey) -> str:
+    """The raw public key in hex: what goes into ``fleet_public_key`` of every agent."""
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()

@@ -25,6 +25,12 @@ class Metrics:
         r = self.registry
         self.accepted = Counter("fedge_updates_accepted", "Updates accepted (applied or buffered)", ["fleet"], registry=r).labels(**labels)
         self.rejected = Counter("fedge_updates_rejected", "Updates rejected, by reason", ["fleet", "reason"], registry=r)
+        self.duplicates = Counter(
+            "fedge_updates_duplicate",
+            "Resent updates that were already processed (confirmed again, not applied twice)",
+            ["fleet"],
+            registry=r,
+        ).labels(**labels)
         self.applied = Counter("fedge_updates_applied", "Updates aggregated into a global version", ["fleet"], registry=r).labels(**labels)
         self.staleness = Histogram(
             "fedge_update_staleness", "Staleness of accepted updates (versions)", ["fleet"], buckets=STALENESS_BUCKETS, registry=r

@@ -5,23 +5,35 @@ handles messages in order, so the global state has a single writer. Updates are
 acknowledged to the broker (``manual_ack``) only after they are durably committed or
 durably rejected; the broker keeps unacknowledged messages in the coordinator's
 persistent session and redelivers them after a crash.
+
+No message can take the service down. Each one is handled inside a savepoint of the
+batch's transaction: if its handling raises, its writes and in-memory effects are undone,
+it is refused as ``handler_error`` (counted), its payload is quarantined, and it is
+acknowledged, so that the broker never redelivers a poison message forever. A storage
+fault (a full disk, a damaged database) is not the message's fault: the batch is rolled
+back, nothing is acknowledged, and the batch is retried with a growing delay.
+
+Every update the coordinator processes gets an end-to-end ack: a retained, fleet-signed
+message on ``fl/<fleet>/devices/<id>/ack`` naming the update and its outcome, published
+after the commit. Agents keep an update until its ack arrives, so an update the broker
+loses (a kill -9 between autosaves, a hijacked session) is resent, never lost.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from compression import (
     CodecError,
@@ -35,22 +47,31 @@ from compression import (
     state_digest,
 )
 from compression.frame import SparseTensor
-from compression.protocol import DeviceStatus, GlobalMeta, TrainableSpec
+from compression.protocol import DeviceStatus, GlobalMeta, TrainableSpec, UpdateAck, UpdateHeader
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import BrokerError, Rejection, StoreError
-from coordinator.identity import Verifier
+from coordinator.identity import Verifier, fleet_key
+from coordinator.influence import cap_samples, norm_bound
 from coordinator.initial import initial_state
 from coordinator.metrics import Metrics
+from coordinator.mqtt import connect_kwargs, make_client
 from coordinator.privacy import dp_mean, epsilon
+from coordinator.quarantine import Quarantine
 from coordinator.ratelimit import RateLimiter
 from coordinator.store import BufferedUpdate, LedgerEntry, Store
 from coordinator.strategy import WeightedUpdate, buffered_step, fedasync_step, fedasync_weight, staleness_weight, update_weights
-from coordinator.validate import ValidUpdate, validate_update
+from coordinator.validate import ValidUpdate, validate_envelope
 
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 64
 """Queued messages handled in one transaction (one fsync)."""
+STORAGE_RETRY_MAX_S = 60.0
+"""Longest wait between retries of a batch that hit a storage fault."""
+SAMPLE_WINDOW = 64
+"""Devices whose last sample counts bound the next device's claim."""
+STORAGE_ERRORS = (StoreError, sqlite3.Error, OSError)
+"""Faults of the machine, not of a message: the batch is retried, nothing is acknowledged."""
 
 
 @dataclass(frozen=True)
@@ -65,18 +86,43 @@ class _Message:
 class CoordinatorService:
     """Owns the store and the global state; call :meth:`run` to serve until ``stop()``."""
 
-    def __init__(self, cfg: CoordinatorConfig) -> None:
+    def __init__(self, cfg: CoordinatorConfig, *, init: bool = False) -> None:
+        """Open the fleet in ``cfg.state_dir``; ``init`` starts a new one there if none exists."""
         self.cfg = cfg
-        self.store = Store(cfg.state_dir)
-        self.spec, self.version, self.state, self.downlink = self._load_or_init()
+        self.store = Store(cfg.state_dir, create=init)
+        try:
+            self.spec, self.version, self.state, self.downlink = self._load_or_init(init)
+            self._signer = fleet_key(cfg.state_dir, create=False).sign
+            self.buffer = self.store.buffered()  # accepted before a restart, not yet aggregated
+            # Decoded (sparse) tensors of the buffered updates, by update id: decoded once, on arrival.
+            self._decoded: dict[str, dict[str, SparseTensor]] = {
+                b.entry.update_id: dict(decode_frame(b.frame).tensors) for b in self.buffer
+            }
+        except CodecError as exc:
+            self.store.close()
+            raise StoreError(
+                f"{cfg.state_dir}: a stored update or version does not decode ({exc}); run `fedge-coordinator check`"
+            ) from None
+        except BaseException:
+            self.store.close()
+            raise
+        if cfg.limits.lab_mode:
+            log.warning(
+                "LAB MODE: this coordinator accepts %s; never run a production fleet like this",
+                "updates from devices that were never enrolled" if cfg.limits.allow_unknown_devices else "unsigned updates",
+            )
         self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}
+        self._global_norm = self._norm_of(self.state)
+        self._norms: collections.deque[float] = collections.deque(self.store.recent_norms(cfg.limits.norm_window), cfg.limits.norm_window)
+        self._samples: collections.OrderedDict[str, int] = collections.OrderedDict(list(self.store.last_samples().items())[-SAMPLE_WINDOW:])
+        self.duplicates = 0
+        self._acks_out: list[UpdateAck] = []
+        self._degraded: str | None = None
+        self.quarantine = Quarantine(f"{cfg.state_dir}/quarantine", max_files=cfg.quarantine_max_files)
         # Counted once here and kept current in memory: COUNT(*) over the ledger on every
         # update would grow with the fleet's history.
         self.counts = self.store.counts()
         self.rejections = self.store.rejection_counts()
-        self.buffer = self.store.buffered()  # accepted before a restart, not yet aggregated
-        # Decoded (sparse) tensors of the buffered updates, by update id: decoded once, on arrival.
-        self._decoded: dict[str, dict[str, SparseTensor]] = {b.entry.update_id: dict(decode_frame(b.frame).tensors) for b in self.buffer}
         self.online: dict[str, bool] = {}
         self._round_online: dict[str, bool] = {}
         self._round_started = time.monotonic()
@@ -102,16 +148,22 @@ class CoordinatorService:
         self._last_status = 0.0
         self.client = self._make_client()
 
-    def _load_or_init(self) -> tuple[TrainableSpec, int, dict[str, np.ndarray], ErrorFeedback]:
+    def _load_or_init(self, init: bool) -> tuple[TrainableSpec, int, dict[str, np.ndarray], ErrorFeedback]:
         version = self.store.current_version()
         spec_json = self.store.get_meta("spec")
         if version is not None and spec_json is not None:
-            spec = TrainableSpec.from_dict(json.loads(spec_json))
+            try:
+                spec = TrainableSpec.from_dict(json.loads(spec_json))
+            except (ValueError, CodecError) as exc:
+                raise StoreError(f"{self.cfg.state_dir}: the stored trainable spec is unreadable ({exc})") from None
             state, residual = self.store.load_version(version)
             log.info("resuming at version %d (%d tensors)", version, len(state))
             return spec, version, state, ErrorFeedback(residual)
         if version is not None:
             raise StoreError(f"{self.cfg.state_dir}: versions exist but the trainable spec is missing")
+        if not init:
+            raise StoreError(f"{self.cfg.state_dir} holds no fleet yet; start a new one with `fedge-coordinator serve --init`")
+        fleet_key(self.cfg.state_dir, create=True)
         spec, state = initial_state(self.cfg.model)
         self.store.set_meta("spec", json.dumps(spec.to_dict(), sort_keys=True))
         self.store.commit_version(0, state, None, self.cfg.keep_versions)
@@ -122,16 +174,7 @@ class CoordinatorService:
 
     def _make_client(self) -> mqtt.Client:
         b = self.cfg.broker
-        v5 = b.protocol == "5"
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"coordinator-{self.cfg.fleet}",
-            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if v5 else False,
-            manual_ack=True,
-        )
-        if b.username:
-            client.username_pw_set(b.username, b.password)
+        client = make_client(b, b.client_id or f"coordinator-{self.cfg.fleet}", manual_ack=True, persistent=True)
         client.reconnect_delay_set(1, 30)
         client.will_set(protocol.coordinator_status(self.cfg.fleet), json.dumps({"state": "offline"}).encode(), qos=1, retain=True)
         client.on_connect = self._on_connect
@@ -166,13 +209,8 @@ class CoordinatorService:
 
     def run(self) -> None:
         b = self.cfg.broker
-        kwargs: dict[str, object] = {}
-        if b.protocol == "5":
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = b.session_expiry_s
-            kwargs = {"clean_start": False, "properties": props}
         try:
-            self.client.connect(b.host, b.port, keepalive=b.keepalive, **kwargs)  # type: ignore[arg-type]
+            self.client.connect(b.host, b.port, keepalive=b.keepalive, **connect_kwargs(b, persistent=True))
         except OSError as exc:
             raise BrokerError(f"cannot connect to the broker at {b.host}:{b.port}: {exc}") from None
         self.client.loop_start()
@@ -180,24 +218,7 @@ class CoordinatorService:
             self.metrics_port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
         try:
             while not self.stop_event.is_set():
-                try:
-                    first = self.inbox.get(timeout=0.5)
-                except queue.Empty:
-                    first = None
-                batch: list[_Message | str] = [] if first is None else [first]
-                while len(batch) < BATCH_MAX:
-                    try:
-                        batch.append(self.inbox.get_nowait())
-                    except queue.Empty:
-                        break
-                if "connected" in batch:
-                    self._publish_global(self.store.delta_frame(self.version))
-                messages = [m for m in batch if isinstance(m, _Message)]
-                if messages:
-                    self._process(messages)
-                self._maybe_close_round()
-                if time.monotonic() - self._last_status >= self.cfg.heartbeat_s:
-                    self._publish_status("online")
+                self._serve_once()
         finally:
             self._publish_status("offline")
             self.client.disconnect()
@@ -205,18 +226,59 @@ class CoordinatorService:
             self.metrics.close()
             self.store.close()
 
+    def _serve_once(self) -> None:
+        """One turn of the worker: a batch of messages, a round check, a heartbeat."""
+        try:
+            first = self.inbox.get(timeout=0.5)
+        except queue.Empty:
+            first = None
+        batch: list[_Message | str] = [] if first is None else [first]
+        while len(batch) < BATCH_MAX:
+            try:
+                batch.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        if "connected" in batch:
+            try:
+                delta = self.store.delta_frame(self.version)
+            except STORAGE_ERRORS as exc:
+                log.error("cannot read the last delta to republish it (%s); publishing the snapshot only", exc)
+                delta = None
+            self._publish_global(delta)
+        messages = [m for m in batch if isinstance(m, _Message)]
+        if messages:
+            self._process(messages)
+        self._maybe_close_round()
+        if time.monotonic() - self._last_status >= self.cfg.heartbeat_s:
+            self._publish_status("online")
+
     def _process(self, messages: list[_Message]) -> None:
         """Handle queued messages in one transaction (group commit), then publish, then acknowledge.
 
         Nothing is acknowledged or published before the commit: a crash inside the batch
-        loses only unacknowledged work, which the broker redelivers.
+        loses only unacknowledged work, which the broker redelivers. A storage fault rolls
+        the batch back and retries it, with a growing delay, until it commits or the
+        service stops (then the broker redelivers it to the next start).
         """
-        self._new_versions = []
-        with self.store.batch():
-            for msg in messages:
-                self._handle(msg)
-        for _version, state, frame in self._new_versions:
-            self._publish_global(frame, state=state, version=_version)
+        delay = 1.0
+        while True:
+            mark = self._mark()
+            try:
+                with self.store.batch():
+                    for msg in messages:
+                        self._handle_guarded(msg)
+                break
+            except STORAGE_ERRORS as exc:
+                self._restore(mark)
+                self._degraded = f"storage error: {exc}"
+                log.error("storage error, %d message(s) not acknowledged; retrying in %.0fs: %s", len(messages), delay, exc)
+                if self.stop_event.wait(delay):
+                    return
+                delay = min(2 * delay, STORAGE_RETRY_MAX_S)
+        if self._degraded:
+            log.info("storage works again")
+            self._degraded = None
+        self._after_commit()
         now = time.monotonic()
         for msg in messages:
             self._ack(msg)
@@ -225,9 +287,93 @@ class CoordinatorService:
         self.metrics.version.set(self.version)
         self.metrics.buffered.set(len(self.buffer))
         self.metrics.devices_online.set(sum(1 for on in self.online.values() if on))
-        if self._new_versions or any(m.topic.endswith("/update") for m in messages):
+        if any(m.topic.endswith("/update") for m in messages):
             self._publish_status("online")
+
+    def _after_commit(self) -> None:
+        """Publish what the last commit made: new versions, then the devices' acks."""
+        for version, state, frame in self._new_versions:
+            self._publish_global(frame, state=state, version=version)
+        for ack in self._acks_out:
+            self.client.publish(protocol.device_ack(self.cfg.fleet, ack.device), ack.signed(self._signer).to_json(), qos=1, retain=True)
         self._new_versions = []
+        self._acks_out = []
+
+    # -- one message, guarded ----------------------------------------------------------
+
+    def _mark(self) -> tuple[Any, ...]:
+        """Everything a message's handling may change in memory, to undo it if the handling fails."""
+        return (
+            self.version,
+            self.state,
+            self.downlink,
+            self._global_norm,
+            list(self.buffer),
+            dict(self._decoded),
+            dict(self.counts),
+            dict(self.rejections),
+            dict(self.participations),
+            len(self._new_versions),
+            len(self._acks_out),
+            collections.deque(self._norms, self._norms.maxlen),
+            collections.OrderedDict(self._samples),
+            self.duplicates,
+            self.store._pending_prune,
+        )
+
+    def _restore(self, mark: tuple[Any, ...]) -> None:
+        (
+            self.version,
+            self.state,
+            self.downlink,
+            self._global_norm,
+            self.buffer,
+            self._decoded,
+            self.counts,
+            self.rejections,
+            self.participations,
+            n_versions,
+            n_acks,
+            self._norms,
+            self._samples,
+            self.duplicates,
+            self.store._pending_prune,
+        ) = mark
+        del self._new_versions[n_versions:]
+        del self._acks_out[n_acks:]
+
+    def _handle_guarded(self, msg: _Message) -> None:
+        """Handle one message in a savepoint; if it raises, undo it and refuse it, never the service."""
+        mark = self._mark()
+        self.store.savepoint()
+        try:
+            self._handle(msg)
+        except STORAGE_ERRORS:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any other failure is this message's: refuse it, count it, keep it
+            self.store.rollback_to_savepoint()
+            self._restore(mark)
+            self._poisoned(msg, exc)
+            return
+        self.store.release()
+
+    def _poisoned(self, msg: _Message, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("message on %s could not be handled and is refused (%s); payload quarantined", msg.topic, error[:300])
+        self.quarantine.keep(msg.topic, msg.payload, error)
+        try:
+            _fleet, device, leaf = protocol.parse_device_topic(msg.topic)
+        except CodecError:
+            return
+        if leaf != "update":
+            return
+        self._reject(device, Rejection("handler_error", error))
+        try:
+            header = protocol.decode_signed_envelope(msg.payload, self.cfg.limits.max_update_bytes).header
+        except CodecError:
+            return
+        if header.device == device:
+            self._record_ack(header, "rejected", f"handler_error: {error}")
 
     def _handle(self, msg: _Message) -> None:
         try:
@@ -261,50 +407,120 @@ class CoordinatorService:
     def _is_known(self, device: str) -> bool:
         return self.cfg.limits.allow_unknown_devices or device in self.cfg.limits.devices
 
+    def _ackable(self, device: str) -> bool:
+        """Acks go to enrolled or admitted devices only: no retained message for every id a stranger invents."""
+        return self._is_known(device) or self.store.identity(device) is not None
+
+    def _record_ack(self, header: UpdateHeader, outcome: str, reason: str | None = None) -> None:
+        if not self._ackable(header.device):
+            return
+        self.store.record_ack(header.device, header.update_id, header.seq, outcome, reason, self.version)
+        self._acks_out.append(UpdateAck(header.device, header.seq, header.update_id, outcome, reason, self.version, time.time()))
+
+    def _duplicate(self, header: UpdateHeader) -> bool:
+        """A resend of an update already processed: count it, confirm it again, and drop it."""
+        if self.store.is_applied(header.update_id):
+            outcome, reason = ("buffered" if any(b.entry.update_id == header.update_id for b in self.buffer) else "applied"), None
+        else:
+            last = self.store.last_ack(header.device)
+            if last is None or last["update_id"] != header.update_id:
+                return False
+            outcome, reason = str(last["outcome"]), last["reason"]
+        self.duplicates += 1
+        self.metrics.duplicates.inc()
+        log.info("duplicate of %s from %s: confirmed again as %s", header.update_id, header.device, outcome)
+        self._record_ack(header, outcome, reason)
+        return True
+
     def _handle_update(self, device: str, msg: _Message) -> None:
         limits = self.cfg.limits
-        if not self.rate.allow(device):
-            self._reject(device, Rejection("rate_limited", f"more than {limits.max_updates_per_minute:g} updates a minute"))
+        try:
+            env = protocol.decode_signed_envelope(msg.payload, max_bytes=limits.max_update_bytes)
+        except CodecError as exc:
+            self._reject(device, Rejection(exc.reason, str(exc)))
+            return
+        header = env.header
+        if header.device == device and self._duplicate(header):
             return
         try:
-            valid = validate_update(
+            valid = validate_envelope(
                 device,
-                msg.payload,
+                env,
+                len(msg.payload),
                 shapes=self.shapes,
                 current_version=self.version,
                 strategy=self.cfg.strategy,
                 max_update_bytes=limits.max_update_bytes,
-                max_update_norm=limits.max_update_norm,
+                max_update_norm=self._norm_bound(),
                 is_known_device=self._is_known,
                 is_duplicate=self.store.is_applied,
                 check_identity=self.verifier.check,
             )
-        except Rejection as rej:
-            if rej.reason == "duplicate":
-                log.info("duplicate from %s dropped: %s", device, rej.detail)
-                return
-            self._reject(device, rej)
-            return
-        if self.dp.enabled:
-            try:
+            # Rate limits count valid updates only: junk is refused by its real reason.
+            if not self.rate.allow(device):
+                raise Rejection("rate_limited", f"more than {limits.max_updates_per_minute:g} updates a minute")
+            if self.dp.enabled:
                 self._dp_admit(valid.header.device)
-            except Rejection as rej:
-                self._reject(device, rej)
-                return
+        except Rejection as rej:
+            self._reject(device, rej)
+            if header.device == device:
+                self._record_ack(header, "rejected", str(rej))
+            return
+        valid = self._capped(valid)
         self.store.advance_seq(valid.header.device, valid.header.seq)  # replay protection, in this batch's transaction
         self.metrics.accepted.inc()
         self.metrics.staleness.observe(valid.staleness)
+        self._norms.append(valid.norm)
+        self._samples.pop(device, None)
+        self._samples[device] = valid.header.num_samples
+        while len(self._samples) > SAMPLE_WINDOW:
+            self._samples.popitem(last=False)
         if self.cfg.strategy.kind == "fedasync":
             weight = fedasync_weight(valid.staleness, self.cfg.strategy)
-            self._commit_step(fedasync_step(valid.delta, weight), [self._entry(valid, weight)])
+            try:
+                self._commit_step(fedasync_step(valid.delta, weight), [self._entry(valid, weight)])
+            except Rejection as rej:
+                self._reject(device, rej)
+                self._record_ack(valid.header, "rejected", str(rej))
+                return
+            self._record_ack(valid.header, "applied")
             return
         entry = self._entry(valid, 0.0)
         self.store.add_to_buffer(entry, valid.frame)
         self.buffer.append(BufferedUpdate(entry, valid.frame))
         self._decoded[entry.update_id] = valid.tensors
+        self._record_ack(valid.header, "buffered")
         if self.cfg.strategy.kind == "fedbuff" and len(self.buffer) >= self.cfg.strategy.buffer_size:
             self._aggregate_buffer()
         # FedAvg rounds close in the worker loop, after this batch has committed (see run()).
+
+    def _norm_bound(self) -> float:
+        lim = self.cfg.limits
+        return norm_bound(
+            lim.norm_bound,
+            fixed=lim.max_update_norm,
+            factor=lim.norm_factor,
+            warmup=lim.norm_warmup,
+            recent=self._norms,
+            global_norm=self._global_norm,
+        )
+
+    def _capped(self, valid: ValidUpdate) -> ValidUpdate:
+        """The update with its sample count capped (enrolment, absolute, and relative to the fleet)."""
+        h = valid.header
+        ident = self.store.identity(h.device)
+        lim = self.cfg.limits
+        others = [n for d, n in self._samples.items() if d != h.device]
+        enrolled_cap = None if ident is None else ident.get("max_samples")
+        n = cap_samples(h.num_samples, enrolled_cap=enrolled_cap, hard_cap=lim.max_num_samples, factor=lim.sample_factor, others=others)
+        if n == h.num_samples:
+            return valid
+        log.info("%s claimed %d samples; weighted as %d", h.device, h.num_samples, n)
+        return replace(valid, header=replace(h, num_samples=n))
+
+    @staticmethod
+    def _norm_of(state: dict[str, np.ndarray]) -> float:
+        return float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in state.values())))
 
     # The service uses RDP: microseconds per call, and never below PLD, so enforcing a budget
     # with it cannot overspend. `status` and `devices` report the tighter PLD value.
@@ -341,6 +557,7 @@ class CoordinatorService:
             num_samples=h.num_samples,
             size=valid.size,
             train_loss=h.train_loss,
+            norm=valid.norm,
         )
 
     def _aggregate_buffer(self) -> None:
@@ -369,7 +586,13 @@ class CoordinatorService:
         entries = []
         for i, (b, u) in enumerate(zip(self.buffer, updates, strict=True)):
             entries.append(replace(b.entry, staleness=u.staleness, weight=weights.get(i, 0.0)))
-        self._commit_step(step, entries)
+        try:
+            self._commit_step(step, entries)
+        except Rejection as rej:
+            dropped = self.store.drop_buffer(rej.reason)
+            log.error("buffer of %d updates dropped: %s", dropped, rej.detail)
+            self.counts["rejected"] += dropped
+            self.rejections[rej.reason] = self.rejections.get(rej.reason, 0) + dropped
         self.buffer = []
 
     def _maybe_close_round(self) -> None:
@@ -385,24 +608,37 @@ class CoordinatorService:
         waited = time.monotonic() - self._round_started
         if len(self.buffer) >= target or (waited >= s.round_deadline_s and len(self.buffer) >= s.min_participants):
             log.info("round %d closes with %d updates after %.0fs (target %d)", self.version, len(self.buffer), waited, target)
-            with self.store.batch():
-                self._aggregate_buffer()
-            for version, state, frame in self._new_versions:
-                self._publish_global(frame, state=state, version=version)
-            self._new_versions = []
+            mark = self._mark()
+            try:
+                with self.store.batch():
+                    self._aggregate_buffer()
+            except STORAGE_ERRORS as exc:
+                self._restore(mark)
+                log.error("storage error while closing round %d; retrying: %s", self.version, exc)
+                return
+            self._after_commit()
 
     def _commit_step(self, step: dict[str, np.ndarray], entries: list[LedgerEntry]) -> None:
         """Send the global step through the downlink codec, apply exactly what is sent, commit."""
         # The global step goes out compressed, with the coordinator's own error feedback, and
         # the coordinator applies exactly what it sends: devices that apply the same frame
         # hold bit-identical state, version after version.
-        down = compress_update(step, self.cfg.downlink, self.downlink, kind=FrameKind.GLOBAL_DELTA)
+        if not all(np.all(np.isfinite(v)) for v in step.values()):
+            raise Rejection("non_finite", "the global step is not finite")
+        try:
+            down = compress_update(step, self.cfg.downlink, self.downlink, kind=FrameKind.GLOBAL_DELTA)
+        except CodecError as exc:
+            # The residual overflowed (it keeps what earlier versions did not send): drop it
+            # rather than the version. Devices never see the residual, so nothing diverges.
+            log.warning("downlink residual dropped: %s", exc)
+            down = compress_update(step, self.cfg.downlink, ErrorFeedback(), kind=FrameKind.GLOBAL_DELTA)
         new_state = apply_delta(self.state, down.sent)
         new_version = self.version + 1
         self.store.commit_version(
             new_version, new_state, entries, self.cfg.keep_versions, residual=down.feedback.residual, delta_frame=down.frame
         )
         self.state, self.version, self.downlink = new_state, new_version, down.feedback
+        self._global_norm = self._norm_of(new_state)
         self.counts["accepted"] += len(entries)
         self.metrics.applied.inc(len(entries))
         self.counts["versions"] += 1
@@ -436,14 +672,18 @@ class CoordinatorService:
             **delta_fields,  # type: ignore[arg-type]
         )
         self.client.publish(protocol.global_snapshot(fleet), snapshot, qos=1, retain=True)
-        self.client.publish(protocol.global_meta(fleet), meta.to_json(), qos=1, retain=True)
+        self.client.publish(protocol.global_meta(fleet), meta.signed(self._signer).to_json(), qos=1, retain=True)
 
     def _publish_status(self, state: str) -> None:
         self._last_status = time.monotonic()
         counts = dict(self.counts) if state == "online" else {}
         payload: dict[str, object] = {"state": state, "version": self.version, "ts": time.time(), **counts}
         if state == "online":
-            payload.update(strategy=self.cfg.strategy.kind, buffered=len(self.buffer), rejections=dict(self.rejections))
+            payload.update(
+                strategy=self.cfg.strategy.kind, buffered=len(self.buffer), rejections=dict(self.rejections), duplicates=self.duplicates
+            )
+            if self._degraded:
+                payload["degraded"] = self._degraded[:300]
             if self.dp.enabled:
                 payload.update(dp_epsilon=round(self.fleet_epsilon(), 4), dp_delta=self.dp.delta)
         info = self.client.publish(protocol.coordinator_status(self.cfg.fleet), json.dumps(payload).encode(), qos=1, retain=True)

@@ -93,6 +93,15 @@ CREATE TABLE IF NOT EXISTS rejections (
     detail TEXT NOT NULL,
     ts REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS acks (
+    device TEXT PRIMARY KEY,
+    update_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    reason TEXT,
+    version INTEGER NOT NULL,
+    ts REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS devices (
     device TEXT PRIMARY KEY,
     state TEXT NOT NULL DEFAULT 'unknown',
@@ -140,6 +149,8 @@ class LedgerEntry:
     num_samples: int
     size: int
     train_loss: float | None
+    norm: float | None = None
+    """L2 norm of the update as received (the adaptive norm bound learns from it)."""
 
 
 @dataclass(frozen=True)
@@ -153,29 +164,67 @@ class BufferedUpdate:
 class Store:
     """The coordinator's state directory: ``coordinator.db`` and ``versions/``."""
 
-    def __init__(self, root: str | Path, *, readonly: bool = False) -> None:
+    def __init__(self, root: str | Path, *, readonly: bool = False, create: bool = False) -> None:
+        """Open the state directory. Without ``create``, a missing or empty database is an
+        error, never a fresh start; with it, a database is created only where no version
+        files exist, so that a lost database is never silently replaced by an empty one."""
         self.root = Path(root)
         self.versions_dir = self.root / "versions"
         db = self.root / "coordinator.db"
-        if readonly:
-            if not db.exists():
-                raise StoreError(f"no coordinator state in {self.root} (missing {db.name})")
-            self.db = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10.0, check_same_thread=False)
-        else:
+        self._batch_depth = 0
+        self._pending_prune: tuple[int, int] | None = None
+        try:
+            fresh = not db.exists() or db.stat().st_size == 0
+        except OSError as exc:
+            raise StoreError(f"cannot read {db}: {exc.strerror}") from None
+        if fresh and (readonly or not create):
+            what = "missing" if not db.exists() else "empty"
+            raise StoreError(f"no coordinator state in {self.root} ({db.name} is {what}); start a new fleet with `serve --init`")
+        if fresh:
+            stored = sorted(self.versions_dir.glob("v*.safetensors")) if self.versions_dir.is_dir() else []
+            if stored:
+                raise StoreError(
+                    f"{db} is missing or empty but {self.versions_dir} holds {len(stored)} version files: "
+                    "restore the database from a backup, or move versions/ away to start a new fleet"
+                )
+        try:
+            if readonly:
+                self.db = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10.0, check_same_thread=False)
+                self.db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            else:
+                self._open_writable(db, fresh)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{db} is not a usable coordinator database ({exc}); run `fedge-coordinator check`") from None
+        self.db.row_factory = sqlite3.Row
+
+    def _open_writable(self, db: Path, fresh: bool) -> None:
+        try:
             self.versions_dir.mkdir(parents=True, exist_ok=True)
             for stale in self.versions_dir.glob(".*.tmp"):
                 stale.unlink(missing_ok=True)  # left by a kill -9 during a write
-            # One owner at a time (the service worker); it may be created on another thread.
-            self.db = sqlite3.connect(str(db), timeout=10.0, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(SCHEMA)
-            columns = {r[1] for r in self.db.execute("PRAGMA table_info(devices)")}
-            if "tier" not in columns:  # a database from before the embedding tier
-                self.db.execute("ALTER TABLE devices ADD COLUMN tier TEXT")
-        self.db.row_factory = sqlite3.Row
-        self._batch_depth = 0
-        self._pending_prune: tuple[int, int] | None = None
+        except OSError as exc:
+            raise StoreError(f"cannot write {self.versions_dir}: {exc.strerror}") from None
+        # One owner at a time (the service worker); it may be created on another thread.
+        self.db = sqlite3.connect(str(db), timeout=10.0, isolation_level=None, check_same_thread=False)
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not fresh and "meta" not in tables:
+            self.db.close()
+            raise StoreError(f"{db} holds no coordinator tables; it is not this fleet's database")
+        if not fresh:
+            (check,) = self.db.execute("PRAGMA quick_check").fetchone()
+            if check != "ok":
+                self.db.close()
+                raise StoreError(f"{db} is corrupt ({check}); restore it from a backup")
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+        for table, column, decl in (("devices", "tier", "TEXT"), ("ledger", "norm", "REAL"), ("buffer", "norm", "REAL")):
+            columns = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:  # a database from before this column
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(enrolled)")}
+        if "max_samples" not in columns:
+            self.db.execute("ALTER TABLE enrolled ADD COLUMN max_samples INTEGER")
 
     def close(self) -> None:
         self.db.close()
@@ -240,7 +289,8 @@ class Store:
             for entry in entries:
                 self.db.execute("DELETE FROM buffer WHERE update_id=?", (entry.update_id,))
                 self.db.execute(
-                    "INSERT INTO ledger VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    "INSERT INTO ledger(update_id, device, seq, base_version, applied_version, staleness, weight, num_samples, "
+                    "bytes, train_loss, received, norm) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         entry.update_id,
                         entry.device,
@@ -253,6 +303,7 @@ class Store:
                         entry.size,
                         entry.train_loss,
                         now,
+                        entry.norm,
                     ),
                 )
                 self.db.execute(
@@ -306,7 +357,9 @@ class Store:
         """Durably keep an accepted update until its aggregation."""
         with self._tx():
             self.db.execute(
-                "INSERT INTO buffer VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO buffer(update_id, device, seq, base_version, staleness, num_samples, bytes, train_loss, received, frame, "
+                "norm) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     entry.update_id,
                     entry.device,
@@ -318,6 +371,7 @@ class Store:
                     entry.train_loss,
                     time.time(),
                     frame,
+                    entry.norm,
                 ),
             )
 
@@ -335,6 +389,7 @@ class Store:
                 num_samples=r["num_samples"],
                 size=r["bytes"],
                 train_loss=r["train_loss"],
+                norm=r["norm"],
             )
             out.append(BufferedUpdate(entry, bytes(r["frame"])))
         return out
@@ -391,19 +446,60 @@ class Store:
         versions = self.db.execute("SELECT COUNT(*) FROM versions").fetchone()[0]
         return {"accepted": int(accepted), "rejected": int(rejected), "versions": int(versions)}
 
+    def recent_norms(self, n: int) -> list[float]:
+        """Norms of the last ``n`` applied or buffered updates, oldest first."""
+        rows = self.db.execute(
+            "SELECT norm FROM (SELECT norm, received FROM ledger WHERE norm IS NOT NULL "
+            "UNION ALL SELECT norm, received FROM buffer WHERE norm IS NOT NULL) ORDER BY received DESC LIMIT ?",
+            (n,),
+        ).fetchall()
+        return [float(r["norm"]) for r in reversed(rows)]
+
+    def last_samples(self) -> dict[str, int]:
+        """Each device's sample count as weighted in its last applied update."""
+        rows = self.db.execute("SELECT device, num_samples FROM ledger WHERE rowid IN (SELECT MAX(rowid) FROM ledger GROUP BY device)")
+        return {r["device"]: int(r["num_samples"]) for r in rows}
+
+    def record_ack(self, device: str, update_id: str, seq: int, outcome: str, reason: str | None, version: int) -> None:
+        """The last update of ``device`` that was processed (in the batch's transaction)."""
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO acks(device, update_id, seq, outcome, reason, version, ts) VALUES (?,?,?,?,?,?,?) "
+                "ON CONFLICT(device) DO UPDATE SET update_id=excluded.update_id, seq=excluded.seq, outcome=excluded.outcome, "
+                "reason=excluded.reason, version=excluded.version, ts=excluded.ts",
+                (device, update_id, seq, outcome, None if reason is None else reason[:500], version, time.time()),
+            )
+
+    def last_ack(self, device: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM acks WHERE device=?", (device,)).fetchone()
+        return None if row is None else dict(row)
+
+    # -- savepoints: one message's writes inside a batch ------------------------------
+
+    def savepoint(self) -> None:
+        self.db.execute("SAVEPOINT message")
+
+    def release(self) -> None:
+        self.db.execute("RELEASE message")
+
+    def rollback_to_savepoint(self) -> None:
+        self.db.execute("ROLLBACK TO message")
+        self.db.execute("RELEASE message")
+
     def ledger(self) -> Iterator[dict[str, Any]]:
         for r in self.db.execute("SELECT * FROM ledger ORDER BY applied_version"):
             yield dict(r)
 
     # -- identities --------------------------------------------------------------------
 
-    def enroll(self, device: str, public_key: bytes) -> None:
+    def enroll(self, device: str, public_key: bytes, max_samples: int | None = None) -> None:
         """Register (or re-register after a revocation) a device's Ed25519 public key."""
         with self._tx():
             self.db.execute(
-                "INSERT INTO enrolled(device, public_key, created) VALUES (?,?,?) "
-                "ON CONFLICT(device) DO UPDATE SET public_key=excluded.public_key, created=excluded.created, revoked=NULL",
-                (device, public_key, time.time()),
+                "INSERT INTO enrolled(device, public_key, created, max_samples) VALUES (?,?,?,?) "
+                "ON CONFLICT(device) DO UPDATE SET public_key=excluded.public_key, created=excluded.created, revoked=NULL, "
+                "max_samples=excluded.max_samples",
+                (device, public_key, time.time(), max_samples),
             )
 
     def revoke(self, device: str) -> bool:
@@ -457,9 +553,23 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.store._batch_depth -= 1
-        if self.store._batch_depth == 0:
-            self.store.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-            if exc_type is None:
-                self.store._flush_prune()
-            else:
-                self.store._pending_prune = None
+        if self.store._batch_depth > 0:
+            return
+        db = self.store.db
+        if exc_type is None:
+            try:
+                db.execute("COMMIT")
+            except sqlite3.Error:
+                self._rollback()  # a failed COMMIT (a full disk) leaves the transaction open
+                raise
+            self.store._flush_prune()
+        else:
+            self._rollback()
+
+    def _rollback(self) -> None:
+        self.store._pending_prune = None
+        if self.store.db.in_transaction:
+            try:
+                self.store.db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.error("rollback failed: %s", exc)

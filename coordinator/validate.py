@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +30,8 @@ class ValidUpdate:
     staleness: int
     size: int
     frame: bytes
+    norm: float = 0.0
+    """L2 norm of the update (the zeros a sparse update leaves out add nothing)."""
 
     @property
     def delta(self) -> dict[str, np.ndarray]:
@@ -40,6 +43,22 @@ def validate_update(
     topic_device: str,
     payload: bytes,
     *,
+    max_update_bytes: int,
+    **checks: Any,
+) -> ValidUpdate:
+    """Check an update payload completely; return the decoded update or raise :class:`Rejection`."""
+    try:
+        env = protocol.decode_signed_envelope(payload, max_bytes=max_update_bytes)
+    except CodecError as exc:
+        raise Rejection(exc.reason, str(exc)) from None
+    return validate_envelope(topic_device, env, len(payload), max_update_bytes=max_update_bytes, **checks)
+
+
+def validate_envelope(
+    topic_device: str,
+    env: protocol.Envelope,
+    size: int,
+    *,
     shapes: Mapping[str, tuple[int, ...]],
     current_version: int,
     strategy: StrategyConfig,
@@ -49,11 +68,7 @@ def validate_update(
     is_duplicate: Callable[[str], bool],
     check_identity: Callable[[protocol.Envelope], bool] | None = None,
 ) -> ValidUpdate:
-    """Check an update payload completely; return the dense delta or raise :class:`Rejection`."""
-    try:
-        env = protocol.decode_signed_envelope(payload, max_bytes=max_update_bytes)
-    except CodecError as exc:
-        raise Rejection(exc.reason, str(exc)) from None
+    """Check a decoded envelope: identity, frame, version, shapes and norm."""
     header, frame_bytes = env.header, env.frame
     if header.device != topic_device:
         raise Rejection("device_mismatch", f"update says device {header.device!r} but came on {topic_device!r}'s topic")
@@ -64,7 +79,9 @@ def validate_update(
     if not signed and not is_known_device(header.device):
         raise Rejection("unknown_device", f"device {header.device!r} is not enrolled")
     try:
-        frame = decode_frame(frame_bytes, FrameLimits(max_frame_bytes=max_update_bytes))
+        # Limits from the global state's shapes: no frame can make the decoder allocate more
+        # than a dense copy of the state, whatever its headers claim.
+        frame = decode_frame(frame_bytes, FrameLimits.for_shapes(shapes, max_update_bytes))
     except CodecError as exc:
         raise Rejection(exc.reason, str(exc)) from None
     if frame.kind is not FrameKind.UPDATE:
@@ -83,9 +100,9 @@ def validate_update(
             raise Rejection("shape_mismatch", f"tensor {name!r} is not part of the global state")
         if tuple(t.shape) != tuple(expected):
             raise Rejection("shape_mismatch", f"tensor {name!r} has shape {t.shape}, global has {tuple(expected)}")
-    if max_update_norm > 0:
-        # The zeros a sparse update leaves out add nothing to its norm.
-        norm = float(np.sqrt(sum(float(np.square(t.values, dtype=np.float64).sum()) for t in frame.tensors.values())))
-        if norm > max_update_norm:
-            raise Rejection("norm_bound", f"update norm {norm:.4g} exceeds {max_update_norm:.4g}")
-    return ValidUpdate(header=header, tensors=dict(frame.tensors), staleness=tau, size=len(payload), frame=frame_bytes)
+    norm = float(np.sqrt(sum(float(np.square(t.values, dtype=np.float64).sum()) for t in frame.tensors.values())))
+    if not np.isfinite(norm):
+        raise Rejection("non_finite", f"update norm overflows ({norm})")
+    if max_update_norm > 0 and norm > max_update_norm:
+        raise Rejection("norm_bound", f"update norm {norm:.4g} exceeds {max_update_norm:.4g}")
+    return ValidUpdate(header=header, tensors=dict(frame.tensors), staleness=tau, size=size, frame=frame_bytes, norm=norm)

@@ -19,13 +19,14 @@ import numpy as np
 import psutil
 import torch
 
-from compression import CodecError, FrameKind, apply_delta, compress_update, decode_frame, protocol, state_digest
-from compression.protocol import GlobalMeta, TrainableSpec, UpdateHeader
+from compression import CodecError, FrameKind, FrameLimits, apply_delta, compress_update, decode_frame, protocol, state_digest
+from compression.protocol import GlobalMeta, TrainableSpec, UpdateAck, UpdateHeader
 from edge_agent import model as model_lib
 from edge_agent.config import AgentConfig, model_cache_dir
 from edge_agent.data import LocalData, build_blocks, read_texts
-from edge_agent.errors import ConfigError, ModelError, PublishRefused, TransportError
+from edge_agent.errors import ConfigError
 from edge_agent.memory import release_free_memory
+from edge_agent.outbox import Outbox
 from edge_agent.privacy import local_epsilon, privatize
 from edge_agent.schedule import blocked_reason
 from edge_agent.sdnotify import Notifier
@@ -49,6 +50,30 @@ def load_signer(path: str) -> Callable[[bytes], bytes]:
         raise ConfigError(f"signing_key {path}: not an Ed25519 key")
     return key.sign
 
+
+def fleet_verifier(public_hex: str) -> protocol.Verifier:
+    """``(signature, message) -> valid`` for the fleet key's public half."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex))
+
+    def verify(signature: bytes, message: bytes) -> bool:
+        try:
+            key.verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
+
+    return verify
+
+
+class GlobalRefused(Exception):
+    """A validly signed global version this device cannot train (its spec): it waits for another."""
+
+
+QUARANTINE_FILES = 20
+"""Global messages whose handling failed, kept in ``<state_dir>/quarantine`` (oldest dropped)."""
 
 KEEP_PENDING = 64
 """Global metas and deltas buffered while training; older ones are dropped (the snapshot covers them)."""
@@ -88,7 +113,14 @@ class Agent:
         self.state = AgentState(cfg.state_dir)
         self._feedback = self.state.load_feedback()
         self._signer = load_signer(cfg.signing_key) if cfg.signing_key else None
+        self._verify = fleet_verifier(cfg.fleet_public_key) if cfg.fleet_public_key else None
+        if self._verify is None:
+            log.warning("LAB MODE: no fleet_public_key, so unsigned global state is accepted; never run a real device like this")
         self.transport = AgentTransport(cfg)
+        self.outbox = Outbox(self.state, self.transport, protocol.device_update(cfg.fleet, cfg.device_id), cfg.ack_timeout_s)
+        self.refused_messages = 0
+        self._refused_version = -1
+        self._refused_reason: str | None = None
         self.stop_event = threading.Event()
         self.paused = False
         self.counters = Counters()
@@ -233,27 +265,11 @@ class Agent:
             model_lib.load_global(self._model, g.tensors)
 
     def _flush_outbox(self) -> None:
-        """Publish outbox entries oldest first; returns at once while the broker is unreachable."""
-        topic = protocol.device_update(self.cfg.fleet, self.cfg.device_id)
-        try:
-            for path in self.state.pending():
-                if not self.transport.connected.is_set():
-                    return
-                payload = path.read_bytes()
-                try:
-                    self.transport.publish(topic, payload, timeout=30.0)
-                except PublishRefused as exc:
-                    log.error("update %s refused for good, moved to outbox/rejected: %s", path.name, exc)
-                    self.state.dead_letter(path, str(exc))
-                    continue
-                except TransportError as exc:
-                    log.warning("update %s stays in the outbox: %s", path.name, exc)
-                    return
-                self.state.delivered(path)
-                self.counters.updates_sent += 1
-                self.counters.bytes_up += len(payload)
-        finally:
-            self.pending_count = len(self.state.pending())
+        """Send the oldest update that the coordinator has not confirmed yet (see edge_agent.outbox)."""
+        self.outbox.flush()
+        self.pending_count = self.outbox.pending_count()
+        self.counters.updates_sent = self.outbox.sent
+        self.counters.bytes_up = self.outbox.bytes_sent
 
     # -- inbound messages ------------------------------------------------------------
 
@@ -275,34 +291,91 @@ class Agent:
             self._set_state(self._state_name, force=True)
 
     def _handle(self, msg: Inbound) -> None:
-        fleet, dev = self.cfg.fleet, self.cfg.device_id
+        """Take one inbound message. Nothing a message holds can stop the agent: a bad one is
+        refused, counted and (when its handling raised) quarantined."""
         try:
-            if msg.topic == protocol.global_meta(fleet):
-                meta = GlobalMeta.from_json(msg.payload)
-                self._metas[meta.version] = meta
-                for old in sorted(self._metas)[:-KEEP_PENDING]:
-                    del self._metas[old]
-            elif msg.topic == protocol.global_delta(fleet):
-                self._deltas[hashlib.sha256(msg.payload).hexdigest()] = msg.payload
-                self.counters.bytes_down_delta += len(msg.payload)
-                while len(self._deltas) > KEEP_PENDING:
-                    del self._deltas[next(iter(self._deltas))]
-            elif msg.topic == protocol.global_snapshot(fleet):
-                self._snapshot = msg.payload
-                self.counters.bytes_down_snapshot += len(msg.payload)
-            elif msg.topic == protocol.device_cmd(fleet, dev):
-                command = protocol.decode_command(msg.payload)
-                self.paused = command == "pause"
-                log.info("command %s", command)
-                self._set_state("paused" if self.paused else "idle", force=True)
+            self._take(msg)
         except CodecError as exc:
-            log.warning("ignored a bad message on %s: %s", msg.topic, exc)
+            self.refused_messages += 1
+            log.warning("refused a message on %s: %s", msg.topic, exc)
+        except Exception as exc:  # noqa: BLE001 - a message's failure is the message's, never the agent's
+            self._quarantine(msg.topic, msg.payload, exc)
+
+    def _quarantine(self, topic: str, payload: bytes, exc: BaseException) -> None:
+        self.refused_messages += 1
+        log.error("a message on %s could not be handled (%s: %s); kept in quarantine/", topic, type(exc).__name__, exc)
+        qdir = self.state.root / "quarantine"
+        try:
+            qdir.mkdir(exist_ok=True)
+            name = f"{time.time_ns():020d}-{hashlib.sha256(payload).hexdigest()[:16]}"
+            (qdir / f"{name}.bin").write_bytes(payload[: self.cfg.broker.max_global_bytes])
+            (qdir / f"{name}.txt").write_text(f"{topic}\n{type(exc).__name__}: {exc}\n")
+            for old in sorted(qdir.glob("*.bin"))[:-QUARANTINE_FILES]:
+                old.unlink(missing_ok=True)
+                old.with_suffix(".txt").unlink(missing_ok=True)
+        except OSError as err:
+            log.error("cannot write quarantine/: %s", err)
+
+    def _take(self, msg: Inbound) -> None:
+        fleet, dev = self.cfg.fleet, self.cfg.device_id
+        if msg.topic == protocol.global_meta(fleet):
+            meta = GlobalMeta.from_json(msg.payload, self._verify)
+            self._metas[meta.version] = meta
+            for old in sorted(self._metas)[:-KEEP_PENDING]:
+                del self._metas[old]
+        elif msg.topic == protocol.global_delta(fleet):
+            self._deltas[hashlib.sha256(msg.payload).hexdigest()] = msg.payload
+            self.counters.bytes_down_delta += len(msg.payload)
+            while len(self._deltas) > KEEP_PENDING:
+                del self._deltas[next(iter(self._deltas))]
+        elif msg.topic == protocol.global_snapshot(fleet):
+            self._snapshot = msg.payload
+            self.counters.bytes_down_snapshot += len(msg.payload)
+        elif msg.topic == protocol.device_ack(fleet, dev):
+            if not msg.payload:
+                return  # a cleared retained ack
+            ack = UpdateAck.from_json(msg.payload, self._verify)
+            if ack.device != dev:
+                raise protocol.ProtocolError(f"ack names device {ack.device!r}, not this one")
+            if self.outbox.on_ack(ack):
+                self._flush_outbox()  # the next update, if one waits
+        elif msg.topic == protocol.device_cmd(fleet, dev):
+            command = protocol.decode_command(msg.payload)
+            self.paused = command == "pause"
+            log.info("command %s", command)
+            self._set_state("paused" if self.paused else "idle", force=True)
+
+    def _limits(self) -> FrameLimits:
+        """Decoder limits for global frames: the shapes already held bound them, else the size limit."""
+        cap = self.cfg.broker.max_global_bytes
+        if self.global_model is not None:
+            return FrameLimits.for_shapes({k: v.shape for k, v in self.global_model.tensors.items()}, cap)
+        return FrameLimits(max_frame_bytes=cap, max_body_bytes=2 * cap, max_total_numel=cap // 2)
 
     def _try_adopt_global(self) -> None:
-        """Move to the newest global version: by deltas when they chain, else by the snapshot."""
+        """Move to the newest global version; a version this device cannot take is refused, and it waits."""
         if not self._metas:
             return
         latest = self._metas[max(self._metas)]
+        if latest.version <= self._refused_version:
+            return
+        try:
+            self._adopt_latest(latest)
+        except GlobalRefused as exc:
+            self._refuse_version(latest, str(exc))
+        except Exception as exc:  # noqa: BLE001 - whatever a global version does, the agent stays up
+            self._quarantine(protocol.global_meta(self.cfg.fleet), latest.to_json(), exc)
+            self._refuse_version(latest, f"{type(exc).__name__}: {exc}")
+
+    def _refuse_version(self, meta: GlobalMeta, reason: str) -> None:
+        self._refused_version = meta.version
+        self._refused_reason = f"global v{meta.version} refused: {reason}"
+        log.error("%s; waiting for a version this device can train", self._refused_reason)
+        self._metas.pop(meta.version, None)
+        self._snapshot = None
+        self._set_state(self._state_name, force=True)
+
+    def _adopt_latest(self, latest: GlobalMeta) -> None:
         current = self.global_model.version if self.global_model else -1
         if latest.version <= current:
             return
@@ -324,7 +397,7 @@ class Agent:
             if meta is None or meta.delta_sha256 is None or meta.delta_sha256 not in self._deltas:
                 return moved
             try:
-                frame = decode_frame(self._deltas.pop(meta.delta_sha256))
+                frame = decode_frame(self._deltas.pop(meta.delta_sha256), self._limits())
                 if frame.kind is not FrameKind.GLOBAL_DELTA:
                     raise CodecError(f"expected a global delta frame, got {frame.kind.name}")
                 tensors = apply_delta(self.global_model.tensors, frame.dense())
@@ -343,7 +416,7 @@ class Agent:
         if snap is None or hashlib.sha256(snap).hexdigest() != meta.snapshot_sha256:
             return False  # the matching snapshot (or meta) is still on its way
         try:
-            frame = decode_frame(snap)
+            frame = decode_frame(snap, self._limits())
             if frame.kind is not FrameKind.SNAPSHOT:
                 raise CodecError(f"expected a snapshot frame, got {frame.kind.name}")
             spec = TrainableSpec.from_dict(meta.model)
@@ -356,15 +429,16 @@ class Agent:
             return False
         assert self._model is not None
         if spec.r > self.cfg.train.max_lora_r:
-            raise ModelError(f"the fleet trains LoRA rank {spec.r}, above this device's train.max_lora_r={self.cfg.train.max_lora_r}")
+            raise GlobalRefused(f"the fleet trains LoRA rank {spec.r}, above this device's train.max_lora_r={self.cfg.train.max_lora_r}")
         if self._spec is None:
             assert self._data is not None
             rows = np.unique(self._data.train) if self.cfg.train.tier == "embedding" else None
             self._model = model_lib.attach_trainable(self._model, spec, self.cfg.train.tier, rows=rows, seed=self.cfg.train.seed)
             self._spec = spec
         elif spec != self._spec:
-            raise ModelError(f"the fleet's trainable spec changed from {self._spec} to {spec}; restart the agent")
+            raise GlobalRefused(f"the fleet's trainable spec changed from {self._spec} to {spec}; restart the agent to take it")
         self.global_model = GlobalModel(meta.version, tensors, spec)
+        self._refused_reason = None
         return True
 
     def _after_adopt(self) -> None:
@@ -393,6 +467,10 @@ class Agent:
             "bytes_down_snapshot": c.bytes_down_snapshot,
             "pending": self.pending_count,
             "reconnects": self.transport.reconnects,
+            "updates_confirmed": self.outbox.confirmed,
+            "updates_refused": self.outbox.refused,
+            "updates_resent": self.outbox.resent,
+            "messages_refused": self.refused_messages,
             **c.extra,
         }
         p = self.cfg.privacy
@@ -405,7 +483,13 @@ class Agent:
                 metrics[key] = value
         version = self.global_model.version if self.global_model else None
         status = protocol.DeviceStatus(
-            state=state, version=version, ts=time.time(), profile=self.cfg.profile, metrics=metrics, tier=self.cfg.train.tier
+            state=state,
+            version=version,
+            ts=time.time(),
+            profile=self.cfg.profile,
+            metrics=metrics,
+            tier=self.cfg.train.tier,
+            detail=(self._refused_reason or self._blocked or None) if state != "offline" else None,
         )
         return status.to_json()
 

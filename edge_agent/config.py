@@ -43,12 +43,26 @@ class BrokerConfig:
     reconnect_max_s: float = 60.0
     max_message_bytes: int = 16 << 20
     """Largest update this agent will publish; keep equal to the broker's message_size_limit."""
+    max_global_bytes: int = 256 << 20
+    """Largest global snapshot or delta this agent will take (an embedding fleet's snapshot is about 120 MB)."""
+    tls: bool = False
+    """Connect over TLS (the shipped broker config listens with TLS only, on 8883)."""
+    cafile: str | None = None
+    """CA certificate that signed the broker's certificate (the fleet CA); None = the system's CAs."""
+    certfile: str | None = None
+    """Client certificate from ``fedge-coordinator enroll --ca-dir`` (its CN is the device id)."""
+    keyfile: str | None = None
+    """Private key of ``certfile``."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"broker.port must be in 1..65535, got {self.port}")
         if self.keepalive < 5:
             raise ConfigError(f"broker.keepalive must be at least 5 seconds, got {self.keepalive}")
+        if (self.cafile or self.certfile or self.keyfile) and not self.tls:
+            raise ConfigError("broker.cafile, broker.certfile and broker.keyfile need broker.tls = true")
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ConfigError("broker.certfile and broker.keyfile go together")
 
 
 @dataclass(frozen=True)
@@ -174,6 +188,12 @@ class AgentConfig:
     """Local differential privacy of each round's delta (``[privacy]``)."""
     signing_key: str | None = None
     """Ed25519 private key (PEM) from ``fedge-coordinator enroll``; every update is signed with it."""
+    fleet_public_key: str | None = None
+    """The fleet key's public half (64 hex digits, from ``enroll``): global state and acks must be signed by it."""
+    lab_mode: bool = False
+    """Accept unsigned global state when no ``fleet_public_key`` is set: lab benches only (the agent warns)."""
+    ack_timeout_s: float = 60.0
+    """Resend the oldest outbox update when the coordinator has not confirmed it within this time."""
 
     def __post_init__(self) -> None:
         try:
@@ -181,6 +201,17 @@ class AgentConfig:
             check_id(self.fleet, "fleet")
         except ProtocolError as exc:
             raise ConfigError(str(exc)) from None
+        if self.fleet_public_key is not None:
+            key = self.fleet_public_key
+            if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
+                raise ConfigError(f"fleet_public_key must be 64 lowercase hex digits (from enroll), got {key!r}")
+        elif not self.lab_mode:
+            raise ConfigError(
+                "fleet_public_key is not set: copy it from the enrolment snippet (`fedge-coordinator enroll`), "
+                "or set lab_mode = true to accept unsigned global state on a lab bench"
+            )
+        if self.ack_timeout_s < 1:
+            raise ConfigError(f"ack_timeout_s must be at least 1, got {self.ack_timeout_s}")
         if self.heartbeat_s <= 0 or self.sync_wait_s < 0:
             raise ConfigError("heartbeat_s must be positive and sync_wait_s non-negative")
         if self.max_outbox < 1:
@@ -256,9 +287,12 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> A
         source = str((base / source).resolve())
     cache_dir = None if cfg.model.cache_dir is None else str((base / cfg.model.cache_dir).resolve())
     signing_key = None if cfg.signing_key is None else str((base / cfg.signing_key).resolve())
+    b = cfg.broker
+    tls = {k: None if getattr(b, k) is None else str((base / str(getattr(b, k))).resolve()) for k in ("cafile", "certfile", "keyfile")}
     return replace(
         cfg,
         signing_key=signing_key,
+        broker=replace(b, **tls),  # type: ignore[arg-type]
         data_dir=str((base / cfg.data_dir).resolve()),
         state_dir=str((base / cfg.state_dir).resolve()),
         model=replace(cfg.model, source=source, cache_dir=cache_dir),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import ssl
 import threading
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from compression import protocol
 from edge_agent.backoff import Backoff
 from edge_agent.config import AgentConfig
-from edge_agent.errors import PublishRefused, TransportError
+from edge_agent.errors import ConfigError, PublishRefused, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,21 @@ class AgentTransport:
         self._ack_cond = threading.Condition()
         b = cfg.broker
         v5 = b.protocol == "5"
+        # The client id is the device's identity, as the broker's use_username_as_clientid
+        # makes it anyway: a device never picks another's id.
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"agent-{cfg.device_id}",
+            client_id=b.username or cfg.device_id,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             clean_session=None if v5 else True,
         )
         if b.username:
             self.client.username_pw_set(b.username, b.password)
+        if b.tls:
+            try:
+                self.client.tls_set(ca_certs=b.cafile, certfile=b.certfile, keyfile=b.keyfile, cert_reqs=ssl.CERT_REQUIRED)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise ConfigError(f"broker TLS settings (cafile {b.cafile}, certfile {b.certfile}): {exc}") from None
         self.backoff = Backoff(b.reconnect_min_s, b.reconnect_max_s)
         self.reconnects = 0
         self._next_delay()
@@ -112,7 +120,11 @@ class AgentTransport:
         topics = [protocol.global_delta(fleet)]
         if self._want_snapshot:
             topics.append(protocol.global_snapshot(fleet))
-        topics += [protocol.global_meta(fleet), protocol.device_cmd(fleet, self.cfg.device_id)]
+        topics += [
+            protocol.global_meta(fleet),
+            protocol.device_cmd(fleet, self.cfg.device_id),
+            protocol.device_ack(fleet, self.cfg.device_id),
+        ]
         client.subscribe([(t, 1) for t in topics])
         self.backoff.reset()
         self._next_delay()
@@ -132,6 +144,9 @@ class AgentTransport:
         log.info("broker %s:%d unreachable; next attempt in %.1fs", self.cfg.broker.host, self.cfg.broker.port, delay)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        if len(msg.payload) > self.cfg.broker.max_global_bytes:
+            log.warning("dropped a %d-byte message on %s: above broker.max_global_bytes", len(msg.payload), msg.topic)
+            return
         self.inbox.put(Inbound(msg.topic, bytes(msg.payload)))
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, reason: object, props: object) -> None:

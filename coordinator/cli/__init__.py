@@ -7,10 +7,12 @@ unusable, 5 broker unreachable, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import sqlite3
 import sys
 
-from coordinator.cli import cmd, demo, devices, enroll, export, history, serve, status, testbed, watch
+from coordinator.cli import check, cmd, demo, devices, enroll, export, history, serve, status, testbed, watch
 from coordinator.errors import CoordinatorError
 
 log = logging.getLogger("coordinator")
@@ -20,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedge-coordinator", description="fedge coordinator and operator CLI")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (serve, status, devices, watch, history, cmd, export, enroll, demo, testbed):
+    for module in (serve, check, status, devices, watch, history, cmd, export, enroll, demo, testbed):
         module.register(sub)
     return parser
 
@@ -33,5 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     except CoordinatorError as exc:
         log.error("%s", exc)
         return exc.exit_code
+    except sqlite3.Error as exc:
+        log.error("the coordinator database failed: %s (run `fedge-coordinator check`)", exc)
+        return 3
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            log.error("cannot write the state directory: %s", exc)
+            return 3
+        raise
     except KeyboardInterrupt:
         return 130

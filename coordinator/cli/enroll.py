@@ -20,6 +20,8 @@ def register(sub: Any) -> None:
     p.add_argument("--fleet", help="fleet id for the snippet (default: the config's)")
     p.add_argument("--broker-host", default="broker.lan", help="broker host for the snippet")
     p.add_argument("--broker-port", type=int, default=8883, help="broker port for the snippet")
+    p.add_argument("--force", action="store_true", help="replace the key and password of a device that is already enrolled")
+    p.add_argument("--max-samples", type=int, help="cap on the sample count this device's updates are weighted with")
     p.set_defaults(func=run_enroll)
     r = sub.add_parser("revoke", help="revoke a device: refuse its updates and delete its broker password")
     r.add_argument("device")
@@ -45,6 +47,8 @@ def run_enroll(args: argparse.Namespace) -> int:
         broker_port=args.broker_port,
         password_file=Path(args.password_file) if args.password_file else None,
         ca_dir=Path(args.ca_dir) if args.ca_dir else None,
+        force=args.force,
+        max_samples=args.max_samples,
     )
     print(json.dumps(report))
     if args.password_file:

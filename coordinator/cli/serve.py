@@ -14,6 +14,12 @@ log = logging.getLogger(__name__)
 def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the coordinator service")
     p.add_argument("--config", required=True, help="coordinator TOML config")
+    p.add_argument(
+        "--init",
+        action="store_true",
+        help="start a new fleet (version 0 and the fleet key) when the state directory holds none; without it, a missing "
+        "database is an error, never a reset",
+    )
     p.set_defaults(func=run)
 
 
@@ -21,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from coordinator.config import load_config
     from coordinator.service import CoordinatorService
 
-    service = CoordinatorService(load_config(args.config))
+    service = CoordinatorService(load_config(args.config), init=args.init)
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: stopping", signum)

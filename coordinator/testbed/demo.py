@@ -88,6 +88,24 @@ def write_toml(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+LAB_LIMITS: dict[str, Any] = {"allow_unknown_devices": True, "require_signatures": False}
+"""Lab mode, opted into explicitly: the lab's devices are not enrolled and send unsigned updates.
+The coordinator says so in a warning line; the global state it publishes is still signed."""
+
+
+def lab_fleet_key(state_dir: Path) -> str:
+    """The fleet key of a lab coordinator's state directory, created ahead of ``serve --init``,
+    so that the lab's agents verify every global version as a real fleet's do. Returns the public half."""
+    from coordinator.identity import fleet_key, public_hex
+
+    return public_hex(fleet_key(state_dir, create=True))
+
+
+def serve_argv(config: Path) -> list[str]:
+    """``fedge-coordinator serve --init``: a lab run starts a new fleet in its own state directory."""
+    return [sys.executable, "-m", "coordinator", "serve", "--init", "--config", str(config)]
+
+
 def build_tiny_model(run: Path) -> str:
     """Build the tiny model from the pydoc corpus in a child process; returns its directory."""
     text = write_all_text(run / "corpus")
@@ -146,16 +164,14 @@ class Demo:
                 "heartbeat_s": 2.0,
                 "broker": broker_cfg,
                 "model": {"source": source},
+                "limits": LAB_LIMITS,
             },
         )
         self.coord_state = coord_cfg.parent / "state"
+        fleet_public = lab_fleet_key(self.coord_state)
         self.console.print("building the int8 model cache once for all agents ...")
         cache = build_model_cache(source, run)
-        self.children.add(
-            Child(
-                "coordinator", [sys.executable, "-m", "coordinator", "serve", "--config", str(coord_cfg)], run / "logs" / "coordinator.log"
-            )
-        )
+        self.children.add(Child("coordinator", serve_argv(coord_cfg), run / "logs" / "coordinator.log"))
         train = MODEL_TRAIN["smollm2" if source == "smollm2" else "tiny"]
         codec = asdict(DEFAULT_CODEC)
         for i in range(self.plan.agents):
@@ -173,6 +189,7 @@ class Demo:
                     "state_dir": "state",
                     "heartbeat_s": 2.0,
                     "sync_wait_s": 5.0,
+                    "fleet_public_key": fleet_public,
                     "broker": broker_cfg,
                     "model": {"source": source, "quantize": "int8", "cache_dir": str(cache)},
                     "train": {**train, "seed": i},

@@ -43,7 +43,16 @@ from coordinator.store import Store
 from coordinator.strategy import StrategyConfig
 from coordinator.testbed.broker import Broker, MosquittoBroker, free_port
 from coordinator.testbed.corpus import write_device_corpus
-from coordinator.testbed.demo import MODEL_TRAIN, build_model_cache, build_tiny_model, smollm2_available, write_toml
+from coordinator.testbed.demo import (
+    LAB_LIMITS,
+    MODEL_TRAIN,
+    build_model_cache,
+    build_tiny_model,
+    lab_fleet_key,
+    serve_argv,
+    smollm2_available,
+    write_toml,
+)
 from coordinator.testbed.mirror import GlobalMirror
 from coordinator.testbed.monitor import FleetMonitor
 from coordinator.testbed.netem import ImpairedLink, Impairment
@@ -308,14 +317,12 @@ class Testbed:
                 "broker": {"host": "127.0.0.1", "port": port},
                 "model": {"source": source, "lora_r": lora_r, "lora_alpha": 2 * lora_r, "init_seed": cfg.seed},
                 "strategy": asdict(cfg.strategy),
+                "limits": LAB_LIMITS,
                 **({"downlink": asdict(cfg.downlink)} if cfg.downlink else {}),
             },
         )
-        self.children.add(
-            Child(
-                "coordinator", [sys.executable, "-m", "coordinator", "serve", "--config", str(coord_cfg)], run / "logs" / "coordinator.log"
-            )
-        )
+        self.fleet_public = lab_fleet_key(coord_cfg.parent / "state")
+        self.children.add(Child("coordinator", serve_argv(coord_cfg), run / "logs" / "coordinator.log"))
         if any(g.kind == "sim" and g.count for g in cfg.agents):
             from coordinator.initial import initial_state
 
@@ -406,6 +413,7 @@ class Testbed:
                         "state_dir": "state",
                         "heartbeat_s": 2.0,
                         "sync_wait_s": 10.0,
+                        "fleet_public_key": self.fleet_public,
                         "broker": {"host": host, "port": port},
                         "model": {"source": source, "quantize": "int8", "cache_dir": str(cache)},
                         "train": {**train, "seed": i, "slowdown": g.speed},

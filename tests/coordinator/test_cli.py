@@ -12,7 +12,7 @@ from coordinator.store import LedgerEntry, Store
 
 
 def _fill(root: Path) -> None:
-    store = Store(root)
+    store = Store(root, create=True)
     store.commit_version(0, {"w": np.zeros(2, np.float32)}, None, keep=5)
     entry = LedgerEntry(
         update_id="u1", device="pi-1", seq=1, base_version=0, staleness=0, weight=0.6, num_samples=4, size=321, train_loss=2.0

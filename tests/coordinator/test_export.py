@@ -19,7 +19,7 @@ def _fleet_state(tmp_path: Path, model: Path, embedding: bool = False) -> Path:
     spec, v0 = initial_state(ModelSpecConfig(source=str(model), lora_r=4, lora_alpha=8, embedding=embedding))
     rng = np.random.default_rng(0)
     trained = {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in v0.items()}
-    store = Store(tmp_path / "coord")
+    store = Store(tmp_path / "coord", create=True)
     store.set_meta("spec", json.dumps(spec.to_dict()))
     store.commit_version(0, v0, None, keep=5)
     store.commit_version(1, trained, None, keep=5)

@@ -22,7 +22,7 @@ def _envelope(device: str, seq: int, key_pem: bytes | None) -> protocol.Envelope
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
-    return Store(tmp_path)
+    return Store(tmp_path, create=True)
 
 
 def test_enrolled_devices_must_sign_with_their_own_key(store: Store) -> None:

@@ -17,11 +17,11 @@ def _entry(uid: str, device: str = "d1") -> LedgerEntry:
 
 
 def test_versions_survive_reopen(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = Store(tmp_path, create=True)
     store.commit_version(0, {"w": np.zeros(3, np.float32)}, None, keep=5)
     store.commit_version(1, {"w": np.arange(3, dtype=np.float32)}, _entry("u1"), keep=5)
     store.close()
-    again = Store(tmp_path)
+    again = Store(tmp_path, create=True)
     assert again.current_version() == 1
     state, residual = again.load_version(1)
     np.testing.assert_array_equal(state["w"], [0, 1, 2])
@@ -32,7 +32,7 @@ def test_versions_survive_reopen(tmp_path: Path) -> None:
 
 
 def test_old_snapshots_are_pruned_and_orphans_removed(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = Store(tmp_path, create=True)
     orphan = store.versions_dir / "v00000009.safetensors"
     orphan.write_bytes(b"left by a crash before the commit")
     for v in range(5):
@@ -42,7 +42,7 @@ def test_old_snapshots_are_pruned_and_orphans_removed(tmp_path: Path) -> None:
 
 
 def test_a_corrupt_snapshot_is_detected(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = Store(tmp_path, create=True)
     store.commit_version(0, {"w": np.zeros(3, np.float32)}, None, keep=5)
     path = store.versions_dir / "v00000000.safetensors"
     data = bytearray(path.read_bytes())
@@ -53,7 +53,7 @@ def test_a_corrupt_snapshot_is_detected(tmp_path: Path) -> None:
 
 
 def test_a_duplicate_update_cannot_be_committed_twice(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = Store(tmp_path, create=True)
     store.commit_version(0, {"w": np.zeros(1, np.float32)}, None, keep=5)
     store.commit_version(1, {"w": np.ones(1, np.float32)}, _entry("u1"), keep=5)
     with pytest.raises(sqlite3.IntegrityError):
@@ -62,7 +62,7 @@ def test_a_duplicate_update_cannot_be_committed_twice(tmp_path: Path) -> None:
 
 
 def test_rejections_and_statuses_are_counted(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = Store(tmp_path, create=True)
     store.record_rejection("d1", "bad_checksum", "frame checksum mismatch")
     store.record_status("d1", "training", 3, "laptop", {"eval_loss": 2.5, "rss_mb": 100.0})
     assert store.rejection_counts() == {"bad_checksum": 1}
@@ -76,13 +76,13 @@ def test_readonly_open_of_a_missing_store_says_so(tmp_path: Path) -> None:
 
 
 def test_residual_and_delta_frame_are_stored_with_the_version(tmp_path: Path) -> None:
-    store = Store(tmp_path)
+    store = Store(tmp_path, create=True)
     store.commit_version(0, {"w": np.zeros(2, np.float32)}, None, keep=2)
     for v in (1, 2, 3):
         store.commit_version(
             v, {"w": np.full(2, v, np.float32)}, None, keep=2, residual={"w": np.full(2, -v, np.float32)}, delta_frame=b"frame%d" % v
         )
-    state, residual = Store(tmp_path).load_version(3)
+    state, residual = Store(tmp_path, create=True).load_version(3)
     np.testing.assert_array_equal(residual["w"], [-3, -3])
     assert set(state) == {"w"}
     assert store.delta_frame(3) == b"frame3" and store.delta_frame(2) == b"frame2"
@@ -91,14 +91,14 @@ def test_residual_and_delta_frame_are_stored_with_the_version(tmp_path: Path) ->
 
 def test_a_batch_that_never_commits_leaves_the_last_committed_version_loadable(tmp_path: Path) -> None:
     """Pruning waits for the commit: uncommitted later versions must not delete the committed one."""
-    store = Store(tmp_path)
+    store = Store(tmp_path, create=True)
     store.commit_version(0, {"w": np.zeros(2, np.float32)}, None, keep=2)
     with pytest.raises(RuntimeError), store.batch():
         for v in range(1, 6):
             store.commit_version(v, {"w": np.full(2, v, np.float32)}, None, keep=2)
         raise RuntimeError("kill -9 before the commit")
     store.close()
-    again = Store(tmp_path)
+    again = Store(tmp_path, create=True)
     assert again.current_version() == 0
     state, _ = again.load_version(0)
     assert state["w"].tolist() == [0.0, 0.0]

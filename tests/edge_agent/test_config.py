@@ -16,7 +16,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_profile_values_apply_and_train_table_overrides_them(tmp_path: Path) -> None:
     path = _write(
-        tmp_path, 'device_id = "pi-1"\ndata_dir = "data"\nstate_dir = "state"\nprofile = "raspberry-pi-4"\n[train]\nlocal_steps = 9\n'
+        tmp_path, 'device_id = "pi-1"\ndata_dir = "data"\nstate_dir = "state"\nlab_mode = true\nprofile = "raspberry-pi-4"\n[train]\nlocal_steps = 9\n'
     )
     cfg = load_config(path, environ={})
     assert cfg.train.batch_size == 2 and cfg.train.threads == 4  # from the profile
@@ -25,7 +25,7 @@ def test_profile_values_apply_and_train_table_overrides_them(tmp_path: Path) -> 
 
 
 def test_environment_overrides_win(tmp_path: Path) -> None:
-    path = _write(tmp_path, 'device_id = "pi-1"\ndata_dir = "d"\nstate_dir = "s"\n')
+    path = _write(tmp_path, 'device_id = "pi-1"\ndata_dir = "d"\nstate_dir = "s"\nlab_mode = true\n')
     cfg = load_config(path, environ={"FEDGE_AGENT__BROKER__PORT": "1999", "FEDGE_AGENT__CODEC__VALUES": "fp16"})
     assert cfg.broker.port == 1999 and cfg.codec.values == "fp16"
 
@@ -65,3 +65,13 @@ def test_slowdown_is_a_lab_setting_bounded_below_by_one() -> None:
     assert TrainConfig().slowdown == 1.0
     with pytest.raises(ConfigError, match="train.slowdown"):
         TrainConfig(slowdown=0.5)
+
+
+def test_a_device_needs_the_fleet_key_unless_it_opts_into_lab_mode() -> None:
+    base = {"device_id": "pi-1", "data_dir": "d", "state_dir": "s"}
+    with pytest.raises(ConfigError, match="fleet_public_key"):
+        parse_config(base, "x", environ={})
+    with pytest.raises(ConfigError, match="64 lowercase hex"):
+        parse_config({**base, "fleet_public_key": "zz"}, "x", environ={})
+    assert parse_config({**base, "fleet_public_key": "ab" * 32}, "x", environ={}).fleet_public_key == "ab" * 32
+    assert parse_config({**base, "lab_mode": True}, "x", environ={}).lab_mode

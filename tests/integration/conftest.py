@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import queue
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -18,10 +17,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from compression import CodecConfig, compress_update, decode_frame, protocol
 from compression.protocol import GlobalMeta, UpdateHeader
-from coordinator.config import BrokerConfig, CoordinatorConfig, ModelSpecConfig
+from coordinator.config import BrokerConfig, CoordinatorConfig, LimitsConfig, ModelSpecConfig
 from coordinator.service import CoordinatorService
 from coordinator.testbed.broker import Broker, MosquittoBroker
-from coordinator.testbed.demo import write_toml
+from coordinator.testbed.demo import LAB_LIMITS, serve_argv, write_toml
 from coordinator.testbed.processes import Child
 
 FLEET = "test"
@@ -34,12 +33,13 @@ def coordinator_config(broker: Broker, state_dir: Path, model: Path) -> Coordina
         heartbeat_s=1.0,
         broker=BrokerConfig(port=broker.port),
         model=ModelSpecConfig(source=str(model), lora_r=4, lora_alpha=8),
+        limits=LimitsConfig(**LAB_LIMITS),
     )
 
 
 class ThreadedCoordinator:
     def __init__(self, cfg: CoordinatorConfig) -> None:
-        self.service = CoordinatorService(cfg)
+        self.service = CoordinatorService(cfg, init=True)
         self.thread = threading.Thread(target=self.service.run, daemon=True)
 
     def __enter__(self) -> CoordinatorService:
@@ -62,9 +62,10 @@ def coordinator_process(tmp_path: Path, broker: MosquittoBroker, tiny_model: Pat
             "heartbeat_s": 1.0,
             "broker": {"port": broker.port},
             "model": {"source": str(tiny_model), "lora_r": 4, "lora_alpha": 8},
+            "limits": LAB_LIMITS,
         },
     )
-    child = Child("coordinator", [sys.executable, "-m", "coordinator", "serve", "--config", str(cfg)], tmp_path / "coord.log")
+    child = Child("coordinator", serve_argv(cfg), tmp_path / "coord.log")
     yield child
     child.stop()
 
@@ -150,6 +151,7 @@ def agent_config_dict(broker: Broker, model: Path, data: Path, state: Path, devi
         "state_dir": str(state),
         "heartbeat_s": 1.0,
         "sync_wait_s": 5.0,
+        "lab_mode": True,
         "broker": {"port": broker.port, "reconnect_min_s": 1.0, "reconnect_max_s": 2.0},
         "model": {"source": str(model), "quantize": "int8"},
         "train": {"threads": 1, "batch_size": 4, "seq_len": 32, "local_steps": 2, "lr": 1e-2, "eval_blocks": 4},

@@ -6,7 +6,6 @@ import hashlib
 import os
 import random
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -21,7 +20,7 @@ from compression import CodecConfig, compress_update, protocol
 from compression.protocol import GlobalMeta, UpdateHeader
 from coordinator.store import Store
 from coordinator.testbed.broker import MosquittoBroker
-from coordinator.testbed.demo import write_toml
+from coordinator.testbed.demo import LAB_LIMITS, serve_argv, write_toml
 from coordinator.testbed.processes import Child
 from tests.conftest import wait_until
 from tests.integration.conftest import FLEET
@@ -116,6 +115,7 @@ def test_kill_9_under_load_loses_nothing_and_applies_nothing_twice(tmp_path: Pat
         {
             "fleet": FLEET,
             "state_dir": "state",
+            "limits": LAB_LIMITS,
             "heartbeat_s": 1.0,
             "keep_versions": 4,
             "broker": {"port": broker.port},
@@ -123,7 +123,7 @@ def test_kill_9_under_load_loses_nothing_and_applies_nothing_twice(tmp_path: Pat
             "strategy": {"kind": "fedasync", "max_staleness": 100000},
         },
     )
-    coordinator = Child("coordinator", [sys.executable, "-m", "coordinator", "serve", "--config", str(cfg)], tmp_path / "coord.log")
+    coordinator = Child("coordinator", serve_argv(cfg), tmp_path / "coord.log")
     coordinator.start()
     state = tmp_path / "state"
     wait_until(lambda: _version(state) is not None, 60, "version 0")

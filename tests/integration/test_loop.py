@@ -43,7 +43,7 @@ def test_agent_round_trip_produces_a_new_global_version(tmp_path: Path, broker: 
         wait_until(lambda: agent.global_model.version == service.version, 10, "the agent to hold the last version")  # type: ignore[union-attr]
         assert state_digest(agent.global_model.tensors) == state_digest(service.state)
         assert agent.counters.bytes_down_delta > 0
-    store = Store(tmp_path / "coord")
+    store = Store(tmp_path / "coord", create=True)
     ledger = list(store.ledger())
     assert [e["device"] for e in ledger] == ["pi-1", "pi-1"]
     assert [e["applied_version"] for e in ledger] == [1, 2]

@@ -16,7 +16,7 @@ import pytest
 from coordinator.store import Store
 from coordinator.strategy import StrategyConfig
 from coordinator.testbed.broker import MosquittoBroker, free_port
-from coordinator.testbed.demo import write_toml
+from coordinator.testbed.demo import LAB_LIMITS, serve_argv, write_toml
 from coordinator.testbed.processes import Child
 from tests.conftest import wait_until
 from tests.integration.conftest import FLEET, DeviceClient, ThreadedCoordinator, coordinator_config
@@ -62,13 +62,14 @@ def test_a_buffered_update_survives_kill_9(tmp_path: Path, broker: MosquittoBrok
         {
             "fleet": FLEET,
             "state_dir": "state",
+            "limits": LAB_LIMITS,
             "heartbeat_s": 1.0,
             "broker": {"port": broker.port},
             "model": {"source": str(tiny_model), "lora_r": 4, "lora_alpha": 8},
             "strategy": {"kind": "fedbuff", "buffer_size": 2},
         },
     )
-    child = Child("coordinator", [sys.executable, "-m", "coordinator", "serve", "--config", str(cfg_path)], tmp_path / "coord.log")
+    child = Child("coordinator", serve_argv(cfg_path), tmp_path / "coord.log")
     child.start()
     try:
         meta = device_client.wait_meta(0)
@@ -151,7 +152,6 @@ def test_rate_limit_and_device_list(tmp_path: Path, broker: MosquittoBroker, tin
 def test_dp_fedbuff_one_update_per_device_per_buffer_and_the_budget(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> None:
     import json
     import subprocess
-    import sys
 
     from coordinator.privacy import DPConfig, epsilon
 

@@ -1,0 +1,43 @@
+"""Bounded influence: how far one update may move the global model, and how much its
+self-reported sample count may weigh. Pure: numbers in, numbers out.
+
+- **Norm bound.** ``adaptive`` (the default) refuses an update whose L2 norm exceeds
+  ``norm_factor`` times the median norm of the last ``norm_window`` accepted updates.
+  Until ``norm_warmup`` norms are known, the bound is ``norm_factor`` times the norm of
+  the global state itself: no single update may move the model by more than a few times
+  its own size. ``fixed`` uses ``max_update_norm``; ``off`` turns the check off.
+- **Sample counts.** A device's claim is capped by its enrolment's ``max_samples`` (when
+  set), by ``max_num_samples``, and by ``sample_factor`` times the median of the other
+  devices' last weighted counts, so that one device can never buy the fleet's weight by
+  claiming 10^12 samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def norm_bound(rule: str, *, fixed: float, factor: float, warmup: int, recent: Sequence[float], global_norm: float) -> float:
+    """The largest L2 norm an update may have now; 0 means no bound."""
+    if rule == "off":
+        return 0.0
+    if rule == "fixed":
+        return fixed
+    bound = factor * float(np.median(recent)) if len(recent) >= warmup else factor * global_norm
+    if bound <= 0.0:
+        bound = factor * max(global_norm, 1e-3)
+    return min(bound, fixed) if fixed > 0 else bound
+
+
+def cap_samples(claim: int, *, enrolled_cap: int | None, hard_cap: int, factor: float, others: Sequence[int]) -> int:
+    """The sample count an update is weighted with."""
+    cap = hard_cap
+    if enrolled_cap is not None and enrolled_cap > 0:
+        cap = min(cap, enrolled_cap)
+    if others:
+        # The lower median: with two devices, the honest one's count bounds the other.
+        ordered = sorted(others)
+        cap = min(cap, max(1, int(factor * ordered[(len(ordered) - 1) // 2])))
+    return max(0, min(claim, cap))
