@@ -75,6 +75,9 @@ class GlobalRefused(Exception):
 QUARANTINE_FILES = 20
 """Global messages whose handling failed, kept in ``<state_dir>/quarantine`` (oldest dropped)."""
 
+STOP_DRAIN_S = 5.0
+"""How long a stopping agent waits for the coordinator to confirm its pending updates."""
+
 KEEP_PENDING = 64
 """Global metas and deltas buffered while training; older ones are dropped (the snapshot covers them)."""
 
@@ -194,8 +197,20 @@ class Agent:
                 self._round()
         finally:
             self.notifier.stopping("stopping: finishing the current step")
+            self._drain(STOP_DRAIN_S)
             final = self._status("offline")
             self.transport.stop(final)
+
+    def _drain(self, seconds: float) -> None:
+        """On the way out, give the coordinator a moment to confirm what is still pending
+        (what it does not confirm stays in the outbox for the next start)."""
+        deadline = time.monotonic() + seconds
+        while self.pending_count and self.transport.connected.is_set() and time.monotonic() < deadline:
+            self._flush_outbox()
+            try:
+                self._handle(self.transport.inbox.get(timeout=0.1))
+            except queue.Empty:
+                continue
 
     def _wait_reason(self, reason: str) -> None:
         if reason != self._blocked:

@@ -12,7 +12,7 @@ import logging
 import sqlite3
 import sys
 
-from coordinator.cli import check, cmd, demo, devices, enroll, export, history, serve, status, testbed, watch
+from coordinator.cli import acl, check, cmd, demo, devices, enroll, export, history, serve, status, testbed, watch
 from coordinator.errors import CoordinatorError
 
 log = logging.getLogger("coordinator")
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedge-coordinator", description="fedge coordinator and operator CLI")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (serve, check, status, devices, watch, history, cmd, export, enroll, demo, testbed):
+    for module in (serve, check, acl, status, devices, watch, history, cmd, export, enroll, demo, testbed):
         module.register(sub)
     return parser
 
