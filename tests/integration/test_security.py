@@ -29,7 +29,21 @@ from tests.integration.conftest import FLEET, ThreadedCoordinator, coordinator_c
 pytestmark = pytest.mark.broker
 
 ROOT = Path(__file__).resolve().parents[2]
-ACL = ROOT / "devices" / "mosquitto" / "acl"
+
+
+def _acl(tmp_path: Path) -> Path:
+    """The fleet's ACL as `fedge-coordinator acl` renders it (the shipped file is its render for 'home')."""
+    from coordinator.broker_acl import render_acl
+
+    path = tmp_path / "acl"
+    path.write_text(render_acl(FLEET))
+    return path
+
+
+def test_the_shipped_acl_is_the_render_for_its_fleet() -> None:
+    from coordinator.broker_acl import render_acl
+
+    assert (ROOT / "devices" / "mosquitto" / "acl").read_text() == render_acl("home")
 
 
 class Device:
@@ -110,7 +124,7 @@ def test_acl_signatures_replay_tamper_and_revocation(tmp_path: Path, mosquitto_b
         password = snippet.split('password = "')[1].split('"')[0]
         keys[device] = ((tmp_path / device / f"{device}.key").read_bytes(), password)
     set_password(passwd, "coordinator", "coordinator-secret")
-    broker = MosquittoBroker(tmp_path / "broker", anonymous=False, extra=f"password_file {passwd}\nacl_file {ACL}\n").start()
+    broker = MosquittoBroker(tmp_path / "broker", anonymous=False, extra=f"password_file {passwd}\nacl_file {_acl(tmp_path)}\n").start()
     cfg = coordinator_config(broker, state, tiny_model)
     cfg = replace(
         cfg,
@@ -170,7 +184,7 @@ def test_tls_needs_the_fleet_ca_and_maps_the_certificate_to_the_user(tmp_path: P
     issue_cert(ca, "dev-a", tmp_path / "dev-a.key", tmp_path / "dev-a.crt")
     tls = (
         f"cafile {ca / 'ca.crt'}\ncertfile {tmp_path / 'server.crt'}\nkeyfile {tmp_path / 'server.key'}\n"
-        f"require_certificate true\nuse_identity_as_username true\nacl_file {ACL}\n"
+        f"require_certificate true\nuse_identity_as_username true\nacl_file {_acl(tmp_path)}\n"
     )
     broker = MosquittoBroker(tmp_path / "broker", anonymous=False, extra=tls).start()
     try:
@@ -209,7 +223,7 @@ def test_an_enrolled_agent_signs_its_updates(tmp_path: Path, mosquitto_binary: s
     state, passwd = tmp_path / "coord", tmp_path / "passwd"
     enroll(state, "pi-signed", tmp_path / "pi-signed", fleet=FLEET, broker_host="127.0.0.1", broker_port=1, password_file=passwd)
     set_password(passwd, "coordinator", "coordinator-secret")
-    broker = MosquittoBroker(tmp_path / "broker", anonymous=False, extra=f"password_file {passwd}\nacl_file {ACL}\n").start()
+    broker = MosquittoBroker(tmp_path / "broker", anonymous=False, extra=f"password_file {passwd}\nacl_file {_acl(tmp_path)}\n").start()
     # The enrolment snippet, completed with this machine's paths and the test broker's port.
     snippet = (tmp_path / "pi-signed" / "agent.toml").read_text()
     snippet = snippet.replace("port = 1\n", f"port = {broker.port}\n")
