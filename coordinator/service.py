@@ -633,6 +633,8 @@ class CoordinatorService:
             log.warning("downlink residual dropped: %s", exc)
             down = compress_update(step, self.cfg.downlink, ErrorFeedback(), kind=FrameKind.GLOBAL_DELTA)
         new_state = apply_delta(self.state, down.sent)
+        if not all(np.all(np.isfinite(v)) for v in new_state.values()):
+            raise Rejection("non_finite", "the step would make the global state overflow float32")
         new_version = self.version + 1
         self.store.commit_version(
             new_version, new_state, entries, self.cfg.keep_versions, residual=down.feedback.residual, delta_frame=down.frame

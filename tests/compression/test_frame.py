@@ -279,3 +279,79 @@ def test_a_bad_record_in_a_batch_is_named() -> None:
     body[pos + 1] = 0
     with pytest.raises(FrameError, match="'layer2': indices are not strictly increasing"):
         decode_frame(_reframe(bytes(body), version=2))
+
+
+def _lying_zstd_frame(claimed: int, body_len: int = 1000) -> bytes:
+    """A frame whose zstd header claims ``claimed`` bytes while the FEDG header says ``body_len``."""
+    import struct
+    import zlib
+
+    import zstandard
+
+    z = zstandard.ZstdCompressor(write_content_size=True).compress(b"\0" * body_len)
+    fhd = z[4]
+    fcs_len = {0: 1, 1: 2, 2: 4, 3: 8}[fhd >> 6]
+    z = z[:4] + bytes([(fhd & 0x3F) | 0xC0]) + claimed.to_bytes(8, "little") + z[5 + fcs_len :]
+    header = struct.pack("<4sBBHII", b"FEDG", 2, 1, 0, body_len, len(z))
+    return header + z + struct.pack("<I", zlib.crc32(z, zlib.crc32(header)))
+
+
+def test_a_zstd_header_claiming_64_gib_is_refused_without_allocating() -> None:
+    import tracemalloc
+
+    from compression import FrameError
+
+    frame = _lying_zstd_frame(1 << 36)
+    assert len(frame) < 512
+    tracemalloc.start()
+    with pytest.raises(FrameError, match="declares"):
+        decode_frame(frame)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_a_decoder_allocates_at_most_a_small_multiple_of_its_limits() -> None:
+    """A real bomb (256 MiB of zeros in a few KB) against limits sized for a small state."""
+    import struct
+    import tracemalloc
+    import zlib
+
+    import zstandard
+
+    from compression import FrameLimits, LimitError
+
+    shapes = {"w": (64, 64)}
+    limits = FrameLimits.for_shapes(shapes, 1 << 20)
+    for body_len in (256 << 20, limits.max_body_bytes):
+        z = zstandard.ZstdCompressor(level=19, write_content_size=True).compress(b"\0" * body_len)
+        header = struct.pack("<4sBBHII", b"FEDG", 2, 1, 0, body_len, len(z))
+        frame = header + z + struct.pack("<I", zlib.crc32(z, zlib.crc32(header)))
+        tracemalloc.start()
+        with pytest.raises((LimitError, FrameError)):
+            decode_frame(frame, limits)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert peak < 4 * limits.max_body_bytes + (1 << 20), (body_len, peak)
+
+
+def test_a_frame_without_a_declared_content_size_is_refused() -> None:
+    import struct
+    import zlib
+
+    import zstandard
+
+    from compression import FrameError
+
+    z = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * 100)
+    header = struct.pack("<4sBBHII", b"FEDG", 2, 1, 0, 100, len(z))
+    with pytest.raises(FrameError, match="content size"):
+        decode_frame(header + z + struct.pack("<I", zlib.crc32(z, zlib.crc32(header))))
+
+
+def test_frames_may_not_declare_more_elements_than_the_limits_hold() -> None:
+    from compression import FrameLimits, LimitError
+
+    frame = encode_frame(FrameKind.UPDATE, {"w": SparseTensor((1 << 20,), np.ones(1, np.float32), np.array([5]))})
+    with pytest.raises(LimitError, match="elements"):
+        decode_frame(frame, FrameLimits(max_total_numel=1 << 10))

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -135,3 +136,66 @@ def test_deeply_nested_json_is_an_error_not_a_crash() -> None:
         DeviceStatus.from_json(payload[:60000])
     with pytest.raises(ProtocolError, match="nested too deeply"):
         DeviceStatus.from_json(b'{"metrics": ' + b"[" * 30000 + b"]" * 30000 + b"}")
+
+
+def _keys():  # type: ignore[no-untyped-def]
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+
+    def verify(sig: bytes, msg: bytes) -> bool:
+        try:
+            key.public_key().verify(sig, msg)
+        except InvalidSignature:
+            return False
+        return True
+
+    return key, verify
+
+
+def test_signed_meta_and_ack_round_trip_and_refuse_tampering() -> None:
+    from compression.protocol import SignatureError, UpdateAck
+
+    key, verify = _keys()
+    meta = GlobalMeta(version=4, snapshot_sha256="ab" * 32, snapshot_bytes=10, created=1.0, state_sha256="cd" * 32).signed(key.sign)
+    assert GlobalMeta.from_json(meta.to_json(), verify) == meta
+    ack = UpdateAck("pi-1", 3, "u-3", "rejected", "norm_bound: too big", 7, 2.0).signed(key.sign)
+    assert UpdateAck.from_json(ack.to_json(), verify) == ack
+    for payload in (meta.to_json(), ack.to_json()):
+        doc = json.loads(payload)
+        doc["version"] = doc["version"] + 1
+        with pytest.raises(SignatureError):
+            (GlobalMeta if "snapshot_sha256" in doc else UpdateAck).from_json(json.dumps(doc).encode(), verify)  # type: ignore[attr-defined]
+    with pytest.raises(SignatureError, match="not signed"):
+        GlobalMeta.from_json(replace(meta, signature="").to_json(), verify)
+    other, _ = _keys()
+    with pytest.raises(SignatureError):
+        UpdateAck.from_json(UpdateAck("pi-1", 3, "u-3", "applied").signed(other.sign).to_json(), verify)
+
+
+@given(st.binary(max_size=600))
+def test_the_ack_parser_raises_only_codec_errors(payload: bytes) -> None:
+    from compression.protocol import UpdateAck
+
+    _, verify = _keys()
+    for v in (None, verify):
+        try:
+            UpdateAck.from_json(payload, v)
+        except CodecError:
+            pass
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["device", "seq", "update_id", "outcome", "reason", "version", "ts", "signature", "x"]),
+        st.one_of(st.none(), st.integers(), st.text(max_size=20), st.floats(), st.booleans()),
+    )
+)
+def test_ack_objects_of_any_shape_raise_only_codec_errors(doc: dict) -> None:  # type: ignore[type-arg]
+    from compression.protocol import UpdateAck
+
+    try:
+        UpdateAck.from_json(json.dumps(doc).encode())
+    except CodecError:
+        pass
