@@ -203,9 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             "strategy": {"kind": args.strategy, "buffer_size": args.buffer_size, "max_staleness": 1_000_000},
         },
     )
-    coordinator = Child(
-        "coordinator", serve_argv(cfg), work / "coordinator.log"
-    ).start()
+    coordinator = Child("coordinator", serve_argv(cfg), work / "coordinator.log").start()
     fleet = None
     phases = []
     try:

@@ -16,7 +16,9 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_profile_values_apply_and_train_table_overrides_them(tmp_path: Path) -> None:
     path = _write(
-        tmp_path, 'device_id = "pi-1"\ndata_dir = "data"\nstate_dir = "state"\nlab_mode = true\nprofile = "raspberry-pi-4"\n[train]\nlocal_steps = 9\n'
+        tmp_path,
+        'device_id = "pi-1"\ndata_dir = "data"\nstate_dir = "state"\nlab_mode = true\n'
+        'profile = "raspberry-pi-4"\n[train]\nlocal_steps = 9\n',
     )
     cfg = load_config(path, environ={})
     assert cfg.train.batch_size == 2 and cfg.train.threads == 4  # from the profile
