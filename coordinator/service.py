@@ -379,7 +379,10 @@ class CoordinatorService:
         try:
             fleet, device, leaf = protocol.parse_device_topic(msg.topic)
         except CodecError as exc:
-            log.warning("ignored message on %s: %s", msg.topic, exc)
+            if msg.topic.endswith("/update"):  # an update under an id no device can have: counted, not just logged
+                self._reject(None, Rejection("malformed_topic", str(exc)))
+            else:
+                log.warning("ignored message on %s: %s", msg.topic, exc)
             return
         if leaf == "update":
             self._handle_update(device, msg)
@@ -397,7 +400,7 @@ class CoordinatorService:
         self.online[device] = status.state != "offline"
         self.store.record_status(device, status.state, status.version, status.profile, status.metrics, status.tier)
 
-    def _reject(self, device: str, rej: Rejection) -> None:
+    def _reject(self, device: str | None, rej: Rejection) -> None:
         log.warning("rejected update from %s: %s", device, rej)
         self.store.record_rejection(device, rej.reason, rej.detail)
         self.counts["rejected"] += 1
