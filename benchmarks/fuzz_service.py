@@ -9,11 +9,11 @@ updates, oversize and non-finite updates and abusive sample counts to the update
 and forged, unsigned, truncated and bomb global state, acks and commands to the agent.
 
 It reports ``crashes`` (a daemon that exited or logged a traceback), ``state_changes``
-(global versions or accepted updates caused by hostile messages; valid updates with an
-abusive sample count are applied with a capped weight and reported apart),
-``valid_applied`` counts the valid updates among them: the abusive-count ones and the first
-copy of the replayed one. ``unaccounted`` (update messages neither applied nor counted by a reason, duplicates
-included) and ``peak_rss_mb`` of each daemon, against a quiet run of the same length.
+(global versions or accepted updates caused by hostile messages), ``valid_applied`` (the
+valid updates among them, applied with a capped weight: the abusive sample counts and the
+first copy of the replayed update), ``unaccounted`` (update messages neither applied nor
+counted by a reason, duplicates included) and ``peak_rss_mb`` of each daemon, against a
+quiet run of the same length.
 """
 
 from __future__ import annotations
