@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "state_changes",
         "unaccounted",
         "duplicates",
-        "sample_abuse_applied",
+        "valid_applied",
         "agent_refused",
         "agent_refusable",
         "send_s",
