@@ -222,6 +222,7 @@ def secure_fleet(tmp_path: Path, mosquitto_binary: str, tiny_model: Path) -> Ite
     fleet = start_secure_fleet(tmp_path, tiny_model)
     fleet.start_coordinator(init=True)
     wait_until(lambda: fleet.version() == 0, 60, "version 0")
+    fleet.global_state()  # barrier: the coordinator publishes it after it has subscribed
     try:
         yield fleet
     finally:
