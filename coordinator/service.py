@@ -312,7 +312,8 @@ class CoordinatorService:
             dict(self._decoded),
             dict(self.counts),
             dict(self.rejections),
-            dict(self.participations),
+            # Only DP aggregation changes participations: no per-message copy of an O(fleet) map without it.
+            dict(self.participations) if self.dp.enabled else self.participations,
             len(self._new_versions),
             len(self._acks_out),
             collections.deque(self._norms, self._norms.maxlen),
