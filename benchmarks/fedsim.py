@@ -60,12 +60,12 @@ def load_sim_model(prefer: str = "auto", threads: int = 2, lora_r: int = 8) -> S
     return SimModel(name=name, model=model, tokenizer=tokenizer, v0=v0, workdir=workdir)
 
 
-def device_data(sim: SimModel, n: int, seq_len: int) -> list[LocalData]:
-    """Device ``i`` gets domain ``i`` of the pydoc corpus (non-IID)."""
+def device_data(sim: SimModel, n: int, seq_len: int, corpus: str = "pydoc") -> list[LocalData]:
+    """Device ``i`` gets domain ``i`` of ``corpus`` (non-IID): ``pydoc`` or ``numpy``."""
     out = []
     for i in range(n):
-        d = sim.workdir / f"data{i}"
-        write_device_corpus(d, i)
+        d = sim.workdir / f"{corpus}{i}"
+        write_device_corpus(d, i, corpus)
         out.append(build_blocks(read_texts(d), sim.tokenizer, seq_len, 0.1, seed=i))
     return out
 
@@ -124,7 +124,7 @@ def run_federated(
                 updates.append(delta)
                 result.bytes_up += sum(d.size * 4 for d in delta.values())
             else:
-                out = compress_update(delta, uplink, up_fb[i])
+                out = compress_update(delta, uplink, up_fb[i], phase=base_version)
                 up_fb[i] = out.feedback
                 updates.append(out.sent)
                 result.bytes_up += len(out.frame)
@@ -137,11 +137,74 @@ def run_federated(
                 state = apply_delta(state, step)
                 result.bytes_down += sum(d.size * 4 for d in step.values())
             else:
-                down = compress_update(step, downlink, down_fb, kind=FrameKind.GLOBAL_DELTA)
+                down = compress_update(step, downlink, down_fb, kind=FrameKind.GLOBAL_DELTA, phase=version + 1)
                 down_fb = down.feedback
                 state = apply_delta(state, down.sent)
                 result.bytes_down += len(down.frame)
             version += 1
+        result.losses.append(union_loss(sim, datas, state, eval_blocks, train.batch_size))
+    result.final_loss = result.losses[-1]
+    result.seconds = time.monotonic() - t0
+    result.state = state
+    return result
+
+
+def run_rounds(
+    sim: SimModel,
+    datas: list[LocalData],
+    label: str,
+    uplink: CodecConfig | None,
+    downlink: CodecConfig | None,
+    *,
+    rounds: int,
+    train: TrainConfig,
+    server_lr: float = 1.0,
+    eval_blocks: int = 8,
+    seed: int = 0,
+    progress: Any = None,
+) -> RunResult:
+    """Synchronous FedAvg rounds, as ``strategy.kind = "fedavg"`` runs them: every device
+    trains from the same version, the coordinator averages what it decodes (equal sample
+    counts), sends the step through the downlink codec and applies exactly what it sent.
+
+    ``losses[0]`` is the loss of version 0, ``losses[r]`` after round ``r``.
+    """
+    t0 = time.monotonic()
+    state = {k: v.copy() for k, v in sim.v0.items()}
+    rngs = [np.random.default_rng([seed, i]) for i in range(len(datas))]
+    up_fb = [ErrorFeedback() for _ in datas]
+    down_fb = ErrorFeedback()
+    result = RunResult(label, 0.0, 0, 0, 0, 0.0)
+    result.losses.append(union_loss(sim, datas, state, eval_blocks, train.batch_size))
+    for _round in range(rounds):
+        total: dict[str, np.ndarray] = {n: np.zeros_like(v) for n, v in state.items()}
+        for i, data in enumerate(datas):
+            set_trainable(sim.model, state)
+            train_round(sim.model, data, train, rngs[i])
+            local = get_trainable(sim.model)
+            delta = {n: local[n] - state[n] for n in state}
+            result.dense_bytes_up += sum(d.size * 4 for d in delta.values())
+            if uplink is None:
+                sent = delta
+                result.bytes_up += sum(d.size * 4 for d in delta.values())
+            else:
+                out = compress_update(delta, uplink, up_fb[i], phase=_round)
+                up_fb[i] = out.feedback
+                sent = out.sent
+                result.bytes_up += len(out.frame)
+            for n, d in sent.items():
+                total[n] += d
+            if progress is not None:
+                progress()
+        step = {n: (np.float32(server_lr / len(datas)) * t).astype(np.float32) for n, t in total.items()}
+        if downlink is None:
+            state = apply_delta(state, step)
+            result.bytes_down += sum(d.size * 4 for d in step.values())
+        else:
+            down = compress_update(step, downlink, down_fb, kind=FrameKind.GLOBAL_DELTA, phase=_round + 1)
+            down_fb = down.feedback
+            state = apply_delta(state, down.sent)
+            result.bytes_down += len(down.frame)
         result.losses.append(union_loss(sim, datas, state, eval_blocks, train.batch_size))
     result.final_loss = result.losses[-1]
     result.seconds = time.monotonic() - t0

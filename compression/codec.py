@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -19,7 +19,7 @@ from compression.errors import CodecError
 from compression.frame import FrameKind, FrameLimits, SparseTensor, decode_frame, encode_frame
 from compression.indices import IndexCoding
 from compression.quantize import ValueType
-from compression.sparsify import topk_global, topk_per_tensor
+from compression.sparsify import rotating_global, rotating_period, topk_global, topk_per_tensor
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,22 @@ class CodecConfig:
     """zstd compression level (1..22)."""
     error_feedback: bool = True
     """Keep what was not sent (and the quantization error) and add it to the next update."""
+    selection: Literal["magnitude", "rotating"] = "magnitude"
+    """Which entries go: ``magnitude`` (top-k by ``|value|``, per ``topk_scope``) or ``rotating``
+    (every ``1/topk_fraction``-th entry, shifted by the update's phase: no index cost, the same
+    coordinates on every device of a phase, every coordinate once per period)."""
+    rescale: bool = False
+    """Rotating selection only: send the selected entries times the period, so that the update
+    is unbiased (each coordinate's expected value is its delta) instead of delayed. Error
+    feedback then keeps only the quantization error of the entries sent."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.topk_fraction <= 1.0:
             raise CodecError(f"codec.topk_fraction must be in (0, 1], got {self.topk_fraction}")
         if self.topk_scope not in ("tensor", "global"):
             raise CodecError(f"codec.topk_scope must be 'tensor' or 'global', got {self.topk_scope!r}")
+        if self.selection not in ("magnitude", "rotating"):
+            raise CodecError(f"codec.selection must be 'magnitude' or 'rotating', got {self.selection!r}")
         ValueType.from_name(self.values)
         IndexCoding.from_name(self.index_coding)
         if not 1 <= self.int8_block <= 1 << 20:
@@ -88,8 +98,13 @@ def compress_update(
     config: CodecConfig,
     feedback: ErrorFeedback | None = None,
     kind: FrameKind = FrameKind.UPDATE,
+    phase: int = 0,
 ) -> CompressedUpdate:
-    """Compress ``delta`` into one frame, applying and renewing error feedback."""
+    """Compress ``delta`` into one frame, applying and renewing error feedback.
+
+    ``phase`` keys the rotating selection: the global version the update was trained
+    from (uplink) or the version it makes (downlink).
+    """
     if not delta:
         raise CodecError("an update must carry at least one tensor")
     feedback = feedback or ErrorFeedback()
@@ -97,7 +112,13 @@ def compress_update(
     for name, arr in corrected.items():
         if not np.all(np.isfinite(arr)):
             raise CodecError(f"delta of {name!r} has non-finite values")
-    if config.topk_scope == "global":
+    rescaled = config.rescale and config.selection == "rotating" and config.topk_fraction < 1.0
+    period = rotating_period(config.topk_fraction) if rescaled else 1
+    if config.selection == "rotating" and config.topk_fraction < 1.0:
+        sparse = rotating_global(corrected, config.topk_fraction, phase)
+        if rescaled:
+            sparse = {n: replace(t, values=(t.values * np.float32(period)).astype(np.float32)) for n, t in sparse.items()}
+    elif config.topk_scope == "global":
         sparse = topk_global(corrected, config.topk_fraction)
     else:
         sparse = topk_per_tensor(corrected, config.topk_fraction)
@@ -113,7 +134,23 @@ def compress_update(
     # and so that `sent` is bit-identical to what the receiver will apply.
     sent = decode_frame(frame, FrameLimits(max_frame_bytes=len(frame), max_body_bytes=1 << 40)).dense()
     # Tensors this update does not carry keep their residual (mixed fleets send subsets).
-    residual = {**feedback.residual, **{n: corrected[n] - sent[n] for n in corrected}} if config.error_feedback else {}
+    if not config.error_feedback:
+        residual: dict[str, np.ndarray] = {}
+    elif rescaled:
+        # Unsent entries are covered in expectation by the rescaling: only the debt of
+        # what was quantized (in delta units) carries over, and unsent entries keep theirs.
+        residual = dict(feedback.residual)
+        for n, t in sparse.items():
+            r = (
+                np.zeros(corrected[n].size, np.float32)
+                if n not in residual or residual[n].shape != corrected[n].shape
+                else residual[n].reshape(-1).copy()
+            )
+            idx = np.asarray(t.indices, dtype=np.int64)
+            r[idx] = (t.values - sent[n].reshape(-1)[idx]) / np.float32(period)
+            residual[n] = r.reshape(corrected[n].shape)
+    else:
+        residual = {**feedback.residual, **{n: corrected[n] - sent[n] for n in corrected}}
     dense_bytes = int(sum(np.asarray(d).size * 4 for d in delta.values()))
     return CompressedUpdate(frame=frame, sent=sent, feedback=ErrorFeedback(residual), dense_fp32_bytes=dense_bytes)
 

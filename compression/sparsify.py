@@ -36,7 +36,13 @@ def topk_per_tensor(tensors: Mapping[str, np.ndarray], fraction: float) -> dict[
     for name, arr in tensors.items():
         flat = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
         if fraction >= 1.0:
-            out[name] = SparseTensor(shape=tuple(arr.shape), values=flat)
+            # Every non-zero goes; a mostly-zero tensor (a step averaged from sparse
+            # updates, a frozen factor) goes as a sparse record of its non-zeros.
+            nonzero = np.flatnonzero(flat)
+            if nonzero.size < flat.size // 3:
+                out[name] = SparseTensor(shape=tuple(arr.shape), values=flat[nonzero], indices=nonzero.astype(np.int64))
+            else:
+                out[name] = SparseTensor(shape=tuple(arr.shape), values=flat)
             continue
         # Exact zeros are never worth sending (rows of an embedding no local token touched).
         k = min(k_for(flat.size, fraction), int(np.count_nonzero(flat)))
@@ -77,3 +83,30 @@ def topk_global(tensors: Mapping[str, np.ndarray], fraction: float) -> dict[str,
 def _check_fraction(fraction: float) -> None:
     if not 0.0 < fraction <= 1.0:
         raise CodecError(f"top-k fraction must be in (0, 1], got {fraction}")
+
+
+def rotating_period(fraction: float) -> int:
+    """The stride of a rotating selection that sends ``fraction`` of the entries."""
+    _check_fraction(fraction)
+    return max(1, round(1.0 / fraction))
+
+
+def rotating_global(tensors: Mapping[str, np.ndarray], fraction: float, phase: int) -> dict[str, SparseTensor]:
+    """Every ``period``-th entry of all tensors laid end to end, starting at ``phase mod period``.
+
+    The selection depends only on the shapes and ``phase``, not on the values: devices
+    that share a phase (the global version they trained from) send the same coordinates,
+    and over ``period`` consecutive phases every coordinate is sent once. The indices are
+    an arithmetic progression, whose gaps zstd codes in almost nothing.
+    """
+    period = rotating_period(fraction)
+    out: dict[str, SparseTensor] = {}
+    offset = 0
+    for name, arr in tensors.items():
+        flat = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
+        first = (phase - offset) % period
+        # A tensor with nothing to send (frozen, or untouched) sends an empty record.
+        idx = np.arange(first, flat.size, period, dtype=np.int64) if flat.any() else np.zeros(0, np.int64)
+        out[name] = SparseTensor(shape=tuple(np.shape(arr)), values=flat[idx], indices=idx)
+        offset += flat.size
+    return out

@@ -19,6 +19,9 @@ from coordinator.errors import ConfigError
 from coordinator.privacy import DPConfig
 from coordinator.strategy import StrategyConfig
 
+DEFAULT_DOWNLINK = CodecConfig(topk_fraction=0.02, values="int8")
+"""The coordinator's default ``[downlink]`` codec (chosen by ``python -m benchmarks.codec``)."""
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -144,7 +147,7 @@ class CoordinatorConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     """Central differential privacy (DP-FedBuff); needs ``strategy.kind = "fedbuff"``."""
-    downlink: CodecConfig = field(default_factory=lambda: CodecConfig(topk_fraction=0.02, values="int8"))
+    downlink: CodecConfig = field(default_factory=lambda: DEFAULT_DOWNLINK)
     """Codec of the global deltas published each version (with error feedback at the coordinator)."""
     keep_versions: int = 20
     """Snapshot files kept on disk; older versions keep their ledger rows."""

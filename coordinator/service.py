@@ -630,12 +630,12 @@ class CoordinatorService:
         if not all(np.all(np.isfinite(v)) for v in step.values()):
             raise Rejection("non_finite", "the global step is not finite")
         try:
-            down = compress_update(step, self.cfg.downlink, self.downlink, kind=FrameKind.GLOBAL_DELTA)
+            down = compress_update(step, self.cfg.downlink, self.downlink, kind=FrameKind.GLOBAL_DELTA, phase=self.version + 1)
         except CodecError as exc:
             # The residual overflowed (it keeps what earlier versions did not send): drop it
             # rather than the version. Devices never see the residual, so nothing diverges.
             log.warning("downlink residual dropped: %s", exc)
-            down = compress_update(step, self.cfg.downlink, ErrorFeedback(), kind=FrameKind.GLOBAL_DELTA)
+            down = compress_update(step, self.cfg.downlink, ErrorFeedback(), kind=FrameKind.GLOBAL_DELTA, phase=self.version + 1)
         new_state = apply_delta(self.state, down.sent)
         if not all(np.all(np.isfinite(v)) for v in new_state.values()):
             raise Rejection("non_finite", "the step would make the global state overflow float32")

@@ -238,7 +238,7 @@ class Agent:
         seq = self.state.next_seq(dp_round=ldp)  # counted before anything noised exists
         if ldp:
             delta = privatize(delta, self.cfg.privacy, self._rng)
-        compressed = compress_update(delta, self.cfg.codec, self._feedback)
+        compressed = compress_update(delta, self.cfg.codec, self._feedback, phase=base)
         header = UpdateHeader(
             device=self.cfg.device_id,
             seq=seq,

@@ -10,7 +10,7 @@ from hypothesis.extra.numpy import arrays
 
 from compression import CodecConfig, CodecError, ErrorFeedback, FrameKind, apply_delta, compress_update, decode_frame, state_digest
 from compression.quantize import dequantize_int8, pack_int4, quantize_int8, unpack_int4
-from compression.sparsify import k_for, topk_global, topk_per_tensor
+from compression.sparsify import k_for, rotating_global, rotating_period, topk_global, topk_per_tensor
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)
 vectors = arrays(np.float32, st.integers(1, 300), elements=finite)
@@ -65,13 +65,14 @@ def test_int4_codes_stay_in_range_and_the_error_is_at_most_half_a_step(x: np.nda
 @given(
     st.lists(arrays(np.float32, (6, 5), elements=finite), min_size=1, max_size=6),
     st.sampled_from(["int8", "int4", "sign", "fp16", "fp32"]),
+    st.sampled_from(["magnitude", "rotating"]),
 )
-def test_error_feedback_conserves_the_sum_of_deltas(deltas: list[np.ndarray], values: str) -> None:
-    cfg = CodecConfig(topk_fraction=0.2, values=values)  # type: ignore[arg-type]
+def test_error_feedback_conserves_the_sum_of_deltas(deltas: list[np.ndarray], values: str, selection: str) -> None:
+    cfg = CodecConfig(topk_fraction=0.2, values=values, selection=selection)  # type: ignore[arg-type]
     fb = ErrorFeedback()
     sent_total = np.zeros((6, 5), np.float64)
-    for d in deltas:
-        out = compress_update({"w": d}, cfg, fb)
+    for phase, d in enumerate(deltas):
+        out = compress_update({"w": d}, cfg, fb, phase=phase)
         sent_total += out.sent["w"]
         fb = out.feedback
     total = np.sum(np.stack(deltas).astype(np.float64), axis=0)
@@ -105,6 +106,7 @@ def test_compressed_update_is_much_smaller_than_dense() -> None:
         ({"values": "int2"}, "int2"),
         ({"zstd_level": 40}, "zstd_level"),
         ({"topk_scope": "row"}, "topk_scope"),
+        ({"selection": "random"}, "selection"),
     ],
 )
 def test_codec_config_names_the_bad_value(kwargs: dict, key: str) -> None:
@@ -157,3 +159,71 @@ def test_snapshots_of_mostly_zero_tables_are_sparse_and_bit_exact() -> None:
     assert np.signbit(decoded["table"][5, 0])
     assert decode_frame(frame).tensors["table"].indices is not None
     assert len(frame) < 4096 * 16 * 4 / 50
+
+
+shapes = st.lists(st.tuples(st.integers(1, 40), st.integers(1, 9)), min_size=1, max_size=4)
+
+
+@given(shapes, st.integers(1, 12), st.integers(0, 10_000))
+def test_rotating_selection_sends_every_coordinate_once_per_period(dims: list[tuple[int, int]], period: int, start: int) -> None:
+    tensors = {f"t{i}": np.ones(d, np.float32) for i, d in enumerate(dims)}
+    hits = {n: np.zeros(a.size, np.int64) for n, a in tensors.items()}
+    assert rotating_period(1.0 / period) == period
+    for phase in range(start, start + period):
+        for n, rec in rotating_global(tensors, 1.0 / period, phase).items():
+            assert rec.indices is not None and np.all(np.diff(rec.indices) == period)
+            hits[n][rec.indices] += 1
+    assert all(np.all(h == 1) for h in hits.values())
+
+
+@given(arrays(np.float32, (12, 7), elements=finite), arrays(np.float32, (12, 7), elements=finite), st.integers(0, 99))
+def test_rotating_selection_depends_only_on_shapes_and_phase(a: np.ndarray, b: np.ndarray, phase: int) -> None:
+    a, b = a + np.float32(2e3), b - np.float32(2e3)  # no exact zeros: every tensor has something to send
+    cfg = CodecConfig(topk_fraction=0.25, values="int8", selection="rotating")
+    sa = compress_update({"w": a}, cfg, phase=phase).sent["w"] != 0
+    sb = compress_update({"w": b}, cfg, phase=phase).sent["w"] != 0
+    np.testing.assert_array_equal(sa, sb)
+
+
+def test_rotating_indices_cost_almost_nothing() -> None:
+    rng = np.random.default_rng(3)
+    delta = {f"l{i}": rng.normal(size=(576, 8)).astype(np.float32) for i in range(20)}
+    rotating = compress_update(delta, CodecConfig(topk_fraction=1 / 16, values="sign", selection="rotating"))
+    values_only = 20 * 576 * 8 // 16 // 8 + 4 * 20 * 2  # sign bits and block scales
+    assert len(rotating.frame) < 1.25 * values_only + 40 * 20
+
+
+def test_a_rescaled_rotating_update_is_unbiased() -> None:
+    """fp32 values: over one period the mean of what is sent is exactly the delta, and no residual builds up."""
+    rng = np.random.default_rng(4)
+    delta = {"a": rng.normal(size=(10, 8)).astype(np.float32), "b": rng.normal(size=(7,)).astype(np.float32)}
+    cfg = CodecConfig(topk_fraction=0.2, values="fp32", selection="rotating", rescale=True)
+    fb, total = ErrorFeedback(), {n: np.zeros_like(d, dtype=np.float64) for n, d in delta.items()}
+    for phase in range(5):
+        out = compress_update(delta, cfg, fb, phase=phase)
+        fb = out.feedback
+        for n in total:
+            total[n] += out.sent[n]
+    for n, d in delta.items():
+        np.testing.assert_allclose(total[n] / 5, d, rtol=1e-5, atol=1e-6)
+        assert not np.any(fb.residual[n])
+
+
+def test_a_rescaled_update_carries_its_quantization_error() -> None:
+    rng = np.random.default_rng(5)
+    delta = {"w": rng.normal(size=(64,)).astype(np.float32)}
+    cfg = CodecConfig(topk_fraction=0.25, values="int4", selection="rotating", rescale=True)
+    out = compress_update(delta, cfg, phase=1)
+    idx = np.arange(1, 64, 4)
+    np.testing.assert_allclose(out.sent["w"][idx] + 4 * out.feedback.residual["w"][idx], 4 * delta["w"][idx], rtol=1e-5, atol=1e-6)
+    assert not np.any(np.delete(out.feedback.residual["w"], idx)) and not np.any(np.delete(out.sent["w"], idx))
+
+
+@given(arrays(np.float32, 200, elements=finite), st.integers(0, 60))
+def test_a_full_fraction_keeps_every_non_zero_and_codes_mostly_zero_tensors_sparse(x: np.ndarray, nonzero: int) -> None:
+    x = x.copy()
+    x[nonzero:] = 0
+    out = compress_update({"w": x}, CodecConfig(topk_fraction=1.0, values="fp32", error_feedback=False))
+    np.testing.assert_array_equal(out.sent["w"], x)
+    record = decode_frame(out.frame).tensors["w"]
+    assert (record.indices is not None) == (np.count_nonzero(x) < 200 // 3)

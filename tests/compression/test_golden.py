@@ -16,6 +16,7 @@ def test_golden_vectors_exist() -> None:
     assert {"update_v1_fp32", "update_v1_fp16", "update_v1_int8", "snapshot_v1_fp32", "envelope_v1"} <= set(CASES)
     assert {"update_v2_int8_bitpack", "update_v2_fp16_varint", "update_v2_sign_bitpack", "update_v3_int4_varint"} <= set(CASES)
     assert {"envelope_v2_signed"} <= set(CASES)
+    assert {"update_v2_sign_varint_rotating", "update_v2_int8_varint_support"} <= set(CASES)
 
 
 def test_the_signed_golden_envelope_still_verifies() -> None:

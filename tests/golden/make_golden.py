@@ -45,6 +45,18 @@ def cases() -> dict[str, tuple[bytes, dict[str, list]]]:
         ("update_v3_int4_varint", ValueType.INT4, IndexCoding.VARINT),
     ):
         out[name] = (encode_frame(FrameKind.UPDATE, tensors, values=vtype, int8_block=4, index_coding=coding), {})
+    # Rotating selection (indices in arithmetic progression, rescaled values) and a full
+    # fraction over a mostly-zero tensor (sparse record of every non-zero): no new layout,
+    # but the encodings the rotating codec and the lossless-support downlink produce.
+    from compression import CodecConfig, compress_update
+
+    grid = {"layer.lora_A.weight": np.linspace(-1, 1, 24, dtype=np.float32).reshape(4, 6), "layer.lora_B.weight": dense}
+    rotating = CodecConfig(topk_fraction=0.25, values="sign", selection="rotating", rescale=True, int8_block=4)
+    out["update_v2_sign_varint_rotating"] = (compress_update(grid, rotating, phase=1).frame, {})
+    mostly_zero = np.zeros((5, 6), np.float32)
+    mostly_zero.reshape(-1)[[2, 3, 17]] = [0.75, -0.5, 1.25]
+    support = CodecConfig(topk_fraction=1.0, values="int8", int8_block=4)
+    out["update_v2_int8_varint_support"] = (compress_update({"layer.lora_B.weight": mostly_zero}, support).frame, {})
     snap = _as_version_1(encode_frame(FrameKind.SNAPSHOT, {"w": SparseTensor(shape=(2, 2), values=np.array([1, 2, 3, 4], np.float32))}))
     out["snapshot_v1_fp32"] = (snap, {})
     header = UpdateHeader(

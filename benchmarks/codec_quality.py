@@ -1,0 +1,188 @@
+"""The two federated experiments the codec is judged by, and the candidates they compare.
+
+- **Short synchronous run**: Flower's FedAvg baseline as fedge runs it with
+  ``strategy.kind = "fedavg"``: 3 devices, 5 rounds of 5 local AdamW steps (batch 4,
+  seq 128, lr 2e-4). Judged round by round: the share of the dense run's loss
+  reduction that a codec keeps.
+- **Long asynchronous run**: FedAsync (alpha 0.6, polynomial staleness) over 20 ticks
+  of 3 updates, 4 local steps (batch 2, seq 128, lr 3e-3). Judged by the final loss and
+  the worst tick against the dense run.
+
+Both run in process (``benchmarks.fedsim``) with the daemons' model, data and codec code,
+fixed seeds and no broker. A candidate is an uplink codec, a downlink codec and, for
+B-only sharing, frozen LoRA A factors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from benchmarks.fedsim import SimModel, run_federated, run_rounds
+from compression import CodecConfig, protocol
+from compression.protocol import UpdateHeader
+from coordinator.config import DEFAULT_DOWNLINK
+from edge_agent.config import TrainConfig
+
+DEFAULT_UP = CodecConfig()
+DEFAULT_DOWN = DEFAULT_DOWNLINK
+OLD_UP = CodecConfig(topk_fraction=0.02, values="int4")
+OLD_DOWN = CodecConfig(topk_fraction=0.02, values="int8")
+SUPPORT_DOWN = CodecConfig(topk_fraction=1.0, values="int8")
+"""A downlink that keeps every non-zero of the step (int8 values, error feedback)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    uplink: CodecConfig | None
+    downlink: CodecConfig | None
+    freeze_a: bool = False
+    secagg: str = ""
+    """Whether it suits secure aggregation (see :func:`secagg_note`)."""
+
+
+def rotating(fraction: float, values: str = "int4", rescale: bool = True) -> CodecConfig:
+    return CodecConfig(topk_fraction=fraction, values=values, selection="rotating", rescale=rescale)  # type: ignore[arg-type]
+
+
+def secagg_note(uplink: CodecConfig | None) -> str:
+    """Whether an uplink codec suits secure aggregation (masked sums of equal-length vectors)."""
+    if uplink is None or (uplink.topk_fraction >= 1.0 and uplink.values in ("fp32", "fp16", "int8", "int4")):
+        return "yes: one dense vector"
+    if uplink.topk_fraction >= 1.0:
+        return "partly: dense, but per-device scales"
+    if uplink.selection == "rotating":
+        return "yes: the same coordinates on every device of a version"
+    return "no: device-specific indices"
+
+
+def candidate(name: str, uplink: CodecConfig | None, downlink: CodecConfig | None, freeze_a: bool = False) -> Candidate:
+    return Candidate(name, uplink, downlink, freeze_a, secagg_note(uplink))
+
+
+DENSE = candidate("dense fp32 links", None, None)
+DEFAULT = candidate("default", DEFAULT_UP, DEFAULT_DOWN)
+CANDIDATES: dict[str, Candidate] = {
+    c.name: c
+    for c in (
+        candidate("top-2% int4, lossless-support downlink", OLD_UP, SUPPORT_DOWN),
+        candidate("top-2% int4, dense fp32 downlink", OLD_UP, None),
+        candidate("top-2% int4, per-tensor k", CodecConfig(topk_fraction=0.02, topk_scope="tensor"), OLD_DOWN),
+        candidate("top-10% int4", CodecConfig(topk_fraction=0.10), SUPPORT_DOWN),
+        candidate("rotating 1/16 sign, rescaled", rotating(1 / 16, "sign"), SUPPORT_DOWN),
+        candidate("rotating 1/8 sign, rescaled", rotating(1 / 8, "sign"), SUPPORT_DOWN),
+        candidate("rotating 1/4 sign, delayed", rotating(0.25, "sign", rescale=False), SUPPORT_DOWN),
+        candidate("dense sign (1 bit)", CodecConfig(topk_fraction=1.0, values="sign"), SUPPORT_DOWN),
+        candidate("B only (FFA-LoRA), dense links", None, None, freeze_a=True),
+    )
+}
+
+
+def envelope_overhead(frame: bytes) -> int:
+    """Bytes a signed update envelope adds around ``frame`` (a realistic header, an Ed25519 signature)."""
+    header = UpdateHeader(
+        device="pi-livingroom-01",
+        seq=123456,
+        update_id="pi-livingroom-01-123456-0123abcd",
+        base_version=123456,
+        num_samples=20,
+        timestamp=1_800_000_000.123456,
+        frame_sha256=hashlib.sha256(frame).hexdigest(),
+        train_loss=2.8765432109876543,
+    )
+    return len(protocol.encode_envelope(header, frame, signer=lambda _msg: bytes(64))) - len(frame)
+
+
+@contextmanager
+def frozen_a(sim: SimModel, freeze: bool) -> Iterator[None]:
+    """Freeze (or not) the LoRA A factors for one run: B-only sharing trains only B."""
+    params = [p for n, p in sim.model.named_parameters() if "lora_A" in n]
+    try:
+        for p in params:
+            p.requires_grad_(not freeze)
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+@dataclass
+class Curve:
+    """One run: the loss after every round (tick), and the bytes on each link."""
+
+    losses: list[float]
+    bytes_up: int
+    updates: int
+    dense_bytes_up: int
+    bytes_down: int
+    versions: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.dense_bytes_up / max(self.bytes_up, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "losses": self.losses,
+            "bytes_up": self.bytes_up,
+            "updates": self.updates,
+            "bytes_up_per_update": self.bytes_up / max(self.updates, 1),
+            "dense_bytes_up": self.dense_bytes_up,
+            "ratio_vs_dense_fp32": self.ratio,
+            "bytes_down": self.bytes_down,
+            "downlink_bytes_per_version": self.bytes_down / max(self.versions, 1),
+            "seconds": self.seconds,
+            **self.extra,
+        }
+
+
+SHORT_TRAIN = TrainConfig(batch_size=4, seq_len=128, local_steps=5, lr=2e-4, threads=2, gradient_checkpointing=False, loss_chunk_tokens=0)
+LONG_TRAIN = TrainConfig(batch_size=2, seq_len=128, local_steps=4, lr=3e-3, threads=2, gradient_checkpointing=False, loss_chunk_tokens=0)
+
+
+def _envelope(cand: Candidate) -> int:
+    return envelope_overhead(b"\0" * 64)
+
+
+def short_run(sim: SimModel, datas: list[Any], cand: Candidate, rounds: int, progress: Callable[[], None] | None = None) -> Curve:
+    """The synchronous FedAvg run; ``losses[0]`` is version 0."""
+    with frozen_a(sim, cand.freeze_a):
+        res = run_rounds(sim, datas, cand.name, cand.uplink, cand.downlink, rounds=rounds, train=SHORT_TRAIN, progress=progress)
+    updates = rounds * len(datas)
+    env = _envelope(cand)
+    return Curve(res.losses, res.bytes_up + updates * env, updates, res.dense_bytes_up, res.bytes_down, rounds, res.seconds)
+
+
+def long_run(
+    sim: SimModel, datas: list[Any], cand: Candidate, ticks: int, local_steps: int = 4, progress: Callable[[], None] | None = None
+) -> Curve:
+    """The FedAsync run; ``losses[t]`` after tick ``t + 1``."""
+    train = LONG_TRAIN if local_steps == LONG_TRAIN.local_steps else TrainConfig(**{**LONG_TRAIN.__dict__, "local_steps": local_steps})
+    with frozen_a(sim, cand.freeze_a):
+        res = run_federated(sim, datas, cand.name, cand.uplink, cand.downlink, ticks=ticks, train=train, progress=progress)
+    updates = ticks * len(datas)
+    env = _envelope(cand)
+    return Curve(res.losses, res.bytes_up + updates * env, updates, res.dense_bytes_up, res.bytes_down, updates, res.seconds)
+
+
+def kept_reduction(curve: Curve, dense: Curve) -> list[float]:
+    """Per round: (L0 - L_r) / (L0 - L_r of the dense run); 1.0 keeps all of the dense run's progress."""
+    l0 = dense.losses[0]
+    return [(l0 - c) / (l0 - d) if l0 != d else float("nan") for c, d in zip(curve.losses[1:], dense.losses[1:], strict=True)]
+
+
+def rel_increase(curve: Curve, dense: Curve) -> list[float]:
+    """Per tick: (L - L_dense) / L_dense."""
+    return [(c - d) / d for c, d in zip(curve.losses, dense.losses, strict=True)]
+
+
+def mean_abs(values: list[float]) -> float:
+    return float(np.mean(np.abs(values))) if values else float("nan")
