@@ -1,28 +1,30 @@
-"""Exceptions of the coordinator. ``cli.main`` maps them to exit codes (see ``docs/coordinator.md``)."""
+"""Exceptions of the coordinator. ``cli.main`` maps them to exit codes (:class:`compression.exitcodes.ExitCode`)."""
+
+from compression.exitcodes import ExitCode
 
 
 class CoordinatorError(Exception):
     """Base class of coordinator errors."""
 
-    exit_code = 1
+    exit_code: int = ExitCode.FAILURE
 
 
 class ConfigError(CoordinatorError):
     """The configuration is invalid; the message names the key."""
 
-    exit_code = 2
+    exit_code = ExitCode.CONFIG
 
 
 class StoreError(CoordinatorError):
     """The state directory is unusable or inconsistent."""
 
-    exit_code = 3
+    exit_code = ExitCode.STATE
 
 
 class BrokerError(CoordinatorError):
     """The broker cannot be reached."""
 
-    exit_code = 5
+    exit_code = ExitCode.BROKER
 
 
 class Rejection(Exception):

@@ -12,6 +12,7 @@ import signal
 import sys
 from types import FrameType
 
+from compression.exitcodes import EXIT_CODE_TABLE, ExitCode
 from edge_agent.config import load_config
 from edge_agent.errors import AgentError
 
@@ -109,7 +110,12 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedge-agent", description="fedge edge agent")
+    parser = argparse.ArgumentParser(
+        prog="fedge-agent",
+        description="fedge edge agent",
+        epilog="exit codes:\n" + EXIT_CODE_TABLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the agent until SIGTERM")
@@ -166,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import logging
 import sqlite3
 import sys
 
+from compression.exitcodes import EXIT_CODE_TABLE, ExitCode
 from coordinator.cli import acl, check, cmd, demo, devices, enroll, export, history, serve, status, testbed, watch
 from coordinator.errors import CoordinatorError
 
@@ -19,7 +20,12 @@ log = logging.getLogger("coordinator")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedge-coordinator", description="fedge coordinator and operator CLI")
+    parser = argparse.ArgumentParser(
+        prog="fedge-coordinator",
+        description="fedge coordinator and operator CLI",
+        epilog="exit codes:\n" + EXIT_CODE_TABLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (serve, check, acl, status, devices, watch, history, cmd, export, enroll, demo, testbed):
@@ -37,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except sqlite3.Error as exc:
         log.error("the coordinator database failed: %s (run `fedge-coordinator check`)", exc)
-        return 3
+        return ExitCode.STATE
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             log.error("cannot write the state directory: %s", exc)
-            return 3
+            return ExitCode.STATE
         raise
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED

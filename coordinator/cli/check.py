@@ -12,6 +12,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from compression.exitcodes import ExitCode
 from coordinator.cli.common import add_state_args, state_dir
 
 
@@ -92,4 +93,4 @@ def run(args: argparse.Namespace) -> int:
     else:
         for what, good, detail in results:
             print(f"{'ok  ' if good else 'FAIL'} {what}: {detail}")
-    return 0 if ok else 3
+    return ExitCode.OK if ok else ExitCode.STATE

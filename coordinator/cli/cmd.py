@@ -8,6 +8,7 @@ import threading
 import uuid
 from typing import Any
 
+from compression.exitcodes import ExitCode
 from coordinator.cli.common import add_broker_args, broker_target
 from coordinator.errors import BrokerError
 
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"sent {args.command} to {args.device}; it has never reported a status in fleet {fleet}")
     elif state == "offline":
         print(f"sent {args.command} to {args.device}, but it is offline: commands are not queued for offline devices")
-        return 1
+        return ExitCode.FAILURE
     else:
         print(f"sent {args.command} to {args.device} (last state: {state})")
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from compression.exitcodes import ExitCode
 from coordinator.testbed.demo import write_toml
 from coordinator.testbed.processes import Child
 from edge_agent.state import AgentState
@@ -115,13 +116,13 @@ def test_a_lost_or_damaged_database_is_an_error_never_a_reset(tmp_path: Path, mo
                 db.write_bytes(b"\x13" * 8192)
             for args in ((), ("--init",)):
                 out = _serve(fleet.coord_cfg, *args)
-                assert out.returncode == 3, (damage, args, out.stderr)
+                assert out.returncode == ExitCode.STATE, (damage, args, out.stderr)
                 assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
                 assert sorted(p.name for p in (fleet.state / "versions").iterdir()) == versions
             check = subprocess.run(
                 [sys.executable, "-m", "coordinator", "check", "--state-dir", str(fleet.state)], capture_output=True, text=True
             )
-            assert check.returncode == 3 and "FAIL" in check.stdout
+            assert check.returncode == ExitCode.STATE and "FAIL" in check.stdout
             db.write_bytes(original)
         check = subprocess.run(
             [sys.executable, "-m", "coordinator", "check", "--state-dir", str(fleet.state)], capture_output=True, text=True
@@ -131,7 +132,7 @@ def test_a_lost_or_damaged_database_is_an_error_never_a_reset(tmp_path: Path, mo
         check = subprocess.run(
             [sys.executable, "-m", "coordinator", "check", "--state-dir", str(fleet.state)], capture_output=True, text=True
         )
-        assert check.returncode == 3 and "sha256" in check.stdout
+        assert check.returncode == ExitCode.STATE and "sha256" in check.stdout
     finally:
         fleet.broker.stop()
 

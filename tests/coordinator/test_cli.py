@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compression.exitcodes import ExitCode
 from coordinator.cli import main
 from coordinator.store import LedgerEntry, Store
 
@@ -41,8 +42,8 @@ def test_devices_table_renders(tmp_path: Path) -> None:
     assert "pi-1" in out and "pi-2" in out and "offline" in out and "online" in out
 
 
-def test_missing_state_is_a_clear_error_with_exit_code_3(tmp_path: Path) -> None:
+def test_missing_state_is_a_clear_error_with_the_state_exit_code(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "coordinator", "devices", "--state-dir", str(tmp_path / "none")], capture_output=True, text=True
     )
-    assert proc.returncode == 3 and "no coordinator state" in proc.stderr
+    assert proc.returncode == ExitCode.STATE and "no coordinator state" in proc.stderr
