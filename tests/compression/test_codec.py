@@ -19,7 +19,10 @@ vectors = arrays(np.float32, st.integers(1, 300), elements=finite)
 @given(vectors, st.floats(0.01, 1.0))
 def test_topk_keeps_the_k_largest_magnitudes(x: np.ndarray, fraction: float) -> None:
     sparse = topk_per_tensor({"x": x}, fraction)["x"]
-    k = x.size if fraction >= 1.0 else min(k_for(x.size, fraction), int(np.count_nonzero(x)))
+    if fraction >= 1.0:  # everything goes: densely, or as the non-zeros of a mostly-zero tensor
+        np.testing.assert_array_equal(sparse.to_dense(), x)
+        return
+    k = min(k_for(x.size, fraction), int(np.count_nonzero(x)))
     idx = np.arange(x.size) if sparse.indices is None else sparse.indices
     assert idx.size == k
     kept = np.abs(x[idx])
@@ -27,8 +30,7 @@ def test_topk_keeps_the_k_largest_magnitudes(x: np.ndarray, fraction: float) -> 
     if dropped.size and kept.size:
         assert kept.min() >= dropped.max()
     np.testing.assert_array_equal(sparse.values, x[idx])
-    if fraction < 1.0:
-        assert np.all(sparse.values != 0)
+    assert np.all(sparse.values != 0)
 
 
 @given(st.lists(vectors, min_size=1, max_size=4), st.floats(0.01, 0.99))
