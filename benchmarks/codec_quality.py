@@ -148,28 +148,21 @@ SHORT_TRAIN = TrainConfig(batch_size=4, seq_len=128, local_steps=5, lr=2e-4, thr
 LONG_TRAIN = TrainConfig(batch_size=2, seq_len=128, local_steps=4, lr=3e-3, threads=2, gradient_checkpointing=False, loss_chunk_tokens=0)
 
 
-def _envelope(cand: Candidate) -> int:
-    return envelope_overhead(b"\0" * 64)
-
-
 def short_run(sim: SimModel, datas: list[Any], cand: Candidate, rounds: int, progress: Callable[[], None] | None = None) -> Curve:
     """The synchronous FedAvg run; ``losses[0]`` is version 0."""
     with frozen_a(sim, cand.freeze_a):
         res = run_rounds(sim, datas, cand.name, cand.uplink, cand.downlink, rounds=rounds, train=SHORT_TRAIN, progress=progress)
     updates = rounds * len(datas)
-    env = _envelope(cand)
+    env = envelope_overhead(b"")
     return Curve(res.losses, res.bytes_up + updates * env, updates, res.dense_bytes_up, res.bytes_down, rounds, res.seconds)
 
 
-def long_run(
-    sim: SimModel, datas: list[Any], cand: Candidate, ticks: int, local_steps: int = 4, progress: Callable[[], None] | None = None
-) -> Curve:
+def long_run(sim: SimModel, datas: list[Any], cand: Candidate, ticks: int, progress: Callable[[], None] | None = None) -> Curve:
     """The FedAsync run; ``losses[t]`` after tick ``t + 1``."""
-    train = LONG_TRAIN if local_steps == LONG_TRAIN.local_steps else TrainConfig(**{**LONG_TRAIN.__dict__, "local_steps": local_steps})
     with frozen_a(sim, cand.freeze_a):
-        res = run_federated(sim, datas, cand.name, cand.uplink, cand.downlink, ticks=ticks, train=train, progress=progress)
+        res = run_federated(sim, datas, cand.name, cand.uplink, cand.downlink, ticks=ticks, train=LONG_TRAIN, progress=progress)
     updates = ticks * len(datas)
-    env = _envelope(cand)
+    env = envelope_overhead(b"")
     return Curve(res.losses, res.bytes_up + updates * env, updates, res.dense_bytes_up, res.bytes_down, updates, res.seconds)
 
 
