@@ -117,7 +117,11 @@ def compress_update(
     if config.selection == "rotating" and config.topk_fraction < 1.0:
         sparse = rotating_global(corrected, config.topk_fraction, phase)
         if rescaled:
-            sparse = {n: replace(t, values=(t.values * np.float32(period)).astype(np.float32)) for n, t in sparse.items()}
+            with np.errstate(over="ignore"):
+                sparse = {n: replace(t, values=(t.values * np.float32(period)).astype(np.float32)) for n, t in sparse.items()}
+            for name, t in sparse.items():
+                if not np.all(np.isfinite(t.values)):
+                    raise CodecError(f"delta of {name!r} times the rotation period {period} overflows float32")
     elif config.topk_scope == "global":
         sparse = topk_global(corrected, config.topk_fraction)
     else:

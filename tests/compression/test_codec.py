@@ -229,3 +229,9 @@ def test_a_full_fraction_keeps_every_non_zero_and_codes_mostly_zero_tensors_spar
     np.testing.assert_array_equal(out.sent["w"], x)
     record = decode_frame(out.frame).tensors["w"]
     assert (record.indices is not None) == (np.count_nonzero(x) < 200 // 3)
+
+
+def test_a_rescaled_update_that_would_overflow_is_refused_by_name() -> None:
+    cfg = CodecConfig(topk_fraction=0.25, values="int8", selection="rotating", rescale=True)
+    with pytest.raises(CodecError, match="'w'.*overflows"):
+        compress_update({"w": np.full(8, 3e38, np.float32)}, cfg)
