@@ -126,10 +126,6 @@ def _progress(console: Console) -> Progress:
     )
 
 
-def _row(label: str, cand: cq.Candidate | None) -> str:
-    return f"{label}" if cand is None else cand.name
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.codec", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["auto", "smollm2", "tiny"], default="auto")

@@ -18,12 +18,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from benchmarks.fedsim import SimModel, run_federated, run_rounds
+from benchmarks.fedsim import RunResult, SimModel, run_federated, run_rounds
 from compression import CodecConfig, protocol
 from compression.protocol import UpdateHeader
 from coordinator.config import DEFAULT_DOWNLINK
@@ -123,7 +123,6 @@ class Curve:
     bytes_down: int
     versions: int
     seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -140,7 +139,6 @@ class Curve:
             "bytes_down": self.bytes_down,
             "downlink_bytes_per_version": self.bytes_down / max(self.versions, 1),
             "seconds": self.seconds,
-            **self.extra,
         }
 
 
@@ -152,18 +150,20 @@ def short_run(sim: SimModel, datas: list[Any], cand: Candidate, rounds: int, pro
     """The synchronous FedAvg run; ``losses[0]`` is version 0."""
     with frozen_a(sim, cand.freeze_a):
         res = run_rounds(sim, datas, cand.name, cand.uplink, cand.downlink, rounds=rounds, train=SHORT_TRAIN, progress=progress)
-    updates = rounds * len(datas)
-    env = envelope_overhead(b"")
-    return Curve(res.losses, res.bytes_up + updates * env, updates, res.dense_bytes_up, res.bytes_down, rounds, res.seconds)
+    return _curve(res, rounds * len(datas), rounds)
 
 
 def long_run(sim: SimModel, datas: list[Any], cand: Candidate, ticks: int, progress: Callable[[], None] | None = None) -> Curve:
     """The FedAsync run; ``losses[t]`` after tick ``t + 1``."""
     with frozen_a(sim, cand.freeze_a):
         res = run_federated(sim, datas, cand.name, cand.uplink, cand.downlink, ticks=ticks, train=LONG_TRAIN, progress=progress)
-    updates = ticks * len(datas)
-    env = envelope_overhead(b"")
-    return Curve(res.losses, res.bytes_up + updates * env, updates, res.dense_bytes_up, res.bytes_down, updates, res.seconds)
+    return _curve(res, ticks * len(datas), ticks * len(datas))
+
+
+def _curve(res: RunResult, updates: int, versions: int) -> Curve:
+    """A run's curve, with every update's envelope counted on the uplink."""
+    up = res.bytes_up + updates * envelope_overhead(b"")
+    return Curve(res.losses, up, updates, res.dense_bytes_up, res.bytes_down, versions, res.seconds)
 
 
 def kept_reduction(curve: Curve, dense: Curve) -> list[float]:

@@ -89,6 +89,50 @@ class RunResult:
     """The final global state."""
 
 
+def _train_delta(
+    sim: SimModel, data: LocalData, state: dict[str, np.ndarray], train: TrainConfig, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """One device's local round from ``state``: ``local - state`` per tensor."""
+    set_trainable(sim.model, state)
+    train_round(sim.model, data, train, rng)
+    local = get_trainable(sim.model)
+    return {n: local[n] - state[n] for n in state}
+
+
+def _dense_bytes(tensors: dict[str, np.ndarray]) -> int:
+    return sum(d.size * 4 for d in tensors.values())
+
+
+def _upload(
+    delta: dict[str, np.ndarray], uplink: CodecConfig | None, fb: ErrorFeedback, phase: int, result: RunResult
+) -> tuple[dict[str, np.ndarray], ErrorFeedback]:
+    """What the coordinator decodes of ``delta`` (``None``: dense fp32), and the device's next residual."""
+    result.dense_bytes_up += _dense_bytes(delta)
+    if uplink is None:
+        result.bytes_up += _dense_bytes(delta)
+        return delta, fb
+    out = compress_update(delta, uplink, fb, phase=phase)
+    result.bytes_up += len(out.frame)
+    return out.sent, out.feedback
+
+
+def _apply_step(
+    state: dict[str, np.ndarray],
+    step: dict[str, np.ndarray],
+    downlink: CodecConfig | None,
+    fb: ErrorFeedback,
+    phase: int,
+    result: RunResult,
+) -> tuple[dict[str, np.ndarray], ErrorFeedback]:
+    """The next global state, made by applying exactly what the downlink sends, and the coordinator's next residual."""
+    if downlink is None:
+        result.bytes_down += _dense_bytes(step)
+        return apply_delta(state, step), fb
+    down = compress_update(step, downlink, fb, kind=FrameKind.GLOBAL_DELTA, phase=phase)
+    result.bytes_down += len(down.frame)
+    return apply_delta(state, down.sent), down.feedback
+
+
 def run_federated(
     sim: SimModel,
     datas: list[LocalData],
@@ -115,32 +159,15 @@ def run_federated(
         base_state, base_version = state, version
         updates = []
         for i, data in enumerate(datas):
-            set_trainable(sim.model, base_state)
-            train_round(sim.model, data, train, rngs[i])
-            local = get_trainable(sim.model)
-            delta = {n: local[n] - base_state[n] for n in base_state}
-            result.dense_bytes_up += sum(d.size * 4 for d in delta.values())
-            if uplink is None:
-                updates.append(delta)
-                result.bytes_up += sum(d.size * 4 for d in delta.values())
-            else:
-                out = compress_update(delta, uplink, up_fb[i], phase=base_version)
-                up_fb[i] = out.feedback
-                updates.append(out.sent)
-                result.bytes_up += len(out.frame)
+            delta = _train_delta(sim, data, base_state, train, rngs[i])
+            sent, up_fb[i] = _upload(delta, uplink, up_fb[i], base_version, result)
+            updates.append(sent)
             if progress is not None:
                 progress()
         for delta in updates:
             tau = version - base_version
             step = fedasync_step(delta, strategy.alpha * staleness_weight(tau, strategy))
-            if downlink is None:
-                state = apply_delta(state, step)
-                result.bytes_down += sum(d.size * 4 for d in step.values())
-            else:
-                down = compress_update(step, downlink, down_fb, kind=FrameKind.GLOBAL_DELTA, phase=version + 1)
-                down_fb = down.feedback
-                state = apply_delta(state, down.sent)
-                result.bytes_down += len(down.frame)
+            state, down_fb = _apply_step(state, step, downlink, down_fb, version + 1, result)
             version += 1
         result.losses.append(union_loss(sim, datas, state, eval_blocks, train.batch_size))
     result.final_loss = result.losses[-1]
@@ -179,32 +206,14 @@ def run_rounds(
     for _round in range(rounds):
         total: dict[str, np.ndarray] = {n: np.zeros_like(v) for n, v in state.items()}
         for i, data in enumerate(datas):
-            set_trainable(sim.model, state)
-            train_round(sim.model, data, train, rngs[i])
-            local = get_trainable(sim.model)
-            delta = {n: local[n] - state[n] for n in state}
-            result.dense_bytes_up += sum(d.size * 4 for d in delta.values())
-            if uplink is None:
-                sent = delta
-                result.bytes_up += sum(d.size * 4 for d in delta.values())
-            else:
-                out = compress_update(delta, uplink, up_fb[i], phase=_round)
-                up_fb[i] = out.feedback
-                sent = out.sent
-                result.bytes_up += len(out.frame)
+            delta = _train_delta(sim, data, state, train, rngs[i])
+            sent, up_fb[i] = _upload(delta, uplink, up_fb[i], _round, result)
             for n, d in sent.items():
                 total[n] += d
             if progress is not None:
                 progress()
         step = {n: (np.float32(server_lr / len(datas)) * t).astype(np.float32) for n, t in total.items()}
-        if downlink is None:
-            state = apply_delta(state, step)
-            result.bytes_down += sum(d.size * 4 for d in step.values())
-        else:
-            down = compress_update(step, downlink, down_fb, kind=FrameKind.GLOBAL_DELTA, phase=_round + 1)
-            down_fb = down.feedback
-            state = apply_delta(state, down.sent)
-            result.bytes_down += len(down.frame)
+        state, down_fb = _apply_step(state, step, downlink, down_fb, _round + 1, result)
         result.losses.append(union_loss(sim, datas, state, eval_blocks, train.batch_size))
     result.final_loss = result.losses[-1]
     result.seconds = time.monotonic() - t0
@@ -239,10 +248,7 @@ def run_buffered(
     for _tick in range(ticks):
         deltas = []
         for i, data in enumerate(datas):
-            set_trainable(sim.model, state)
-            train_round(sim.model, data, train, rngs[i])
-            local = get_trainable(sim.model)
-            delta = {n: local[n] - state[n] for n in state}
+            delta = _train_delta(sim, data, state, train, rngs[i])
             if poison is not None:
                 delta = poison(i, delta, poison_rng) or delta
             deltas.append(delta)
