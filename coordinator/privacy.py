@@ -87,14 +87,29 @@ def dp_mean(
     buffer_size: int,
     rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
-    """The noised DP-FedBuff mean of one buffer, over every tensor in ``shapes``.
+    """The noised DP-FedBuff mean of one buffer, over every tensor in ``shapes``."""
+    return dp_aggregate(deltas, shapes, staleness_weights, cfg, buffer_size, rng)[0]
+
+
+def dp_aggregate(
+    deltas: Sequence[Mapping[str, np.ndarray]],
+    shapes: Mapping[str, tuple[int, ...]],
+    staleness_weights: Sequence[float],
+    cfg: DPConfig,
+    buffer_size: int,
+    rng: np.random.Generator,
+) -> tuple[dict[str, np.ndarray], list[float]]:
+    """The noised DP-FedBuff mean of one buffer, and the weight each update got in it:
+    ``s_i * clip_factor(s_i * ||delta_i||) / K``.
 
     Every tensor gets noise, including tensors no update carried: which tensors moved is
     itself information."""
     acc = {name: np.zeros(int(np.prod(shape)), dtype=np.float64) for name, shape in shapes.items()}
+    weights = []
     for delta, s in zip(deltas, staleness_weights, strict=True):
         norm = s * math.sqrt(sum(float(np.square(np.asarray(d, dtype=np.float64)).sum()) for d in delta.values()))
         f = s * clip_factor(norm, cfg.clip)
+        weights.append(f / buffer_size)
         for name, d in delta.items():
             acc[name] += f * np.asarray(d, dtype=np.float64).reshape(-1)
     sigma = cfg.noise_multiplier * cfg.clip / buffer_size
@@ -104,4 +119,4 @@ def dp_mean(
         if sigma > 0:
             mean = mean + rng.normal(0.0, sigma, size=mean.shape)
         out[name] = mean.astype(np.float32).reshape(shapes[name])
-    return out
+    return out, weights

@@ -49,17 +49,17 @@ from compression import (
 from compression.frame import SparseTensor
 from compression.protocol import DeviceStatus, GlobalMeta, TrainableSpec, UpdateAck, UpdateHeader
 from coordinator.config import CoordinatorConfig
-from coordinator.errors import BrokerError, Rejection, StoreError
+from coordinator.engine import Accepted, Engine, Step
+from coordinator.errors import BrokerError, ConfigError, Rejection, StoreError
 from coordinator.identity import Verifier, fleet_key
 from coordinator.influence import cap_samples, norm_bound
 from coordinator.initial import initial_state
 from coordinator.metrics import Metrics
 from coordinator.mqtt import connect_kwargs, make_client
-from coordinator.privacy import dp_mean, epsilon
 from coordinator.quarantine import Quarantine
 from coordinator.ratelimit import RateLimiter
 from coordinator.store import BufferedUpdate, LedgerEntry, Store
-from coordinator.strategy import WeightedUpdate, buffered_step, fedasync_step, fedasync_weight, staleness_weight, update_weights
+from coordinator.strategies import StrategyLoadError, load_strategy
 from coordinator.validate import ValidUpdate, validate_envelope
 
 log = logging.getLogger(__name__)
@@ -91,13 +91,27 @@ class CoordinatorService:
         self.cfg = cfg
         self.store = Store(cfg.state_dir, create=init)
         try:
-            self.spec, self.version, self.state, self.downlink = self._load_or_init(init)
+            strategy = load_strategy(cfg.strategy)
+        except StrategyLoadError as exc:
+            self.store.close()
+            raise ConfigError(str(exc)) from None
+        try:
+            self.spec, version, self.state, self.downlink, strategy_state = self._load_or_init(init)
             self._signer = fleet_key(cfg.state_dir, create=False).sign
-            self.buffer = self.store.buffered()  # accepted before a restart, not yet aggregated
-            # Decoded (sparse) tensors of the buffered updates, by update id: decoded once, on arrival.
-            self._decoded: dict[str, dict[str, SparseTensor]] = {
-                b.entry.update_id: dict(decode_frame(b.frame).tensors) for b in self.buffer
-            }
+            # Accepted before a restart, not yet aggregated; decoded (sparse) once, here or on arrival.
+            buffered = [self._accepted(b, dict(decode_frame(b.frame).tensors)) for b in self.store.buffered()]
+            self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}
+            self.engine = Engine(
+                cfg.strategy,
+                shapes=self.shapes,
+                version=version,
+                dp=cfg.dp,
+                strategy=strategy,
+                buffered=buffered,
+                state=strategy_state,
+                participations=self.store.participations(),
+                now=time.monotonic(),
+            )
         except CodecError as exc:
             self.store.close()
             raise StoreError(
@@ -111,7 +125,6 @@ class CoordinatorService:
                 "LAB MODE: this coordinator accepts %s; never run a production fleet like this",
                 "updates from devices that were never enrolled" if cfg.limits.allow_unknown_devices else "unsigned updates",
             )
-        self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}
         self._global_norm = self._norm_of(self.state)
         self._norms: collections.deque[float] = collections.deque(self.store.recent_norms(cfg.limits.norm_window), cfg.limits.norm_window)
         self._samples: collections.OrderedDict[str, int] = collections.OrderedDict(list(self.store.last_samples().items())[-SAMPLE_WINDOW:])
@@ -124,8 +137,6 @@ class CoordinatorService:
         self.counts = self.store.counts()
         self.rejections = self.store.rejection_counts()
         self.online: dict[str, bool] = {}
-        self._round_online: dict[str, bool] = {}
-        self._round_started = time.monotonic()
         self._new_versions: list[tuple[int, dict[str, np.ndarray], bytes]] = []
         limits = cfg.limits
         self.rate = RateLimiter(limits.max_updates_per_minute, limits.rate_burst)
@@ -133,8 +144,6 @@ class CoordinatorService:
             self.store, allow_unknown=limits.allow_unknown_devices or bool(limits.devices), require_signatures=limits.require_signatures
         )
         self.dp = cfg.dp
-        self.participations = self.store.participations()
-        self._dp_rng = np.random.default_rng(cfg.dp.seed)
         if cfg.dp.enabled:
             self.store.set_meta("dp", json.dumps({"noise_multiplier": cfg.dp.noise_multiplier, "delta": cfg.dp.delta}))
         self.metrics = Metrics(cfg.fleet)
@@ -148,7 +157,23 @@ class CoordinatorService:
         self._last_status = 0.0
         self.client = self._make_client()
 
-    def _load_or_init(self, init: bool) -> tuple[TrainableSpec, int, dict[str, np.ndarray], ErrorFeedback]:
+    # The policy's state lives in the engine; these read it.
+    @property
+    def version(self) -> int:
+        return self.engine.version
+
+    @property
+    def buffer(self) -> list[Accepted]:
+        return self.engine.buffer
+
+    @property
+    def participations(self) -> dict[str, int]:
+        return self.engine.participations
+
+    def fleet_epsilon(self) -> float:
+        return self.engine.fleet_epsilon()
+
+    def _load_or_init(self, init: bool) -> tuple[TrainableSpec, int, dict[str, np.ndarray], ErrorFeedback, dict[str, np.ndarray]]:
         version = self.store.current_version()
         spec_json = self.store.get_meta("spec")
         if version is not None and spec_json is not None:
@@ -156,9 +181,9 @@ class CoordinatorService:
                 spec = TrainableSpec.from_dict(json.loads(spec_json))
             except (ValueError, CodecError) as exc:
                 raise StoreError(f"{self.cfg.state_dir}: the stored trainable spec is unreadable ({exc})") from None
-            state, residual = self.store.load_version(version)
+            state, residual, strategy_state = self.store.load_version_full(version)
             log.info("resuming at version %d (%d tensors)", version, len(state))
-            return spec, version, state, ErrorFeedback(residual)
+            return spec, version, state, ErrorFeedback(residual), strategy_state
         if version is not None:
             raise StoreError(f"{self.cfg.state_dir}: versions exist but the trainable spec is missing")
         if not init:
@@ -168,7 +193,7 @@ class CoordinatorService:
         self.store.set_meta("spec", json.dumps(spec.to_dict(), sort_keys=True))
         self.store.commit_version(0, state, None, self.cfg.keep_versions)
         log.info("initialised version 0")
-        return spec, 0, state, ErrorFeedback()
+        return spec, 0, state, ErrorFeedback(), {}
 
     # -- MQTT ------------------------------------------------------------------------
 
@@ -304,16 +329,12 @@ class CoordinatorService:
     def _mark(self) -> tuple[Any, ...]:
         """Everything a message's handling may change in memory, to undo it if the handling fails."""
         return (
-            self.version,
+            self.engine.mark(),
             self.state,
             self.downlink,
             self._global_norm,
-            list(self.buffer),
-            dict(self._decoded),
             dict(self.counts),
             dict(self.rejections),
-            # Only DP aggregation changes participations: no per-message copy of an O(fleet) map without it.
-            dict(self.participations) if self.dp.enabled else self.participations,
             len(self._new_versions),
             len(self._acks_out),
             collections.deque(self._norms, self._norms.maxlen),
@@ -324,15 +345,12 @@ class CoordinatorService:
 
     def _restore(self, mark: tuple[Any, ...]) -> None:
         (
-            self.version,
+            engine,
             self.state,
             self.downlink,
             self._global_norm,
-            self.buffer,
-            self._decoded,
             self.counts,
             self.rejections,
-            self.participations,
             n_versions,
             n_acks,
             self._norms,
@@ -340,6 +358,7 @@ class CoordinatorService:
             self.duplicates,
             self.store._pending_prune,
         ) = mark
+        self.engine.restore(engine)
         del self._new_versions[n_versions:]
         del self._acks_out[n_acks:]
 
@@ -424,7 +443,7 @@ class CoordinatorService:
     def _duplicate(self, header: UpdateHeader) -> bool:
         """A resend of an update already processed: count it, confirm it again, and drop it."""
         if self.store.is_applied(header.update_id):
-            outcome, reason = ("buffered" if any(b.entry.update_id == header.update_id for b in self.buffer) else "applied"), None
+            outcome, reason = ("buffered" if any(u.update_id == header.update_id for u in self.buffer) else "applied"), None
         else:
             last = self.store.last_ack(header.device)
             if last is None or last["update_id"] != header.update_id:
@@ -463,8 +482,7 @@ class CoordinatorService:
             # Rate limits count valid updates only: junk is refused by its real reason.
             if not self.rate.allow(device):
                 raise Rejection("rate_limited", f"more than {limits.max_updates_per_minute:g} updates a minute")
-            if self.dp.enabled:
-                self._dp_admit(valid.header.device)
+            self.engine.admit(valid.header.device)
         except Rejection as rej:
             self._reject(device, rej)
             if header.device == device:
@@ -479,24 +497,27 @@ class CoordinatorService:
         self._samples[device] = valid.header.num_samples
         while len(self._samples) > SAMPLE_WINDOW:
             self._samples.popitem(last=False)
-        if self.cfg.strategy.kind == "fedasync":
-            weight = fedasync_weight(valid.staleness, self.cfg.strategy)
-            try:
-                self._commit_step(fedasync_step(valid.delta, weight), [self._entry(valid, weight)])
-            except Rejection as rej:
-                self._reject(device, rej)
-                self._record_ack(valid.header, "rejected", str(rej))
-                return
-            self._record_ack(valid.header, "applied")
-            return
         entry = self._entry(valid, 0.0)
-        self.store.add_to_buffer(entry, valid.frame)
-        self.buffer.append(BufferedUpdate(entry, valid.frame))
-        self._decoded[entry.update_id] = valid.tensors
-        self._record_ack(valid.header, "buffered")
-        if self.cfg.strategy.kind == "fedbuff" and len(self.buffer) >= self.cfg.strategy.buffer_size:
-            self._aggregate_buffer()
-        # FedAvg rounds close in the worker loop, after this batch has committed (see run()).
+        accepted = self._accepted(BufferedUpdate(entry, valid.frame), valid.tensors)
+        step = self.engine.offer(accepted, time.monotonic(), self._online_count())
+        if step is None:
+            self.store.add_to_buffer(entry, valid.frame)
+            self._record_ack(valid.header, "buffered")
+            return
+        # This update completes a version: it is never written to the buffer table.
+        if not self._commit(step):
+            self._reject(device, Rejection("non_finite", "the global step is not finite"))
+            self._record_ack(valid.header, "rejected", "non_finite: the global step is not finite")
+            return
+        self._record_ack(valid.header, "applied")
+
+    @staticmethod
+    def _accepted(b: BufferedUpdate, tensors: dict[str, SparseTensor]) -> Accepted:
+        e = b.entry
+        return Accepted(e.update_id, e.device, e.base_version, e.num_samples, tensors, ref=b)
+
+    def _online_count(self) -> int:
+        return sum(1 for on in self.online.values() if on)
 
     def _norm_bound(self) -> float:
         lim = self.cfg.limits
@@ -526,28 +547,6 @@ class CoordinatorService:
     def _norm_of(state: dict[str, np.ndarray]) -> float:
         return float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in state.values())))
 
-    # The service uses RDP: microseconds per call, and never below PLD, so enforcing a budget
-    # with it cannot overspend. `status` and `devices` report the tighter PLD value.
-    def device_epsilon(self, device: str, extra: int = 0) -> float:
-        return epsilon(self.participations.get(device, 0) + extra, self.dp.noise_multiplier, self.dp.delta, "rdp")
-
-    def fleet_epsilon(self) -> float:
-        if not self.dp.enabled or not self.participations:
-            return 0.0
-        return epsilon(max(self.participations.values()), self.dp.noise_multiplier, self.dp.delta, "rdp")
-
-    def _dp_admit(self, device: str) -> None:
-        """DP-FedBuff admission: one update per device per buffer, and the privacy budget."""
-        if any(b.entry.device == device for b in self.buffer):
-            raise Rejection("one_per_buffer", f"{device} already has an update in this DP buffer")
-        budget, enforce = self.dp.epsilon_budget, self.dp.enforce
-        if budget <= 0 or enforce == "off":
-            return
-        if enforce == "fleet" and (spent := self.fleet_epsilon()) >= budget:
-            raise Rejection("privacy_budget", f"the fleet has spent its privacy budget (epsilon {spent:.3g} >= {budget:g})")
-        if enforce == "device" and (after := self.device_epsilon(device, extra=1)) > budget:
-            raise Rejection("privacy_budget", f"{device} would exceed its privacy budget (epsilon {after:.3g} > {budget:g})")
-
     @staticmethod
     def _entry(valid: ValidUpdate, weight: float) -> LedgerEntry:
         h = valid.header
@@ -564,66 +563,46 @@ class CoordinatorService:
             norm=valid.norm,
         )
 
-    def _aggregate_buffer(self) -> None:
-        """FedBuff (or a FedAvg round): one version from every buffered update."""
-        updates = []
-        for b in self.buffer:
-            tensors = self._decoded.pop(b.entry.update_id, None) or dict(decode_frame(b.frame).tensors)
-            updates.append(WeightedUpdate(tensors, b.entry.num_samples, self.version - b.entry.base_version))
-        if self.dp.enabled:
-            deltas = [{n: t.to_dense() if isinstance(t, SparseTensor) else t for n, t in u.delta.items()} for u in updates]
-            weights_s = [staleness_weight(u.staleness, self.cfg.strategy) for u in updates]
-            mean = dp_mean(deltas, self.shapes, weights_s, self.dp, self.cfg.strategy.buffer_size, self._dp_rng)
-            step = {n: (np.float32(self.cfg.strategy.server_lr) * v).astype(np.float32) for n, v in mean.items()}
-            devices = [b.entry.device for b in self.buffer]
-            self.store.add_participations(devices)
-            for d in devices:
-                self.participations[d] = self.participations.get(d, 0) + 1
-            self.metrics.epsilon_max.set(self.fleet_epsilon())
-        else:
-            step = buffered_step(updates, self.cfg.strategy)
-        names = sorted({n for u in updates for n in u.delta})
-        weights: dict[int, float] = {}
-        for name in names:
-            for i, w in update_weights(updates, name, self.cfg.strategy, stale=self.cfg.strategy.kind != "fedavg"):
-                weights[i] = max(weights.get(i, 0.0), w)
-        entries = []
-        for i, (b, u) in enumerate(zip(self.buffer, updates, strict=True)):
-            entries.append(replace(b.entry, staleness=u.staleness, weight=weights.get(i, 0.0)))
+    def _maybe_close_round(self) -> None:
+        """A round whose deadline passed closes here, between batches, in a batch of its own."""
+        if not self.buffer:
+            return
+        assert not self.store.in_batch, "a round closes only between batches, so that it publishes after its commit"
+        mark = self._mark()
+        try:
+            with self.store.batch():
+                step = self.engine.poll(time.monotonic(), self._online_count())
+                if step is None:
+                    return
+                log.info("round %d closes with %d updates", self.version + 1, len(step.updates))
+                self._commit(step)
+        except STORAGE_ERRORS as exc:
+            self._restore(mark)
+            log.error("storage error while closing round %d; retrying: %s", self.version + 1, exc)
+            return
+        self._after_commit()
+
+    def _commit(self, step: Step) -> bool:
+        """Commit ``step`` with the exact weight of each update; False if it was refused (not finite),
+        in which case its buffered updates are dropped and counted."""
+        entries = [
+            replace(u.ref.entry, staleness=tau, weight=w) for u, w, tau in zip(step.updates, step.weights, step.staleness, strict=True)
+        ]
         try:
             self._commit_step(step, entries)
         except Rejection as rej:
+            self.engine.drop(step)
             dropped = self.store.drop_buffer(rej.reason)
-            log.error("buffer of %d updates dropped: %s", dropped, rej.detail)
-            self.counts["rejected"] += dropped
-            self.rejections[rej.reason] = self.rejections.get(rej.reason, 0) + dropped
-        self.buffer = []
+            if dropped:
+                log.error("buffer of %d updates dropped: %s", dropped, rej.detail)
+                self.counts["rejected"] += dropped
+                self.rejections[rej.reason] = self.rejections.get(rej.reason, 0) + dropped
+            return False
+        return True
 
-    def _maybe_close_round(self) -> None:
-        """FedAvg: close the round when enough updates came, or at the deadline with the minimum."""
-        s = self.cfg.strategy
-        if s.kind != "fedavg" or not self.buffer:
-            return
-        assert not self.store.in_batch, "a round closes only between batches, so that it publishes after its commit"
-        # The devices online when the round began; a round that began with none online (the
-        # coordinator started before its fleet) waits for the devices online now.
-        online = sum(1 for on in self._round_online.values() if on) or sum(1 for on in self.online.values() if on)
-        target = s.round_participants or max(s.min_participants, online)
-        waited = time.monotonic() - self._round_started
-        if len(self.buffer) >= target or (waited >= s.round_deadline_s and len(self.buffer) >= s.min_participants):
-            log.info("round %d closes with %d updates after %.0fs (target %d)", self.version, len(self.buffer), waited, target)
-            mark = self._mark()
-            try:
-                with self.store.batch():
-                    self._aggregate_buffer()
-            except STORAGE_ERRORS as exc:
-                self._restore(mark)
-                log.error("storage error while closing round %d; retrying: %s", self.version, exc)
-                return
-            self._after_commit()
-
-    def _commit_step(self, step: dict[str, np.ndarray], entries: list[LedgerEntry]) -> None:
+    def _commit_step(self, engine_step: Step, entries: list[LedgerEntry]) -> None:
         """Send the global step through the downlink codec, apply exactly what is sent, commit."""
+        step = engine_step.step
         # The global step goes out compressed, with the coordinator's own error feedback, and
         # the coordinator applies exactly what it sends: devices that apply the same frame
         # hold bit-identical state, version after version.
@@ -639,17 +618,26 @@ class CoordinatorService:
         new_state = apply_delta(self.state, down.sent)
         if not all(np.all(np.isfinite(v)) for v in new_state.values()):
             raise Rejection("non_finite", "the step would make the global state overflow float32")
-        new_version = self.version + 1
+        new_version = engine_step.version
         self.store.commit_version(
-            new_version, new_state, entries, self.cfg.keep_versions, residual=down.feedback.residual, delta_frame=down.frame
+            new_version,
+            new_state,
+            entries,
+            self.cfg.keep_versions,
+            residual=down.feedback.residual,
+            delta_frame=down.frame,
+            strategy_state=engine_step.state,
         )
-        self.state, self.version, self.downlink = new_state, new_version, down.feedback
+        if engine_step.participants:
+            self.store.add_participations(list(engine_step.participants))
+        self.engine.commit(engine_step, time.monotonic(), self._online_count())
+        self.state, self.downlink = new_state, down.feedback
         self._global_norm = self._norm_of(new_state)
         self.counts["accepted"] += len(entries)
         self.metrics.applied.inc(len(entries))
         self.counts["versions"] += 1
-        self._round_started = time.monotonic()
-        self._round_online = dict(self.online)
+        if engine_step.participants:
+            self.metrics.epsilon_max.set(self.fleet_epsilon())
         devices = ",".join(sorted({e.device for e in entries}))
         log.info("v%d from %d update(s) (%s), downlink %d B", new_version, len(entries), devices, len(down.frame))
         self._new_versions.append((new_version, new_state, down.frame))

@@ -40,6 +40,8 @@ from coordinator.errors import StoreError
 log = logging.getLogger(__name__)
 
 RESIDUAL_PREFIX = "__downlink_residual__/"
+STRATEGY_PREFIX = "__strategy__/"
+"""Tensors of the strategy's state (a server optimizer's moments), stored with the version they belong to."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -240,6 +242,11 @@ class Store:
 
     def load_version(self, version: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The global state of ``version`` and the downlink residual saved with it."""
+        state, residual, _strategy = self.load_version_full(version)
+        return state, residual
+
+    def load_version_full(self, version: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The global state of ``version``, its downlink residual and the strategy's state saved with it."""
         path = self._path(version)
         row = self.db.execute("SELECT sha256 FROM versions WHERE version=?", (version,)).fetchone()
         if row is None or not path.exists():
@@ -247,14 +254,11 @@ class Store:
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != row["sha256"]:
             raise StoreError(f"{path} does not match its recorded sha256; the state directory is corrupt")
-        state: dict[str, np.ndarray] = {}
-        residual: dict[str, np.ndarray] = {}
+        parts: dict[str, dict[str, np.ndarray]] = {"": {}, RESIDUAL_PREFIX: {}, STRATEGY_PREFIX: {}}
         for k, v in load(data).items():
-            if k.startswith(RESIDUAL_PREFIX):
-                residual[k[len(RESIDUAL_PREFIX) :]] = v.astype(np.float32)
-            else:
-                state[k] = v.astype(np.float32)
-        return state, residual
+            prefix = next((p for p in (RESIDUAL_PREFIX, STRATEGY_PREFIX) if k.startswith(p)), "")
+            parts[prefix][k[len(prefix) :]] = v.astype(np.float32)
+        return parts[""], parts[RESIDUAL_PREFIX], parts[STRATEGY_PREFIX]
 
     def delta_frame(self, version: int) -> bytes | None:
         """The global-delta frame published for ``version`` (None for version 0 or pruned ones)."""
@@ -270,6 +274,7 @@ class Store:
         *,
         residual: dict[str, np.ndarray] | None = None,
         delta_frame: bytes | None = None,
+        strategy_state: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Durably record ``version`` and the updates that made it (taken out of the buffer).
 
@@ -278,6 +283,7 @@ class Store:
         entries = [] if entry is None else [entry] if isinstance(entry, LedgerEntry) else list(entry)
         tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}
         tensors.update({RESIDUAL_PREFIX + k: np.ascontiguousarray(v, dtype=np.float32) for k, v in (residual or {}).items()})
+        tensors.update({STRATEGY_PREFIX + k: np.ascontiguousarray(v, dtype=np.float32) for k, v in (strategy_state or {}).items()})
         data = save(dict(sorted(tensors.items())))
         atomic_write(self._path(version), data)
         now = time.time()

@@ -22,21 +22,49 @@ tensor by its own contributors only, and a tensor no update carries does not mov
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from compression.frame import SparseTensor
 from coordinator.robust import RobustConfig, coordinate_median, multi_krum_select, trimmed_mean
 
+BUILTIN_KINDS = ("fedasync", "fedbuff", "fedavg", "fedadam", "fedyogi")
+"""The built-in strategies; ``strategy.kind`` may also name a user class as ``"package.module:Class"``."""
+USER_KIND = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class ServerOptConfig:
+    """FedAdam and FedYogi (Reddi et al., 2021): the adaptive server step over each buffer's mean delta
+    (``[strategy.optimizer]``)."""
+
+    lr: float = 0.01
+    """Server learning rate (eta)."""
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    """Adaptivity: added to ``sqrt(v)``; about the size of a typical coordinate of a mean delta or below."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.lr <= 10.0:
+            raise ValueError(f"strategy.optimizer.lr must be in (0, 10], got {self.lr}")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ValueError(f"strategy.optimizer.beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if not self.tau > 0.0:
+            raise ValueError(f"strategy.optimizer.tau must be positive, got {self.tau}")
+
 
 @dataclass(frozen=True)
 class StrategyConfig:
     """How the coordinator aggregates (``[strategy]`` in its config)."""
 
-    kind: Literal["fedasync", "fedbuff", "fedavg"] = "fedasync"
+    kind: str = "fedasync"
+    """``fedasync``, ``fedbuff``, ``fedavg``, ``fedadam``, ``fedyogi``, or a user strategy ``"pkg.module:Class"``
+    (see ``docs/strategies.md``)."""
     alpha: float = 0.6
     """FedAsync mixing rate: how much of one fresh update enters the global model."""
     staleness: Literal["constant", "polynomial", "hinge"] = "polynomial"
@@ -60,10 +88,14 @@ class StrategyConfig:
     """FedAvg: close a round as soon as this many updates arrived (0 = the devices online at its start)."""
     robust: RobustConfig = field(default_factory=RobustConfig)
     """FedBuff and FedAvg: robust aggregation of each buffer (``[strategy.robust]``)."""
+    optimizer: ServerOptConfig = field(default_factory=ServerOptConfig)
+    """FedAdam and FedYogi: the server optimizer (``[strategy.optimizer]``)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """A user strategy's own settings (``[strategy.options]``), passed to its constructor."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("fedasync", "fedbuff", "fedavg"):
-            raise ValueError(f"strategy.kind must be fedasync, fedbuff or fedavg, got {self.kind!r}")
+        if self.kind not in BUILTIN_KINDS and not USER_KIND.match(self.kind):
+            raise ValueError(f"strategy.kind must be one of {', '.join(BUILTIN_KINDS)} or 'package.module:Class', got {self.kind!r}")
         if self.staleness not in ("constant", "polynomial", "hinge"):
             raise ValueError(f"strategy.staleness must be constant, polynomial or hinge, got {self.staleness!r}")
         if not 0.0 < self.alpha <= 1.0:
@@ -157,29 +189,44 @@ def _update_norm(u: WeightedUpdate) -> float:
 
 def buffered_step(updates: Sequence[WeightedUpdate], cfg: StrategyConfig) -> dict[str, np.ndarray]:
     """The global step of a full FedBuff buffer (or, with ``kind == "fedavg"``, of a round)."""
+    return aggregate_buffer(updates, cfg)[0]
+
+
+def aggregate_buffer(updates: Sequence[WeightedUpdate], cfg: StrategyConfig) -> tuple[dict[str, np.ndarray], list[float]]:
+    """The global step of a buffer (or round), and the weight each update really got in it.
+
+    The weight of update ``i`` is ``eta_g * p_i * s(tau_i)`` (its largest over the tensors it
+    carries), times its norm-bound scale; 0 for an update Multi-Krum dropped. Trimmed mean
+    and coordinate median weigh no update linearly: each update is recorded with its nominal
+    ``eta_g * s(tau_i) / n``.
+    """
     if not updates:
         raise ValueError("cannot aggregate an empty buffer")
     rule = cfg.robust.rule
-    if rule in ("trimmed_mean", "median"):
-        return _rank_step(updates, cfg)
-    if rule == "multi_krum":
-        keep = krum_keep(updates, cfg.robust.krum_f, cfg.robust.krum_m)
-        updates = [updates[i] for i in keep]
-    scale = [1.0] * len(updates)
-    if rule == "norm_bound":
-        scale = [min(1.0, cfg.robust.clip / max(_update_norm(u), 1e-12)) for u in updates]
-    names = sorted({n for u in updates for n in u.delta})
     stale = cfg.kind != "fedavg"
+    if rule in ("trimmed_mean", "median"):
+        nominal = [cfg.server_lr * (staleness_weight(u.staleness, cfg) if stale else 1.0) / len(updates) for u in updates]
+        return _rank_step(updates, cfg), nominal
+    index = list(range(len(updates)))
+    if rule == "multi_krum":
+        index = krum_keep(updates, cfg.robust.krum_f, cfg.robust.krum_m)
+    kept = [updates[i] for i in index]
+    scale = [1.0] * len(kept)
+    if rule == "norm_bound":
+        scale = [min(1.0, cfg.robust.clip / max(_update_norm(u), 1e-12)) for u in kept]
+    names = sorted({n for u in kept for n in u.delta})
+    weights = [0.0] * len(updates)
     step: dict[str, np.ndarray] = {}
     for name in names:
-        carriers = update_weights(updates, name, cfg, stale)
-        shape = updates[carriers[0][0]].delta[name].shape
+        carriers = update_weights(kept, name, cfg, stale)
+        shape = kept[carriers[0][0]].delta[name].shape
         numel = int(np.prod(shape, dtype=np.int64))
         dense = np.zeros(numel, dtype=np.float64)
         sparse_idx, sparse_val = [], []
         for i, w in carriers:
-            d = updates[i].delta[name]
+            d = kept[i].delta[name]
             w *= scale[i]
+            weights[index[i]] = max(weights[index[i]], w)
             if isinstance(d, SparseTensor) and d.indices is not None:
                 sparse_idx.append(d.indices)
                 sparse_val.append(w * d.values.astype(np.float64))
@@ -190,7 +237,7 @@ def buffered_step(updates: Sequence[WeightedUpdate], cfg: StrategyConfig) -> dic
             # One weighted bincount per tensor sums every sparse update at once.
             dense += np.bincount(np.concatenate(sparse_idx), weights=np.concatenate(sparse_val), minlength=numel)
         step[name] = dense.astype(np.float32).reshape(shape)
-    return step
+    return step, weights
 
 
 def krum_keep(updates: Sequence[WeightedUpdate], f: int, m: int = 0) -> list[int]:
