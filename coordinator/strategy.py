@@ -1,14 +1,17 @@
 """Aggregation maths as pure functions over numpy arrays.
 
 Every update ``i`` carries ``delta_i = local_i - x_{base_i}``, its sample count ``n_i``
-and its staleness ``tau_i = current - base_i``. Three strategies:
+and its staleness ``tau_i = current - base_i``. The strategies:
 
 - **FedAsync** (Xie et al., 2019): each update is applied on arrival,
   ``x <- x + alpha * s(tau_i) * delta_i``.
 - **FedBuff** (Nguyen et al., 2022): updates wait in a buffer of ``K``; when it is full,
   ``x <- x + eta_g * sum_i p_i * s(tau_i) * delta_i``.
-- **FedAvg** (McMahan et al., 2017), synchronous rounds: every update of a round has the
-  same base (``tau = 0``), ``x <- x + eta_g * sum_i p_i * delta_i``.
+- **FedAvg** (McMahan et al., 2017), synchronous rounds of devices (one update per device
+  per round): ``x <- x + eta_g * sum_i p_i * s(tau_i) * delta_i``; an update is on the
+  round's own version (``tau = 0``) unless a straggler's, up to ``round_late`` rounds old.
+- **FedAdam**, **FedYogi** (Reddi et al., 2021): FedBuff's buffers, stepped by an adaptive
+  server optimizer (:mod:`coordinator.strategies`).
 
 ``p_i`` is ``n_i / sum_j n_j`` with sample weighting (``weight_by_samples``), else
 ``1 / K``. Aggregation is per tensor: the sums and the sample normalisation run over the
@@ -73,7 +76,7 @@ class StrategyConfig:
     b: int = 4
     """Hinge: staleness up to ``b`` has full weight."""
     max_staleness: int = 64
-    """Updates staler than this are rejected (``too_stale``); FedAvg uses 0."""
+    """Updates staler than this are rejected (``too_stale``); FedAvg uses ``round_late``."""
     buffer_size: int = 10
     """FedBuff: updates per aggregation (K)."""
     server_lr: float = 1.0
@@ -85,7 +88,10 @@ class StrategyConfig:
     min_participants: int = 2
     """FedAvg: updates needed to close a round (it waits past the deadline for them)."""
     round_participants: int = 0
-    """FedAvg: close a round as soon as this many updates arrived (0 = the devices online at its start)."""
+    """FedAvg: close a round as soon as this many devices reported (0 = the devices online at its start)."""
+    round_late: int = 1
+    """FedAvg: an update trained on a version up to this many rounds old (a straggler's) joins the open
+    round, weighted by ``s(tau)``; older ones are refused as ``too_stale``."""
     robust: RobustConfig = field(default_factory=RobustConfig)
     """FedBuff and FedAvg: robust aggregation of each buffer (``[strategy.robust]``)."""
     optimizer: ServerOptConfig = field(default_factory=ServerOptConfig)
@@ -108,12 +114,14 @@ class StrategyConfig:
             raise ValueError(f"strategy.buffer_size must be in 1..10000, got {self.buffer_size}")
         if not 0.0 < self.server_lr <= 10.0:
             raise ValueError(f"strategy.server_lr must be in (0, 10], got {self.server_lr}")
+        if self.round_late < 0:
+            raise ValueError(f"strategy.round_late must be non-negative, got {self.round_late}")
         if self.round_deadline_s <= 0 or self.min_participants < 1 or self.round_participants < 0:
             raise ValueError("strategy.round_deadline_s and strategy.min_participants must be positive")
 
     @property
     def effective_max_staleness(self) -> int:
-        return 0 if self.kind == "fedavg" else self.max_staleness
+        return self.round_late if self.kind == "fedavg" else self.max_staleness
 
 
 FedAsyncConfig = StrategyConfig
@@ -158,7 +166,7 @@ def fedasync_weight(tau: int, cfg: StrategyConfig) -> float:
     return cfg.alpha * staleness_weight(tau, cfg)
 
 
-def update_weights(updates: Sequence[WeightedUpdate], name: str, cfg: StrategyConfig, stale: bool = True) -> list[tuple[int, float]]:
+def update_weights(updates: Sequence[WeightedUpdate], name: str, cfg: StrategyConfig) -> list[tuple[int, float]]:
     """``(index, weight)`` of each update carrying tensor ``name``: ``eta_g * p_i * s(tau_i)``."""
     carriers = [i for i, u in enumerate(updates) if name in u.delta]
     if not carriers:
@@ -170,7 +178,7 @@ def update_weights(updates: Sequence[WeightedUpdate], name: str, cfg: StrategyCo
         shares = [1.0 / len(carriers)] * len(carriers)
     out = []
     for i, p in zip(carriers, shares, strict=True):
-        s = staleness_weight(updates[i].staleness, cfg) if stale else 1.0
+        s = staleness_weight(updates[i].staleness, cfg)
         out.append((i, cfg.server_lr * p * s))
     return out
 
@@ -203,9 +211,8 @@ def aggregate_buffer(updates: Sequence[WeightedUpdate], cfg: StrategyConfig) -> 
     if not updates:
         raise ValueError("cannot aggregate an empty buffer")
     rule = cfg.robust.rule
-    stale = cfg.kind != "fedavg"
     if rule in ("trimmed_mean", "median"):
-        nominal = [cfg.server_lr * (staleness_weight(u.staleness, cfg) if stale else 1.0) / len(updates) for u in updates]
+        nominal = [cfg.server_lr * staleness_weight(u.staleness, cfg) / len(updates) for u in updates]
         return _rank_step(updates, cfg), nominal
     index = list(range(len(updates)))
     if rule == "multi_krum":
@@ -218,7 +225,7 @@ def aggregate_buffer(updates: Sequence[WeightedUpdate], cfg: StrategyConfig) -> 
     weights = [0.0] * len(updates)
     step: dict[str, np.ndarray] = {}
     for name in names:
-        carriers = update_weights(kept, name, cfg, stale)
+        carriers = update_weights(kept, name, cfg)
         shape = kept[carriers[0][0]].delta[name].shape
         numel = int(np.prod(shape, dtype=np.int64))
         dense = np.zeros(numel, dtype=np.float64)
@@ -258,12 +265,11 @@ def krum_keep(updates: Sequence[WeightedUpdate], f: int, m: int = 0) -> list[int
 
 def _rank_step(updates: Sequence[WeightedUpdate], cfg: StrategyConfig) -> dict[str, np.ndarray]:
     """Trimmed mean or coordinate median, per tensor, of the staleness-weighted deltas."""
-    stale = cfg.kind != "fedavg"
     step: dict[str, np.ndarray] = {}
     for name in sorted({n for u in updates for n in u.delta}):
         carriers = [u for u in updates if name in u.delta]
         shape = carriers[0].delta[name].shape
-        rows = np.stack([_dense(u.delta[name]) * np.float32(staleness_weight(u.staleness, cfg) if stale else 1.0) for u in carriers])
+        rows = np.stack([_dense(u.delta[name]) * np.float32(staleness_weight(u.staleness, cfg)) for u in carriers])
         agg = trimmed_mean(rows, cfg.robust.trim) if cfg.robust.rule == "trimmed_mean" else coordinate_median(rows)
         step[name] = (np.float32(cfg.server_lr) * agg).astype(np.float32).reshape(shape)
     return step

@@ -90,7 +90,7 @@ def validate_envelope(
         raise Rejection("future_version", f"base version {header.base_version} is newer than the current {current_version}")
     tau = current_version - header.base_version
     if tau > strategy.effective_max_staleness:
-        limit = "a synchronous round takes only updates on its own version" if strategy.kind == "fedavg" else "max_staleness"
+        limit = "strategy.round_late: rounds a straggler's update may be late" if strategy.kind == "fedavg" else "max_staleness"
         raise Rejection("too_stale", f"staleness {tau} exceeds {strategy.effective_max_staleness} ({limit})")
     if not frame.tensors:
         raise Rejection("malformed_frame", "update carries no tensors")

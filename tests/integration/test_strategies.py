@@ -86,7 +86,9 @@ def test_a_buffered_update_survives_kill_9(tmp_path: Path, broker: MosquittoBrok
     assert len(ledger) == 2 and {e["applied_version"] for e in ledger} == {1}
 
 
-def test_fedavg_round_waits_for_its_participants_and_refuses_stragglers(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> None:
+def test_fedavg_round_waits_for_its_participants_and_takes_a_straggler_into_the_next(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path
+) -> None:
     cfg = coordinator_config(broker, tmp_path / "coord", tiny_model)
     cfg = replace(cfg, strategy=StrategyConfig(kind="fedavg", round_participants=2, min_participants=2, round_deadline_s=60))
     a, b = DeviceClient(broker.port, "dev-a"), DeviceClient(broker.port, "dev-b")
@@ -97,14 +99,23 @@ def test_fedavg_round_waits_for_its_participants_and_refuses_stragglers(tmp_path
             a.publish(a.update_payload(meta0))
             time.sleep(1.0)
             assert service.version == 0  # one of two participants
+            a.publish(a.update_payload(meta0))  # a second update of the same device in the same round
+            wait_until(lambda: _rejections(tmp_path / "coord").get("one_per_round") == 1, 10, "one_per_round")
             b.publish(b.update_payload(meta0))
-            a.wait_meta(1)
-            b.publish(late)  # trained on version 0, arrives in round 1
-            wait_until(lambda: _rejections(tmp_path / "coord").get("too_stale") == 1, 10, "the straggler's rejection")
-            assert service.version == 1
+            meta1 = a.wait_meta(1)
+            b.publish(late)  # trained on version 0, arrives in round 2: it joins it, weighted by s(1)
+            a.publish(a.update_payload(meta1))
+            a.wait_meta(2)
+            stale = b.update_payload(meta0)  # two rounds late: beyond round_late = 1
+            b.publish(stale)
+            wait_until(lambda: _rejections(tmp_path / "coord").get("too_stale") == 1, 10, "the two-rounds-late update's rejection")
+            assert service.version == 2
     finally:
         a.close()
         b.close()
+    ledger = list(Store(tmp_path / "coord", readonly=True).ledger())
+    rounds = {v: sorted((e["device"], e["staleness"]) for e in ledger if e["applied_version"] == v) for v in (1, 2)}
+    assert rounds == {1: [("dev-a", 0), ("dev-b", 0)], 2: [("dev-a", 0), ("dev-b", 1)]}
 
 
 def test_fedavg_round_closes_at_the_deadline_with_the_minimum(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> None:

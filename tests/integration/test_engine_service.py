@@ -1,0 +1,158 @@
+"""The engine behind the running coordinator, against Mosquitto: the ledger's weights, a user
+strategy loaded from config, FedAdam's state across kill -9, and FedAvg rounds of devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.robust import RobustConfig
+from coordinator.store import Store
+from coordinator.strategy import StrategyConfig
+from coordinator.testbed.broker import MosquittoBroker
+from coordinator.testbed.demo import LAB_LIMITS, serve_argv, write_toml
+from coordinator.testbed.processes import Child
+from edge_agent.agent import Agent
+from edge_agent.config import parse_config
+from tests.conftest import wait_until
+from tests.integration.conftest import FLEET, DeviceClient, ThreadedCoordinator, agent_config_dict, coordinator_config
+
+pytestmark = pytest.mark.broker
+
+
+def _history(state: Path) -> dict:
+    argv = [sys.executable, "-m", "coordinator", "history", "--state-dir", str(state), "--json", "--last", "0"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_history_shows_weight_zero_for_the_update_multi_krum_dropped(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> None:
+    cfg = coordinator_config(broker, tmp_path / "coord", tiny_model)
+    robust = RobustConfig(rule="multi_krum", krum_f=1)
+    cfg = replace(cfg, strategy=StrategyConfig(kind="fedbuff", buffer_size=5, staleness="constant", robust=robust))
+    clients = [DeviceClient(broker.port, f"dev-{i}") for i in range(4)] + [DeviceClient(broker.port, "evil")]
+    try:
+        with ThreadedCoordinator(cfg):
+            metas = [c.wait_meta(0) for c in clients]
+            for i, (c, meta) in enumerate(zip(clients, metas, strict=True)):
+                c.publish(c.update_payload(meta, scale=-0.2 if c.device == "evil" else 0.01 + 0.0001 * i))
+            clients[0].wait_meta(1)
+    finally:
+        for c in clients:
+            c.close()
+    (v1,) = [v for v in _history(tmp_path / "coord")["versions"] if v["version"] == 1]
+    weights = {u["device"]: u["weight"] for u in v1["updates"]}
+    assert weights["evil"] == 0.0
+    assert all(w == pytest.approx(0.25) for d, w in weights.items() if d != "evil")
+
+
+def _coordinator(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, strategy: dict) -> Child:
+    cfg = write_toml(
+        tmp_path / "coordinator.toml",
+        {
+            "fleet": FLEET,
+            "state_dir": "state",
+            "limits": LAB_LIMITS,
+            "heartbeat_s": 1.0,
+            "broker": {"port": broker.port},
+            "model": {"source": str(tiny_model), "lora_r": 4, "lora_alpha": 8},
+            "downlink": {"topk_fraction": 1.0, "values": "fp32"},
+            "strategy": strategy,
+        },
+    )
+    return Child("coordinator", serve_argv(cfg), tmp_path / "coord.log").start()
+
+
+def test_a_user_strategy_from_config_runs_end_to_end(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> None:
+    strategy = {"kind": "tests.integration.user_strategy:Scaled", "options": {"factor": 0.5, "every": 2}}
+    child = _coordinator(tmp_path, broker, tiny_model, strategy)
+    a, b = DeviceClient(broker.port, "dev-a"), DeviceClient(broker.port, "dev-b")
+    try:
+        meta = a.wait_meta(0)
+        v0 = a.global_state(meta)
+        a.publish(a.update_payload(meta, scale=0.02))
+        b.publish(b.update_payload(b.wait_meta(0), scale=0.06))
+        v1 = a.global_state(a.wait_meta(1))
+    finally:
+        a.close()
+        b.close()
+        child.stop()
+    for name in v0:  # 0.5 * mean(0.02, 0.06): the user's rule, through a lossless downlink
+        np.testing.assert_allclose(v1[name] - v0[name], 0.02, rtol=1e-5)
+    (entry,) = [v for v in _history(tmp_path / "state")["versions"] if v["version"] == 1]
+    assert [u["weight"] for u in entry["updates"]] == [0.25, 0.25]
+    _, _, strategy_state = Store(tmp_path / "state", readonly=True).load_version_full(1)
+    assert strategy_state["made"].tolist() == [1.0]
+
+
+def test_fedadam_state_survives_kill_9(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> None:
+    child = _coordinator(tmp_path, broker, tiny_model, {"kind": "fedadam", "buffer_size": 1, "optimizer": {"lr": 0.001}})
+    dev = DeviceClient(broker.port, "dev-a")
+    state = tmp_path / "state"
+    scales = [0.01, -0.03, 0.02, 0.05]
+    try:
+        for i, scale in enumerate(scales):
+            meta = dev.wait_meta(i, timeout=60)
+            dev.publish(dev.update_payload(meta, scale=scale))
+            dev.wait_meta(i + 1, timeout=60)
+            os.kill(child.proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+            child.proc.wait(10)  # type: ignore[union-attr]
+            child.start()
+    finally:
+        dev.close()
+        child.stop()
+    store = Store(state, readonly=True)
+    assert store.current_version() == len(scales)
+    # The moments after every version are exactly those of one uninterrupted run over the same updates.
+    m = v = np.zeros(1)
+    for version, g in enumerate(scales, start=1):
+        m = 0.9 * m + 0.1 * g
+        v = 0.99 * v + 0.01 * g * g
+        _, _, s = store.load_version_full(version)
+        assert int(s["t"][0]) == version
+        name = next(k[2:] for k in s if k.startswith("m/"))
+        np.testing.assert_allclose(s[f"m/{name}"], m[0], rtol=1e-5)
+        np.testing.assert_allclose(s[f"v/{name}"], v[0], rtol=1e-5)
+
+
+def test_fedavg_rounds_hold_one_update_per_device_and_the_slow_device_lands(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, device_data
+) -> None:  # type: ignore[no-untyped-def]
+    coord = coordinator_config(broker, tmp_path / "coord", tiny_model)
+    coord = replace(coord, strategy=StrategyConfig(kind="fedavg", min_participants=2, round_deadline_s=120.0))
+    agents = []
+    for i, name in enumerate(("fast-a", "fast-b", "slow")):
+        raw = agent_config_dict(broker, tiny_model, device_data(i), tmp_path / name, name, max_rounds=4, sync_wait_s=0.5)
+        if name == "slow":
+            raw["train"]["slowdown"] = 10.0
+        agents.append(Agent(parse_config(raw, "test", environ={})))
+    with ThreadedCoordinator(coord) as service:
+        threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+        for t in threads:
+            t.start()
+        wait_until(lambda: service.version >= 2, 240, "two rounds")
+        for a in agents:
+            a.stop()
+        for t in threads:
+            t.join(60)
+    store = Store(tmp_path / "coord", readonly=True)
+    ledger = list(store.ledger())
+    by_version: dict[int, list[str]] = {}
+    for e in ledger:
+        by_version.setdefault(e["applied_version"], []).append(e["device"])
+    for version, devices in by_version.items():
+        assert len(devices) == len(set(devices)), f"v{version} holds two updates of one device: {devices}"
+    assert "slow" in {d for v in (1, 2) for d in by_version.get(v, [])}, by_version
+    rejections = store.rejection_counts()
+    assert rejections.get("too_stale", 0) == 0, rejections  # no device's work was wasted as stale
+    assert rejections.get("one_per_round", 0) > 0  # the fast devices heard why their extra updates were refused
