@@ -69,11 +69,13 @@ def test_fedbuff_without_sample_weighting_averages_equally() -> None:
     np.testing.assert_allclose(step["w"], [2.0])
 
 
-def test_fedavg_ignores_staleness_and_weights_by_samples() -> None:
+def test_fedavg_weights_by_samples_and_a_straggler_by_staleness() -> None:
     cfg = StrategyConfig(kind="fedavg", staleness="polynomial", a=1.0, server_lr=1.0)
     step = buffered_step([_u(2, 0, w=[1.0, 0.0]), _u(6, 0, w=[5.0, 4.0])], cfg)
     np.testing.assert_allclose(step["w"], [0.25 * 1 + 0.75 * 5, 0.75 * 4])
-    assert cfg.effective_max_staleness == 0
+    late = buffered_step([_u(2, 0, w=[1.0, 0.0]), _u(6, 1, w=[5.0, 4.0])], cfg)  # one round late: s(1) = 1/2
+    np.testing.assert_allclose(late["w"], [0.25 * 1 + 0.75 * 0.5 * 5, 0.75 * 0.5 * 4])
+    assert cfg.effective_max_staleness == cfg.round_late == 1
 
 
 def test_mixed_fleets_aggregate_each_tensor_over_its_own_contributors() -> None:
