@@ -244,7 +244,7 @@ class Agent:
             seq=seq,
             update_id=f"{self.cfg.device_id}-{seq}-{uuid.uuid4().hex[:8]}",
             base_version=base,
-            num_samples=result.samples,
+            num_samples=result.samples if self.cfg.train.sample_weight == "steps" else len(self._data.train),
             timestamp=time.time(),
             frame_sha256=hashlib.sha256(compressed.frame).hexdigest(),
             train_loss=result.train_loss if np.isfinite(result.train_loss) else None,

@@ -104,8 +104,14 @@ class TrainConfig:
     slowdown: float = 1.0
     """Lab testbeds only: after each step, idle ``(slowdown - 1)`` times the step's duration, so that
     one machine can stand in for devices 3x or 10x slower. Leave at 1 on real devices."""
+    sample_weight: Literal["steps", "dataset"] = "steps"
+    """What the device reports as its sample count, by which the coordinator weights its update:
+    ``steps`` (the samples this round trained on: steps x batch) or ``dataset`` (its training
+    blocks, as Flower weights clients by dataset size)."""
 
     def __post_init__(self) -> None:
+        if self.sample_weight not in ("steps", "dataset"):
+            raise ConfigError(f"train.sample_weight must be 'steps' or 'dataset', got {self.sample_weight!r}")
         if not 1.0 <= self.slowdown <= 1000.0:
             raise ConfigError(f"train.slowdown must be in [1, 1000], got {self.slowdown}")
         for key in ("threads", "batch_size", "seq_len", "local_steps", "eval_blocks", "max_lora_r"):

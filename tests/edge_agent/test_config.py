@@ -69,6 +69,15 @@ def test_slowdown_is_a_lab_setting_bounded_below_by_one() -> None:
         TrainConfig(slowdown=0.5)
 
 
+def test_sample_weight_is_steps_or_the_dataset_size() -> None:
+    from edge_agent.config import TrainConfig
+
+    assert TrainConfig().sample_weight == "steps"
+    assert TrainConfig(sample_weight="dataset").sample_weight == "dataset"
+    with pytest.raises(ConfigError, match="train.sample_weight"):
+        TrainConfig(sample_weight="tokens")  # type: ignore[arg-type]
+
+
 def test_a_device_needs_the_fleet_key_unless_it_opts_into_lab_mode() -> None:
     base = {"device_id": "pi-1", "data_dir": "d", "state_dir": "s"}
     with pytest.raises(ConfigError, match="fleet_public_key"):

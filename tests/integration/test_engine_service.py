@@ -135,6 +135,7 @@ def test_fedavg_rounds_hold_one_update_per_device_and_the_slow_device_lands(
         raw = agent_config_dict(broker, tiny_model, device_data(i), tmp_path / name, name, max_rounds=4, sync_wait_s=0.5)
         if name == "slow":
             raw["train"]["slowdown"] = 10.0
+            raw["train"]["sample_weight"] = "dataset"  # weighted by its training blocks, not steps x batch
         agents.append(Agent(parse_config(raw, "test", environ={})))
     with ThreadedCoordinator(coord) as service:
         threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
@@ -153,6 +154,11 @@ def test_fedavg_rounds_hold_one_update_per_device_and_the_slow_device_lands(
     for version, devices in by_version.items():
         assert len(devices) == len(set(devices)), f"v{version} holds two updates of one device: {devices}"
     assert "slow" in {d for v in (1, 2) for d in by_version.get(v, [])}, by_version
+    slow = next(a for a in agents if a.cfg.device_id == "slow")
+    assert slow._data is not None
+    # Weighted by its dataset size, capped at limits.sample_factor (4) x the others' 2 steps x batch 4.
+    allowed = {len(slow._data.train), min(len(slow._data.train), 4 * 2 * 4)}
+    assert {e["num_samples"] for e in ledger if e["device"] == "slow"} <= allowed
     rejections = store.rejection_counts()
     assert rejections.get("too_stale", 0) == 0, rejections  # no device's work was wasted as stale
     assert rejections.get("one_per_round", 0) > 0  # the fast devices heard why their extra updates were refused
