@@ -5,32 +5,34 @@ Every problem found in bytes that came off the wire is raised as a subclass of
 and turn it into a counted rejection reason.
 """
 
+from compression.reasons import Reason
+
 
 class CodecError(ValueError):
     """Base class: the bytes or arrays given to the codec are not acceptable."""
 
-    reason = "malformed"
+    reason = Reason.MALFORMED.value
 
 
 class FrameError(CodecError):
     """A frame is malformed: bad magic, version, lengths, counts, dtypes or indices."""
 
-    reason = "malformed_frame"
+    reason = Reason.MALFORMED_FRAME.value
 
 
 class ChecksumError(FrameError):
     """A frame's checksum does not match its content."""
 
-    reason = "bad_checksum"
+    reason = Reason.BAD_CHECKSUM.value
 
 
 class LimitError(CodecError):
     """A frame or message is larger than the configured limits allow."""
 
-    reason = "too_large"
+    reason = Reason.TOO_LARGE.value
 
 
 class ProtocolError(CodecError):
     """An MQTT payload (envelope, meta or status JSON) or topic is malformed."""
 
-    reason = "malformed_message"
+    reason = Reason.MALFORMED_MESSAGE.value

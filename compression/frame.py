@@ -34,6 +34,7 @@ from compression.indices import (
     varint_encode,
 )
 from compression.quantize import ValueType, code_bytes, dequantize_values, quantize_values
+from compression.reasons import Reason
 
 MAGIC = b"FEDG"
 FORMAT_VERSION = 3
@@ -72,7 +73,7 @@ DENSE = 0
 class NonFiniteError(FrameError):
     """A frame decodes to NaN or infinite values."""
 
-    reason = "non_finite"
+    reason = Reason.NON_FINITE.value
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from compression.errors import LimitError, ProtocolError
+from compression.reasons import Reason
 
 PROTOCOL_VERSION = 1
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -175,7 +176,7 @@ def _check_signature(obj: dict[str, Any], context: bytes, verify: Verifier | Non
 class SignatureError(ProtocolError):
     """A global message is unsigned, or its signature does not verify against the fleet key."""
 
-    reason = "bad_signature"
+    reason = Reason.BAD_SIGNATURE.value
 
 
 # --- update envelope --------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Exceptions of the coordinator. ``cli.main`` maps them to exit codes (:class:`compression.exitcodes.ExitCode`)."""
 
 from compression.exitcodes import ExitCode
+from compression.reasons import Reason, reason_code
 
 
 class CoordinatorError(Exception):
@@ -30,7 +31,8 @@ class BrokerError(CoordinatorError):
 class Rejection(Exception):
     """An update is refused. ``reason`` is a short stable code that is counted and shown."""
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
+    def __init__(self, reason: Reason | str, detail: str) -> None:
+        code = reason_code(reason)  # a code outside the one table is a bug, not a new reason
+        super().__init__(f"{code}: {detail}")
+        self.reason = code
         self.detail = detail

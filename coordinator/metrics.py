@@ -12,6 +12,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from compression.reasons import Reason
+
 log = logging.getLogger(__name__)
 
 STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
@@ -25,6 +27,8 @@ class Metrics:
         r = self.registry
         self.accepted = Counter("fedge_updates_accepted", "Updates accepted (applied or buffered)", ["fleet"], registry=r).labels(**labels)
         self.rejected = Counter("fedge_updates_rejected", "Updates rejected, by reason", ["fleet", "reason"], registry=r)
+        for code in Reason:  # every reason is exported from the start, at 0, so that rates and alerts see it
+            self.rejected.labels(fleet=fleet, reason=code.value)
         self.duplicates = Counter(
             "fedge_updates_duplicate",
             "Resent updates that were already processed (confirmed again, not applied twice)",
