@@ -36,11 +36,11 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 import psutil
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from rich.console import Console
 from rich.table import Table
 
 from compression import CodecConfig, compress_update, protocol
+from compression.mqtt import loopback, make_client
 from compression.protocol import GlobalMeta, UpdateHeader
 from coordinator.config import ModelSpecConfig
 from coordinator.initial import initial_state
@@ -89,7 +89,7 @@ class Fleet:
         self.version = 0
         self.clients = []
         for i in range(connections):
-            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{i}-{uuid.uuid4().hex[:4]}", protocol=MQTTProtocolVersion.MQTTv5)
+            c = make_client(loopback(port), f"sim-{i}-{uuid.uuid4().hex[:4]}")
             c.max_inflight_messages_set(100)
             c.max_queued_messages_set(0)
             if i == 0:

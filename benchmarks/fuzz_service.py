@@ -37,12 +37,12 @@ import psutil
 import zstandard
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from rich.console import Console
 from rich.table import Table
 
 from compression import FrameKind, compress_dense, decode_frame, encode_frame, protocol, state_digest
 from compression.frame import SparseTensor
+from compression.mqtt import loopback, make_client
 from compression.protocol import GlobalMeta
 from coordinator.enrolment import enroll
 from coordinator.store import Store
@@ -97,7 +97,7 @@ def _non_finite(frame: bytes) -> bytes:
 class Publisher:
     def __init__(self, port: int) -> None:
         self.codes: Counter[str] = Counter()
-        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"fuzzer-{uuid.uuid4().hex[:6]}", protocol=MQTTProtocolVersion.MQTTv5)
+        self.c = make_client(loopback(port), f"fuzzer-{uuid.uuid4().hex[:6]}")
         self.c.max_inflight_messages_set(200)
         self.messages: list[tuple[str, bytes]] = []
         self.c.on_message = lambda c, u, m: self.messages.append((m.topic, bytes(m.payload)))

@@ -47,6 +47,7 @@ from compression import (
     state_digest,
 )
 from compression.frame import SparseTensor
+from compression.mqtt import ClientSetupError, connect_kwargs, make_client
 from compression.protocol import DeviceStatus, GlobalMeta, TrainableSpec, UpdateAck, UpdateHeader
 from coordinator.config import CoordinatorConfig
 from coordinator.engine import Accepted, Engine, Step
@@ -55,7 +56,6 @@ from coordinator.identity import Verifier, fleet_key
 from coordinator.influence import cap_samples, norm_bound
 from coordinator.initial import initial_state
 from coordinator.metrics import Metrics
-from coordinator.mqtt import connect_kwargs, make_client
 from coordinator.quarantine import Quarantine
 from coordinator.ratelimit import RateLimiter
 from coordinator.store import BufferedUpdate, LedgerEntry, Store
@@ -199,8 +199,11 @@ class CoordinatorService:
 
     def _make_client(self) -> mqtt.Client:
         b = self.cfg.broker
-        client = make_client(b, b.client_id or f"coordinator-{self.cfg.fleet}", manual_ack=True, persistent=True)
-        client.reconnect_delay_set(1, 30)
+        try:
+            client = make_client(b, b.client_id or f"coordinator-{self.cfg.fleet}", manual_ack=True, persistent=True, backoff=(1, 30))
+        except ClientSetupError as exc:
+            self.store.close()
+            raise ConfigError(str(exc)) from None
         client.will_set(protocol.coordinator_status(self.cfg.fleet), json.dumps({"state": "offline"}).encode(), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

@@ -42,19 +42,16 @@ class _Report:
 def _broker_check(cfg: Any, timeout: float) -> str:
     """Connect once with the agent's credentials and wait for the CONNACK."""
     import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    from compression.mqtt import ClientSetupError, make_client
 
     b = cfg.broker
-    v5 = b.protocol == "5"
     result: dict[str, Any] = {}
     done = threading.Event()
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"check-{cfg.device_id}-{os.getpid()}",
-        protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-    )
-    if b.username:
-        client.username_pw_set(b.username, b.password)
+    try:
+        client = make_client(b, f"check-{cfg.device_id}-{os.getpid()}")
+    except ClientSetupError as exc:
+        raise TransportError(str(exc)) from None
 
     def on_connect(c: mqtt.Client, u: object, flags: object, reason: Any, props: object) -> None:
         result["reason"] = reason

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 import queue
-import ssl
 import threading
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from compression import protocol
+from compression.mqtt import ClientSetupError, make_client
 from edge_agent.backoff import Backoff
 from edge_agent.config import AgentConfig
 from edge_agent.errors import ConfigError, PublishRefused, TransportError
@@ -41,22 +40,12 @@ class AgentTransport:
         self._acks: dict[int, int] = {}
         self._ack_cond = threading.Condition()
         b = cfg.broker
-        v5 = b.protocol == "5"
         # The client id is the device's identity, as the broker's use_username_as_clientid
         # makes it anyway: a device never picks another's id.
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=b.username or cfg.device_id,
-            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if v5 else True,
-        )
-        if b.username:
-            self.client.username_pw_set(b.username, b.password)
-        if b.tls:
-            try:
-                self.client.tls_set(ca_certs=b.cafile, certfile=b.certfile, keyfile=b.keyfile, cert_reqs=ssl.CERT_REQUIRED)
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                raise ConfigError(f"broker TLS settings (cafile {b.cafile}, certfile {b.certfile}): {exc}") from None
+        try:
+            self.client = make_client(b, b.username or cfg.device_id)
+        except ClientSetupError as exc:
+            raise ConfigError(str(exc)) from None
         self.backoff = Backoff(b.reconnect_min_s, b.reconnect_max_s)
         self.reconnects = 0
         self._next_delay()

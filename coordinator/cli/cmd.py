@@ -24,18 +24,16 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
     from compression import protocol
+    from compression.mqtt import Broker, make_client
 
     host, port, fleet, user, password = broker_target(args)
     protocol.check_id(args.device, "device id")
     status: dict[str, Any] = {}
     got_status = threading.Event()
     connected = threading.Event()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"cmd-{uuid.uuid4().hex[:8]}", protocol=MQTTProtocolVersion.MQTTv5)
-    if user:
-        client.username_pw_set(user, password)
+    client = make_client(Broker(host=host, port=port, username=user, password=password), f"cmd-{uuid.uuid4().hex[:8]}")
 
     def on_connect(c: mqtt.Client, u: object, f: object, reason: Any, p: object) -> None:
         if not getattr(reason, "is_failure", False):

@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from compression import CodecConfig, FrameKind, compress_dense
+from compression.mqtt import loopback, make_client
 from compression.records import RecordError, from_mapping
 from coordinator.config import ModelSpecConfig
 from coordinator.errors import ConfigError
@@ -216,12 +216,9 @@ class VersionScorer:
         self.lock = threading.Lock()
         self.history: list[tuple[float, int, float | None]] = []
         self.mirror = GlobalMirror(fleet, self._on_version)
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"scorer-{fleet}-{id(self) % 100000}", protocol=MQTTProtocolVersion.MQTTv5
-        )
+        self.client = make_client(loopback(port), f"scorer-{fleet}-{id(self) % 100000}", backoff=(1, 2))
         self.client.on_connect = lambda c, u, f, r, p: c.subscribe([(t, 1) for t in self.mirror.topics])
         self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(1, 2)
         self.client.connect(host, port, keepalive=30)
         self.client.loop_start()
 

@@ -13,10 +13,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-
 from compression import CodecError, protocol
+from compression.mqtt import Broker, make_client
 from compression.protocol import DeviceStatus
 
 
@@ -36,13 +34,8 @@ class FleetMonitor:
         self.view = FleetView()
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._seen: set[tuple[str, int]] = set()
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"monitor-{uuid.uuid4().hex[:8]}",
-            protocol=MQTTProtocolVersion.MQTTv5 if mqtt_protocol == "5" else MQTTProtocolVersion.MQTTv311,
-        )
-        if username:
-            self.client.username_pw_set(username, password)
+        settings = Broker(host=host, port=port, protocol=mqtt_protocol, username=username, password=password)
+        self.client = make_client(settings, f"monitor-{uuid.uuid4().hex[:8]}")
         self.client.on_connect = lambda c, u, f, r, p: c.subscribe(
             [(protocol.coordinator_status(fleet), 1), (protocol.all_device_status(fleet), 1)]
         )

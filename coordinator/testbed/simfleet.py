@@ -36,11 +36,11 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from compression import CodecConfig, CodecError, ErrorFeedback, compress_update, decode_frame, protocol
+from compression.mqtt import Broker, make_client
 from compression.protocol import DeviceStatus, UpdateHeader
 from compression.records import from_mapping
 from coordinator.testbed.mirror import GlobalMirror
@@ -108,15 +108,7 @@ class _Client:
         self.fleet = fleet
         self.device = device
         plan = fleet.plan
-        v5 = plan.protocol == "5"
-        self.mqtt = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if v5 else True,
-        )
-        if plan.username:
-            self.mqtt.username_pw_set(plan.username, plan.password)
+        self.mqtt = make_client(Broker(protocol=plan.protocol, username=plan.username, password=plan.password), client_id)
         self.mqtt.on_socket_open = self._sock_open
         self.mqtt.on_socket_close = self._sock_close
         self.mqtt.on_socket_register_write = self._want_write

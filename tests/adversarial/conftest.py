@@ -22,12 +22,12 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from compression import FrameKind, decode_frame, encode_frame, protocol
 from compression.frame import SparseTensor
+from compression.mqtt import loopback, make_client
 from compression.protocol import GlobalMeta
 from coordinator.broker_acl import render_acl
 from coordinator.enrolment import enroll, set_password
@@ -76,9 +76,7 @@ class RawClient:
         self.connected = threading.Event()
         self.disconnects = 0
         self.cond = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5)
-        if user:
-            self.client.username_pw_set(user, password)
+        self.client = make_client(loopback(port, username=user, password=password), client_id)
         self.client.on_connect = lambda c, u, f, r, p: self.connected.set() if not r.is_failure else None
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish

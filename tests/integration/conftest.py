@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from compression import CodecConfig, compress_update, decode_frame, protocol
+from compression.mqtt import loopback, make_client
 from compression.protocol import GlobalMeta, UpdateHeader
 from coordinator.config import BrokerConfig, CoordinatorConfig, LimitsConfig, ModelSpecConfig
 from coordinator.service import CoordinatorService
@@ -77,9 +77,7 @@ class DeviceClient:
         self.device = device
         self.metas: queue.Queue[GlobalMeta] = queue.Queue()
         self.snapshots: dict[str, bytes] = {}
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"{device}-{uuid.uuid4().hex[:6]}", protocol=MQTTProtocolVersion.MQTTv5
-        )
+        self.client = make_client(loopback(port), f"{device}-{uuid.uuid4().hex[:6]}")
         self.client.on_connect = lambda c, u, f, r, p: c.subscribe([(protocol.global_meta(FLEET), 1), (protocol.global_snapshot(FLEET), 1)])
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)

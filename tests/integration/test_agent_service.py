@@ -15,12 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 import zstandard
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from compression import protocol
+from compression.mqtt import loopback, make_client
 from coordinator.store import Store
 from coordinator.testbed.broker import MosquittoBroker
 from coordinator.testbed.demo import write_toml
@@ -193,7 +192,7 @@ def test_no_raw_text_ever_leaves_the_device(tmp_path: Path, broker: MosquittoBro
     window = 24
     shingles = {text[i : i + window].encode() for i in range(0, len(text) - window) if text[i : i + window].strip()}
     payloads: list[tuple[str, bytes]] = []
-    spy = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="spy", protocol=MQTTProtocolVersion.MQTTv5)
+    spy = make_client(loopback(broker.port), "spy")
     spy.on_connect = lambda c, u, f, r, p: c.subscribe("#", qos=1)
     spy.on_message = lambda c, u, m: payloads.append((m.topic, bytes(m.payload)))
     spy.connect("127.0.0.1", broker.port)

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from compression import CodecConfig, compress_update, protocol
+from compression.mqtt import loopback, make_client
 from compression.protocol import GlobalMeta, UpdateHeader
 from coordinator.store import Store
 from coordinator.testbed.broker import MosquittoBroker
@@ -61,7 +61,7 @@ class LoadGenerator:
         self.acked: set[str] = set()
         self.stop = threading.Event()
         client_id = f"load-{uuid.uuid4().hex[:6]}"
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5)
+        self.client = make_client(loopback(port), client_id)
         self.client.on_connect = lambda c, u, f, r, p: c.subscribe(protocol.global_meta(FLEET), qos=1)
         self.client.on_message = self._on_meta
         self.client.connect("127.0.0.1", port)

@@ -15,9 +15,9 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from compression import CodecConfig, compress_update, decode_frame, protocol
+from compression.mqtt import loopback, make_client
 from compression.protocol import GlobalMeta, UpdateHeader
 from coordinator.config import BrokerConfig, LimitsConfig
 from coordinator.enrolment import enroll, ensure_ca, issue_cert, revoke, set_password
@@ -57,8 +57,7 @@ class Device:
         self.snapshots: dict[str, bytes] = {}
         self.cond = threading.Condition()
         client_id = f"{device}-{uuid.uuid4().hex[:6]}"
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5)
-        self.client.username_pw_set(device, password)
+        self.client = make_client(loopback(port, username=device, password=password), client_id)
         self.client.on_connect = lambda c, u, f, r, p: c.subscribe([(protocol.global_meta(FLEET), 1), (protocol.global_snapshot(FLEET), 1)])
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
@@ -189,15 +188,14 @@ def test_tls_needs_the_fleet_ca_and_maps_the_certificate_to_the_user(tmp_path: P
     broker = MosquittoBroker(tmp_path / "broker", anonymous=False, extra=tls).start()
     try:
         # Without the fleet CA the server certificate does not verify.
-        plain = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="no-ca", protocol=MQTTProtocolVersion.MQTTv5)
-        plain.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        plain = make_client(loopback(broker.port, tls=True), "no-ca")
         with pytest.raises(ssl.SSLError):
             plain.connect("127.0.0.1", broker.port)
         # With the CA and the device's certificate: connected, as user dev-a, bound by the ACL.
         acks: dict[int, int] = {}
         connected = threading.Event()
-        dev = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev-a", protocol=MQTTProtocolVersion.MQTTv5)
-        dev.tls_set(ca_certs=str(ca / "ca.crt"), certfile=str(tmp_path / "dev-a.crt"), keyfile=str(tmp_path / "dev-a.key"))
+        tls = {"tls": True, "cafile": str(ca / "ca.crt"), "certfile": str(tmp_path / "dev-a.crt"), "keyfile": str(tmp_path / "dev-a.key")}
+        dev = make_client(loopback(broker.port, **tls), "dev-a")
         dev.on_connect = lambda c, u, f, r, p: connected.set() if not r.is_failure else None
         dev.on_publish = lambda c, u, mid, r, p: acks.__setitem__(mid, int(r.value))
         dev.connect("127.0.0.1", broker.port)
