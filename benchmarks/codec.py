@@ -228,6 +228,11 @@ def _quality(
     short_cands = [cq.DENSE, cq.DEFAULT] + [cq.CANDIDATES[n] for n in names]
     long_cands = [] if args.skip_long else [cq.DENSE, cq.DEFAULT] + [cq.CANDIDATES[n] for n in long_names]
     devices = len(datas)
+    calib = None
+    if any(c.core_rank for c in short_cands + long_cands):
+        # Fed-SB's factors come from text every device could be sent: the other corpus, never the devices' own.
+        other = next(c for c in CORPORA if c != args.corpus)
+        calib = device_data(sim, devices, 128, other)
     total = len(short_cands) * args.rounds * devices + len(long_cands) * args.ticks * devices
     short: dict[str, cq.Curve] = {}
     long: dict[str, cq.Curve] = {}
@@ -235,10 +240,10 @@ def _quality(
         task = bar.add_task("training", total=total)
         for cand in short_cands:
             bar.update(task, description=f"short run: {cand.name}")
-            short[cand.name] = cq.short_run(sim, datas, cand, args.rounds, progress=lambda: bar.advance(task))
+            short[cand.name] = cq.short_run(sim, datas, cand, args.rounds, progress=lambda: bar.advance(task), calib=calib)
         for cand in long_cands:
             bar.update(task, description=f"long run: {cand.name}")
-            long[cand.name] = cq.long_run(sim, datas, cand, args.ticks, progress=lambda: bar.advance(task))
+            long[cand.name] = cq.long_run(sim, datas, cand, args.ticks, progress=lambda: bar.advance(task), calib=calib)
 
     out: dict[str, Any] = {}
     dense = short[cq.DENSE.name]

@@ -10,19 +10,21 @@
 
 Both run in process (``benchmarks.fedsim``) with the daemons' model, data and codec code,
 fixed seeds and no broker. A candidate is an uplink codec, a downlink codec and, for
-B-only sharing, frozen LoRA A factors.
+B-only sharing, frozen LoRA A factors, or, for Fed-SB, an r x r core between factors
+calibrated on the other corpus (``benchmarks.fedsb``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from benchmarks import fedsb
 from benchmarks.fedsim import RunResult, SimModel, run_federated, run_rounds
 from compression import CodecConfig, protocol
 from compression.protocol import UpdateHeader
@@ -45,6 +47,8 @@ class Candidate:
     freeze_a: bool = False
     secagg: str = ""
     """Whether it suits secure aggregation (see :func:`secagg_note`)."""
+    core_rank: int = 0
+    """Fed-SB: train an r x r core per LoRA module instead of the adapters (0 = off)."""
 
 
 def rotating(fraction: float, values: str = "int4", rescale: bool = True) -> CodecConfig:
@@ -62,8 +66,9 @@ def secagg_note(uplink: CodecConfig | None) -> str:
     return "no: device-specific indices"
 
 
-def candidate(name: str, uplink: CodecConfig | None, downlink: CodecConfig | None, freeze_a: bool = False) -> Candidate:
-    return Candidate(name, uplink, downlink, freeze_a, secagg_note(uplink))
+def candidate(name: str, uplink: CodecConfig | None, downlink: CodecConfig | None, freeze_a: bool = False, core_rank: int = 0) -> Candidate:
+    secagg = "yes: one small dense vector" if core_rank else secagg_note(uplink)
+    return Candidate(name, uplink, downlink, freeze_a, secagg, core_rank)
 
 
 DENSE = candidate("dense fp32 links", None, None)
@@ -80,6 +85,8 @@ CANDIDATES: dict[str, Candidate] = {
         candidate("rotating 1/4 sign, delayed", rotating(0.25, "sign", rescale=False), SUPPORT_DOWN),
         candidate("dense sign (1 bit)", CodecConfig(topk_fraction=1.0, values="sign"), SUPPORT_DOWN),
         candidate("B only (FFA-LoRA), dense links", None, None, freeze_a=True),
+        candidate("Fed-SB core r=12, int4 up, int8 down", CodecConfig(topk_fraction=1.0, values="int4"), SUPPORT_DOWN, core_rank=12),
+        candidate("Fed-SB core r=8, int8 up, int8 down", CodecConfig(topk_fraction=1.0, values="int8"), SUPPORT_DOWN, core_rank=8),
     )
 }
 
@@ -146,24 +153,54 @@ SHORT_TRAIN = TrainConfig(batch_size=4, seq_len=128, local_steps=5, lr=2e-4, thr
 LONG_TRAIN = TrainConfig(batch_size=2, seq_len=128, local_steps=4, lr=3e-3, threads=2, gradient_checkpointing=False, loss_chunk_tokens=0)
 
 
-def short_run(sim: SimModel, datas: list[Any], cand: Candidate, rounds: int, progress: Callable[[], None] | None = None) -> Curve:
+@contextmanager
+def trained_set(sim: SimModel, cand: Candidate, calib: Sequence[Any] | None) -> Iterator[None]:
+    """What the candidate trains: the adapters, B only, or Fed-SB cores calibrated on ``calib``."""
+    with ExitStack() as stack:
+        stack.enter_context(frozen_a(sim, cand.freeze_a))
+        if cand.core_rank:
+            if not calib:
+                raise ValueError(f"{cand.name} needs calibration text (the other corpus)")
+            factors = fedsb.calibration_factors(sim, calib, cand.core_rank)
+            stack.enter_context(fedsb.core_adapter(sim, factors, cand.core_rank))
+        yield
+
+
+def short_run(
+    sim: SimModel,
+    datas: list[Any],
+    cand: Candidate,
+    rounds: int,
+    progress: Callable[[], None] | None = None,
+    calib: Sequence[Any] | None = None,
+) -> Curve:
     """The synchronous FedAvg run; ``losses[0]`` is version 0."""
-    with frozen_a(sim, cand.freeze_a):
+    dense_per_update = sum(v.size * 4 for v in sim.v0.values())
+    with trained_set(sim, cand, calib):
         res = run_rounds(sim, datas, cand.name, cand.uplink, cand.downlink, rounds=rounds, train=SHORT_TRAIN, progress=progress)
-    return _curve(res, rounds * len(datas), rounds)
+    return _curve(res, rounds * len(datas), rounds, dense_per_update)
 
 
-def long_run(sim: SimModel, datas: list[Any], cand: Candidate, ticks: int, progress: Callable[[], None] | None = None) -> Curve:
+def long_run(
+    sim: SimModel,
+    datas: list[Any],
+    cand: Candidate,
+    ticks: int,
+    progress: Callable[[], None] | None = None,
+    calib: Sequence[Any] | None = None,
+) -> Curve:
     """The FedAsync run; ``losses[t]`` after tick ``t + 1``."""
-    with frozen_a(sim, cand.freeze_a):
+    dense_per_update = sum(v.size * 4 for v in sim.v0.values())
+    with trained_set(sim, cand, calib):
         res = run_federated(sim, datas, cand.name, cand.uplink, cand.downlink, ticks=ticks, train=LONG_TRAIN, progress=progress)
-    return _curve(res, ticks * len(datas), ticks * len(datas))
+    return _curve(res, ticks * len(datas), ticks * len(datas), dense_per_update)
 
 
-def _curve(res: RunResult, updates: int, versions: int) -> Curve:
-    """A run's curve, with every update's envelope counted on the uplink."""
+def _curve(res: RunResult, updates: int, versions: int, dense_per_update: int) -> Curve:
+    """A run's curve, with every update's envelope counted on the uplink, against the adapters' dense fp32 size
+    (a candidate that trains fewer values is still compared with what the adapters would send)."""
     up = res.bytes_up + updates * envelope_overhead(b"")
-    return Curve(res.losses, up, updates, res.dense_bytes_up, res.bytes_down, versions, res.seconds)
+    return Curve(res.losses, up, updates, updates * dense_per_update, res.bytes_down, versions, res.seconds)
 
 
 def kept_reduction(curve: Curve, dense: Curve) -> list[float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,9 @@ class SimModel:
     tokenizer: Any
     v0: dict[str, np.ndarray]
     workdir: Path
+    get_state: Callable[[torch.nn.Module], dict[str, np.ndarray]] = get_trainable
+    """How the trained tensors are read and written (the adapters; a candidate may swap in its own)."""
+    set_state: Callable[[torch.nn.Module, dict[str, np.ndarray]], None] = set_trainable
 
 
 def smollm2_available() -> bool:
@@ -72,7 +76,7 @@ def device_data(sim: SimModel, n: int, seq_len: int, corpus: str = "pydoc") -> l
 
 def union_loss(sim: SimModel, datas: list[LocalData], state: dict[str, np.ndarray], blocks: int, batch: int) -> float:
     """Mean held-out loss over every device's held-out blocks."""
-    set_trainable(sim.model, state)
+    sim.set_state(sim.model, state)
     return float(np.mean([evaluate(sim.model, d, blocks, batch) for d in datas]))
 
 
@@ -93,9 +97,9 @@ def _train_delta(
     sim: SimModel, data: LocalData, state: dict[str, np.ndarray], train: TrainConfig, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
     """One device's local round from ``state``: ``local - state`` per tensor."""
-    set_trainable(sim.model, state)
+    sim.set_state(sim.model, state)
     train_round(sim.model, data, train, rng)
-    local = get_trainable(sim.model)
+    local = sim.get_state(sim.model)
     return {n: local[n] - state[n] for n in state}
 
 
