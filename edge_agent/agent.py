@@ -19,7 +19,8 @@ import numpy as np
 import psutil
 import torch
 
-from compression import CodecError, FrameKind, FrameLimits, apply_delta, compress_update, decode_frame, protocol, state_digest
+from compression import CodecError, compress_update, protocol
+from compression.follower import Follower
 from compression.protocol import GlobalMeta, TrainableSpec, UpdateAck, UpdateHeader
 from edge_agent import model as model_lib
 from edge_agent.config import AgentConfig, model_cache_dir
@@ -78,9 +79,6 @@ QUARANTINE_FILES = 20
 STOP_DRAIN_S = 5.0
 """How long a stopping agent waits for the coordinator to confirm its pending updates."""
 
-KEEP_PENDING = 64
-"""Global metas and deltas buffered while training; older ones are dropped (the snapshot covers them)."""
-
 
 @dataclass
 class GlobalModel:
@@ -128,9 +126,8 @@ class Agent:
         self.paused = False
         self.counters = Counters()
         self.global_model: GlobalModel | None = None
-        self._metas: dict[int, GlobalMeta] = {}
-        self._deltas: dict[str, bytes] = {}
-        self._snapshot: bytes | None = None
+        # Metas, deltas and the snapshot wait here while training; it decides what to apply.
+        self.follower = Follower(max_bytes=cfg.broker.max_global_bytes)
         self._model: torch.nn.Module | None = None
         self._tokenizer: object | None = None
         self._spec: TrainableSpec | None = None
@@ -334,17 +331,12 @@ class Agent:
     def _take(self, msg: Inbound) -> None:
         fleet, dev = self.cfg.fleet, self.cfg.device_id
         if msg.topic == protocol.global_meta(fleet):
-            meta = GlobalMeta.from_json(msg.payload, self._verify)
-            self._metas[meta.version] = meta
-            for old in sorted(self._metas)[:-KEEP_PENDING]:
-                del self._metas[old]
+            self.follower.add_meta(GlobalMeta.from_json(msg.payload, self._verify))
         elif msg.topic == protocol.global_delta(fleet):
-            self._deltas[hashlib.sha256(msg.payload).hexdigest()] = msg.payload
+            self.follower.add_delta(msg.payload)
             self.counters.bytes_down_delta += len(msg.payload)
-            while len(self._deltas) > KEEP_PENDING:
-                del self._deltas[next(iter(self._deltas))]
         elif msg.topic == protocol.global_snapshot(fleet):
-            self._snapshot = msg.payload
+            self.follower.add_snapshot(msg.payload)
             self.counters.bytes_down_snapshot += len(msg.payload)
         elif msg.topic == protocol.device_ack(fleet, dev):
             if not msg.payload:
@@ -360,19 +352,10 @@ class Agent:
             log.info("command %s", command)
             self._set_state("paused" if self.paused else "idle", force=True)
 
-    def _limits(self) -> FrameLimits:
-        """Decoder limits for global frames: the shapes already held bound them, else the size limit."""
-        cap = self.cfg.broker.max_global_bytes
-        if self.global_model is not None:
-            return FrameLimits.for_shapes({k: v.shape for k, v in self.global_model.tensors.items()}, cap)
-        return FrameLimits(max_frame_bytes=cap, max_body_bytes=2 * cap, max_total_numel=cap // 2)
-
     def _try_adopt_global(self) -> None:
         """Move to the newest global version; a version this device cannot take is refused, and it waits."""
-        if not self._metas:
-            return
-        latest = self._metas[max(self._metas)]
-        if latest.version <= self._refused_version:
+        latest = self.follower.latest
+        if latest is None or latest.version <= self._refused_version:
             return
         try:
             self._adopt_latest(latest)
@@ -386,62 +369,29 @@ class Agent:
         self._refused_version = meta.version
         self._refused_reason = f"global v{meta.version} refused: {reason}"
         log.error("%s; waiting for a version this device can train", self._refused_reason)
-        self._metas.pop(meta.version, None)
-        self._snapshot = None
+        self.follower.forget(meta.version)
         self._set_state(self._state_name, force=True)
 
     def _adopt_latest(self, latest: GlobalMeta) -> None:
         current = self.global_model.version if self.global_model else -1
         if latest.version <= current:
             return
-        adopted = self._follow_deltas()
-        if self.global_model is None or self.global_model.version < latest.version:
-            self.transport.want_snapshot(True)
-            adopted = self._adopt_snapshot(latest) or adopted
-        if self.global_model is not None and self.global_model.version >= latest.version:
-            self.transport.want_snapshot(False)
-            self._snapshot = None
-        if adopted:
+        result = self.follower.follow(vet=self._vet_snapshot)
+        for problem in result.problems:
+            log.warning("%s", problem)
+        self.transport.want_snapshot(result.behind)
+        if result.moved:
+            assert self._spec is not None and result.version is not None
+            self.global_model = GlobalModel(result.version, self.follower.tensors, self._spec)
+            self._refused_reason = None
             self._after_adopt()
 
-    def _follow_deltas(self) -> bool:
-        """Apply every retained delta that chains from the version held; True if any applied."""
-        moved = False
-        while self.global_model is not None:
-            meta = self._metas.get(self.global_model.version + 1)
-            if meta is None or meta.delta_sha256 is None or meta.delta_sha256 not in self._deltas:
-                return moved
-            try:
-                frame = decode_frame(self._deltas.pop(meta.delta_sha256), self._limits())
-                if frame.kind is not FrameKind.GLOBAL_DELTA:
-                    raise CodecError(f"expected a global delta frame, got {frame.kind.name}")
-                tensors = apply_delta(self.global_model.tensors, frame.dense())
-            except CodecError as exc:
-                log.warning("global delta to v%d unusable (%s); taking the snapshot", meta.version, exc)
-                return moved
-            if state_digest(tensors) != meta.state_sha256:
-                log.warning("state after the delta to v%d does not match the coordinator's; taking the snapshot", meta.version)
-                return moved
-            self.global_model = GlobalModel(meta.version, tensors, self.global_model.spec)
-            moved = True
-        return moved
-
-    def _adopt_snapshot(self, meta: GlobalMeta) -> bool:
-        snap = self._snapshot
-        if snap is None or hashlib.sha256(snap).hexdigest() != meta.snapshot_sha256:
-            return False  # the matching snapshot (or meta) is still on its way
+    def _vet_snapshot(self, meta: GlobalMeta, tensors: dict[str, np.ndarray]) -> None:
+        """Before a snapshot is taken: this device must be able to train the fleet's spec (raises GlobalRefused)."""
         try:
-            frame = decode_frame(snap, self._limits())
-            if frame.kind is not FrameKind.SNAPSHOT:
-                raise CodecError(f"expected a snapshot frame, got {frame.kind.name}")
             spec = TrainableSpec.from_dict(meta.model)
         except CodecError as exc:
-            log.warning("ignored global v%d: %s", meta.version, exc)
-            return False
-        tensors = frame.dense()
-        if state_digest(tensors) != meta.state_sha256:
-            log.warning("snapshot of v%d does not match its state digest; waiting for the next one", meta.version)
-            return False
+            raise GlobalRefused(f"unreadable trainable spec: {exc}") from None
         assert self._model is not None
         if spec.r > self.cfg.train.max_lora_r:
             raise GlobalRefused(f"the fleet trains LoRA rank {spec.r}, above this device's train.max_lora_r={self.cfg.train.max_lora_r}")
@@ -452,9 +402,6 @@ class Agent:
             self._spec = spec
         elif spec != self._spec:
             raise GlobalRefused(f"the fleet's trainable spec changed from {self._spec} to {spec}; restart the agent to take it")
-        self.global_model = GlobalModel(meta.version, tensors, spec)
-        self._refused_reason = None
-        return True
 
     def _after_adopt(self) -> None:
         assert self.global_model is not None and self._model is not None and self._data is not None

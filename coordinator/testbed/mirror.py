@@ -1,27 +1,25 @@
 """Follow the fleet's global versions from the retained MQTT messages, as a device would.
 
 Used by simulated devices (one mirror per fleet process) and by benchmarks that score
-every version the coordinator publishes. A delta that chains onto the held version is
-applied; otherwise the snapshot is taken. Either way the result must match the
-coordinator's state digest, or it is not adopted.
+every version the coordinator publishes. The rule is the agent's own
+(:class:`compression.follower.Follower`): a delta chain from the held version is applied,
+otherwise the snapshot is taken, and either way the result must match the coordinator's
+state digest.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
 
 import numpy as np
 
-from compression import CodecError, FrameKind, apply_delta, decode_frame, protocol, state_digest
+from compression import CodecError, protocol
+from compression.follower import Follower
 from compression.protocol import GlobalMeta
 
 log = logging.getLogger(__name__)
-
-KEEP_FRAMES = 8
-"""Deltas and snapshots kept while their meta is on its way (older ones are dropped)."""
 
 
 class GlobalMirror:
@@ -30,63 +28,45 @@ class GlobalMirror:
     def __init__(self, fleet: str, on_version: Callable[[int, dict[str, np.ndarray]], None] | None = None) -> None:
         self.fleet = fleet
         self.topics = (protocol.global_meta(fleet), protocol.global_snapshot(fleet), protocol.global_delta(fleet))
-        self.version: int | None = None
-        self.state: dict[str, np.ndarray] = {}
-        self.spec: dict[str, object] = {}
+        self.follower = Follower()
         self.on_version = on_version
-        self._frames: dict[str, bytes] = {}
-        self._pending: GlobalMeta | None = None
         self.bytes_down = 0
         self.errors = 0
         self.adopted_at: dict[int, float] = {}
         """Wall-clock time each version was adopted here."""
 
+    @property
+    def version(self) -> int | None:
+        return self.follower.version
+
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        return self.follower.tensors
+
+    @property
+    def spec(self) -> dict[str, object]:
+        meta = self.follower.meta
+        return dict(meta.model) if meta is not None else {}
+
     def handle(self, topic: str, payload: bytes) -> None:
         self.bytes_down += len(payload)
         meta_t, snap_t, delta_t = self.topics
-        if topic in (snap_t, delta_t):
-            self._frames[hashlib.sha256(payload).hexdigest()] = payload
-            while len(self._frames) > KEEP_FRAMES:
-                self._frames.pop(next(iter(self._frames)))
+        if topic == snap_t:
+            self.follower.add_snapshot(payload)
+        elif topic == delta_t:
+            self.follower.add_delta(payload)
         elif topic == meta_t:
             try:
-                self._pending = GlobalMeta.from_json(payload)
+                self.follower.add_meta(GlobalMeta.from_json(payload))
             except CodecError as exc:
                 self.errors += 1
                 log.warning("bad global meta ignored: %s", exc)
                 return
-        self._advance()
-
-    def _advance(self) -> None:
-        meta = self._pending
-        if meta is None or (self.version is not None and meta.version <= self.version):
-            return
-        tensors = None
-        if meta.delta_base_version is not None and meta.delta_base_version == self.version and meta.delta_sha256 in self._frames:
-            tensors = self._decode(self._frames[meta.delta_sha256], FrameKind.GLOBAL_DELTA, meta)
-        if tensors is None and meta.snapshot_sha256 in self._frames:
-            tensors = self._decode(self._frames[meta.snapshot_sha256], FrameKind.SNAPSHOT, meta)
-        if tensors is None:
-            return  # its frames are still on the way
-        self.version, self.state, self.spec = meta.version, tensors, dict(meta.model)
-        self._pending = None
-        self.adopted_at[meta.version] = time.time()
-        if self.on_version is not None:
-            self.on_version(meta.version, tensors)
-
-    def _decode(self, payload: bytes, kind: FrameKind, meta: GlobalMeta) -> dict[str, np.ndarray] | None:
-        try:
-            frame = decode_frame(payload)
-            if frame.kind != kind:
-                raise CodecError(f"expected a {kind.name} frame, got {frame.kind.name}")
-            tensors = apply_delta(self.state, frame.dense()) if kind == FrameKind.GLOBAL_DELTA else frame.dense()
-        except CodecError as exc:
-            self.errors += 1
-            log.warning("global %s for v%d unusable: %s", kind.name.lower(), meta.version, exc)
-            return None
-        if state_digest(tensors) != meta.state_sha256:
-            if kind == FrameKind.SNAPSHOT:
-                self.errors += 1
-                log.warning("snapshot of v%d does not match its state digest", meta.version)
-            return None
-        return tensors
+        result = self.follower.follow()
+        self.errors += len(result.problems)
+        for problem in result.problems:
+            log.warning("%s", problem)
+        if result.moved and result.version is not None:
+            self.adopted_at[result.version] = time.time()
+            if self.on_version is not None:
+                self.on_version(result.version, self.follower.tensors)
