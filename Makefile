@@ -24,8 +24,8 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check compression edge_agent coordinator tests benchmarks
-	$(VENV)/bin/ruff format --check compression edge_agent coordinator tests benchmarks
+	$(VENV)/bin/ruff check compression edge_agent coordinator fedge_lab tests benchmarks
+	$(VENV)/bin/ruff format --check compression edge_agent coordinator fedge_lab tests benchmarks
 	$(VENV)/bin/mypy
 
 clean:

@@ -45,11 +45,11 @@ def _child(args: argparse.Namespace) -> int:
 
     from benchmarks.fedsim import smollm2_available
     from compression.protocol import EMBED_DELTA, TrainableSpec
-    from coordinator.testbed.corpus import write_device_corpus
     from edge_agent.config import TrainConfig, load_profile
     from edge_agent.data import build_blocks, read_texts
     from edge_agent.model import attach_trainable, get_trainable, load_base, load_global, round_delta
     from edge_agent.train import train_round
+    from fedge_lab.corpus import write_device_corpus
 
     profile = load_profile(args.profile)
     train_keys = set(TrainConfig.__dataclass_fields__)
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         return _child(args)
 
     from benchmarks.fedsim import smollm2_available
-    from coordinator.testbed.corpus import pydoc_domains
     from edge_agent import modelcache
     from edge_agent.config import profiles_dirs
+    from fedge_lab.corpus import pydoc_domains
 
     console = Console(stderr=args.json, width=150)
     if args.all:

@@ -4,9 +4,9 @@
 
 Each strategy (FedAsync, FedBuff, synchronous FedAvg) runs on a fresh testbed: a private
 Mosquitto, the coordinator process, and the same simulated fleet (same devices, speed
-tiers 1x/3x/10x, data domains and seeds; :mod:`coordinator.testbed.simfleet`). Devices send
+tiers 1x/3x/10x, data domains and seeds; :mod:`fedge_lab.simfleet`). Devices send
 real default-codec frames over real MQTT; only training is the cheap objective of
-:mod:`coordinator.testbed.objective`, whose held-out loss (1.0 at version 0) is computed
+:mod:`fedge_lab.objective`, whose held-out loss (1.0 at version 0) is computed
 exactly for every version the coordinator publishes. The clock starts when the devices
 start training and stops at the first version at or below ``--target``; the bytes are
 every update the devices sent until then (including ones still buffered or rejected).
@@ -28,7 +28,7 @@ from rich.table import Table
 
 from compression import CodecConfig
 from coordinator.strategy import StrategyConfig
-from coordinator.testbed.lab import AgentGroup, SimSettings, Testbed, TestbedConfig, VersionScorer
+from fedge_lab.lab import AgentGroup, SimSettings, Testbed, TestbedConfig, VersionScorer
 
 STRATEGIES = ("fedasync", "fedbuff", "fedavg")
 

@@ -29,10 +29,10 @@ from rich.table import Table
 from benchmarks import codec_quality as cq
 from benchmarks.fedsim import SimModel, device_data, load_sim_model
 from compression import CodecConfig, compress_update, decode_frame
-from coordinator.testbed.corpus import CORPORA
 from edge_agent.config import TrainConfig
 from edge_agent.model import get_trainable, set_trainable
 from edge_agent.train import train_round
+from fedge_lab.corpus import CORPORA
 
 DEFAULT = CodecConfig()
 DEFAULT_NAME = "default"

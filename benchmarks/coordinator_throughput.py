@@ -45,9 +45,9 @@ from compression.protocol import GlobalMeta, UpdateHeader
 from coordinator.config import ModelSpecConfig
 from coordinator.initial import initial_state
 from coordinator.store import Store
-from coordinator.testbed.broker import MosquittoBroker, free_port
-from coordinator.testbed.demo import LAB_LIMITS, serve_argv, write_toml
-from coordinator.testbed.processes import Child
+from fedge_lab.broker import MosquittoBroker, free_port
+from fedge_lab.demo import LAB_LIMITS, serve_argv, write_toml
+from fedge_lab.processes import Child
 
 FLEET = "bench"
 TARGET_UPDATES_PER_S = 200.0
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model == "smollm2" or (args.model == "auto" and smollm2_available()):
         source, model_name = "smollm2", "smollm2"
     else:
-        from coordinator.testbed.corpus import pydoc_domains
         from edge_agent.tiny import build_tiny_model
+        from fedge_lab.corpus import pydoc_domains
 
         console.print("[yellow]SmolLM2 is not installed: LoRA shapes of the tiny model[/]")
         texts = [t for topics in pydoc_domains().values() for t in list(topics.values())[:8]]

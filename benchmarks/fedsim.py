@@ -22,11 +22,11 @@ from compression import CodecConfig, ErrorFeedback, FrameKind, apply_delta, comp
 from coordinator.config import ModelSpecConfig
 from coordinator.initial import initial_state
 from coordinator.strategy import FedAsyncConfig, fedasync_step, staleness_weight
-from coordinator.testbed.corpus import pydoc_domains, write_device_corpus
 from edge_agent.config import TrainConfig
 from edge_agent.data import LocalData, build_blocks, read_texts
 from edge_agent.model import attach_lora, get_trainable, load_base, set_trainable
 from edge_agent.train import evaluate, train_round
+from fedge_lab.corpus import pydoc_domains, write_device_corpus
 
 
 @dataclass

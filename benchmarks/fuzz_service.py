@@ -46,10 +46,10 @@ from compression.mqtt import loopback, make_client
 from compression.protocol import GlobalMeta
 from coordinator.enrolment import enroll
 from coordinator.store import Store
-from coordinator.testbed.broker import MosquittoBroker
-from coordinator.testbed.corpus import write_device_corpus
-from coordinator.testbed.demo import build_tiny_model, serve_argv, write_toml
-from coordinator.testbed.processes import Child
+from fedge_lab.broker import MosquittoBroker
+from fedge_lab.corpus import write_device_corpus
+from fedge_lab.demo import build_tiny_model, serve_argv, write_toml
+from fedge_lab.processes import Child
 
 FLEET = "fuzz"
 DEVICE = "dev-a"

@@ -41,7 +41,7 @@ RUNTIMES = ("torch-fp32", "ort-fp32", "ort-int8")
 
 
 def heldout_texts(n: int = 8) -> list[str]:
-    from coordinator.testbed.corpus import pydoc_domains
+    from fedge_lab.corpus import pydoc_domains
 
     texts = [t for topics in pydoc_domains().values() for t in topics.values()]
     rng = np.random.default_rng(7)
@@ -57,8 +57,8 @@ def prepare_model(kind: str, out: Path) -> Path:
     from coordinator.export import _load_base
 
     if kind == "tiny":
-        from coordinator.testbed.corpus import pydoc_domains
         from edge_agent.tiny import build_tiny_model
+        from fedge_lab.corpus import pydoc_domains
 
         texts = [t for topics in pydoc_domains().values() for t in topics.values()]
         return build_tiny_model(out, texts)

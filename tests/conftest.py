@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from coordinator.testbed.broker import MosquittoBroker, mosquitto_path
-from coordinator.testbed.corpus import pydoc_domains, write_device_corpus
+from fedge_lab.broker import MosquittoBroker, mosquitto_path
+from fedge_lab.corpus import pydoc_domains, write_device_corpus
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=200)
 settings.load_profile("ci")

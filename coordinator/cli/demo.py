@@ -31,7 +31,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from coordinator.errors import ConfigError
-    from coordinator.testbed.demo import DemoPlan, run_demo, smollm2_available
+    from fedge_lab.demo import DemoPlan, run_demo, smollm2_available
 
     if not 1 <= args.agents <= 16:
         raise ConfigError(f"--agents must be in 1..16, got {args.agents}")

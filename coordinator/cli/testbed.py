@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from coordinator.errors import ConfigError
-    from coordinator.testbed.lab import load_testbed_config, run_testbed
+    from fedge_lab.lab import load_testbed_config, run_testbed
 
     cfg = load_testbed_config(args.config)
     if args.duration is not None:

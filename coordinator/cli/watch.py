@@ -115,7 +115,7 @@ def render(view: Any, progress: Progress, fleet: str, where: str) -> Group:
 
 
 def run(args: argparse.Namespace) -> int:
-    from coordinator.testbed.monitor import FleetMonitor
+    from coordinator.monitor import FleetMonitor
 
     host, port, fleet, user, password = broker_target(args)
     try:

@@ -32,9 +32,9 @@ from compression.protocol import GlobalMeta
 from coordinator.broker_acl import render_acl
 from coordinator.enrolment import enroll, set_password
 from coordinator.store import Store
-from coordinator.testbed.broker import MosquittoBroker
-from coordinator.testbed.demo import write_toml
-from coordinator.testbed.processes import Child
+from fedge_lab.broker import MosquittoBroker
+from fedge_lab.demo import write_toml
+from fedge_lab.processes import Child
 from tests.conftest import wait_until
 
 FLEET = "test"

@@ -17,9 +17,9 @@ from compression import FrameKind, compress_dense, protocol, state_digest
 from compression.protocol import GlobalMeta
 from coordinator.config import ModelSpecConfig
 from coordinator.identity import fleet_key, public_hex
-from coordinator.testbed.broker import MosquittoBroker
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
+from fedge_lab.broker import MosquittoBroker
 from tests.adversarial.conftest import RawClient
 from tests.adversarial.test_attacks import _bomb_411
 from tests.conftest import wait_until

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from compression.exitcodes import ExitCode
-from coordinator.testbed.demo import write_toml
-from coordinator.testbed.processes import Child
 from edge_agent.state import AgentState
+from fedge_lab.demo import write_toml
+from fedge_lab.processes import Child
 from tests.adversarial.conftest import FLEET, start_secure_fleet
 from tests.conftest import wait_until
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.testbed.broker import MosquittoBroker
+from fedge_lab.broker import MosquittoBroker
 from tests.conftest import wait_until
 from tests.integration.conftest import DeviceClient, ThreadedCoordinator, coordinator_config
 

@@ -13,7 +13,7 @@ import pytest
 from coordinator.broker_acl import render_acl
 from coordinator.config import BrokerConfig, CoordinatorConfig, ModelSpecConfig
 from coordinator.enrolment import enroll, issue_cert
-from coordinator.testbed.broker import MosquittoBroker
+from fedge_lab.broker import MosquittoBroker
 from tests.conftest import wait_until
 from tests.integration.conftest import FLEET, ThreadedCoordinator
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.testbed.corpus import CORPORA, corpus_domains, write_device_corpus
+from fedge_lab.corpus import CORPORA, corpus_domains, write_device_corpus
 
 
 @pytest.mark.parametrize("corpus", CORPORA)

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from coordinator.errors import ConfigError
-from coordinator.testbed.netem import ImpairedLink, Impairment, netns_supported
+from fedge_lab.netem import ImpairedLink, Impairment, netns_supported
 
 
 def test_netem_arguments() -> None:

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coordinator.errors import ConfigError
-from coordinator.testbed.objective import ObjectiveConfig, SimObjective
+from fedge_lab.objective import ObjectiveConfig, SimObjective
 
 V0 = {"b": np.zeros((16, 8), np.float32), "a": np.linspace(-0.1, 0.1, 96, dtype=np.float32).reshape(8, 12)}
 

@@ -19,9 +19,9 @@ from compression.mqtt import loopback, make_client
 from compression.protocol import GlobalMeta, UpdateHeader
 from coordinator.config import BrokerConfig, CoordinatorConfig, LimitsConfig, ModelSpecConfig
 from coordinator.service import CoordinatorService
-from coordinator.testbed.broker import Broker, MosquittoBroker
-from coordinator.testbed.demo import LAB_LIMITS, serve_argv, write_toml
-from coordinator.testbed.processes import Child
+from fedge_lab.broker import Broker, MosquittoBroker
+from fedge_lab.demo import LAB_LIMITS, serve_argv, write_toml
+from fedge_lab.processes import Child
 
 FLEET = "test"
 

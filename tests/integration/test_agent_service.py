@@ -21,12 +21,12 @@ import zstandard
 from compression import protocol
 from compression.mqtt import loopback, make_client
 from coordinator.store import Store
-from coordinator.testbed.broker import MosquittoBroker
-from coordinator.testbed.demo import write_toml
-from coordinator.testbed.processes import Child
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from edge_agent.state import AgentState
+from fedge_lab.broker import MosquittoBroker
+from fedge_lab.demo import write_toml
+from fedge_lab.processes import Child
 from tests.conftest import wait_until
 from tests.integration.conftest import FLEET, ThreadedCoordinator, agent_config_dict, coordinator_config
 

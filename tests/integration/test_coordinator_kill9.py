@@ -19,9 +19,9 @@ from compression import CodecConfig, compress_update, protocol
 from compression.mqtt import loopback, make_client
 from compression.protocol import GlobalMeta, UpdateHeader
 from coordinator.store import Store
-from coordinator.testbed.broker import MosquittoBroker
-from coordinator.testbed.demo import LAB_LIMITS, serve_argv, write_toml
-from coordinator.testbed.processes import Child
+from fedge_lab.broker import MosquittoBroker
+from fedge_lab.demo import LAB_LIMITS, serve_argv, write_toml
+from fedge_lab.processes import Child
 from tests.conftest import wait_until
 from tests.integration.conftest import FLEET
 

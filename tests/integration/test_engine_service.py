@@ -18,11 +18,11 @@ import pytest
 from coordinator.robust import RobustConfig
 from coordinator.store import Store
 from coordinator.strategy import StrategyConfig
-from coordinator.testbed.broker import MosquittoBroker
-from coordinator.testbed.demo import LAB_LIMITS, serve_argv, write_toml
-from coordinator.testbed.processes import Child
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
+from fedge_lab.broker import MosquittoBroker
+from fedge_lab.demo import LAB_LIMITS, serve_argv, write_toml
+from fedge_lab.processes import Child
 from tests.conftest import wait_until
 from tests.integration.conftest import FLEET, DeviceClient, ThreadedCoordinator, agent_config_dict, coordinator_config
 

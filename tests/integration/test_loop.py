@@ -13,10 +13,10 @@ import pytest
 
 from compression import state_digest
 from coordinator.store import Store
-from coordinator.testbed.broker import MosquittoBroker
-from coordinator.testbed.processes import Child
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
+from fedge_lab.broker import MosquittoBroker
+from fedge_lab.processes import Child
 from tests.conftest import wait_until
 from tests.integration.conftest import FLEET, DeviceClient, ThreadedCoordinator, agent_config_dict, coordinator_config
 
@@ -117,8 +117,8 @@ def test_malformed_updates_are_rejected_with_a_reason_and_the_coordinator_stays_
 def test_last_will_marks_a_killed_agent_offline(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, device_data) -> None:  # type: ignore[no-untyped-def]
     import sys
 
-    from coordinator.testbed.demo import write_toml
-    from coordinator.testbed.monitor import FleetMonitor
+    from coordinator.monitor import FleetMonitor
+    from fedge_lab.demo import write_toml
 
     cfg = write_toml(tmp_path / "agent.toml", agent_config_dict(broker, tiny_model, device_data(2), tmp_path / "state", "pi-3"))
     monitor = FleetMonitor("127.0.0.1", broker.port, FLEET)
@@ -156,7 +156,7 @@ def test_the_amqtt_demo_broker_carries_the_loop_over_mqtt_3_1_1(tmp_path: Path, 
     pytest.importorskip("amqtt")
     from dataclasses import replace
 
-    from coordinator.testbed.broker import AmqttBroker
+    from fedge_lab.broker import AmqttBroker
 
     with AmqttBroker(tmp_path / "amqtt") as amqtt:
         cfg = coordinator_config(amqtt, tmp_path / "coord", tiny_model)

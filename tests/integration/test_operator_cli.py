@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.testbed.broker import MosquittoBroker
-from coordinator.testbed.monitor import FleetMonitor
+from coordinator.monitor import FleetMonitor
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
+from fedge_lab.broker import MosquittoBroker
 from tests.conftest import wait_until
 from tests.integration.conftest import FLEET, ThreadedCoordinator, agent_config_dict, coordinator_config
 
@@ -82,7 +82,7 @@ def test_watch_cmd_status_and_history_on_a_live_fleet(tmp_path: Path, broker: Mo
 
 
 def test_cmd_to_an_unreachable_broker_is_a_clear_error(tmp_path: Path) -> None:
-    from coordinator.testbed.broker import free_port
+    from fedge_lab.broker import free_port
 
     out = _cli("cmd", "pi-1", "pause", "--port", str(free_port()))
     assert out.returncode == 5 and "cannot reach the broker" in out.stderr

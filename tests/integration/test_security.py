@@ -22,7 +22,7 @@ from compression.protocol import GlobalMeta, UpdateHeader
 from coordinator.config import BrokerConfig, LimitsConfig
 from coordinator.enrolment import enroll, ensure_ca, issue_cert, revoke, set_password
 from coordinator.store import Store
-from coordinator.testbed.broker import MosquittoBroker
+from fedge_lab.broker import MosquittoBroker
 from tests.conftest import wait_until
 from tests.integration.conftest import FLEET, ThreadedCoordinator, coordinator_config
 

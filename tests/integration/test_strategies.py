@@ -15,9 +15,9 @@ import pytest
 
 from coordinator.store import Store
 from coordinator.strategy import StrategyConfig
-from coordinator.testbed.broker import MosquittoBroker, free_port
-from coordinator.testbed.demo import LAB_LIMITS, serve_argv, write_toml
-from coordinator.testbed.processes import Child
+from fedge_lab.broker import MosquittoBroker, free_port
+from fedge_lab.demo import LAB_LIMITS, serve_argv, write_toml
+from fedge_lab.processes import Child
 from tests.conftest import wait_until
 from tests.integration.conftest import FLEET, DeviceClient, ThreadedCoordinator, coordinator_config
 

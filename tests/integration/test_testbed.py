@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.testbed.lab import AgentGroup, ChurnPlan, SimSettings, TestbedConfig, load_testbed_config
-from coordinator.testbed.netem import netns_supported
+from fedge_lab.lab import AgentGroup, ChurnPlan, SimSettings, TestbedConfig, load_testbed_config
+from fedge_lab.netem import netns_supported
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -115,7 +115,7 @@ down_s = 2
 
 def test_simulated_fleet_scores_versions_and_the_loss_falls(tmp_path: Path, mosquitto_binary: str) -> None:
     from coordinator.strategy import StrategyConfig
-    from coordinator.testbed.lab import Testbed
+    from fedge_lab.lab import Testbed
 
     cfg = TestbedConfig(
         duration_s=15,

@@ -5,13 +5,13 @@ The fleet is a declared mix of groups (``[[agents]]`` in the testbed TOML):
 * ``kind = "real"``: ``fedge-agent`` processes training the real model (the tiny test
   model, or SmolLM2) on their own non-IID text, with a device profile and a ``speed``
   (``train.slowdown``).
-* ``kind = "sim"``: simulated devices (:mod:`coordinator.testbed.simfleet`), hundreds per
+* ``kind = "sim"``: simulated devices (:mod:`fedge_lab.simfleet`), hundreds per
   process, with real MQTT connections and real frames and a cheap objective instead of
   training. Their versions are scored exactly (normalised loss, 1.0 at version 0).
 
 Optional: churn (real agents killed with SIGKILL and restarted; simulated devices dropping
 their connections), a broker restart mid-run, and network impairment for groups marked
-``impaired`` (a namespace and veth pair with tc; see :mod:`coordinator.testbed.netem`).
+``impaired`` (a namespace and veth pair with tc; see :mod:`fedge_lab.netem`).
 Every process is started by the testbed and stopped by its own PID at the end. A report
 (``report.json``) and a plot of the loss go to the run directory.
 """
@@ -39,11 +39,12 @@ from compression.mqtt import loopback, make_client
 from compression.records import RecordError, from_mapping
 from coordinator.config import ModelSpecConfig
 from coordinator.errors import ConfigError
+from coordinator.monitor import FleetMonitor
 from coordinator.store import Store
 from coordinator.strategy import StrategyConfig
-from coordinator.testbed.broker import Broker, MosquittoBroker, free_port
-from coordinator.testbed.corpus import write_device_corpus
-from coordinator.testbed.demo import (
+from fedge_lab.broker import Broker, MosquittoBroker, free_port
+from fedge_lab.corpus import write_device_corpus
+from fedge_lab.demo import (
     LAB_LIMITS,
     MODEL_TRAIN,
     build_model_cache,
@@ -53,12 +54,11 @@ from coordinator.testbed.demo import (
     smollm2_available,
     write_toml,
 )
-from coordinator.testbed.mirror import GlobalMirror
-from coordinator.testbed.monitor import FleetMonitor
-from coordinator.testbed.netem import ImpairedLink, Impairment
-from coordinator.testbed.objective import ObjectiveConfig, SimObjective
-from coordinator.testbed.processes import Child, ChildGroup
-from coordinator.testbed.simfleet import ChurnConfig, FleetPlan, SimDevice
+from fedge_lab.mirror import GlobalMirror
+from fedge_lab.netem import ImpairedLink, Impairment
+from fedge_lab.objective import ObjectiveConfig, SimObjective
+from fedge_lab.processes import Child, ChildGroup
+from fedge_lab.simfleet import ChurnConfig, FleetPlan, SimDevice
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -379,7 +379,7 @@ class Testbed:
                     churn=ChurnConfig(cfg.churn.sim_drops_per_min, cfg.churn.sim_down_s),
                 )
                 plan_path.write_text(plan.to_json())
-                argv = [sys.executable, "-m", "coordinator.testbed.simfleet", str(plan_path)]
+                argv = [sys.executable, "-m", "fedge_lab.simfleet", str(plan_path)]
                 if impaired and self.link:
                     argv = self.link.wrap(argv)
                 self.fleets.append(self.children.add(Child(name, argv, self.run_dir / "logs" / f"{name}.log")))

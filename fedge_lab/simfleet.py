@@ -4,16 +4,16 @@ One process hosts many devices. Each device has its own MQTT v5 connection, clie
 retained status with a Last Will, command topic and per-device sequence numbers, and it
 sends real signed-format update envelopes with default-codec frames (top-k, int4, zstd,
 its own error-feedback residual). Only training is replaced: by a few noisy gradient
-steps of :mod:`coordinator.testbed.objective`, plus a sleep of ``step_s x speed`` that
+steps of :mod:`fedge_lab.objective`, plus a sleep of ``step_s x speed`` that
 stands for the device's compute time (speed tiers such as 1x, 3x, 10x slower).
 
 Every connection is driven by one selector loop (paho's external-loop API), so a thousand
 devices cost one thread. The process follows the global versions with one shared
-:class:`~coordinator.testbed.mirror.GlobalMirror` subscription instead of a thousand
+:class:`~fedge_lab.mirror.GlobalMirror` subscription instead of a thousand
 identical downloads; each device starts a round from the version current at that moment,
 and, like the real agent, waits after sending for the next version (``sync_wait_s``).
 
-Run it as ``python -m coordinator.testbed.simfleet PLAN.json``; it writes one JSON line per
+Run it as ``python -m fedge_lab.simfleet PLAN.json``; it writes one JSON line per
 update sent to ``PLAN.log`` and a summary JSON to ``PLAN.summary`` when it stops
 (at ``end_at``, or on SIGTERM).
 """
@@ -43,8 +43,8 @@ from compression import CodecConfig, CodecError, ErrorFeedback, compress_update,
 from compression.mqtt import Broker, make_client
 from compression.protocol import DeviceStatus, UpdateHeader
 from compression.records import from_mapping
-from coordinator.testbed.mirror import GlobalMirror
-from coordinator.testbed.objective import ObjectiveConfig, SimObjective
+from fedge_lab.mirror import GlobalMirror
+from fedge_lab.objective import ObjectiveConfig, SimObjective
 
 log = logging.getLogger(__name__)
 
@@ -454,7 +454,7 @@ class SimFleet:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run simulated fleet devices from a plan (see coordinator.testbed.simfleet).")
+    parser = argparse.ArgumentParser(description="Run simulated fleet devices from a plan (see fedge_lab.simfleet).")
     parser.add_argument("plan", help="plan JSON written by the testbed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -24,12 +24,12 @@ from rich.table import Table
 
 from compression import CodecConfig, compress_update, protocol
 from compression.protocol import UpdateHeader
+from coordinator.monitor import FleetMonitor, FleetView
 from coordinator.store import Store
-from coordinator.testbed.broker import Broker, start_lab_broker
-from coordinator.testbed.corpus import write_all_text, write_device_corpus
-from coordinator.testbed.monitor import FleetMonitor, FleetView
-from coordinator.testbed.processes import Child, ChildGroup
-from coordinator.testbed.report import render, summarize, write_report
+from fedge_lab.broker import Broker, start_lab_broker
+from fedge_lab.corpus import write_all_text, write_device_corpus
+from fedge_lab.processes import Child, ChildGroup
+from fedge_lab.report import render, summarize, write_report
 
 log = logging.getLogger(__name__)
 
