@@ -39,9 +39,7 @@ from compression import (
     CodecError,
     ErrorFeedback,
     FrameKind,
-    apply_delta,
     compress_dense,
-    compress_update,
     decode_frame,
     protocol,
     state_digest,
@@ -50,6 +48,7 @@ from compression.frame import SparseTensor
 from compression.mqtt import ClientSetupError, connect_kwargs, make_client
 from compression.protocol import DeviceStatus, GlobalMeta, TrainableSpec, UpdateAck, UpdateHeader
 from coordinator.config import CoordinatorConfig
+from coordinator.downlink import next_version
 from coordinator.engine import Accepted, Engine, Step
 from coordinator.errors import BrokerError, ConfigError, Rejection, StoreError
 from coordinator.identity import Verifier, fleet_key
@@ -605,36 +604,22 @@ class CoordinatorService:
 
     def _commit_step(self, engine_step: Step, entries: list[LedgerEntry]) -> None:
         """Send the global step through the downlink codec, apply exactly what is sent, commit."""
-        step = engine_step.step
-        # The global step goes out compressed, with the coordinator's own error feedback, and
-        # the coordinator applies exactly what it sends: devices that apply the same frame
-        # hold bit-identical state, version after version.
-        if not all(np.all(np.isfinite(v)) for v in step.values()):
-            raise Rejection("non_finite", "the global step is not finite")
-        try:
-            down = compress_update(step, self.cfg.downlink, self.downlink, kind=FrameKind.GLOBAL_DELTA, phase=self.version + 1)
-        except CodecError as exc:
-            # The residual overflowed (it keeps what earlier versions did not send): drop it
-            # rather than the version. Devices never see the residual, so nothing diverges.
-            log.warning("downlink residual dropped: %s", exc)
-            down = compress_update(step, self.cfg.downlink, ErrorFeedback(), kind=FrameKind.GLOBAL_DELTA, phase=self.version + 1)
-        new_state = apply_delta(self.state, down.sent)
-        if not all(np.all(np.isfinite(v)) for v in new_state.values()):
-            raise Rejection("non_finite", "the step would make the global state overflow float32")
+        nxt = next_version(self.state, engine_step.step, self.cfg.downlink, self.downlink, engine_step.version)
+        new_state, down_frame = nxt.state, nxt.frame
         new_version = engine_step.version
         self.store.commit_version(
             new_version,
             new_state,
             entries,
             self.cfg.keep_versions,
-            residual=down.feedback.residual,
-            delta_frame=down.frame,
+            residual=nxt.feedback.residual,
+            delta_frame=down_frame,
             strategy_state=engine_step.state,
         )
         if engine_step.participants:
             self.store.add_participations(list(engine_step.participants))
         self.engine.commit(engine_step, time.monotonic(), self._online_count())
-        self.state, self.downlink = new_state, down.feedback
+        self.state, self.downlink = new_state, nxt.feedback
         self._global_norm = self._norm_of(new_state)
         self.counts["accepted"] += len(entries)
         self.metrics.applied.inc(len(entries))
@@ -642,8 +627,8 @@ class CoordinatorService:
         if engine_step.participants:
             self.metrics.epsilon_max.set(self.fleet_epsilon())
         devices = ",".join(sorted({e.device for e in entries}))
-        log.info("v%d from %d update(s) (%s), downlink %d B", new_version, len(entries), devices, len(down.frame))
-        self._new_versions.append((new_version, new_state, down.frame))
+        log.info("v%d from %d update(s) (%s), downlink %d B", new_version, len(entries), devices, len(down_frame))
+        self._new_versions.append((new_version, new_state, down_frame))
 
     def _publish_global(self, delta_frame: bytes | None, *, state: dict[str, np.ndarray] | None = None, version: int | None = None) -> None:
         """Publish a version retained: delta, snapshot, then meta (the meta names both)."""
