@@ -15,6 +15,7 @@ self-reported sample count may weigh. Pure: numbers in, numbers out.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -41,3 +42,56 @@ def cap_samples(claim: int, *, enrolled_cap: int | None, hard_cap: int, factor: 
         ordered = sorted(others)
         cap = min(cap, max(1, int(factor * ordered[(len(ordered) - 1) // 2])))
     return max(0, min(claim, cap))
+
+
+SAMPLE_WINDOW = 64
+"""Devices whose last sample counts bound the next device's claim."""
+
+
+class InfluenceTracker:
+    """The running inputs of both bounds: recent accepted norms, the global state's norm, and the
+    last weighted sample count of recent devices. ``mark``/``restore`` undo a message's effect."""
+
+    def __init__(self, limits: Any, recent_norms: Sequence[float], last_samples: dict[str, int], global_norm: float) -> None:
+        import collections
+
+        self.limits = limits
+        self.norms: collections.deque[float] = collections.deque(recent_norms, limits.norm_window)
+        self.samples: collections.OrderedDict[str, int] = collections.OrderedDict(list(last_samples.items())[-SAMPLE_WINDOW:])
+        self.global_norm = global_norm
+
+    def bound(self) -> float:
+        lim = self.limits
+        return norm_bound(
+            lim.norm_bound,
+            fixed=lim.max_update_norm,
+            factor=lim.norm_factor,
+            warmup=lim.norm_warmup,
+            recent=self.norms,
+            global_norm=self.global_norm,
+        )
+
+    def capped_samples(self, device: str, claim: int, enrolled_cap: int | None) -> int:
+        others = [n for d, n in self.samples.items() if d != device]
+        lim = self.limits
+        return cap_samples(claim, enrolled_cap=enrolled_cap, hard_cap=lim.max_num_samples, factor=lim.sample_factor, others=others)
+
+    def observe(self, device: str, norm: float, samples: int) -> None:
+        """An update was accepted with this norm and (capped) sample count."""
+        self.norms.append(norm)
+        self.samples.pop(device, None)
+        self.samples[device] = samples
+        while len(self.samples) > SAMPLE_WINDOW:
+            self.samples.popitem(last=False)
+
+    def mark(self) -> tuple[Any, ...]:
+        import collections
+
+        return (collections.deque(self.norms, self.norms.maxlen), collections.OrderedDict(self.samples), self.global_norm)
+
+    def restore(self, mark: tuple[Any, ...]) -> None:
+        self.norms, self.samples, self.global_norm = mark
+
+
+def state_norm(state: dict[str, np.ndarray]) -> float:
+    return float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in state.values())))

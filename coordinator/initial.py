@@ -10,6 +10,7 @@ Agents never initialise adapters; they load whatever version the coordinator pub
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 from pathlib import Path
@@ -17,9 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from compression import ErrorFeedback
+from compression.errors import CodecError
 from compression.protocol import EMBED_DELTA, TrainableSpec
 from coordinator.config import ModelSpecConfig
-from coordinator.errors import ConfigError
+from coordinator.errors import ConfigError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -76,3 +79,30 @@ def initial_state(cfg: ModelSpecConfig) -> tuple[TrainableSpec, dict[str, np.nda
     )
     log.info("version 0: %d adapter tensors, %d parameters", len(tensors), sum(t.size for t in tensors.values()))
     return spec, tensors
+
+
+def open_fleet(store: Any, cfg: Any, init: bool) -> tuple[TrainableSpec, int, dict[str, np.ndarray], ErrorFeedback, dict[str, np.ndarray]]:
+    """The fleet in ``store``: its spec, current version, state, downlink residual and strategy state.
+    ``init`` makes version 0 (and the fleet key) when the store holds no fleet yet."""
+    from coordinator.identity import fleet_key
+
+    version = store.current_version()
+    spec_json = store.get_meta("spec")
+    if version is not None and spec_json is not None:
+        try:
+            spec = TrainableSpec.from_dict(json.loads(spec_json))
+        except (ValueError, CodecError) as exc:
+            raise StoreError(f"{cfg.state_dir}: the stored trainable spec is unreadable ({exc})") from None
+        state, residual, strategy_state = store.load_version_full(version)
+        log.info("resuming at version %d (%d tensors)", version, len(state))
+        return spec, version, state, ErrorFeedback(residual), strategy_state
+    if version is not None:
+        raise StoreError(f"{cfg.state_dir}: versions exist but the trainable spec is missing")
+    if not init:
+        raise StoreError(f"{cfg.state_dir} holds no fleet yet; start a new one with `fedge-coordinator serve --init`")
+    fleet_key(cfg.state_dir, create=True)
+    spec, state = initial_state(cfg.model)
+    store.set_meta("spec", json.dumps(spec.to_dict(), sort_keys=True))
+    store.commit_version(0, state, None, cfg.keep_versions)
+    log.info("initialised version 0")
+    return spec, 0, state, ErrorFeedback(), {}

@@ -21,45 +21,36 @@ loses (a kill -9 between autosaves, a hijacked session) is resent, never lost.
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import json
 import logging
 import queue
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
 
 from compression import (
     CodecError,
-    ErrorFeedback,
-    FrameKind,
-    compress_dense,
     decode_frame,
     protocol,
-    state_digest,
 )
-from compression.frame import SparseTensor
-from compression.mqtt import ClientSetupError, connect_kwargs, make_client
-from compression.protocol import DeviceStatus, GlobalMeta, TrainableSpec, UpdateAck, UpdateHeader
+from compression.protocol import DeviceStatus, UpdateAck, UpdateHeader
 from coordinator.config import CoordinatorConfig
 from coordinator.downlink import next_version
 from coordinator.engine import Accepted, Engine, Step
-from coordinator.errors import BrokerError, ConfigError, Rejection, StoreError
-from coordinator.identity import Verifier, fleet_key
-from coordinator.influence import cap_samples, norm_bound
-from coordinator.initial import initial_state
+from coordinator.errors import ConfigError, Rejection, StoreError
+from coordinator.identity import fleet_key
+from coordinator.influence import InfluenceTracker, state_norm
+from coordinator.initial import open_fleet
+from coordinator.intake import Intake, accepted, ledger_entry
+from coordinator.link import Link, Message
 from coordinator.metrics import Metrics
 from coordinator.quarantine import Quarantine
-from coordinator.ratelimit import RateLimiter
 from coordinator.store import BufferedUpdate, LedgerEntry, Store
 from coordinator.strategies import StrategyLoadError, load_strategy
-from coordinator.validate import ValidUpdate, validate_envelope
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +58,8 @@ BATCH_MAX = 64
 """Queued messages handled in one transaction (one fsync)."""
 STORAGE_RETRY_MAX_S = 60.0
 """Longest wait between retries of a batch that hit a storage fault."""
-SAMPLE_WINDOW = 64
-"""Devices whose last sample counts bound the next device's claim."""
 STORAGE_ERRORS = (StoreError, sqlite3.Error, OSError)
 """Faults of the machine, not of a message: the batch is retried, nothing is acknowledged."""
-
-
-@dataclass(frozen=True)
-class _Message:
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-    received: float = 0.0
 
 
 class CoordinatorService:
@@ -95,10 +75,10 @@ class CoordinatorService:
             self.store.close()
             raise ConfigError(str(exc)) from None
         try:
-            self.spec, version, self.state, self.downlink, strategy_state = self._load_or_init(init)
+            self.spec, version, self.state, self.downlink, strategy_state = open_fleet(self.store, cfg, init)
             self._signer = fleet_key(cfg.state_dir, create=False).sign
             # Accepted before a restart, not yet aggregated; decoded (sparse) once, here or on arrival.
-            buffered = [self._accepted(b, dict(decode_frame(b.frame).tensors)) for b in self.store.buffered()]
+            buffered = [accepted(b, dict(decode_frame(b.frame).tensors)) for b in self.store.buffered()]
             self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}
             self.engine = Engine(
                 cfg.strategy,
@@ -124,9 +104,9 @@ class CoordinatorService:
                 "LAB MODE: this coordinator accepts %s; never run a production fleet like this",
                 "updates from devices that were never enrolled" if cfg.limits.allow_unknown_devices else "unsigned updates",
             )
-        self._global_norm = self._norm_of(self.state)
-        self._norms: collections.deque[float] = collections.deque(self.store.recent_norms(cfg.limits.norm_window), cfg.limits.norm_window)
-        self._samples: collections.OrderedDict[str, int] = collections.OrderedDict(list(self.store.last_samples().items())[-SAMPLE_WINDOW:])
+        self.influence = InfluenceTracker(
+            cfg.limits, self.store.recent_norms(cfg.limits.norm_window), self.store.last_samples(), state_norm(self.state)
+        )
         self.duplicates = 0
         self._acks_out: list[UpdateAck] = []
         self._degraded: str | None = None
@@ -137,11 +117,8 @@ class CoordinatorService:
         self.rejections = self.store.rejection_counts()
         self.online: dict[str, bool] = {}
         self._new_versions: list[tuple[int, dict[str, np.ndarray], bytes]] = []
-        limits = cfg.limits
-        self.rate = RateLimiter(limits.max_updates_per_minute, limits.rate_burst)
-        self.verifier = Verifier(
-            self.store, allow_unknown=limits.allow_unknown_devices or bool(limits.devices), require_signatures=limits.require_signatures
-        )
+        self.intake = Intake(cfg, self.store, self.influence)
+        self.verifier = self.intake.verifier
         self.dp = cfg.dp
         if cfg.dp.enabled:
             self.store.set_meta("dp", json.dumps({"noise_multiplier": cfg.dp.noise_multiplier, "delta": cfg.dp.delta}))
@@ -150,11 +127,14 @@ class CoordinatorService:
         self.metrics.buffered.set(len(self.buffer))
         self.metrics.epsilon_max.set(self.fleet_epsilon())
         self.metrics_port: int | None = None
-        self.inbox: queue.Queue[_Message | str] = queue.Queue()
         self.stop_event = threading.Event()
-        self.connected = threading.Event()
         self._last_status = 0.0
-        self.client = self._make_client()
+        try:
+            self.link = Link(cfg, self._signer)
+        except ConfigError:
+            self.store.close()
+            raise
+        self.inbox = self.link.inbox
 
     # The policy's state lives in the engine; these read it.
     @property
@@ -172,75 +152,13 @@ class CoordinatorService:
     def fleet_epsilon(self) -> float:
         return self.engine.fleet_epsilon()
 
-    def _load_or_init(self, init: bool) -> tuple[TrainableSpec, int, dict[str, np.ndarray], ErrorFeedback, dict[str, np.ndarray]]:
-        version = self.store.current_version()
-        spec_json = self.store.get_meta("spec")
-        if version is not None and spec_json is not None:
-            try:
-                spec = TrainableSpec.from_dict(json.loads(spec_json))
-            except (ValueError, CodecError) as exc:
-                raise StoreError(f"{self.cfg.state_dir}: the stored trainable spec is unreadable ({exc})") from None
-            state, residual, strategy_state = self.store.load_version_full(version)
-            log.info("resuming at version %d (%d tensors)", version, len(state))
-            return spec, version, state, ErrorFeedback(residual), strategy_state
-        if version is not None:
-            raise StoreError(f"{self.cfg.state_dir}: versions exist but the trainable spec is missing")
-        if not init:
-            raise StoreError(f"{self.cfg.state_dir} holds no fleet yet; start a new one with `fedge-coordinator serve --init`")
-        fleet_key(self.cfg.state_dir, create=True)
-        spec, state = initial_state(self.cfg.model)
-        self.store.set_meta("spec", json.dumps(spec.to_dict(), sort_keys=True))
-        self.store.commit_version(0, state, None, self.cfg.keep_versions)
-        log.info("initialised version 0")
-        return spec, 0, state, ErrorFeedback(), {}
-
-    # -- MQTT ------------------------------------------------------------------------
-
-    def _make_client(self) -> mqtt.Client:
-        b = self.cfg.broker
-        try:
-            client = make_client(b, b.client_id or f"coordinator-{self.cfg.fleet}", manual_ack=True, persistent=True, backoff=(1, 30))
-        except ClientSetupError as exc:
-            self.store.close()
-            raise ConfigError(str(exc)) from None
-        client.will_set(protocol.coordinator_status(self.cfg.fleet), json.dumps({"state": "offline"}).encode(), qos=1, retain=True)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        return client
-
-    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
-        if getattr(reason, "is_failure", False):
-            log.error("broker refused the connection: %s", reason)
-            return
-        fleet = self.cfg.fleet
-        client.subscribe([(protocol.all_updates(fleet), 1), (protocol.all_device_status(fleet), 1)])
-        self.connected.set()
-        self.inbox.put("connected")  # the worker republishes the global state
-
-    def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
-        self.connected.clear()
-        log.warning("disconnected from the broker (%s); reconnecting", reason)
-
-    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        self.inbox.put(_Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos, time.monotonic()))
-
-    def _ack(self, msg: _Message) -> None:
-        if msg.qos > 0:
-            self.client.ack(msg.mid, msg.qos)
-
     # -- serving ---------------------------------------------------------------------
 
     def stop(self) -> None:
         self.stop_event.set()
 
     def run(self) -> None:
-        b = self.cfg.broker
-        try:
-            self.client.connect(b.host, b.port, keepalive=b.keepalive, **connect_kwargs(b, persistent=True))
-        except OSError as exc:
-            raise BrokerError(f"cannot connect to the broker at {b.host}:{b.port}: {exc}") from None
-        self.client.loop_start()
+        self.link.start()
         if self.cfg.metrics_port:
             self.metrics_port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
         try:
@@ -248,8 +166,7 @@ class CoordinatorService:
                 self._serve_once()
         finally:
             self._publish_status("offline")
-            self.client.disconnect()
-            self.client.loop_stop()
+            self.link.close()
             self.metrics.close()
             self.store.close()
 
@@ -259,7 +176,7 @@ class CoordinatorService:
             first = self.inbox.get(timeout=0.5)
         except queue.Empty:
             first = None
-        batch: list[_Message | str] = [] if first is None else [first]
+        batch: list[Message | str] = [] if first is None else [first]
         while len(batch) < BATCH_MAX:
             try:
                 batch.append(self.inbox.get_nowait())
@@ -271,15 +188,15 @@ class CoordinatorService:
             except STORAGE_ERRORS as exc:
                 log.error("cannot read the last delta to republish it (%s); publishing the snapshot only", exc)
                 delta = None
-            self._publish_global(delta)
-        messages = [m for m in batch if isinstance(m, _Message)]
+            self.link.publish_version(self.spec, self.version, self.state, delta)
+        messages = [m for m in batch if isinstance(m, Message)]
         if messages:
             self._process(messages)
         self._maybe_close_round()
         if time.monotonic() - self._last_status >= self.cfg.heartbeat_s:
             self._publish_status("online")
 
-    def _process(self, messages: list[_Message]) -> None:
+    def _process(self, messages: list[Message]) -> None:
         """Handle queued messages in one transaction (group commit), then publish, then acknowledge.
 
         Nothing is acknowledged or published before the commit: a crash inside the batch
@@ -308,7 +225,7 @@ class CoordinatorService:
         self._after_commit()
         now = time.monotonic()
         for msg in messages:
-            self._ack(msg)
+            self.link.ack(msg)
             if msg.topic.endswith("/update"):
                 self.metrics.latency.observe(now - msg.received)
         self.metrics.version.set(self.version)
@@ -320,9 +237,9 @@ class CoordinatorService:
     def _after_commit(self) -> None:
         """Publish what the last commit made: new versions, then the devices' acks."""
         for version, state, frame in self._new_versions:
-            self._publish_global(frame, state=state, version=version)
+            self.link.publish_version(self.spec, version, state, frame)
         for ack in self._acks_out:
-            self.client.publish(protocol.device_ack(self.cfg.fleet, ack.device), ack.signed(self._signer).to_json(), qos=1, retain=True)
+            self.link.publish_ack(ack)
         self._new_versions = []
         self._acks_out = []
 
@@ -334,13 +251,11 @@ class CoordinatorService:
             self.engine.mark(),
             self.state,
             self.downlink,
-            self._global_norm,
             dict(self.counts),
             dict(self.rejections),
             len(self._new_versions),
             len(self._acks_out),
-            collections.deque(self._norms, self._norms.maxlen),
-            collections.OrderedDict(self._samples),
+            self.influence.mark(),
             self.duplicates,
             self.store._pending_prune,
         )
@@ -350,21 +265,20 @@ class CoordinatorService:
             engine,
             self.state,
             self.downlink,
-            self._global_norm,
             self.counts,
             self.rejections,
             n_versions,
             n_acks,
-            self._norms,
-            self._samples,
+            influence,
             self.duplicates,
             self.store._pending_prune,
         ) = mark
         self.engine.restore(engine)
+        self.influence.restore(influence)
         del self._new_versions[n_versions:]
         del self._acks_out[n_acks:]
 
-    def _handle_guarded(self, msg: _Message) -> None:
+    def _handle_guarded(self, msg: Message) -> None:
         """Handle one message in a savepoint; if it raises, undo it and refuse it, never the service."""
         mark = self._mark()
         self.store.savepoint()
@@ -379,7 +293,7 @@ class CoordinatorService:
             return
         self.store.release()
 
-    def _poisoned(self, msg: _Message, exc: Exception) -> None:
+    def _poisoned(self, msg: Message, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}"
         log.error("message on %s could not be handled and is refused (%s); payload quarantined", msg.topic, error[:300])
         self.quarantine.keep(msg.topic, msg.payload, error)
@@ -397,7 +311,7 @@ class CoordinatorService:
         if header.device == device:
             self._record_ack(header, "rejected", f"handler_error: {error}")
 
-    def _handle(self, msg: _Message) -> None:
+    def _handle(self, msg: Message) -> None:
         try:
             fleet, device, leaf = protocol.parse_device_topic(msg.topic)
         except CodecError as exc:
@@ -411,7 +325,7 @@ class CoordinatorService:
         elif leaf == "status":
             self._handle_status(device, msg)
 
-    def _handle_status(self, device: str, msg: _Message) -> None:
+    def _handle_status(self, device: str, msg: Message) -> None:
         if not msg.payload:
             return  # a cleared retained status
         try:
@@ -429,15 +343,8 @@ class CoordinatorService:
         self.rejections[rej.reason] = self.rejections.get(rej.reason, 0) + 1
         self.metrics.reject(rej.reason)
 
-    def _is_known(self, device: str) -> bool:
-        return self.cfg.limits.allow_unknown_devices or device in self.cfg.limits.devices
-
-    def _ackable(self, device: str) -> bool:
-        """Acks go to enrolled or admitted devices only: no retained message for every id a stranger invents."""
-        return self._is_known(device) or self.store.identity(device) is not None
-
     def _record_ack(self, header: UpdateHeader, outcome: str, reason: str | None = None) -> None:
-        if not self._ackable(header.device):
+        if not self.intake.ackable(header.device):
             return
         self.store.record_ack(header.device, header.update_id, header.seq, outcome, reason, self.version)
         self._acks_out.append(UpdateAck(header.device, header.seq, header.update_id, outcome, reason, self.version, time.time()))
@@ -457,51 +364,29 @@ class CoordinatorService:
         self._record_ack(header, outcome, reason)
         return True
 
-    def _handle_update(self, device: str, msg: _Message) -> None:
-        limits = self.cfg.limits
+    def _handle_update(self, device: str, msg: Message) -> None:
         try:
-            env = protocol.decode_signed_envelope(msg.payload, max_bytes=limits.max_update_bytes)
-        except CodecError as exc:
-            self._reject(device, Rejection(exc.reason, str(exc)))
+            env = self.intake.envelope(msg.payload)
+        except Rejection as rej:
+            self._reject(device, rej)
             return
         header = env.header
         if header.device == device and self._duplicate(header):
             return
         try:
-            valid = validate_envelope(
-                device,
-                env,
-                len(msg.payload),
-                shapes=self.shapes,
-                current_version=self.version,
-                strategy=self.cfg.strategy,
-                max_update_bytes=limits.max_update_bytes,
-                max_update_norm=self._norm_bound(),
-                is_known_device=self._is_known,
-                is_duplicate=self.store.is_applied,
-                check_identity=self.verifier.check,
-            )
-            # Rate limits count valid updates only: junk is refused by its real reason.
-            if not self.rate.allow(device):
-                raise Rejection("rate_limited", f"more than {limits.max_updates_per_minute:g} updates a minute")
+            valid = self.intake.validate(device, env, len(msg.payload), self.shapes, self.version)
             self.engine.admit(valid.header.device)
         except Rejection as rej:
             self._reject(device, rej)
             if header.device == device:
                 self._record_ack(header, "rejected", str(rej))
             return
-        valid = self._capped(valid)
         self.store.advance_seq(valid.header.device, valid.header.seq)  # replay protection, in this batch's transaction
         self.metrics.accepted.inc()
         self.metrics.staleness.observe(valid.staleness)
-        self._norms.append(valid.norm)
-        self._samples.pop(device, None)
-        self._samples[device] = valid.header.num_samples
-        while len(self._samples) > SAMPLE_WINDOW:
-            self._samples.popitem(last=False)
-        entry = self._entry(valid, 0.0)
-        accepted = self._accepted(BufferedUpdate(entry, valid.frame), valid.tensors)
-        step = self.engine.offer(accepted, time.monotonic(), self._online_count())
+        self.influence.observe(device, valid.norm, valid.header.num_samples)
+        entry = ledger_entry(valid)
+        step = self.engine.offer(accepted(BufferedUpdate(entry, valid.frame), valid.tensors), time.monotonic(), self._online_count())
         if step is None:
             self.store.add_to_buffer(entry, valid.frame)
             self._record_ack(valid.header, "buffered")
@@ -513,57 +398,8 @@ class CoordinatorService:
             return
         self._record_ack(valid.header, "applied")
 
-    @staticmethod
-    def _accepted(b: BufferedUpdate, tensors: dict[str, SparseTensor]) -> Accepted:
-        e = b.entry
-        return Accepted(e.update_id, e.device, e.base_version, e.num_samples, tensors, ref=b)
-
     def _online_count(self) -> int:
         return sum(1 for on in self.online.values() if on)
-
-    def _norm_bound(self) -> float:
-        lim = self.cfg.limits
-        return norm_bound(
-            lim.norm_bound,
-            fixed=lim.max_update_norm,
-            factor=lim.norm_factor,
-            warmup=lim.norm_warmup,
-            recent=self._norms,
-            global_norm=self._global_norm,
-        )
-
-    def _capped(self, valid: ValidUpdate) -> ValidUpdate:
-        """The update with its sample count capped (enrolment, absolute, and relative to the fleet)."""
-        h = valid.header
-        ident = self.store.identity(h.device)
-        lim = self.cfg.limits
-        others = [n for d, n in self._samples.items() if d != h.device]
-        enrolled_cap = None if ident is None else ident.get("max_samples")
-        n = cap_samples(h.num_samples, enrolled_cap=enrolled_cap, hard_cap=lim.max_num_samples, factor=lim.sample_factor, others=others)
-        if n == h.num_samples:
-            return valid
-        log.info("%s claimed %d samples; weighted as %d", h.device, h.num_samples, n)
-        return replace(valid, header=replace(h, num_samples=n))
-
-    @staticmethod
-    def _norm_of(state: dict[str, np.ndarray]) -> float:
-        return float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in state.values())))
-
-    @staticmethod
-    def _entry(valid: ValidUpdate, weight: float) -> LedgerEntry:
-        h = valid.header
-        return LedgerEntry(
-            update_id=h.update_id,
-            device=h.device,
-            seq=h.seq,
-            base_version=h.base_version,
-            staleness=valid.staleness,
-            weight=weight,
-            num_samples=h.num_samples,
-            size=valid.size,
-            train_loss=h.train_loss,
-            norm=valid.norm,
-        )
 
     def _maybe_close_round(self) -> None:
         """A round whose deadline passed closes here, between batches, in a batch of its own."""
@@ -620,7 +456,7 @@ class CoordinatorService:
             self.store.add_participations(list(engine_step.participants))
         self.engine.commit(engine_step, time.monotonic(), self._online_count())
         self.state, self.downlink = new_state, nxt.feedback
-        self._global_norm = self._norm_of(new_state)
+        self.influence.global_norm = state_norm(new_state)
         self.counts["accepted"] += len(entries)
         self.metrics.applied.inc(len(entries))
         self.counts["versions"] += 1
@@ -629,32 +465,6 @@ class CoordinatorService:
         devices = ",".join(sorted({e.device for e in entries}))
         log.info("v%d from %d update(s) (%s), downlink %d B", new_version, len(entries), devices, len(down_frame))
         self._new_versions.append((new_version, new_state, down_frame))
-
-    def _publish_global(self, delta_frame: bytes | None, *, state: dict[str, np.ndarray] | None = None, version: int | None = None) -> None:
-        """Publish a version retained: delta, snapshot, then meta (the meta names both)."""
-        state = self.state if state is None else state
-        version = self.version if version is None else version
-        snapshot = compress_dense(state, FrameKind.SNAPSHOT, self.cfg.snapshot_zstd_level)
-        fleet = self.cfg.fleet
-        delta_fields: dict[str, object] = {}
-        if delta_frame is not None and version > 0:
-            delta_fields = {
-                "delta_base_version": version - 1,
-                "delta_sha256": hashlib.sha256(delta_frame).hexdigest(),
-                "delta_bytes": len(delta_frame),
-            }
-            self.client.publish(protocol.global_delta(fleet), delta_frame, qos=1, retain=True)
-        meta = GlobalMeta(
-            version=version,
-            snapshot_sha256=hashlib.sha256(snapshot).hexdigest(),
-            snapshot_bytes=len(snapshot),
-            created=time.time(),
-            state_sha256=state_digest(state),
-            model=self.spec.to_dict(),
-            **delta_fields,  # type: ignore[arg-type]
-        )
-        self.client.publish(protocol.global_snapshot(fleet), snapshot, qos=1, retain=True)
-        self.client.publish(protocol.global_meta(fleet), meta.signed(self._signer).to_json(), qos=1, retain=True)
 
     def _publish_status(self, state: str) -> None:
         self._last_status = time.monotonic()
@@ -668,6 +478,4 @@ class CoordinatorService:
                 payload["degraded"] = self._degraded[:300]
             if self.dp.enabled:
                 payload.update(dp_epsilon=round(self.fleet_epsilon(), 4), dp_delta=self.dp.delta)
-        info = self.client.publish(protocol.coordinator_status(self.cfg.fleet), json.dumps(payload).encode(), qos=1, retain=True)
-        if state == "offline" and self.connected.is_set():
-            info.wait_for_publish(timeout=2.0)
+        self.link.publish_status(payload, wait=state == "offline")

@@ -1,0 +1,105 @@
+"""From an update's bytes to an accepted update, or a counted refusal: the envelope, its signature and
+sequence number, the frame against the global state's shapes, staleness, the norm bound, the
+rate limit, and the sample count's caps. The order matters: rate limits count valid updates
+only, so junk is refused by its real reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+from compression import CodecError, protocol
+from compression.frame import SparseTensor
+from compression.protocol import Envelope
+from coordinator.config import CoordinatorConfig
+from coordinator.engine import Accepted
+from coordinator.errors import Rejection
+from coordinator.identity import Verifier
+from coordinator.influence import InfluenceTracker
+from coordinator.ratelimit import RateLimiter
+from coordinator.store import BufferedUpdate, LedgerEntry, Store
+from coordinator.validate import ValidUpdate, validate_envelope
+
+log = logging.getLogger(__name__)
+
+
+class Intake:
+    """Validation with everything it needs to remember: identities, rate limits, recent norms and samples."""
+
+    def __init__(self, cfg: CoordinatorConfig, store: Store, influence: InfluenceTracker) -> None:
+        limits = cfg.limits
+        self.cfg = cfg
+        self.store = store
+        self.influence = influence
+        self.rate = RateLimiter(limits.max_updates_per_minute, limits.rate_burst)
+        self.verifier = Verifier(
+            store, allow_unknown=limits.allow_unknown_devices or bool(limits.devices), require_signatures=limits.require_signatures
+        )
+
+    def is_known(self, device: str) -> bool:
+        return self.cfg.limits.allow_unknown_devices or device in self.cfg.limits.devices
+
+    def ackable(self, device: str) -> bool:
+        """Acks go to enrolled or admitted devices only: no retained message for every id a stranger invents."""
+        return self.is_known(device) or self.store.identity(device) is not None
+
+    def envelope(self, payload: bytes) -> Envelope:
+        try:
+            return protocol.decode_signed_envelope(payload, max_bytes=self.cfg.limits.max_update_bytes)
+        except CodecError as exc:
+            raise Rejection(exc.reason, str(exc)) from None
+
+    def validate(self, device: str, env: Envelope, size: int, shapes: dict[str, tuple[int, ...]], version: int) -> ValidUpdate:
+        """The update, its sample count capped; raises :class:`Rejection`."""
+        limits = self.cfg.limits
+        valid = validate_envelope(
+            device,
+            env,
+            size,
+            shapes=shapes,
+            current_version=version,
+            strategy=self.cfg.strategy,
+            max_update_bytes=limits.max_update_bytes,
+            max_update_norm=self.influence.bound(),
+            is_known_device=self.is_known,
+            is_duplicate=self.store.is_applied,
+            check_identity=self.verifier.check,
+        )
+        if not self.rate.allow(device):
+            raise Rejection("rate_limited", f"more than {limits.max_updates_per_minute:g} updates a minute")
+        return self._capped(valid)
+
+    def _capped(self, valid: ValidUpdate) -> ValidUpdate:
+        """The update with its sample count capped (enrolment, absolute, and relative to the fleet)."""
+        h = valid.header
+        ident = self.store.identity(h.device)
+        n = self.influence.capped_samples(h.device, h.num_samples, None if ident is None else ident.get("max_samples"))
+        if n == h.num_samples:
+            return valid
+        log.info("%s claimed %d samples; weighted as %d", h.device, h.num_samples, n)
+        return replace(valid, header=replace(h, num_samples=n))
+
+
+def ledger_entry(valid: ValidUpdate) -> LedgerEntry:
+    """The update's ledger row; its weight is set when a version takes it."""
+    h = valid.header
+    return LedgerEntry(
+        update_id=h.update_id,
+        device=h.device,
+        seq=h.seq,
+        base_version=h.base_version,
+        staleness=valid.staleness,
+        weight=0.0,
+        num_samples=h.num_samples,
+        size=valid.size,
+        train_loss=h.train_loss,
+        norm=valid.norm,
+    )
+
+
+def accepted(b: BufferedUpdate, tensors: dict[str, SparseTensor] | Any) -> Accepted:
+    """The engine's view of a stored (or just validated) update."""
+    e = b.entry
+    return Accepted(e.update_id, e.device, e.base_version, e.num_samples, tensors, ref=b)
