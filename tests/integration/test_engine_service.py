@@ -161,4 +161,3 @@ def test_fedavg_rounds_hold_one_update_per_device_and_the_slow_device_lands(
     assert {e["num_samples"] for e in ledger if e["device"] == "slow"} <= allowed
     rejections = store.rejection_counts()
     assert rejections.get("too_stale", 0) == 0, rejections  # no device's work was wasted as stale
-    assert rejections.get("one_per_round", 0) > 0  # the fast devices heard why their extra updates were refused
