@@ -57,8 +57,8 @@ class Metrics:
         self._fleet = fleet
         self._server: Any = None
 
-    def reject(self, reason: str) -> None:
-        self.rejected.labels(fleet=self._fleet, reason=reason).inc()
+    def reject(self, reason: str, n: int = 1) -> None:
+        self.rejected.labels(fleet=self._fleet, reason=reason).inc(n)
 
     def serve(self, host: str, port: int) -> int:
         """Start ``/metrics`` on ``host:port`` (0 picks a free port); returns the port."""

@@ -37,7 +37,7 @@ from compression import (
     decode_frame,
     protocol,
 )
-from compression.protocol import DeviceStatus, UpdateAck, UpdateHeader
+from compression.protocol import DeviceStatus
 from coordinator.config import CoordinatorConfig
 from coordinator.downlink import next_version
 from coordinator.engine import Accepted, Engine, Step
@@ -48,6 +48,7 @@ from coordinator.initial import open_fleet
 from coordinator.intake import Intake, accepted, ledger_entry
 from coordinator.link import Link, Message
 from coordinator.metrics import Metrics
+from coordinator.outcomes import Outcomes
 from coordinator.quarantine import Quarantine
 from coordinator.store import BufferedUpdate, LedgerEntry, Store
 from coordinator.strategies import StrategyLoadError, load_strategy
@@ -107,14 +108,8 @@ class CoordinatorService:
         self.influence = InfluenceTracker(
             cfg.limits, self.store.recent_norms(cfg.limits.norm_window), self.store.last_samples(), state_norm(self.state)
         )
-        self.duplicates = 0
-        self._acks_out: list[UpdateAck] = []
         self._degraded: str | None = None
         self.quarantine = Quarantine(f"{cfg.state_dir}/quarantine", max_files=cfg.quarantine_max_files)
-        # Counted once here and kept current in memory: COUNT(*) over the ledger on every
-        # update would grow with the fleet's history.
-        self.counts = self.store.counts()
-        self.rejections = self.store.rejection_counts()
         self.online: dict[str, bool] = {}
         self._new_versions: list[tuple[int, dict[str, np.ndarray], bytes]] = []
         self.intake = Intake(cfg, self.store, self.influence)
@@ -123,6 +118,7 @@ class CoordinatorService:
         if cfg.dp.enabled:
             self.store.set_meta("dp", json.dumps({"noise_multiplier": cfg.dp.noise_multiplier, "delta": cfg.dp.delta}))
         self.metrics = Metrics(cfg.fleet)
+        self.outcomes = Outcomes(self.store, self.metrics, self.intake.ackable)
         self.metrics.version.set(self.version)
         self.metrics.buffered.set(len(self.buffer))
         self.metrics.epsilon_max.set(self.fleet_epsilon())
@@ -151,6 +147,14 @@ class CoordinatorService:
 
     def fleet_epsilon(self) -> float:
         return self.engine.fleet_epsilon()
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.outcomes.counts
+
+    @property
+    def rejections(self) -> dict[str, int]:
+        return self.outcomes.rejections
 
     # -- serving ---------------------------------------------------------------------
 
@@ -238,10 +242,9 @@ class CoordinatorService:
         """Publish what the last commit made: new versions, then the devices' acks."""
         for version, state, frame in self._new_versions:
             self.link.publish_version(self.spec, version, state, frame)
-        for ack in self._acks_out:
+        for ack in self.outcomes.take_acks():
             self.link.publish_ack(ack)
         self._new_versions = []
-        self._acks_out = []
 
     # -- one message, guarded ----------------------------------------------------------
 
@@ -251,12 +254,9 @@ class CoordinatorService:
             self.engine.mark(),
             self.state,
             self.downlink,
-            dict(self.counts),
-            dict(self.rejections),
+            self.outcomes.mark(),
             len(self._new_versions),
-            len(self._acks_out),
             self.influence.mark(),
-            self.duplicates,
             self.store._pending_prune,
         )
 
@@ -265,18 +265,15 @@ class CoordinatorService:
             engine,
             self.state,
             self.downlink,
-            self.counts,
-            self.rejections,
+            outcomes,
             n_versions,
-            n_acks,
             influence,
-            self.duplicates,
             self.store._pending_prune,
         ) = mark
+        self.outcomes.restore(outcomes)
         self.engine.restore(engine)
         self.influence.restore(influence)
         del self._new_versions[n_versions:]
-        del self._acks_out[n_acks:]
 
     def _handle_guarded(self, msg: Message) -> None:
         """Handle one message in a savepoint; if it raises, undo it and refuse it, never the service."""
@@ -303,20 +300,20 @@ class CoordinatorService:
             return
         if leaf != "update":
             return
-        self._reject(device, Rejection("handler_error", error))
+        self.outcomes.reject(device, Rejection("handler_error", error))
         try:
             header = protocol.decode_signed_envelope(msg.payload, self.cfg.limits.max_update_bytes).header
         except CodecError:
             return
         if header.device == device:
-            self._record_ack(header, "rejected", f"handler_error: {error}")
+            self.outcomes.ack(header, "rejected", f"handler_error: {error}", self.version)
 
     def _handle(self, msg: Message) -> None:
         try:
             fleet, device, leaf = protocol.parse_device_topic(msg.topic)
         except CodecError as exc:
             if msg.topic.endswith("/update"):  # an update under an id no device can have: counted, not just logged
-                self._reject(None, Rejection("malformed_topic", str(exc)))
+                self.outcomes.reject(None, Rejection("malformed_topic", str(exc)))
             else:
                 log.warning("ignored message on %s: %s", msg.topic, exc)
             return
@@ -336,50 +333,24 @@ class CoordinatorService:
         self.online[device] = status.state != "offline"
         self.store.record_status(device, status.state, status.version, status.profile, status.metrics, status.tier)
 
-    def _reject(self, device: str | None, rej: Rejection) -> None:
-        log.warning("rejected update from %s: %s", device, rej)
-        self.store.record_rejection(device, rej.reason, rej.detail)
-        self.counts["rejected"] += 1
-        self.rejections[rej.reason] = self.rejections.get(rej.reason, 0) + 1
-        self.metrics.reject(rej.reason)
-
-    def _record_ack(self, header: UpdateHeader, outcome: str, reason: str | None = None) -> None:
-        if not self.intake.ackable(header.device):
-            return
-        self.store.record_ack(header.device, header.update_id, header.seq, outcome, reason, self.version)
-        self._acks_out.append(UpdateAck(header.device, header.seq, header.update_id, outcome, reason, self.version, time.time()))
-
-    def _duplicate(self, header: UpdateHeader) -> bool:
-        """A resend of an update already processed: count it, confirm it again, and drop it."""
-        if self.store.is_applied(header.update_id):
-            outcome, reason = ("buffered" if any(u.update_id == header.update_id for u in self.buffer) else "applied"), None
-        else:
-            last = self.store.last_ack(header.device)
-            if last is None or last["update_id"] != header.update_id:
-                return False
-            outcome, reason = str(last["outcome"]), last["reason"]
-        self.duplicates += 1
-        self.metrics.duplicates.inc()
-        log.info("duplicate of %s from %s: confirmed again as %s", header.update_id, header.device, outcome)
-        self._record_ack(header, outcome, reason)
-        return True
-
     def _handle_update(self, device: str, msg: Message) -> None:
         try:
             env = self.intake.envelope(msg.payload)
         except Rejection as rej:
-            self._reject(device, rej)
+            self.outcomes.reject(device, rej)
             return
         header = env.header
-        if header.device == device and self._duplicate(header):
+        if header.device == device and self.outcomes.duplicate(
+            header, self.version, lambda uid: any(u.update_id == uid for u in self.buffer)
+        ):
             return
         try:
             valid = self.intake.validate(device, env, len(msg.payload), self.shapes, self.version)
             self.engine.admit(valid.header.device)
         except Rejection as rej:
-            self._reject(device, rej)
+            self.outcomes.reject(device, rej)
             if header.device == device:
-                self._record_ack(header, "rejected", str(rej))
+                self.outcomes.ack(header, "rejected", str(rej), self.version)
             return
         self.store.advance_seq(valid.header.device, valid.header.seq)  # replay protection, in this batch's transaction
         self.metrics.accepted.inc()
@@ -389,14 +360,14 @@ class CoordinatorService:
         step = self.engine.offer(accepted(BufferedUpdate(entry, valid.frame), valid.tensors), time.monotonic(), self._online_count())
         if step is None:
             self.store.add_to_buffer(entry, valid.frame)
-            self._record_ack(valid.header, "buffered")
+            self.outcomes.ack(valid.header, "buffered", None, self.version)
             return
         # This update completes a version: it is never written to the buffer table.
         if not self._commit(step):
-            self._reject(device, Rejection("non_finite", "the global step is not finite"))
-            self._record_ack(valid.header, "rejected", "non_finite: the global step is not finite")
+            self.outcomes.reject(device, Rejection("non_finite", "the global step is not finite"))
+            self.outcomes.ack(valid.header, "rejected", "non_finite: the global step is not finite", self.version)
             return
-        self._record_ack(valid.header, "applied")
+        self.outcomes.ack(valid.header, "applied", None, self.version)
 
     def _online_count(self) -> int:
         return sum(1 for on in self.online.values() if on)
@@ -433,8 +404,7 @@ class CoordinatorService:
             dropped = self.store.drop_buffer(rej.reason)
             if dropped:
                 log.error("buffer of %d updates dropped: %s", dropped, rej.detail)
-                self.counts["rejected"] += dropped
-                self.rejections[rej.reason] = self.rejections.get(rej.reason, 0) + dropped
+                self.outcomes.reject(None, rej, dropped, record=False)
             return False
         return True
 
@@ -457,9 +427,9 @@ class CoordinatorService:
         self.engine.commit(engine_step, time.monotonic(), self._online_count())
         self.state, self.downlink = new_state, nxt.feedback
         self.influence.global_norm = state_norm(new_state)
-        self.counts["accepted"] += len(entries)
+        self.outcomes.counts["accepted"] += len(entries)
         self.metrics.applied.inc(len(entries))
-        self.counts["versions"] += 1
+        self.outcomes.counts["versions"] += 1
         if engine_step.participants:
             self.metrics.epsilon_max.set(self.fleet_epsilon())
         devices = ",".join(sorted({e.device for e in entries}))
@@ -468,11 +438,14 @@ class CoordinatorService:
 
     def _publish_status(self, state: str) -> None:
         self._last_status = time.monotonic()
-        counts = dict(self.counts) if state == "online" else {}
+        counts = dict(self.outcomes.counts) if state == "online" else {}
         payload: dict[str, object] = {"state": state, "version": self.version, "ts": time.time(), **counts}
         if state == "online":
             payload.update(
-                strategy=self.cfg.strategy.kind, buffered=len(self.buffer), rejections=dict(self.rejections), duplicates=self.duplicates
+                strategy=self.cfg.strategy.kind,
+                buffered=len(self.buffer),
+                rejections=dict(self.outcomes.rejections),
+                duplicates=self.outcomes.duplicates,
             )
             if self._degraded:
                 payload["degraded"] = self._degraded[:300]
