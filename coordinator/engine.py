@@ -46,6 +46,10 @@ class Accepted:
     """The shell's own record of the update (its ledger entry and frame); the engine never reads it."""
 
 
+class StrategyError(ValueError):
+    """A strategy answered something the engine cannot use (wrong tensors, weights or state)."""
+
+
 @dataclass(frozen=True)
 class Step:
     """A new version's step, and what each of its updates counted for."""
@@ -53,14 +57,14 @@ class Step:
     version: int
     """The version this step makes."""
     step: dict[str, np.ndarray]
-    updates: tuple[Accepted, ...]
     weights: tuple[float, ...]
     """The weight each update really got (same order as ``updates``)."""
-    staleness: tuple[int, ...]
-    participants: tuple[str, ...] = ()
-    """Devices whose DP participation this step counts (central DP only)."""
     state: State = field(default_factory=dict)
     """The strategy's state after this step: store it with the version."""
+    updates: tuple[Accepted, ...] = ()
+    staleness: tuple[int, ...] = ()
+    participants: tuple[str, ...] = ()
+    """Devices whose DP participation this step counts (central DP only)."""
 
 
 @dataclass
@@ -175,16 +179,33 @@ class Engine:
             return Step(
                 self.version + 1,
                 step,
-                members,
                 tuple(self.cfg.server_lr * w for w in weights),
-                staleness,
+                self.state,
+                updates=members,
+                staleness=staleness,
                 participants=tuple(u.device for u in members),
-                state=self.state,
             )
         agg = self.strategy.aggregate(updates, self.state)
-        if len(agg.weights) != len(members):
-            raise ValueError(f"the strategy returned {len(agg.weights)} weights for {len(members)} updates")
-        return Step(self.version + 1, agg.step, members, tuple(float(w) for w in agg.weights), staleness, state=dict(agg.state))
+        return Step(self.version + 1, *self._checked(agg, len(members)), updates=members, staleness=staleness)
+
+    def _checked(self, agg: Any, n: int) -> tuple[dict[str, np.ndarray], tuple[float, ...], State]:
+        """A strategy's answer, checked: tensors of the global state in its shapes, one finite weight per update, arrays as state."""
+        if len(agg.weights) != n:
+            raise StrategyError(f"the strategy returned {len(agg.weights)} weights for {n} updates")
+        weights = tuple(float(w) for w in agg.weights)
+        if not all(np.isfinite(w) for w in weights):
+            raise StrategyError(f"the strategy returned a weight that is not finite: {weights}")
+        step: dict[str, np.ndarray] = {}
+        for name, t in agg.step.items():
+            arr = np.asarray(t, dtype=np.float32)
+            if name not in self.shapes or arr.shape != self.shapes[name]:
+                raise StrategyError(f"the strategy's step has {name!r} of shape {arr.shape}, which the global state does not have")
+            step[name] = arr
+        try:
+            state = {str(k): np.asarray(v, dtype=np.float32) for k, v in agg.state.items()}
+        except (TypeError, ValueError) as exc:
+            raise StrategyError(f"the strategy's state must be arrays of numbers: {exc}") from None
+        return step, weights, state
 
     # -- after the shell ---------------------------------------------------------------
 

@@ -109,6 +109,7 @@ class CoordinatorService:
             cfg.limits, self.store.recent_norms(cfg.limits.norm_window), self.store.last_samples(), state_norm(self.state)
         )
         self._degraded: str | None = None
+        self._strategy_error: str | None = None
         self.quarantine = Quarantine(f"{cfg.state_dir}/quarantine", max_files=cfg.quarantine_max_files)
         self.online: dict[str, bool] = {}
         self._new_versions: list[tuple[int, dict[str, np.ndarray], bytes]] = []
@@ -389,6 +390,14 @@ class CoordinatorService:
             self._restore(mark)
             log.error("storage error while closing round %d; retrying: %s", self.version + 1, exc)
             return
+        except Exception as exc:  # noqa: BLE001 - a strategy's failure: the round stays open, the service stays up
+            self._restore(mark)
+            error = f"strategy error closing round {self.version + 1}: {type(exc).__name__}: {exc}"
+            if error != self._strategy_error:
+                log.error("%s; the buffer waits", error)
+            self._strategy_error = error
+            return
+        self._strategy_error = None
         self._after_commit()
 
     def _commit(self, step: Step) -> bool:
@@ -447,8 +456,8 @@ class CoordinatorService:
                 rejections=dict(self.outcomes.rejections),
                 duplicates=self.outcomes.duplicates,
             )
-            if self._degraded:
-                payload["degraded"] = self._degraded[:300]
+            if self._degraded or self._strategy_error:
+                payload["degraded"] = (self._degraded or self._strategy_error or "")[:300]
             if self.dp.enabled:
                 payload.update(dp_epsilon=round(self.fleet_epsilon(), 4), dp_delta=self.dp.delta)
         self.link.publish_status(payload, wait=state == "offline")

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from coordinator.engine import Accepted, Engine
+from coordinator.engine import Accepted, Engine, StrategyError
 from coordinator.errors import Rejection
 from coordinator.privacy import DPConfig
 from coordinator.robust import RobustConfig
@@ -228,8 +228,27 @@ def test_a_strategy_returning_the_wrong_number_of_weights_is_an_error() -> None:
 
     cfg = replace(StrategyConfig(), buffer_size=1)
     e = Engine(cfg, shapes=SHAPES, strategy=Bad(cfg))
-    with pytest.raises(ValueError, match="0 weights for 1 updates"):
+    with pytest.raises(StrategyError, match="0 weights for 1 updates"):
         e.offer(_acc("a", 1.0), 0.0)
+
+
+@pytest.mark.parametrize(
+    "step, weights, state, message",
+    [
+        ({"nope": np.zeros(4)}, [1.0], {}, "'nope' of shape"),
+        ({"w": np.zeros(5)}, [1.0], {}, "'w' of shape"),
+        ({"w": np.zeros(4)}, [float("nan")], {}, "not finite"),
+        ({"w": np.zeros(4)}, [1.0], {"s": "text"}, "arrays of numbers"),
+    ],
+)
+def test_a_strategy_answer_the_engine_cannot_use_is_named(step: dict, weights: list, state: dict, message: str) -> None:
+    class Odd(BaseStrategy):
+        def aggregate(self, updates: Sequence[WeightedUpdate], st: dict[str, np.ndarray]) -> Aggregate:
+            return Aggregate(step, weights, state)
+
+    cfg = replace(StrategyConfig(), buffer_size=1)
+    with pytest.raises(StrategyError, match=message):
+        Engine(cfg, shapes=SHAPES, strategy=Odd(cfg)).offer(_acc("a", 1.0), 0.0)
 
 
 def test_fedadam_is_a_builtin() -> None:

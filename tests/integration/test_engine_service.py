@@ -95,6 +95,24 @@ def test_a_user_strategy_from_config_runs_end_to_end(tmp_path: Path, broker: Mos
     assert strategy_state["made"].tolist() == [1.0]
 
 
+def test_a_failing_user_strategy_refuses_the_update_and_the_coordinator_stays_up(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path
+) -> None:
+    cfg = coordinator_config(broker, tmp_path / "coord", tiny_model)
+    cfg = replace(cfg, strategy=StrategyConfig(kind="tests.integration.user_strategy:Broken"))
+    dev = DeviceClient(broker.port, "dev-a")
+    try:
+        with ThreadedCoordinator(cfg) as service:
+            meta = dev.wait_meta(0)
+            dev.publish(dev.update_payload(meta))
+            wait_until(lambda: service.rejections.get("handler_error") == 1, 15, "the update refused as handler_error")
+            dev.publish(dev.update_payload(meta))
+            wait_until(lambda: service.rejections.get("handler_error") == 2, 15, "the next one too: the service is up")
+            assert service.version == 0 and list((tmp_path / "coord" / "quarantine").glob("*.bin"))
+    finally:
+        dev.close()
+
+
 def test_fedadam_state_survives_kill_9(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> None:
     child = _coordinator(tmp_path, broker, tiny_model, {"kind": "fedadam", "buffer_size": 1, "optimizer": {"lr": 0.001}})
     dev = DeviceClient(broker.port, "dev-a")

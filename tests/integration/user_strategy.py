@@ -29,3 +29,13 @@ class Scaled(BaseStrategy):
                 step[name] = step.get(name, np.zeros_like(dense)) + np.float32(w) * dense
         made = state.get("made", np.zeros(1, np.float32)) + 1
         return Aggregate(step, [w] * len(updates), {"made": made})
+
+
+class Broken(BaseStrategy):
+    """A user strategy whose aggregation always fails."""
+
+    def closes(self, view: BufferView) -> bool:
+        return view.updates >= 1
+
+    def aggregate(self, updates: Sequence[WeightedUpdate], state: dict[str, np.ndarray]) -> Aggregate:
+        raise RuntimeError("this rule is broken")
