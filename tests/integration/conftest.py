@@ -51,20 +51,26 @@ class ThreadedCoordinator:
         self.thread.join(10)
 
 
-@pytest.fixture
-def coordinator_process(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> Iterator[Child]:
-    """``fedge-coordinator serve`` as a child process (so that tests can kill -9 it)."""
-    cfg = write_toml(
-        tmp_path / "coord" / "coordinator.toml",
+def coordinator_toml(path: Path, broker: Broker, model: Path, **sections: object) -> Path:
+    """A lab coordinator's TOML at ``path`` (its state in ``state/`` beside it), with extra ``sections``."""
+    return write_toml(
+        path,
         {
             "fleet": FLEET,
             "state_dir": "state",
             "heartbeat_s": 1.0,
             "broker": {"port": broker.port},
-            "model": {"source": str(tiny_model), "lora_r": 4, "lora_alpha": 8},
+            "model": {"source": str(model), "lora_r": 4, "lora_alpha": 8},
             "limits": LAB_LIMITS,
+            **sections,
         },
     )
+
+
+@pytest.fixture
+def coordinator_process(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> Iterator[Child]:
+    """``fedge-coordinator serve`` as a child process (so that tests can kill -9 it)."""
+    cfg = coordinator_toml(tmp_path / "coord" / "coordinator.toml", broker, tiny_model)
     child = Child("coordinator", serve_argv(cfg), tmp_path / "coord.log")
     yield child
     child.stop()
@@ -157,4 +163,4 @@ def agent_config_dict(broker: Broker, model: Path, data: Path, state: Path, devi
     }
 
 
-__all__ = ["DeviceClient", "ThreadedCoordinator", "agent_config_dict", "coordinator_config", "replace"]
+__all__ = ["DeviceClient", "ThreadedCoordinator", "agent_config_dict", "coordinator_config", "coordinator_toml", "replace"]

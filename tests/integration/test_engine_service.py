@@ -21,10 +21,10 @@ from coordinator.strategy import StrategyConfig
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from fedge_lab.broker import MosquittoBroker
-from fedge_lab.demo import LAB_LIMITS, serve_argv, write_toml
+from fedge_lab.demo import serve_argv
 from fedge_lab.processes import Child
 from tests.conftest import wait_until
-from tests.integration.conftest import FLEET, DeviceClient, ThreadedCoordinator, agent_config_dict, coordinator_config
+from tests.integration.conftest import DeviceClient, ThreadedCoordinator, agent_config_dict, coordinator_config, coordinator_toml
 
 pytestmark = pytest.mark.broker
 
@@ -57,19 +57,8 @@ def test_history_shows_weight_zero_for_the_update_multi_krum_dropped(tmp_path: P
 
 
 def _coordinator(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, strategy: dict) -> Child:
-    cfg = write_toml(
-        tmp_path / "coordinator.toml",
-        {
-            "fleet": FLEET,
-            "state_dir": "state",
-            "limits": LAB_LIMITS,
-            "heartbeat_s": 1.0,
-            "broker": {"port": broker.port},
-            "model": {"source": str(tiny_model), "lora_r": 4, "lora_alpha": 8},
-            "downlink": {"topk_fraction": 1.0, "values": "fp32"},
-            "strategy": strategy,
-        },
-    )
+    lossless = {"topk_fraction": 1.0, "values": "fp32"}
+    cfg = coordinator_toml(tmp_path / "coordinator.toml", broker, tiny_model, downlink=lossless, strategy=strategy)
     return Child("coordinator", serve_argv(cfg), tmp_path / "coord.log").start()
 
 

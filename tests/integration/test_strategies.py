@@ -16,10 +16,10 @@ import pytest
 from coordinator.store import Store
 from coordinator.strategy import StrategyConfig
 from fedge_lab.broker import MosquittoBroker, free_port
-from fedge_lab.demo import LAB_LIMITS, serve_argv, write_toml
+from fedge_lab.demo import serve_argv
 from fedge_lab.processes import Child
 from tests.conftest import wait_until
-from tests.integration.conftest import FLEET, DeviceClient, ThreadedCoordinator, coordinator_config
+from tests.integration.conftest import DeviceClient, ThreadedCoordinator, coordinator_config, coordinator_toml
 
 pytestmark = pytest.mark.broker
 
@@ -57,18 +57,7 @@ def test_fedbuff_makes_one_version_per_k_updates_weighted_by_samples(tmp_path: P
 
 
 def test_a_buffered_update_survives_kill_9(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, device_client: DeviceClient) -> None:
-    cfg_path = write_toml(
-        tmp_path / "coordinator.toml",
-        {
-            "fleet": FLEET,
-            "state_dir": "state",
-            "limits": LAB_LIMITS,
-            "heartbeat_s": 1.0,
-            "broker": {"port": broker.port},
-            "model": {"source": str(tiny_model), "lora_r": 4, "lora_alpha": 8},
-            "strategy": {"kind": "fedbuff", "buffer_size": 2},
-        },
-    )
+    cfg_path = coordinator_toml(tmp_path / "coordinator.toml", broker, tiny_model, strategy={"kind": "fedbuff", "buffer_size": 2})
     child = Child("coordinator", serve_argv(cfg_path), tmp_path / "coord.log")
     child.start()
     try:
