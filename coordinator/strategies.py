@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -142,8 +142,6 @@ class FedOpt(FedBuff):
     yogi = False
 
     def aggregate(self, updates: Sequence[WeightedUpdate], state: State) -> Aggregate:
-        from dataclasses import replace
-
         mean, weights = aggregate_buffer(updates, replace(self.cfg, server_lr=1.0))
         o = self.cfg.optimizer
         t = int(state["t"][0]) + 1 if "t" in state else 1
