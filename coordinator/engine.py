@@ -237,8 +237,3 @@ class Engine:
         if mark.participations is not None:
             self.participations = mark.participations
         self.started, self.online_at_start = mark.started, mark.online
-
-
-def weighted(step: Step) -> list[tuple[Accepted, float, int]]:
-    """``(update, weight, staleness)`` for each update of ``step``."""
-    return list(zip(step.updates, step.weights, step.staleness, strict=True))

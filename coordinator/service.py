@@ -112,6 +112,8 @@ class CoordinatorService:
         self._strategy_error: str | None = None
         self.quarantine = Quarantine(f"{cfg.state_dir}/quarantine", max_files=cfg.quarantine_max_files)
         self.online: dict[str, bool] = {}
+        # Devices whose last status was not offline, kept with `online`: no count over the fleet per update.
+        self._online = 0
         self._new_versions: list[tuple[int, dict[str, np.ndarray], bytes]] = []
         self.intake = Intake(cfg, self.store, self.influence)
         self.verifier = self.intake.verifier
@@ -235,7 +237,7 @@ class CoordinatorService:
                 self.metrics.latency.observe(now - msg.received)
         self.metrics.version.set(self.version)
         self.metrics.buffered.set(len(self.buffer))
-        self.metrics.devices_online.set(sum(1 for on in self.online.values() if on))
+        self.metrics.devices_online.set(self._online)
         if any(m.topic.endswith("/update") for m in messages):
             self._publish_status("online")
 
@@ -331,7 +333,9 @@ class CoordinatorService:
         except CodecError as exc:
             log.warning("bad status from %s: %s", device, exc)
             return
-        self.online[device] = status.state != "offline"
+        online = status.state != "offline"
+        self._online += int(online) - int(self.online.get(device, False))
+        self.online[device] = online
         self.store.record_status(device, status.state, status.version, status.profile, status.metrics, status.tier)
 
     def _handle_update(self, device: str, msg: Message) -> None:
@@ -371,7 +375,7 @@ class CoordinatorService:
         self.outcomes.ack(valid.header, "applied", None, self.version)
 
     def _online_count(self) -> int:
-        return sum(1 for on in self.online.values() if on)
+        return self._online
 
     def _maybe_close_round(self) -> None:
         """A round whose deadline passed closes here, between batches, in a batch of its own."""
