@@ -79,14 +79,18 @@ def test_broker_kill_9_with_the_coordinator_down_loses_no_update(
         fleet.start_coordinator()
         wait_until(lambda: not AgentState(tmp_path / "agent-state").pending(), 180, "every pending update confirmed")
         agent.stop()
-        produced = AgentState(tmp_path / "agent-state").seq
-        wait_until(lambda: len(fleet.ledger()) == produced, 30, "the ledger to hold every update produced")
+        # SIGTERM may land inside a round: the agent commits what it trained to its outbox and sends
+        # it at its next start. Such an update is pending, not lost.
+        state = AgentState(tmp_path / "agent-state")
+        produced, kept = state.seq, [int(p.stem) for p in state.pending()]
+        assert kept in ([], [produced]), f"only the round SIGTERM cut short may be left, outbox holds {kept}"
+        wait_until(lambda: len(fleet.ledger()) == produced - len(kept), 30, "the ledger to hold every update delivered")
     finally:
         agent.stop()
         fleet.stop_coordinator()
         fleet.broker.stop()
     seqs = sorted(e["seq"] for e in fleet.ledger() if e["device"] == "dev-a")
-    assert seqs == list(range(1, produced + 1)), f"lost or doubled: {seqs}"
+    assert sorted(seqs + kept) == list(range(1, produced + 1)), f"lost or doubled: ledger {seqs}, outbox {kept}"
     assert not list((tmp_path / "agent-state" / "outbox").glob("rejected/*"))
 
 
