@@ -169,8 +169,8 @@ def compress_dense(tensors: Mapping[str, np.ndarray], kind: FrameKind, zstd_leve
     records = {}
     for n, a in tensors.items():
         flat = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
-        nonzero = np.flatnonzero(flat.view(np.uint32))
-        if flat.size >= 64 and nonzero.size < flat.size // 3:
+        if flat.size >= 64 and np.count_nonzero(flat.view(np.uint32)) < flat.size // 3:
+            nonzero = np.flatnonzero(flat.view(np.uint32))
             records[n] = SparseTensor(shape=tuple(np.shape(a)), values=flat[nonzero], indices=nonzero)
         else:
             records[n] = SparseTensor(shape=tuple(np.shape(a)), values=flat)

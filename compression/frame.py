@@ -14,11 +14,13 @@ subclass. A corrupt frame can never produce a wrong tensor silently.
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import NamedTuple
 
 import numpy as np
 import zstandard
@@ -30,6 +32,7 @@ from compression.indices import (
     bitpack_encode,
     from_gaps,
     to_gaps,
+    varint_bytes,
     varint_decode,
     varint_encode,
 )
@@ -52,10 +55,12 @@ _VALUES = {1: {int(v): v for v in _V1_VALUES}, 2: {int(v): v for v in _V2_VALUES
 _SHAPE_FMT = {n: f"<{n}I" for n in range(1, 9)}
 _F32_MAX = float(np.finfo(np.float32).max)
 _HEADER = struct.Struct("<4sBBHII")
+_U32 = struct.Struct("<I")
 _CRC = struct.Struct("<I")
 MAX_NAME_BYTES = 255
 MAX_NDIM = 8
 MAX_INT8_BLOCK = 1 << 20
+_BATCHED = (ValueType.INT8, ValueType.INT4)
 
 
 class FrameKind(IntEnum):
@@ -117,6 +122,14 @@ class SparseTensor:
     values: np.ndarray
     indices: np.ndarray | None = None
 
+    @classmethod
+    def trusted(cls, shape: tuple[int, ...], values: np.ndarray, indices: np.ndarray | None) -> SparseTensor:
+        """One built from fields the decoder has already checked, without the dataclass' setters
+        (the decoder makes one per record of every update)."""
+        t = object.__new__(cls)
+        t.__dict__.update(shape=shape, values=values, indices=indices)
+        return t
+
     @property
     def numel(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
@@ -131,11 +144,75 @@ class SparseTensor:
 
 
 @dataclass(frozen=True)
+class Packed:
+    """Sparse records laid end to end, as the decoder produced them: record ``k`` is tensor
+    ``names[k]`` of ``shapes[k]``, with flat ``indices[bounds[k]:bounds[k+1]]`` and the ``values``
+    there. Aggregation sums many updates with a few array operations on these instead of a few
+    per tensor."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    bounds: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray
+
+
+class Tensors(Mapping[str, SparseTensor]):
+    """A decoded frame's tensors by name, in record order; read-only.
+
+    The default codec's records are kept as one :class:`Packed` set of arrays (``packed``,
+    when every record is of that kind) and each :class:`SparseTensor` is made from them (views)
+    the first time it is looked up: a coordinator that only validates and sums an update
+    never makes its hundred-odd tensor objects."""
+
+    __slots__ = ("_made", "_order", "_packed", "_packed_at", "packed")
+
+    def __init__(
+        self, records: Mapping[str, SparseTensor] | None = None, packed: Packed | None = None, order: list[str] | None = None
+    ) -> None:
+        self._made: dict[str, SparseTensor] = dict(records or {})
+        self.packed = packed if packed is not None and not self._made else None
+        self._packed_at: dict[str, int] = {} if packed is None else {n: k for k, n in enumerate(packed.names)}
+        self._packed = packed
+        self._order: list[str] = order if order is not None else [*self._made, *(packed.names if packed else ())]
+
+    def __getitem__(self, name: str) -> SparseTensor:
+        t = self._made.get(name)
+        if t is None:
+            k = self._packed_at.get(name)
+            if k is None:
+                raise KeyError(name)
+            p = self._packed
+            assert p is not None
+            lo, hi = int(p.bounds[k]), int(p.bounds[k + 1])
+            t = self._made[name] = SparseTensor.trusted(p.shapes[k], p.values[lo:hi], p.indices[lo:hi])
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._made or name in self._packed_at
+
+    def shapes(self) -> Iterator[tuple[str, tuple[int, ...]]]:
+        """``(name, shape)`` of every tensor, without making the tensors."""
+        for name in self._order:
+            k = self._packed_at.get(name)
+            yield (name, self._made[name].shape if k is None else self._packed.shapes[k])  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
 class Frame:
     """A decoded frame."""
 
     kind: FrameKind
-    tensors: dict[str, SparseTensor] = field(default_factory=dict)
+    tensors: Mapping[str, SparseTensor] = field(default_factory=dict)
+    """By name, in the frame's record order (a :class:`Tensors` when decoded)."""
+    sumsq: float = 0.0
+    """The sum of the squares of every value, in float64 (the squared L2 norm of the frame)."""
 
     def dense(self) -> dict[str, np.ndarray]:
         return {name: t.to_dense() for name, t in self.tensors.items()}
@@ -157,8 +234,14 @@ def encode_frame(
     if not 1 <= int8_block <= MAX_INT8_BLOCK:
         raise CodecError(f"int8_block must be in 1..{MAX_INT8_BLOCK}, got {int8_block}")
     parts: list[bytes] = [struct.pack("<I", len(tensors))]
-    for name, t in tensors.items():
-        parts.append(_encode_record(name, t, values, int8_block, index_coding))
+    batched = _encode_batch(tensors, values, int8_block) if index_coding is IndexCoding.VARINT and values in _BATCHED else None
+    if batched is not None:
+        parts += batched
+    elif values is ValueType.FP32 and tensors and all(t.indices is None for t in tensors.values()):
+        parts += _encode_dense_fp32(tensors)
+    else:
+        for name, t in tensors.items():
+            parts.append(_encode_record(name, t, values, int8_block, index_coding))
     body = b"".join(parts)
     comp = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(body)
     version = 3 if values is ValueType.INT4 else 2
@@ -195,10 +278,98 @@ def _encode_record(name: str, t: SparseTensor, vtype: ValueType, block: int, cod
             index_bytes = varint_encode(gaps)
             index_bytes = struct.pack("<I", len(index_bytes)) + index_bytes
     scales, codes = quantize_values(vals, vtype, block)
+    return _record_head(name, t.shape, layout, vtype, block, vals.size) + index_bytes + scales + codes
+
+
+def _record_head(name: str, shape: tuple[int, ...], layout: int, vtype: ValueType, block: int, nnz: int) -> bytes:
+    raw_name = name.encode("utf-8")
     head = struct.pack("<H", len(raw_name)) + raw_name
-    head += struct.pack("<B", len(t.shape)) + struct.pack(f"<{len(t.shape)}I", *(int(d) for d in t.shape))
-    head += struct.pack("<BBII", layout, vtype, block if vtype.blockwise else 0, vals.size)
-    return head + index_bytes + scales + codes
+    head += struct.pack("<B", len(shape)) + struct.pack(f"<{len(shape)}I", *(int(d) for d in shape))
+    return head + struct.pack("<BBII", layout, vtype, block if vtype.blockwise else 0, nnz)
+
+
+def _encode_dense_fp32(tensors: Mapping[str, SparseTensor]) -> list[bytes]:
+    """Dense fp32 records (snapshots), with one finiteness check over all of them."""
+    flats = [np.ascontiguousarray(t.values, dtype="<f4").reshape(-1) for t in tensors.values()]
+    if not np.isfinite(np.concatenate(flats)).all():
+        for name, t in tensors.items():
+            _encode_record(name, t, ValueType.FP32, 1, IndexCoding.U32)  # raises, naming the tensor
+    out = []
+    for (name, t), flat in zip(tensors.items(), flats, strict=True):
+        shape = tuple(int(d) for d in t.shape)
+        raw = name.encode("utf-8")
+        if not 1 <= len(raw) <= MAX_NAME_BYTES or not 1 <= len(shape) <= MAX_NDIM or min(shape) < 1 or flat.size != math.prod(shape):
+            out.append(_encode_record(name, t, ValueType.FP32, 1, IndexCoding.U32))  # raises, naming the problem
+            continue
+        out.append(_record_head(name, shape, DENSE, ValueType.FP32, 0, flat.size))
+        out.append(flat.tobytes())
+    return out
+
+
+def _encode_batch(tensors: Mapping[str, SparseTensor], vtype: ValueType, block: int) -> list[bytes] | None:
+    """The records of sparse ``tensors`` with varint indices and int8/int4 values, byte for byte
+    what :func:`_encode_record` writes, with one vectorized pass over all of them (the default
+    codec, for every update and global delta). ``None`` when a record is not of that kind or
+    fails a check: the per-record encoder then runs and names the problem."""
+    items = list(tensors.items())
+    if not items or any(t.indices is None for _, t in items):
+        return None
+    heads = []
+    for name, t in items:
+        raw = name.encode("utf-8", errors="replace")
+        if not 1 <= len(raw) <= MAX_NAME_BYTES or not 1 <= len(t.shape) <= MAX_NDIM or any(int(d) < 1 for d in t.shape):
+            return None
+        heads.append((name, tuple(int(d) for d in t.shape)))
+    nnz = np.array([np.size(t.values) if t.indices is None else t.indices.size for _, t in items], dtype=np.int64)
+    if any(np.size(t.values) != n or t.indices is None or t.indices.ndim != 1 for (_, t), n in zip(items, nnz, strict=True)):
+        return None
+    total = int(nnz.sum())
+    numel = np.array([int(np.prod(shape, dtype=np.int64)) for _, shape in heads], dtype=np.int64)
+    idx = np.concatenate([np.asarray(t.indices, dtype=np.int64).reshape(-1) for _, t in items]) if total else np.zeros(0, np.int64)
+    vals = np.concatenate([np.asarray(t.values, dtype=np.float32).reshape(-1) for _, t in items]) if total else np.zeros(0, np.float32)
+    starts = np.concatenate(([0], np.cumsum(nnz)[:-1]))
+    first = np.zeros(total, dtype=bool)
+    first[starts[nnz > 0]] = True
+    gaps = np.diff(idx, prepend=0)
+    gaps[first] = idx[first]
+    rec_of = np.repeat(np.arange(len(items)), nnz)
+    if total and (gaps.min() < 0 or np.any(gaps[~first] == 0) or np.any(idx >= numel[rec_of]) or not np.all(np.isfinite(vals))):
+        return None
+    varints, lengths = varint_bytes(gaps.astype(np.uint64))
+    idx_len = np.bincount(rec_of, weights=lengths, minlength=len(items)).astype(np.int64) if total else np.zeros(len(items), np.int64)
+    # Blockwise quantization, every record's blocks side by side (a record's last block padded).
+    qmax = 7 if vtype is ValueType.INT4 else 127
+    nblocks = -(-nnz // block)
+    block_start = np.concatenate(([0], np.cumsum(nblocks)[:-1]))
+    local = np.arange(total, dtype=np.int64) - starts[rec_of]
+    slot = block_start[rec_of] * block + local
+    padded = np.zeros(int(nblocks.sum()) * block, dtype=np.float32)
+    padded[slot] = vals
+    blocks = padded.reshape(-1, block)
+    scales = (np.abs(blocks).max(axis=1) / np.float32(qmax)).astype(np.float32) if blocks.size else np.zeros(0, np.float32)
+    safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(blocks / safe[:, None]), -qmax, qmax).astype(np.int8).reshape(-1)[slot]
+    if vtype is ValueType.INT4:
+        code_len = (nnz + 1) // 2
+        byte_start = np.concatenate(([0], np.cumsum(code_len)[:-1]))
+        nib = np.zeros(2 * int(code_len.sum()), dtype=np.uint8)
+        nib[2 * byte_start[rec_of] + local] = (codes.astype(np.int16) & 0xF).astype(np.uint8)
+        code_bytes_all = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+    else:
+        code_len = nnz
+        code_bytes_all = codes.tobytes()
+    scale_bytes = scales.astype("<f4").tobytes()
+    i_end, s_end, c_end = np.cumsum(idx_len).tolist(), np.cumsum(4 * nblocks).tolist(), np.cumsum(code_len).tolist()
+    out: list[bytes] = []
+    i0 = s0 = c0 = 0
+    for k, (name, shape) in enumerate(heads):
+        n = int(nnz[k])
+        out.append(_record_head(name, shape, int(IndexCoding.VARINT), vtype, block, n) + _U32.pack(i_end[k] - i0))
+        out.append(varints[i0 : i_end[k]])
+        out.append(scale_bytes[s0 : s_end[k]])
+        out.append(code_bytes_all[c0 : c_end[k]])
+        i0, s0, c0 = i_end[k], s_end[k], c_end[k]
+    return out
 
 
 _STRUCTS: dict[str, struct.Struct] = {}
@@ -267,7 +438,8 @@ def decode_frame(data: bytes, limits: FrameLimits = FrameLimits()) -> Frame:
     if zlib.crc32(comp, zlib.crc32(data[: _HEADER.size])) != crc:
         raise ChecksumError("frame checksum mismatch")
     body = _decompress(comp, body_len)
-    return Frame(FrameKind(kind), _decode_body(body, limits, version))
+    tensors, sumsq = _decode_body(body, limits, version)
+    return Frame(FrameKind(kind), tensors, sumsq)
 
 
 _CHUNK = 1 << 20
@@ -306,7 +478,7 @@ def _decompress(comp: bytes, body_len: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _decode_body(body: bytes, limits: FrameLimits, version: int) -> dict[str, SparseTensor]:
+def _decode_body(body: bytes, limits: FrameLimits, version: int) -> tuple[Tensors, float]:
     r = _Reader(body)
     (count,) = r.unpack("<I", "tensor count")
     if count > limits.max_tensors:
@@ -315,27 +487,36 @@ def _decode_body(body: bytes, limits: FrameLimits, version: int) -> dict[str, Sp
     order: list[str] = []
     batch = _VarintBatch()
     total_numel = 0
+    sumsq = 0.0
     for i in range(count):
         head = _read_header(r, i, limits, version)
         total_numel += head.numel
         if total_numel > limits.max_total_numel:
             raise LimitError(f"frame declares more than {limits.max_total_numel} elements in all (at tensor {head.name!r})")
-        if head.name in decoded or head.name in batch.names:
+        if head.name in decoded or head.name in batch.seen:
             raise FrameError(f"tensor {head.name!r} appears twice")
         order.append(head.name)
-        if head.layout == IndexCoding.VARINT and head.vtype in (ValueType.INT8, ValueType.INT4) and head.nnz:
+        if head.layout == IndexCoding.VARINT and head.vtype in _BATCHED and head.nnz:
             batch.add(r, head)  # the default codec's records: decoded together below
         else:
-            decoded[head.name] = _read_payload(r, head)
+            decoded[head.name], sq = _read_payload(r, head)
+            sumsq += sq
     if r.pos != len(body):
         raise FrameError(f"{len(body) - r.pos} trailing bytes after the last tensor")
-    if batch.names:
-        decoded.update(batch.decode())
-    return {name: decoded[name] for name in order}  # the frame's record order
+    if not batch.names:
+        return Tensors({name: decoded[name] for name in order}), sumsq
+    packed, sq = batch.decode()
+    return Tensors(decoded, packed, order), sumsq + sq
 
 
-@dataclass(frozen=True)
-class _Header:
+def _sumsq(values: np.ndarray) -> float:
+    """The float64 sum of squares of float32 ``values``. No finite float32 squared overflows float64,
+    nor does a sum of 2**28 of them, so the result is finite exactly when every value is."""
+    v = values.astype(np.float64)
+    return float(np.dot(v, v))
+
+
+class _Header(NamedTuple):
     name: str
     shape: tuple[int, ...]
     numel: int
@@ -345,7 +526,56 @@ class _Header:
     nnz: int
 
 
+_H = struct.Struct("<H")
+_ENCODING = struct.Struct("<BBII")
+_PREFIXES: dict[bytes, tuple[str, tuple[int, ...], int]] = {}
+"""Name and shape prefixes of record headers already checked, by their bytes: a fleet's frames
+repeat the same tensors, so each is parsed once. Bounded by :data:`_MAX_PREFIXES`."""
+_MAX_PREFIXES = 8192
+
+
 def _read_header(r: _Reader, i: int, limits: FrameLimits, version: int) -> _Header:
+    buf, pos = r.buf, r.pos
+    if pos + 3 > len(buf):
+        r.take(3, "name length of tensor", i)  # raises, naming what is missing
+    (name_len,) = _H.unpack_from(buf, pos)
+    ndim_at = pos + 2 + name_len
+    key_end = ndim_at + 1 + 4 * buf[ndim_at] if ndim_at < len(buf) else -1
+    cached = _PREFIXES.get(buf[pos:key_end]) if 0 < key_end <= len(buf) else None
+    if cached is None:
+        name, shape, numel = _read_prefix(r, i)
+        if len(_PREFIXES) >= _MAX_PREFIXES:
+            _PREFIXES.clear()
+        _PREFIXES[buf[pos : r.pos]] = (name, shape, numel)
+    else:
+        name, shape, numel = cached
+        r.pos = key_end
+    if numel > limits.max_numel:
+        raise LimitError(f"tensor {name!r}: {numel} elements, above the limit of {limits.max_numel}")
+    if r.pos + _ENCODING.size > len(buf):
+        r.take(_ENCODING.size, "encoding of", name)
+    layout, vcode, block, nnz = _ENCODING.unpack_from(buf, r.pos)
+    r.pos += _ENCODING.size
+    if layout not in _LAYOUTS[version]:
+        raise FrameError(f"tensor {name!r}: unknown layout {layout} in a version {version} frame")
+    vtype = _VALUES[version].get(vcode)
+    if vtype is None:
+        raise FrameError(f"tensor {name!r}: unknown value type {vcode} in a version {version} frame")
+    if vtype.blockwise:
+        if not 1 <= block <= MAX_INT8_BLOCK:
+            raise FrameError(f"tensor {name!r}: block size {block} outside 1..{MAX_INT8_BLOCK}")
+    elif block != 0:
+        raise FrameError(f"tensor {name!r}: block size {block} given for value type {vtype.name}")
+    if layout == DENSE:
+        if nnz != numel:
+            raise FrameError(f"tensor {name!r}: dense with {nnz} values for {numel} elements")
+    elif nnz > numel:
+        raise FrameError(f"tensor {name!r}: {nnz} sparse values for {numel} elements")
+    return _Header(name, shape, numel, layout, vtype, block, nnz)
+
+
+def _read_prefix(r: _Reader, i: int) -> tuple[str, tuple[int, ...], int]:
+    """A record's name and shape, checked."""
     (name_len,) = r.unpack("<H", "name length of tensor", i)
     if not 1 <= name_len <= MAX_NAME_BYTES:
         raise FrameError(f"tensor {i}: name length {name_len} outside 1..{MAX_NAME_BYTES}")
@@ -364,28 +594,10 @@ def _read_header(r: _Reader, i: int, limits: FrameLimits, version: int) -> _Head
     numel = 1
     for d in shape:
         numel *= d
-    if numel > limits.max_numel:
-        raise LimitError(f"tensor {name!r}: {numel} elements, above the limit of {limits.max_numel}")
-    layout, vcode, block, nnz = r.unpack("<BBII", "encoding of", name)
-    if layout not in _LAYOUTS[version]:
-        raise FrameError(f"tensor {name!r}: unknown layout {layout} in a version {version} frame")
-    vtype = _VALUES[version].get(vcode)
-    if vtype is None:
-        raise FrameError(f"tensor {name!r}: unknown value type {vcode} in a version {version} frame")
-    if vtype.blockwise:
-        if not 1 <= block <= MAX_INT8_BLOCK:
-            raise FrameError(f"tensor {name!r}: block size {block} outside 1..{MAX_INT8_BLOCK}")
-    elif block != 0:
-        raise FrameError(f"tensor {name!r}: block size {block} given for value type {vtype.name}")
-    if layout == DENSE:
-        if nnz != numel:
-            raise FrameError(f"tensor {name!r}: dense with {nnz} values for {numel} elements")
-    elif nnz > numel:
-        raise FrameError(f"tensor {name!r}: {nnz} sparse values for {numel} elements")
-    return _Header(name, tuple(shape), numel, layout, vtype, block, nnz)
+    return name, tuple(shape), numel
 
 
-def _read_payload(r: _Reader, head: _Header) -> SparseTensor:
+def _read_payload(r: _Reader, head: _Header) -> tuple[SparseTensor, float]:
     name, nnz, block, vtype = head.name, head.nnz, head.block, head.vtype
     indices: np.ndarray | None = None
     if head.layout != DENSE:
@@ -398,10 +610,10 @@ def _read_payload(r: _Reader, head: _Header) -> SparseTensor:
             raise FrameError(f"tensor {name!r}: scales must be finite and non-negative")
     codes = r.take(code_bytes(vtype, nnz), "values of", name)
     values = dequantize_values(codes, nnz, scales, vtype, block)
-    # A float64 sum of float32 values cannot overflow: it is finite exactly when every value is.
-    if values.size and not np.isfinite(values.sum(dtype=np.float64)):
+    sq = _sumsq(values)
+    if not np.isfinite(sq):
         raise NonFiniteError(f"tensor {name!r}: values are not all finite")
-    return SparseTensor(shape=head.shape, values=values, indices=indices)
+    return SparseTensor(shape=head.shape, values=values, indices=indices), sq
 
 
 class _VarintBatch:
@@ -410,20 +622,33 @@ class _VarintBatch:
 
     def __init__(self) -> None:
         self.names: list[str] = []
+        self.seen: set[str] = set()
         self.heads: list[_Header] = []
         self.idx: list[bytes] = []
         self.scales: list[np.ndarray] = []
         self.codes: list[bytes] = []
 
     def add(self, r: _Reader, head: _Header) -> None:
-        name, nnz = head.name, head.nnz
-        (length,) = r.unpack("<I", "indices of", name)
+        name, nnz, buf, pos = head.name, head.nnz, r.buf, r.pos
+        if pos + 4 > len(buf):
+            r.take(4, "indices of", name)
+        (length,) = _U32.unpack_from(buf, pos)
         if length > 5 * nnz:
             raise FrameError(f"indices of {name!r}: {length} varint bytes for {nnz} indices")
-        self.idx.append(r.take(length, "indices of", name))
-        self.scales.append(r.array("<f4", -(-nnz // head.block), "scales of", name))
-        self.codes.append(r.take(code_bytes(head.vtype, nnz), "values of", name))
+        n_scales = -(-nnz // head.block)
+        n_codes = nnz if head.vtype is ValueType.INT8 else (nnz + 1) // 2
+        a, b, c = pos + 4, pos + 4 + length, pos + 4 + length + 4 * n_scales
+        if c + n_codes > len(buf):
+            r.pos = a
+            r.take(length, "indices of", name)
+            r.take(4 * n_scales, "scales of", name)
+            r.take(n_codes, "values of", name)
+        self.idx.append(buf[a:b])
+        self.scales.append(np.frombuffer(buf, dtype="<f4", count=n_scales, offset=b))
+        self.codes.append(buf[c : c + n_codes])
+        r.pos = c + n_codes
         self.names.append(name)
+        self.seen.add(name)
         self.heads.append(head)
 
     def _fail(self, per_record_bad: np.ndarray, message: str, cls: type[FrameError] = FrameError) -> None:
@@ -431,7 +656,7 @@ class _VarintBatch:
         if bad.size:
             raise cls(message.format(name=self.names[int(bad[0])]))
 
-    def decode(self) -> dict[str, SparseTensor]:
+    def decode(self) -> tuple[Packed, float]:
         heads = self.heads
         nnz = np.array([h.nnz for h in heads], dtype=np.int64)
         starts = np.concatenate(([0], np.cumsum(nnz)[:-1]))
@@ -496,15 +721,13 @@ class _VarintBatch:
         scale_start = np.concatenate(([0], np.cumsum(scale_counts)[:-1]))
         local = np.arange(total, dtype=np.int64) - starts[rec_of]
         values = codes.astype(np.float32) * scales[scale_start[rec_of] + local // blocks[rec_of]]
-        if values.size and not np.isfinite(values.sum(dtype=np.float64)):
+        sumsq = _sumsq(values)
+        if not np.isfinite(sumsq):
             sums = [values[int(a) : int(a) + int(n)].sum(dtype=np.float64) for a, n in zip(starts, nnz, strict=True)]
             bad = ~np.isfinite(np.array(sums))
             self._fail(bad, "tensor {name!r}: values are not all finite", NonFiniteError)
-        out = {}
-        for k, h in enumerate(heads):
-            lo, hi = int(starts[k]), int(starts[k] + h.nnz)
-            out[h.name] = SparseTensor(shape=h.shape, values=values[lo:hi], indices=indices[lo:hi])
-        return out
+        bounds = np.concatenate((starts, [total]))
+        return Packed(tuple(self.names), tuple(h.shape for h in heads), bounds, indices, values), sumsq
 
 
 def _read_gaps(r: _Reader, coding: IndexCoding, nnz: int, name: str) -> np.ndarray:

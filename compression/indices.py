@@ -89,11 +89,19 @@ def bitpack_decode(buf: bytes, n: int, what: str) -> np.ndarray:
 
 def varint_encode(gaps: np.ndarray) -> bytes:
     """LEB128: 7 bits a byte, high bit set on every byte but a value's last."""
-    v = np.asarray(gaps, dtype=np.uint64)
+    return varint_bytes(np.asarray(gaps, dtype=np.uint64))[0]
+
+
+def varint_bytes(v: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """LEB128 of the uint64 values ``v`` laid end to end, and the byte length of each."""
     if not v.size:
-        return b""
-    nbytes = np.maximum(1, (np.floor(np.log2(np.maximum(v, 1))).astype(np.int64) // 7) + 1)
-    nbytes[v == 0] = 1
+        return b"", np.zeros(0, dtype=np.int64)
+    nbytes = np.ones(v.size, dtype=np.int64)
+    for j in range(1, 10):
+        longer = v >= np.uint64(1 << (7 * j))
+        if not longer.any():
+            break
+        nbytes += longer
     total = int(nbytes.sum())
     owner = np.repeat(np.arange(v.size), nbytes)
     start = np.cumsum(nbytes) - nbytes
@@ -101,7 +109,7 @@ def varint_encode(gaps: np.ndarray) -> bytes:
     out = ((v[owner] >> (7 * pos).astype(np.uint64)) & np.uint64(0x7F)).astype(np.uint8)
     last = pos == (nbytes[owner] - 1)
     out[~last] |= 0x80
-    return out.tobytes()
+    return out.tobytes(), nbytes
 
 
 def varint_decode(buf: bytes, n: int, what: str) -> np.ndarray:
@@ -118,10 +126,12 @@ def varint_decode(buf: bytes, n: int, what: str) -> np.ndarray:
         raise FrameError(f"{what}: a varint index is longer than 5 bytes")
     if lengths.max() == 1:
         return b.astype(np.uint32)  # every gap below 128: the common case of dense top-k
-    owner = np.repeat(np.arange(n), lengths)
-    pos = np.arange(b.size) - starts[owner]
-    # float64 sums are exact here: each term is below 2^35 and there are at most 5 a value.
-    values = np.bincount(owner, weights=(b & 0x7F).astype(np.float64) * np.exp2(7 * pos), minlength=n)
-    if values.max() >= 2.0**32:
+    # One pass per byte position (at most 5): the j-th byte of every value at least j+1 long.
+    low = (b & 0x7F).astype(np.uint64)
+    values = low[starts]
+    for j in range(1, int(lengths.max())):
+        longer = np.flatnonzero(lengths > j)
+        values[longer] |= low[starts[longer] + j] << np.uint64(7 * j)
+    if values.max() >= 1 << 32:
         raise FrameError(f"{what}: a varint index exceeds 32 bits")
     return values.astype(np.uint32)

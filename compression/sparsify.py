@@ -56,27 +56,35 @@ def topk_global(tensors: Mapping[str, np.ndarray], fraction: float) -> dict[str,
     _check_fraction(fraction)
     if fraction >= 1.0:
         return topk_per_tensor(tensors, fraction)
-    flats = {n: np.ascontiguousarray(a, dtype=np.float32).reshape(-1) for n, a in tensors.items()}
-    total = sum(f.size for f in flats.values())
+    names = list(tensors)
+    shapes = [tuple(np.shape(tensors[n])) for n in names]
+    sizes = np.array([int(np.prod(s, dtype=np.int64)) for s in shapes], dtype=np.int64)
+    total = int(sizes.sum())
     if total == 0:
         return {}
-    mags = np.concatenate([np.abs(f) for f in flats.values()])
+    # All tensors laid end to end: one threshold, one selection, then cut back into tensors.
+    flat = np.concatenate([np.asarray(tensors[n], dtype=np.float32).reshape(-1) for n in names])
+    mags = np.abs(flat)
     nonzero = mags[mags > 0]
     k = min(k_for(total, fraction), nonzero.size)
     if k == 0:
         return {
-            n: SparseTensor(shape=tuple(tensors[n].shape), values=np.zeros(0, np.float32), indices=np.zeros(0, np.int64)) for n in flats
+            n: SparseTensor(shape=s, values=np.zeros(0, np.float32), indices=np.zeros(0, np.int64))
+            for n, s in zip(names, shapes, strict=True)
         }
     threshold = np.partition(nonzero, nonzero.size - k)[nonzero.size - k]
-    # Everything strictly above the threshold is kept; ties at the threshold fill the rest of k.
-    ties_budget = k - int(np.count_nonzero(mags > threshold))
+    # Everything strictly above the threshold is kept; ties at the threshold fill the rest of k,
+    # first come first served in tensor order.
+    above = np.flatnonzero(mags > threshold)
+    ties = np.flatnonzero(mags == threshold)[: max(0, k - above.size)]
+    idx = np.sort(np.concatenate([above, ties])).astype(np.int64)
+    offsets = np.concatenate(([0], np.cumsum(sizes)))
+    cuts = np.searchsorted(idx, offsets).tolist()
+    values = flat[idx]
     out: dict[str, SparseTensor] = {}
-    for name, flat in flats.items():
-        above = np.flatnonzero(np.abs(flat) > threshold)
-        ties = np.flatnonzero(np.abs(flat) == threshold)[: max(0, ties_budget)]
-        ties_budget -= ties.size
-        idx = np.sort(np.concatenate([above, ties])).astype(np.int64)
-        out[name] = SparseTensor(shape=tuple(tensors[name].shape), values=flat[idx], indices=idx)
+    for j, (name, shape) in enumerate(zip(names, shapes, strict=True)):
+        lo, hi = cuts[j], cuts[j + 1]
+        out[name] = SparseTensor(shape=shape, values=values[lo:hi], indices=idx[lo:hi] - offsets[j])
     return out
 
 

@@ -151,7 +151,9 @@ class CoordinatorConfig:
     """Codec of the global deltas published each version (with error feedback at the coordinator)."""
     keep_versions: int = 20
     """Snapshot files kept on disk; older versions keep their ledger rows."""
-    snapshot_zstd_level: int = 3
+    snapshot_zstd_level: int = 1
+    """zstd level of the retained snapshot. fp32 weights barely compress: on SmolLM2's LoRA state
+    level 1 saves 6% in 1.6 ms, level 3 saves 7% in 3.1 ms, and a snapshot is built every version."""
     heartbeat_s: float = 10.0
     metrics_port: int = 0
     """Port of the Prometheus ``/metrics`` endpoint (0 = off)."""

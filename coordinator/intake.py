@@ -10,7 +10,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from compression import CodecError, protocol
+from compression import CodecError, FrameLimits, protocol
 from compression.frame import SparseTensor
 from compression.protocol import Envelope
 from coordinator.config import CoordinatorConfig
@@ -37,6 +37,7 @@ class Intake:
         self.verifier = Verifier(
             store, allow_unknown=limits.allow_unknown_devices or bool(limits.devices), require_signatures=limits.require_signatures
         )
+        self._limits: tuple[dict[str, tuple[int, ...]], FrameLimits] | None = None
 
     def is_known(self, device: str) -> bool:
         return self.cfg.limits.allow_unknown_devices or device in self.cfg.limits.devices
@@ -50,6 +51,12 @@ class Intake:
             return protocol.decode_signed_envelope(payload, max_bytes=self.cfg.limits.max_update_bytes)
         except CodecError as exc:
             raise Rejection(exc.reason, str(exc)) from None
+
+    def _frame_limits(self, shapes: dict[str, tuple[int, ...]]) -> FrameLimits:
+        """The decoder's limits for ``shapes``, computed once for each global state's shapes."""
+        if self._limits is None or self._limits[0] is not shapes:
+            self._limits = (shapes, FrameLimits.for_shapes(shapes, self.cfg.limits.max_update_bytes))
+        return self._limits[1]
 
     def validate(self, device: str, env: Envelope, size: int, shapes: dict[str, tuple[int, ...]], version: int) -> ValidUpdate:
         """The update, its sample count capped; raises :class:`Rejection`."""
@@ -66,6 +73,7 @@ class Intake:
             is_known_device=self.is_known,
             is_duplicate=self.store.is_applied,
             check_identity=self.verifier.check,
+            limits=self._frame_limits(shapes),
         )
         if not self.rate.allow(device):
             raise Rejection("rate_limited", f"more than {limits.max_updates_per_minute:g} updates a minute")

@@ -79,7 +79,7 @@ class CoordinatorService:
             self.spec, version, self.state, self.downlink, strategy_state = open_fleet(self.store, cfg, init)
             self._signer = fleet_key(cfg.state_dir, create=False).sign
             # Accepted before a restart, not yet aggregated; decoded (sparse) once, here or on arrival.
-            buffered = [accepted(b, dict(decode_frame(b.frame).tensors)) for b in self.store.buffered()]
+            buffered = [accepted(b, decode_frame(b.frame).tensors) for b in self.store.buffered()]
             self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}
             self.engine = Engine(
                 cfg.strategy,

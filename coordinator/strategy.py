@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from compression.frame import SparseTensor
+from compression.frame import SparseTensor, Tensors
 from coordinator.robust import RobustConfig, coordinate_median, multi_krum_select, trimmed_mean
 
 BUILTIN_KINDS = ("fedasync", "fedbuff", "fedavg", "fedadam", "fedyogi")
@@ -223,6 +223,12 @@ def aggregate_buffer(updates: Sequence[WeightedUpdate], cfg: StrategyConfig) -> 
         scale = [min(1.0, cfg.robust.clip / max(_update_norm(u), 1e-12)) for u in kept]
     names = sorted({n for u in kept for n in u.delta})
     weights = [0.0] * len(updates)
+    if all(len(u.delta) == len(names) for u in kept):
+        # Every update carries every tensor (one kind of device): one weighted sum over all.
+        linear = [wi * scale[i] for (i, wi) in update_weights(kept, names[0], cfg)]
+        for i, wi in enumerate(linear):
+            weights[index[i]] = wi
+        return _summed(kept, linear, names), weights
     step: dict[str, np.ndarray] = {}
     for name in names:
         carriers = update_weights(kept, name, cfg)
@@ -245,6 +251,49 @@ def aggregate_buffer(updates: Sequence[WeightedUpdate], cfg: StrategyConfig) -> 
             dense += np.bincount(np.concatenate(sparse_idx), weights=np.concatenate(sparse_val), minlength=numel)
         step[name] = dense.astype(np.float32).reshape(shape)
     return step, weights
+
+
+def _summed(updates: Sequence[WeightedUpdate], weights: Sequence[float], names: Sequence[str]) -> dict[str, np.ndarray]:
+    """``sum_i w_i * delta_i`` of updates that all carry exactly ``names``, with the tensors laid
+    end to end so that the sparse parts of every update go into one weighted bincount."""
+    shapes = {n: tuple(updates[0].delta[n].shape) for n in names}
+    offsets, total = {}, 0
+    for n in names:
+        offsets[n] = total
+        total += int(np.prod(shapes[n], dtype=np.int64))
+    dense = np.zeros(total, dtype=np.float64)
+    sparse_idx, sparse_val = [], []
+    layouts: dict[tuple[Any, ...], np.ndarray] = {}
+    for u, w in zip(updates, weights, strict=True):
+        packed = u.delta.packed if isinstance(u.delta, Tensors) else None
+        if packed is not None:
+            # As decoded: every record's indices shifted by its tensor's offset, in two operations.
+            key = (packed.names, packed.shapes)
+            starts = layouts.get(key)
+            if starts is None:
+                for n, shape in zip(packed.names, packed.shapes, strict=True):
+                    if shape != shapes[n]:
+                        raise ValueError(f"tensor {n!r} has shape {shape} in one update and {shapes[n]} in another")
+                starts = layouts[key] = np.array([offsets[n] for n in packed.names], dtype=np.int64)
+            sparse_idx.append(packed.indices + np.repeat(starts, np.diff(packed.bounds)))
+            sparse_val.append(w * packed.values.astype(np.float64))
+            continue
+        for n, d in u.delta.items():
+            if tuple(d.shape) != shapes[n]:
+                raise ValueError(f"tensor {n!r} has shape {tuple(d.shape)} in one update and {shapes[n]} in another")
+            off = offsets[n]
+            if isinstance(d, SparseTensor) and d.indices is not None:
+                sparse_idx.append(d.indices + off)
+                sparse_val.append(w * d.values.astype(np.float64))
+            else:
+                values = d.values if isinstance(d, SparseTensor) else np.asarray(d, dtype=np.float32)
+                flat = values.reshape(-1)
+                dense[off : off + flat.size] += w * flat.astype(np.float64)
+    if sparse_idx:
+        dense += np.bincount(np.concatenate(sparse_idx), weights=np.concatenate(sparse_val), minlength=total)
+    flat32 = dense.astype(np.float32)
+    ends = dict(zip(names, [*list(offsets.values())[1:], total], strict=True))
+    return {n: flat32[offsets[n] : ends[n]].reshape(shapes[n]) for n in names}
 
 
 def krum_keep(updates: Sequence[WeightedUpdate], f: int, m: int = 0) -> list[int]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from compression import CodecError, FrameKind, FrameLimits, decode_frame, protocol
-from compression.frame import SparseTensor
+from compression.frame import SparseTensor, Tensors
 from compression.protocol import UpdateHeader
 from coordinator.errors import Rejection
 from coordinator.strategy import StrategyConfig
@@ -25,7 +25,7 @@ from coordinator.strategy import StrategyConfig
 @dataclass(frozen=True)
 class ValidUpdate:
     header: UpdateHeader
-    tensors: dict[str, SparseTensor]
+    tensors: Mapping[str, SparseTensor]
     """The decoded update, sparse as it came (no dense copy of a 1% update)."""
     staleness: int
     size: int
@@ -67,8 +67,12 @@ def validate_envelope(
     is_known_device: Callable[[str], bool],
     is_duplicate: Callable[[str], bool],
     check_identity: Callable[[protocol.Envelope], bool] | None = None,
+    limits: FrameLimits | None = None,
 ) -> ValidUpdate:
-    """Check a decoded envelope: identity, frame, version, shapes and norm."""
+    """Check a decoded envelope: identity, frame, version, shapes and norm.
+
+    ``limits`` are the decoder's limits for ``shapes`` and ``max_update_bytes`` when the caller
+    keeps them (they cost more to compute than to decode a small frame)."""
     header, frame_bytes = env.header, env.frame
     if header.device != topic_device:
         raise Rejection("device_mismatch", f"update says device {header.device!r} but came on {topic_device!r}'s topic")
@@ -81,7 +85,7 @@ def validate_envelope(
     try:
         # Limits from the global state's shapes: no frame can make the decoder allocate more
         # than a dense copy of the state, whatever its headers claim.
-        frame = decode_frame(frame_bytes, FrameLimits.for_shapes(shapes, max_update_bytes))
+        frame = decode_frame(frame_bytes, limits or FrameLimits.for_shapes(shapes, max_update_bytes))
     except CodecError as exc:
         raise Rejection(exc.reason, str(exc)) from None
     if frame.kind is not FrameKind.UPDATE:
@@ -94,15 +98,16 @@ def validate_envelope(
         raise Rejection("too_stale", f"staleness {tau} exceeds {strategy.effective_max_staleness} ({limit})")
     if not frame.tensors:
         raise Rejection("malformed_frame", "update carries no tensors")
-    for name, t in frame.tensors.items():
+    tensors = frame.tensors
+    for name, shape in tensors.shapes() if isinstance(tensors, Tensors) else ((n, t.shape) for n, t in tensors.items()):
         expected = shapes.get(name)
         if expected is None:
             raise Rejection("shape_mismatch", f"tensor {name!r} is not part of the global state")
-        if tuple(t.shape) != tuple(expected):
-            raise Rejection("shape_mismatch", f"tensor {name!r} has shape {t.shape}, global has {tuple(expected)}")
-    norm = float(np.sqrt(sum(float(np.square(t.values, dtype=np.float64).sum()) for t in frame.tensors.values())))
+        if tuple(shape) != tuple(expected):
+            raise Rejection("shape_mismatch", f"tensor {name!r} has shape {tuple(shape)}, global has {tuple(expected)}")
+    norm = float(np.sqrt(frame.sumsq))
     if not np.isfinite(norm):
         raise Rejection("non_finite", f"update norm overflows ({norm})")
     if max_update_norm > 0 and norm > max_update_norm:
         raise Rejection("norm_bound", f"update norm {norm:.4g} exceeds {max_update_norm:.4g}")
-    return ValidUpdate(header=header, tensors=dict(frame.tensors), staleness=tau, size=size, frame=frame_bytes, norm=norm)
+    return ValidUpdate(header=header, tensors=frame.tensors, staleness=tau, size=size, frame=frame_bytes, norm=norm)

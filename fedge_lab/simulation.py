@@ -22,7 +22,7 @@ import resource
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,7 +273,7 @@ def _offer(
     cfg: SimulationConfig,
     dev: _Device,
     samples: int,
-    tensors: dict[str, Any],
+    tensors: Mapping[str, Any],
     now: float,
     rejected: Counter[str],
 ) -> Step | None:

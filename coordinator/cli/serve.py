@@ -24,8 +24,11 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from coordinator.allocator import keep_heap_pages
     from coordinator.config import load_config
     from coordinator.service import CoordinatorService
+
+    keep_heap_pages()  # before anything large is allocated; see coordinator.allocator
 
     service = CoordinatorService(load_config(args.config), init=args.init)
 

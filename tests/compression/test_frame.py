@@ -267,6 +267,52 @@ def test_batched_varint_records_decode_like_single_ones(index_sets: list[list[in
         assert np.all(np.abs(got.values - t.values) <= bound)
 
 
+@given(
+    st.lists(st.lists(st.integers(0, 70000), unique=True, max_size=300), min_size=1, max_size=6),
+    st.sampled_from([ValueType.INT8, ValueType.INT4]),
+    st.integers(1, 300),
+    st.floats(1e-30, 1e30),
+)
+def test_the_batched_encoder_writes_what_the_record_encoder_writes(
+    index_sets: list[list[int]], vtype: ValueType, block: int, scale: float
+) -> None:
+    from compression.frame import _encode_batch, _encode_record
+
+    rng = np.random.default_rng(len(index_sets))
+    tensors = {}
+    for k, idx in enumerate(index_sets):
+        indices = np.array(sorted(idx), dtype=np.int64)
+        values = (rng.normal(size=indices.size) * scale).astype(np.float32)
+        values[rng.random(indices.size) < 0.1] = 0.0  # zeros and all-zero blocks
+        tensors[f"layer.{k}.weight"] = SparseTensor((70001,) if k % 2 else (7, 10001), values, indices)
+    batched = _encode_batch(tensors, vtype, block)
+    assert batched is not None
+    single = b"".join(_encode_record(n, t, vtype, block, IndexCoding.VARINT) for n, t in tensors.items())
+    assert b"".join(batched) == single
+
+
+def test_the_batched_encoder_leaves_bad_input_to_the_record_encoder() -> None:
+    from compression.frame import _encode_batch
+
+    good = SparseTensor((10,), np.ones(2, np.float32), np.array([1, 3]))
+    for bad in (
+        SparseTensor((10,), np.ones(2, np.float32), np.array([3, 1])),
+        SparseTensor((10,), np.ones(2, np.float32), np.array([1, 10])),
+        SparseTensor((10,), np.array([1.0, np.nan], np.float32), np.array([1, 3])),
+        SparseTensor((10,), np.ones(3, np.float32), np.array([1, 3])),
+    ):
+        assert _encode_batch({"a": good, "b": bad}, ValueType.INT8, 4) is None
+        with pytest.raises(CodecError):
+            encode_frame(FrameKind.UPDATE, {"a": good, "b": bad}, values=ValueType.INT8, index_coding=IndexCoding.VARINT)
+    # A dense record is not the batch's kind, but a valid frame.
+    dense = {"a": good, "b": SparseTensor((10,), np.ones(10, np.float32))}
+    assert _encode_batch(dense, ValueType.INT8, 4) is None
+    assert list(decode_frame(encode_frame(FrameKind.UPDATE, dense, values=ValueType.INT8, index_coding=IndexCoding.VARINT)).tensors) == [
+        "a",
+        "b",
+    ]
+
+
 def test_a_bad_record_in_a_batch_is_named() -> None:
     import zstandard
 
