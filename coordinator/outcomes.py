@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from compression import CodecError, protocol
 from compression.protocol import UpdateAck, UpdateHeader
 from coordinator.errors import Rejection
 from coordinator.metrics import Metrics
@@ -70,3 +71,26 @@ class Outcomes:
     def restore(self, mark: tuple[Any, ...]) -> None:
         self.counts, self.rejections, self.duplicates, n_acks = mark
         del self.acks_out[n_acks:]
+
+    def handler_error(self, topic: str, payload: bytes, error: str, version: int, max_update_bytes: int) -> None:
+        """A message whose handling failed: an update is refused as ``handler_error`` and its device told."""
+        try:
+            _fleet, device, leaf = protocol.parse_device_topic(topic)
+        except CodecError:
+            return
+        if leaf != "update":
+            return
+        self.reject(device, Rejection("handler_error", error))
+        try:
+            header = protocol.decode_signed_envelope(payload, max_update_bytes).header
+        except CodecError:
+            return
+        if header.device == device:
+            self.ack(header, "rejected", f"handler_error: {error}", version)
+
+    def status(self, state: str, version: int, online_fields: dict[str, object]) -> dict[str, object]:
+        """The coordinator's retained status: counts and ``online_fields`` while online."""
+        payload: dict[str, object] = {"state": state, "version": version, "ts": time.time()}
+        if state == "online":
+            payload.update(self.counts, rejections=dict(self.rejections), duplicates=self.duplicates, **online_fields)
+        return payload

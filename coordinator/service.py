@@ -34,12 +34,11 @@ import numpy as np
 
 from compression import (
     CodecError,
+    ErrorFeedback,
     decode_frame,
     protocol,
 )
-from compression.protocol import DeviceStatus
 from coordinator.config import CoordinatorConfig
-from coordinator.downlink import next_version
 from coordinator.engine import Accepted, Engine, Step
 from coordinator.errors import ConfigError, Rejection, StoreError
 from coordinator.identity import fleet_key
@@ -49,9 +48,11 @@ from coordinator.intake import Intake, accepted, ledger_entry
 from coordinator.link import Link, Message
 from coordinator.metrics import Metrics
 from coordinator.outcomes import Outcomes
+from coordinator.presence import Presence
 from coordinator.quarantine import Quarantine
 from coordinator.store import BufferedUpdate, LedgerEntry, Store
 from coordinator.strategies import StrategyLoadError, load_strategy
+from coordinator.versions import Versions
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +77,12 @@ class CoordinatorService:
             self.store.close()
             raise ConfigError(str(exc)) from None
         try:
-            self.spec, version, self.state, self.downlink, strategy_state = open_fleet(self.store, cfg, init)
+            self.spec, version, state, downlink, strategy_state = open_fleet(self.store, cfg, init)
+            self.versions = Versions(cfg, self.store, state, downlink)
             self._signer = fleet_key(cfg.state_dir, create=False).sign
             # Accepted before a restart, not yet aggregated; decoded (sparse) once, here or on arrival.
             buffered = [accepted(b, decode_frame(b.frame).tensors) for b in self.store.buffered()]
-            self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}
+            self.shapes = {k: tuple(v.shape) for k, v in state.items()}
             self.engine = Engine(
                 cfg.strategy,
                 shapes=self.shapes,
@@ -106,16 +108,13 @@ class CoordinatorService:
                 "updates from devices that were never enrolled" if cfg.limits.allow_unknown_devices else "unsigned updates",
             )
         self.influence = InfluenceTracker(
-            cfg.limits, self.store.recent_norms(cfg.limits.norm_window), self.store.last_samples(), state_norm(self.state)
+            cfg.limits, self.store.recent_norms(cfg.limits.norm_window), self.store.last_samples(), state_norm(self.versions.state)
         )
         self._degraded: str | None = None
         self._strategy_error: str | None = None
         self.quarantine = Quarantine(f"{cfg.state_dir}/quarantine", max_files=cfg.quarantine_max_files)
-        self.online: dict[str, bool] = {}
-        # Devices whose last status was not offline, kept with `online`: no count over the fleet per update.
-        self._online = 0
-        self._new_versions: list[tuple[int, dict[str, np.ndarray], bytes]] = []
         self.intake = Intake(cfg, self.store, self.influence)
+        self.presence = Presence(self.store)
         self.verifier = self.intake.verifier
         self.dp = cfg.dp
         if cfg.dp.enabled:
@@ -135,7 +134,15 @@ class CoordinatorService:
             raise
         self.inbox = self.link.inbox
 
-    # The policy's state lives in the engine; these read it.
+    # The policy's state lives in the engine, the global state in `versions`; these read them.
+    @property
+    def state(self) -> dict[str, np.ndarray]:
+        return self.versions.state
+
+    @property
+    def downlink(self) -> ErrorFeedback:
+        return self.versions.downlink
+
     @property
     def version(self) -> int:
         return self.engine.version
@@ -195,7 +202,7 @@ class CoordinatorService:
             except STORAGE_ERRORS as exc:
                 log.error("cannot read the last delta to republish it (%s); publishing the snapshot only", exc)
                 delta = None
-            self.link.publish_version(self.spec, self.version, self.state, delta)
+            self.link.publish_version(self.spec, self.version, self.versions.state, delta)
         messages = [m for m in batch if isinstance(m, Message)]
         if messages:
             self._process(messages)
@@ -237,46 +244,29 @@ class CoordinatorService:
                 self.metrics.latency.observe(now - msg.received)
         self.metrics.version.set(self.version)
         self.metrics.buffered.set(len(self.buffer))
-        self.metrics.devices_online.set(self._online)
+        self.metrics.devices_online.set(self.presence.count)
         if any(m.topic.endswith("/update") for m in messages):
             self._publish_status("online")
 
     def _after_commit(self) -> None:
         """Publish what the last commit made: new versions, then the devices' acks."""
-        for version, state, frame in self._new_versions:
-            self.link.publish_version(self.spec, version, state, frame)
+        for v in self.versions.take_pending():
+            self.link.publish_version(self.spec, v.version, v.state, v.delta_frame)
         for ack in self.outcomes.take_acks():
             self.link.publish_ack(ack)
-        self._new_versions = []
 
     # -- one message, guarded ----------------------------------------------------------
 
     def _mark(self) -> tuple[Any, ...]:
         """Everything a message's handling may change in memory, to undo it if the handling fails."""
-        return (
-            self.engine.mark(),
-            self.state,
-            self.downlink,
-            self.outcomes.mark(),
-            len(self._new_versions),
-            self.influence.mark(),
-            self.store._pending_prune,
-        )
+        return (self.engine.mark(), self.versions.mark(), self.outcomes.mark(), self.influence.mark(), self.store._pending_prune)
 
     def _restore(self, mark: tuple[Any, ...]) -> None:
-        (
-            engine,
-            self.state,
-            self.downlink,
-            outcomes,
-            n_versions,
-            influence,
-            self.store._pending_prune,
-        ) = mark
+        engine, versions, outcomes, influence, self.store._pending_prune = mark
         self.outcomes.restore(outcomes)
         self.engine.restore(engine)
+        self.versions.restore(versions)
         self.influence.restore(influence)
-        del self._new_versions[n_versions:]
 
     def _handle_guarded(self, msg: Message) -> None:
         """Handle one message in a savepoint; if it raises, undo it and refuse it, never the service."""
@@ -297,19 +287,7 @@ class CoordinatorService:
         error = f"{type(exc).__name__}: {exc}"
         log.error("message on %s could not be handled and is refused (%s); payload quarantined", msg.topic, error[:300])
         self.quarantine.keep(msg.topic, msg.payload, error)
-        try:
-            _fleet, device, leaf = protocol.parse_device_topic(msg.topic)
-        except CodecError:
-            return
-        if leaf != "update":
-            return
-        self.outcomes.reject(device, Rejection("handler_error", error))
-        try:
-            header = protocol.decode_signed_envelope(msg.payload, self.cfg.limits.max_update_bytes).header
-        except CodecError:
-            return
-        if header.device == device:
-            self.outcomes.ack(header, "rejected", f"handler_error: {error}", self.version)
+        self.outcomes.handler_error(msg.topic, msg.payload, error, self.version, self.cfg.limits.max_update_bytes)
 
     def _handle(self, msg: Message) -> None:
         try:
@@ -323,20 +301,7 @@ class CoordinatorService:
         if leaf == "update":
             self._handle_update(device, msg)
         elif leaf == "status":
-            self._handle_status(device, msg)
-
-    def _handle_status(self, device: str, msg: Message) -> None:
-        if not msg.payload:
-            return  # a cleared retained status
-        try:
-            status = DeviceStatus.from_json(msg.payload)
-        except CodecError as exc:
-            log.warning("bad status from %s: %s", device, exc)
-            return
-        online = status.state != "offline"
-        self._online += int(online) - int(self.online.get(device, False))
-        self.online[device] = online
-        self.store.record_status(device, status.state, status.version, status.profile, status.metrics, status.tier)
+            self.presence.observe(device, msg.payload)
 
     def _handle_update(self, device: str, msg: Message) -> None:
         try:
@@ -375,7 +340,7 @@ class CoordinatorService:
         self.outcomes.ack(valid.header, "applied", None, self.version)
 
     def _online_count(self) -> int:
-        return self._online
+        return self.presence.count
 
     def _maybe_close_round(self) -> None:
         """A round whose deadline passed closes here, between batches, in a batch of its own."""
@@ -422,46 +387,23 @@ class CoordinatorService:
         return True
 
     def _commit_step(self, engine_step: Step, entries: list[LedgerEntry]) -> None:
-        """Send the global step through the downlink codec, apply exactly what is sent, commit."""
-        nxt = next_version(self.state, engine_step.step, self.cfg.downlink, self.downlink, engine_step.version)
-        new_state, down_frame = nxt.state, nxt.frame
-        new_version = engine_step.version
-        self.store.commit_version(
-            new_version,
-            new_state,
-            entries,
-            self.cfg.keep_versions,
-            residual=nxt.feedback.residual,
-            delta_frame=down_frame,
-            strategy_state=engine_step.state,
-        )
-        if engine_step.participants:
-            self.store.add_participations(list(engine_step.participants))
+        """Commit the version (see :meth:`Versions.commit`), then move the engine and the counters."""
+        down_frame = self.versions.commit(engine_step, entries)
         self.engine.commit(engine_step, time.monotonic(), self._online_count())
-        self.state, self.downlink = new_state, nxt.feedback
-        self.influence.global_norm = state_norm(new_state)
+        self.influence.global_norm = state_norm(self.versions.state)
         self.outcomes.counts["accepted"] += len(entries)
         self.metrics.applied.inc(len(entries))
         self.outcomes.counts["versions"] += 1
         if engine_step.participants:
             self.metrics.epsilon_max.set(self.fleet_epsilon())
         devices = ",".join(sorted({e.device for e in entries}))
-        log.info("v%d from %d update(s) (%s), downlink %d B", new_version, len(entries), devices, len(down_frame))
-        self._new_versions.append((new_version, new_state, down_frame))
+        log.info("v%d from %d update(s) (%s), downlink %d B", engine_step.version, len(entries), devices, len(down_frame))
 
     def _publish_status(self, state: str) -> None:
         self._last_status = time.monotonic()
-        counts = dict(self.outcomes.counts) if state == "online" else {}
-        payload: dict[str, object] = {"state": state, "version": self.version, "ts": time.time(), **counts}
-        if state == "online":
-            payload.update(
-                strategy=self.cfg.strategy.kind,
-                buffered=len(self.buffer),
-                rejections=dict(self.outcomes.rejections),
-                duplicates=self.outcomes.duplicates,
-            )
-            if self._degraded or self._strategy_error:
-                payload["degraded"] = (self._degraded or self._strategy_error or "")[:300]
-            if self.dp.enabled:
-                payload.update(dp_epsilon=round(self.fleet_epsilon(), 4), dp_delta=self.dp.delta)
-        self.link.publish_status(payload, wait=state == "offline")
+        extra: dict[str, object] = {"strategy": self.cfg.strategy.kind, "buffered": len(self.buffer)}
+        if self._degraded or self._strategy_error:
+            extra["degraded"] = (self._degraded or self._strategy_error or "")[:300]
+        if self.dp.enabled:
+            extra.update(dp_epsilon=round(self.fleet_epsilon(), 4), dp_delta=self.dp.delta)
+        self.link.publish_status(self.outcomes.status(state, self.version, extra), wait=state == "offline")

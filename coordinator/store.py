@@ -21,7 +21,6 @@ the broker redeliver, and the ledger or the buffer recognises the update id as a
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import sqlite3
@@ -36,89 +35,14 @@ import numpy as np
 from safetensors.numpy import load, save
 
 from coordinator.errors import StoreError
+from coordinator.registry import FleetRecords
+from coordinator.schema import create_or_migrate
 
 log = logging.getLogger(__name__)
 
 RESIDUAL_PREFIX = "__downlink_residual__/"
 STRATEGY_PREFIX = "__strategy__/"
 """Tensors of the strategy's state (a server optimizer's moments), stored with the version they belong to."""
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS versions (
-    version INTEGER PRIMARY KEY,
-    created REAL NOT NULL,
-    sha256 TEXT NOT NULL,
-    update_id TEXT,
-    delta_frame BLOB
-);
-CREATE TABLE IF NOT EXISTS ledger (
-    update_id TEXT PRIMARY KEY,
-    device TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    base_version INTEGER NOT NULL,
-    applied_version INTEGER NOT NULL,
-    staleness INTEGER NOT NULL,
-    weight REAL NOT NULL,
-    num_samples INTEGER NOT NULL,
-    bytes INTEGER NOT NULL,
-    train_loss REAL,
-    received REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS buffer (
-    update_id TEXT PRIMARY KEY,
-    device TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    base_version INTEGER NOT NULL,
-    staleness INTEGER NOT NULL,
-    num_samples INTEGER NOT NULL,
-    bytes INTEGER NOT NULL,
-    train_loss REAL,
-    received REAL NOT NULL,
-    frame BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS enrolled (
-    device TEXT PRIMARY KEY,
-    public_key BLOB NOT NULL,
-    created REAL NOT NULL,
-    revoked REAL,
-    last_seq INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS dp_participation (
-    device TEXT PRIMARY KEY,
-    participations INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS rejections (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    device TEXT,
-    reason TEXT NOT NULL,
-    detail TEXT NOT NULL,
-    ts REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS acks (
-    device TEXT PRIMARY KEY,
-    update_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    outcome TEXT NOT NULL,
-    reason TEXT,
-    version INTEGER NOT NULL,
-    ts REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS devices (
-    device TEXT PRIMARY KEY,
-    state TEXT NOT NULL DEFAULT 'unknown',
-    profile TEXT,
-    last_seen REAL,
-    version INTEGER,
-    accepted INTEGER NOT NULL DEFAULT 0,
-    rejected INTEGER NOT NULL DEFAULT 0,
-    bytes_up INTEGER NOT NULL DEFAULT 0,
-    last_loss REAL,
-    eval_loss REAL,
-    metrics TEXT,
-    tier TEXT
-);
-"""
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -163,7 +87,7 @@ class BufferedUpdate:
     frame: bytes
 
 
-class Store:
+class Store(FleetRecords):
     """The coordinator's state directory: ``coordinator.db`` and ``versions/``."""
 
     def __init__(self, root: str | Path, *, readonly: bool = False, create: bool = False) -> None:
@@ -219,14 +143,7 @@ class Store:
                 raise StoreError(f"{db} is corrupt ({check}); restore it from a backup")
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
-        for table, column, decl in (("devices", "tier", "TEXT"), ("ledger", "norm", "REAL"), ("buffer", "norm", "REAL")):
-            columns = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
-            if column not in columns:  # a database from before this column
-                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
-        columns = {r[1] for r in self.db.execute("PRAGMA table_info(enrolled)")}
-        if "max_samples" not in columns:
-            self.db.execute("ALTER TABLE enrolled ADD COLUMN max_samples INTEGER")
+        create_or_migrate(self.db)
 
     def close(self) -> None:
         self.db.close()
@@ -409,49 +326,6 @@ class Store:
             self.db.execute("DELETE FROM buffer")
         return len(rows)
 
-    def record_rejection(self, device: str | None, reason: str, detail: str) -> None:
-        now = time.time()
-        with self._tx():
-            self.db.execute("INSERT INTO rejections(device, reason, detail, ts) VALUES (?,?,?,?)", (device, reason, detail[:500], now))
-            if device is not None:
-                self.db.execute(
-                    "INSERT INTO devices(device, rejected, last_seen) VALUES (?,1,?) "
-                    "ON CONFLICT(device) DO UPDATE SET rejected=rejected+1, last_seen=excluded.last_seen",
-                    (device, now),
-                )
-
-    def record_status(
-        self, device: str, state: str, version: int | None, profile: str | None, metrics: dict[str, float], tier: str | None = None
-    ) -> None:
-        now = time.time()
-        with self._tx():
-            self.db.execute(
-                "INSERT INTO devices(device, state, profile, last_seen, version, eval_loss, metrics, tier) VALUES (?,?,?,?,?,?,?,?) "
-                "ON CONFLICT(device) DO UPDATE SET state=excluded.state, profile=COALESCE(excluded.profile, profile), "
-                "last_seen=excluded.last_seen, version=COALESCE(excluded.version, version), "
-                "eval_loss=COALESCE(excluded.eval_loss, eval_loss), metrics=COALESCE(excluded.metrics, metrics), "
-                "tier=COALESCE(excluded.tier, tier)",
-                (device, state, profile, now, version, metrics.get("eval_loss"), json.dumps(metrics) if metrics else None, tier),
-            )
-
-    def devices(self) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT * FROM devices ORDER BY device").fetchall()
-        out = []
-        for r in rows:
-            d = dict(r)
-            d["metrics"] = json.loads(d["metrics"]) if d["metrics"] else {}
-            out.append(d)
-        return out
-
-    def rejection_counts(self) -> dict[str, int]:
-        return {r["reason"]: r["n"] for r in self.db.execute("SELECT reason, COUNT(*) AS n FROM rejections GROUP BY reason")}
-
-    def counts(self) -> dict[str, int]:
-        accepted = self.db.execute("SELECT COUNT(*) FROM ledger").fetchone()[0]
-        rejected = self.db.execute("SELECT COUNT(*) FROM rejections").fetchone()[0]
-        versions = self.db.execute("SELECT COUNT(*) FROM versions").fetchone()[0]
-        return {"accepted": int(accepted), "rejected": int(rejected), "versions": int(versions)}
-
     def recent_norms(self, n: int) -> list[float]:
         """Norms of the last ``n`` applied or buffered updates, oldest first."""
         rows = self.db.execute(
@@ -465,20 +339,6 @@ class Store:
         """Each device's sample count as weighted in its last applied update."""
         rows = self.db.execute("SELECT device, num_samples FROM ledger WHERE rowid IN (SELECT MAX(rowid) FROM ledger GROUP BY device)")
         return {r["device"]: int(r["num_samples"]) for r in rows}
-
-    def record_ack(self, device: str, update_id: str, seq: int, outcome: str, reason: str | None, version: int) -> None:
-        """The last update of ``device`` that was processed (in the batch's transaction)."""
-        with self._tx():
-            self.db.execute(
-                "INSERT INTO acks(device, update_id, seq, outcome, reason, version, ts) VALUES (?,?,?,?,?,?,?) "
-                "ON CONFLICT(device) DO UPDATE SET update_id=excluded.update_id, seq=excluded.seq, outcome=excluded.outcome, "
-                "reason=excluded.reason, version=excluded.version, ts=excluded.ts",
-                (device, update_id, seq, outcome, None if reason is None else reason[:500], version, time.time()),
-            )
-
-    def last_ack(self, device: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT * FROM acks WHERE device=?", (device,)).fetchone()
-        return None if row is None else dict(row)
 
     # -- savepoints: one message's writes inside a batch ------------------------------
 
@@ -495,55 +355,6 @@ class Store:
     def ledger(self) -> Iterator[dict[str, Any]]:
         for r in self.db.execute("SELECT * FROM ledger ORDER BY applied_version"):
             yield dict(r)
-
-    # -- identities --------------------------------------------------------------------
-
-    def enroll(self, device: str, public_key: bytes, max_samples: int | None = None) -> None:
-        """Register (or re-register after a revocation) a device's Ed25519 public key."""
-        with self._tx():
-            self.db.execute(
-                "INSERT INTO enrolled(device, public_key, created, max_samples) VALUES (?,?,?,?) "
-                "ON CONFLICT(device) DO UPDATE SET public_key=excluded.public_key, created=excluded.created, revoked=NULL, "
-                "max_samples=excluded.max_samples",
-                (device, public_key, time.time(), max_samples),
-            )
-
-    def revoke(self, device: str) -> bool:
-        with self._tx():
-            cur = self.db.execute("UPDATE enrolled SET revoked=? WHERE device=? AND revoked IS NULL", (time.time(), device))
-        return cur.rowcount > 0
-
-    def identity(self, device: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT * FROM enrolled WHERE device=?", (device,)).fetchone()
-        return None if row is None else dict(row)
-
-    def advance_seq(self, device: str, seq: int) -> None:
-        """Record the newest accepted sequence number of an enrolled device (replay protection)."""
-        with self._tx():
-            self.db.execute("UPDATE enrolled SET last_seq=MAX(last_seq, ?) WHERE device=?", (seq, device))
-
-    # -- differential privacy ------------------------------------------------------------
-
-    def add_participations(self, devices: list[str]) -> None:
-        """One more DP-FedBuff buffer for each device (in the version's transaction when batched)."""
-        with self._tx():
-            for d in devices:
-                self.db.execute(
-                    "INSERT INTO dp_participation(device, participations) VALUES (?,1) "
-                    "ON CONFLICT(device) DO UPDATE SET participations=participations+1",
-                    (d,),
-                )
-
-    def participations(self) -> dict[str, int]:
-        return {r["device"]: int(r["participations"]) for r in self.db.execute("SELECT device, participations FROM dp_participation")}
-
-    def get_meta(self, key: str) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return None if row is None else str(row["value"])
-
-    def set_meta(self, key: str, value: str) -> None:
-        with self._tx():
-            self.db.execute("INSERT INTO meta(key, value) VALUES (?,?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
 
 
 class _Transaction:

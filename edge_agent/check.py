@@ -93,7 +93,7 @@ def run_checks(config_path: str, *, skip_model: bool = False, broker_timeout: fl
     def state() -> str:
         from edge_agent.state import AgentState
 
-        st = AgentState(cfg.state_dir)
+        st = AgentState(cfg.state_dir, readonly=True)
         probe = Path(cfg.state_dir) / ".check-write"
         probe.write_bytes(b"ok")
         probe.unlink()
@@ -147,7 +147,7 @@ def show_status(config_path: str, *, as_json: bool = False) -> int:
     root = Path(cfg.state_dir)
     if not root.is_dir():
         raise ConfigError(f"state directory {root} does not exist: the agent has never run with this config")
-    st = AgentState(root)
+    st = AgentState(root, readonly=True)
     cache = model_cache_dir(cfg)
     hb: dict[str, Any] = dict(read_status(root) or {})
     running = pid_alive(hb.get("pid"))

@@ -117,13 +117,19 @@ def read_status(root: Path) -> dict[str, object] | None:
 class AgentState:
     """The agent's state directory."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, readonly: bool = False) -> None:
+        """Open the state directory. The agent that owns it opens it writable, which finishes or
+        undoes a round a crash interrupted; anything else (``status``, ``check``, a test) opens
+        it ``readonly``, which changes nothing, so that it never removes a running agent's
+        half-written file."""
         self.root = Path(root)
         self.outbox = self.root / "outbox"
         self.rejected = self.outbox / "rejected"
-        self.outbox.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.rglob(".*.tmp"):
-            stale.unlink(missing_ok=True)  # left by a kill -9 during atomic_write
+        self.readonly = readonly
+        if not readonly:
+            self.outbox.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.rglob(".*.tmp"):
+                stale.unlink(missing_ok=True)  # left by a kill -9 during atomic_write
         self._meta_path = self.root / "state.json"
         self.seq = 0
         self.dp_rounds = 0
@@ -134,6 +140,11 @@ class AgentState:
                 self.dp_rounds = int(meta.get("dp_rounds", 0))
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise StateError(f"{self._meta_path} is corrupt ({exc}); move it away to start over") from None
+        if readonly:
+            # The sequence number is persisted before its round's files exist: it covers them.
+            self.residual_seq, self._feedback = 0, ErrorFeedback()
+            self.seq = max([self.seq, *(int(p.stem) for p in self.pending())])
+            return
         self._recover()
         # Never reuse a sequence number that an outbox entry or the residual already carries.
         self.seq = max([self.seq, self.residual_seq, *(int(p.stem) for p in self.pending())])
@@ -164,6 +175,7 @@ class AgentState:
 
         The round is counted before its update exists: a crash afterwards over-counts the
         privacy spent, never under-counts it."""
+        self._writable()
         self.seq += 1
         self.dp_rounds += int(dp_round)
         atomic_write(self._meta_path, json.dumps({"seq": self.seq, "dp_rounds": self.dp_rounds}).encode())
@@ -175,6 +187,7 @@ class AgentState:
 
     def commit_round(self, seq: int, envelope: bytes, feedback: ErrorFeedback) -> Path:
         """Durably record one round: its update in the outbox and the residual after it."""
+        self._writable()
         data = _residual_bytes(feedback, seq)
         side = self.outbox / f"{seq:012d}.residual"
         atomic_write(side, data)
@@ -185,15 +198,21 @@ class AgentState:
         self.residual_seq, self._feedback = seq, feedback
         return entry
 
+    def _writable(self) -> None:
+        if self.readonly:
+            raise StateError(f"{self.root} was opened read-only (only the agent that owns it writes to it)")
+
     def pending(self) -> list[Path]:
         """Outbox entries not yet acknowledged by the broker, oldest first."""
         return sorted(self.outbox.glob("*.update"))
 
     def delivered(self, entry: Path) -> None:
+        self._writable()
         entry.unlink(missing_ok=True)
 
     def dead_letter(self, entry: Path, reason: str) -> None:
         """Move an update the broker refused for good out of the way, with the reason beside it."""
+        self._writable()
         self.rejected.mkdir(exist_ok=True)
         shutil.move(str(entry), self.rejected / entry.name)
         atomic_write(self.rejected / f"{entry.stem}.reason", reason.encode())

@@ -74,17 +74,21 @@ def test_broker_kill_9_with_the_coordinator_down_loses_no_update(
             # The agent reconnects and sends (or resends) the oldest update it holds; the broker
             # takes it, PUBACKs it, and loses it at the next kill.
             time.sleep(2.5)
-        produced = AgentState(tmp_path / "agent-state").seq
+        produced = AgentState(tmp_path / "agent-state", readonly=True).seq
         assert produced >= 3
         fleet.start_coordinator()
-        wait_until(lambda: not AgentState(tmp_path / "agent-state").pending(), 180, "every pending update confirmed")
+        wait_until(lambda: not AgentState(tmp_path / "agent-state", readonly=True).pending(), 180, "every pending update confirmed")
         agent.stop()
         # SIGTERM may land inside a round: the agent commits what it trained to its outbox and sends
         # it at its next start. Such an update is pending, not lost.
-        state = AgentState(tmp_path / "agent-state")
+        state = AgentState(tmp_path / "agent-state", readonly=True)
         produced, kept = state.seq, [int(p.stem) for p in state.pending()]
         assert kept in ([], [produced]), f"only the round SIGTERM cut short may be left, outbox holds {kept}"
-        wait_until(lambda: len(fleet.ledger()) == produced - len(kept), 30, "the ledger to hold every update delivered")
+        try:
+            wait_until(lambda: len(fleet.ledger()) == produced - len(kept), 30, "the ledger to hold every update delivered")
+        except AssertionError:
+            seqs = sorted(e["seq"] for e in fleet.ledger())
+            raise AssertionError(f"ledger {seqs}, outbox {kept}, {produced} produced; agent log:\n{agent.tail(40)}") from None
     finally:
         agent.stop()
         fleet.stop_coordinator()

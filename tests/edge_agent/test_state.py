@@ -120,3 +120,22 @@ def test_random_crash_points_always_recover_consistently(tmp_path: Path) -> None
         # Invariant: round 2's update is pending exactly when the residual is round 2's.
         assert (b"u2" in sent) == (_residual_value(again) == 2.0), (trial, done)
         assert again.next_seq() == 3
+
+
+def test_a_read_only_view_never_touches_a_running_agents_files(tmp_path: Path) -> None:
+    st = AgentState(tmp_path)
+    st.commit_round(st.next_seq(), b"u1", _fb(1.0))
+    seq = st.next_seq()
+    # The agent is inside its next commit: a temp file and a side residual exist.
+    half = tmp_path / "outbox" / f".{seq:012d}.update.abc.tmp"
+    half.write_bytes(b"half")
+    side = tmp_path / "outbox" / f"{seq:012d}.residual"
+    atomic_write(side, _residual_bytes(_fb(2.0), seq))
+    view = AgentState(tmp_path, readonly=True)
+    assert view.seq == 2 and [p.name for p in view.pending()] == ["000000000001.update"]
+    assert half.exists() and side.exists()
+    with pytest.raises(StateError, match="read-only"):
+        view.next_seq()
+    with pytest.raises(StateError, match="read-only"):
+        view.delivered(view.pending()[0])
+    assert st.pending()

@@ -1,0 +1,96 @@
+"""The coordinator database's tables, and the columns added since the first release."""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY,
+    created REAL NOT NULL,
+    sha256 TEXT NOT NULL,
+    update_id TEXT,
+    delta_frame BLOB
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    update_id TEXT PRIMARY KEY,
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    base_version INTEGER NOT NULL,
+    applied_version INTEGER NOT NULL,
+    staleness INTEGER NOT NULL,
+    weight REAL NOT NULL,
+    num_samples INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    train_loss REAL,
+    received REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS buffer (
+    update_id TEXT PRIMARY KEY,
+    device TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    base_version INTEGER NOT NULL,
+    staleness INTEGER NOT NULL,
+    num_samples INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    train_loss REAL,
+    received REAL NOT NULL,
+    frame BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS enrolled (
+    device TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL,
+    created REAL NOT NULL,
+    revoked REAL,
+    last_seq INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS dp_participation (
+    device TEXT PRIMARY KEY,
+    participations INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rejections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    ts REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS acks (
+    device TEXT PRIMARY KEY,
+    update_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    reason TEXT,
+    version INTEGER NOT NULL,
+    ts REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device TEXT PRIMARY KEY,
+    state TEXT NOT NULL DEFAULT 'unknown',
+    profile TEXT,
+    last_seen REAL,
+    version INTEGER,
+    accepted INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0,
+    bytes_up INTEGER NOT NULL DEFAULT 0,
+    last_loss REAL,
+    eval_loss REAL,
+    metrics TEXT,
+    tier TEXT
+);
+"""
+
+
+def create_or_migrate(db: sqlite3.Connection) -> None:
+    """Create missing tables and add the columns an older database lacks."""
+    db.executescript(SCHEMA)
+    for table, column, decl in (
+        ("devices", "tier", "TEXT"),
+        ("ledger", "norm", "REAL"),
+        ("buffer", "norm", "REAL"),
+        ("enrolled", "max_samples", "INTEGER"),
+    ):
+        columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:  # a database from before this column
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
