@@ -28,7 +28,9 @@ from rich.table import Table
 
 from compression import CodecConfig
 from coordinator.strategy import StrategyConfig
-from fedge_lab.lab import AgentGroup, SimSettings, Testbed, TestbedConfig, VersionScorer
+from fedge_lab.lab import Testbed
+from fedge_lab.scoring import VersionScorer
+from fedge_lab.testbed_config import AgentGroup, SimSettings, TestbedConfig
 
 STRATEGIES = ("fedasync", "fedbuff", "fedavg")
 

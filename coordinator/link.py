@@ -90,6 +90,19 @@ class Link:
         if msg.qos > 0:
             self.client.ack(msg.mid, msg.qos)
 
+    def next_batch(self, limit: int, timeout: float) -> list[Message | str]:
+        """What arrived, in order: up to ``timeout`` s for the first item, then what is queued, at most ``limit``."""
+        try:
+            batch = [self.inbox.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while len(batch) < limit:
+            try:
+                batch.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
     def publish_version(self, spec: TrainableSpec, version: int, state: dict[str, np.ndarray], delta_frame: bytes | None) -> None:
         """Publish a version retained: delta, snapshot, then meta (the meta names both)."""
         snapshot = compress_dense(state, FrameKind.SNAPSHOT, self.cfg.snapshot_zstd_level)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import sqlite3
 import threading
 import time
@@ -186,16 +185,7 @@ class CoordinatorService:
 
     def _serve_once(self) -> None:
         """One turn of the worker: a batch of messages, a round check, a heartbeat."""
-        try:
-            first = self.inbox.get(timeout=0.5)
-        except queue.Empty:
-            first = None
-        batch: list[Message | str] = [] if first is None else [first]
-        while len(batch) < BATCH_MAX:
-            try:
-                batch.append(self.inbox.get_nowait())
-            except queue.Empty:
-                break
+        batch = self.link.next_batch(BATCH_MAX, timeout=0.5)
         if "connected" in batch:
             try:
                 delta = self.store.delta_frame(self.version)

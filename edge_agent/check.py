@@ -93,7 +93,8 @@ def run_checks(config_path: str, *, skip_model: bool = False, broker_timeout: fl
     def state() -> str:
         from edge_agent.state import AgentState
 
-        st = AgentState(cfg.state_dir, readonly=True)
+        Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)  # as the agent does at its first start
+        st = AgentState(cfg.state_dir, readonly=True)  # a running agent's files are left alone
         probe = Path(cfg.state_dir) / ".check-write"
         probe.write_bytes(b"ok")
         probe.unlink()

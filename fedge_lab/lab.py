@@ -22,26 +22,20 @@ import json
 import logging
 import random
 import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import paho.mqtt.client as mqtt
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
 
-from compression import CodecConfig, FrameKind, compress_dense
-from compression.mqtt import loopback, make_client
-from compression.records import RecordError, from_mapping
+from compression import FrameKind, compress_dense
 from coordinator.config import ModelSpecConfig
 from coordinator.errors import ConfigError
 from coordinator.monitor import FleetMonitor
 from coordinator.store import Store
-from coordinator.strategy import StrategyConfig
 from fedge_lab.broker import Broker, MosquittoBroker, free_port
 from fedge_lab.corpus import write_device_corpus
 from fedge_lab.demo import (
@@ -54,190 +48,22 @@ from fedge_lab.demo import (
     smollm2_available,
     write_toml,
 )
-from fedge_lab.mirror import GlobalMirror
-from fedge_lab.netem import ImpairedLink, Impairment
-from fedge_lab.objective import ObjectiveConfig, SimObjective
+from fedge_lab.fleet_plan import ChurnConfig, FleetPlan, SimDevice
+from fedge_lab.netem import ImpairedLink
+from fedge_lab.objective import SimObjective
 from fedge_lab.processes import Child, ChildGroup
-from fedge_lab.simfleet import ChurnConfig, FleetPlan, SimDevice
+from fedge_lab.scoring import VersionScorer, plot_loss, print_summary, progress_table, sent_updates, write_sim_model
+from fedge_lab.testbed_config import (
+    AgentGroup,
+    TestbedConfig,
+)
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    pass
 else:  # pragma: no cover
-    import tomli as tomllib
+    pass
 
 log = logging.getLogger(__name__)
-
-MAX_DURATION_S = 6 * 3600.0
-MAX_REAL_AGENTS = 32
-MAX_SIM_DEVICES = 20000
-
-
-@dataclass(frozen=True)
-class AgentGroup:
-    count: int = 1
-    kind: Literal["real", "sim"] = "sim"
-    profile: str = "raspberry-pi-4"
-    """Device profile of real agents (simulated devices report ``sim-<speed>x``)."""
-    speed: float = 1.0
-    """1 = full speed; 3 = three times slower (real agents: ``train.slowdown``; simulated: ``step_s x speed``)."""
-    impaired: bool = False
-    """Run this group behind the impaired link (needs ``[impairment]``)."""
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        if self.count < 0:
-            raise ConfigError(f"agents.count must not be negative, got {self.count}")
-        if not 1.0 <= self.speed <= 1000.0:
-            raise ConfigError(f"agents.speed must be in [1, 1000], got {self.speed}")
-
-    @property
-    def label(self) -> str:
-        return self.name or f"{self.kind}-{self.speed:g}x" + ("-impaired" if self.impaired else "")
-
-
-@dataclass(frozen=True)
-class ChurnPlan:
-    kill_every_s: float = 0.0
-    """Real agents: SIGKILL one at random this often (0 = never), restart it ``restart_after_s`` later."""
-    restart_after_s: float = 5.0
-    sim_drops_per_min: float = 0.0
-    """Simulated devices: connection drops per device per minute (the broker fires the Last Will)."""
-    sim_down_s: float = 5.0
-
-
-@dataclass(frozen=True)
-class BrokerRestart:
-    at_s: float = 0.0
-    """Seconds into the run to stop the broker (0 = never); it comes back ``down_s`` later."""
-    down_s: float = 3.0
-    kill: bool = False
-    """SIGKILL instead of SIGTERM."""
-
-
-@dataclass(frozen=True)
-class SimSettings:
-    step_s: float = 1.0
-    """Compute time of one simulated round at speed 1."""
-    processes: int = 2
-    sync_wait_s: float = 30.0
-    heartbeat_s: float = 30.0
-    hidden: int = 512
-    """Shape of the simulated model (when no real agents fix it): a Llama config of this size
-    (LoRA on q and v: ``layers x 4 x r x hidden`` parameters; 65,536 by default)."""
-    layers: int = 4
-    lora_r: int = 8
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    codec: CodecConfig = field(default_factory=CodecConfig)
-
-    def __post_init__(self) -> None:
-        if self.step_s <= 0 or self.processes < 1 or self.sync_wait_s <= 0:
-            raise ConfigError("sim.step_s and sim.sync_wait_s must be positive and sim.processes at least 1")
-
-
-@dataclass(frozen=True)
-class TestbedConfig:
-    __test__ = False  # not a pytest test class, despite its name
-
-    duration_s: float = 60.0
-    fleet: str = "lab"
-    seed: int = 0
-    model: Literal["auto", "tiny", "smollm2", "sim"] = "auto"
-    """Model of the fleet: with real agents ``tiny`` or ``smollm2`` (``auto``: tiny), else the simulated spec."""
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    agents: tuple[AgentGroup, ...] = (AgentGroup(count=10),)
-    churn: ChurnPlan = field(default_factory=ChurnPlan)
-    broker_restart: BrokerRestart = field(default_factory=BrokerRestart)
-    impairment: Impairment = field(default_factory=Impairment)
-    sim: SimSettings = field(default_factory=SimSettings)
-    heartbeat_s: float = 2.0
-    """Coordinator status interval."""
-    downlink: CodecConfig | None = None
-    """The coordinator's downlink codec (default: its own default, top-2% int8)."""
-    start_delay_s: float = 5.0
-    """Simulated devices connect first and start training together this long after launch."""
-
-    def __post_init__(self) -> None:
-        if not 1.0 <= self.duration_s <= MAX_DURATION_S:
-            raise ConfigError(f"duration_s must be in [1, {MAX_DURATION_S:.0f}], got {self.duration_s}")
-        real = sum(g.count for g in self.agents if g.kind == "real")
-        sim = sum(g.count for g in self.agents if g.kind == "sim")
-        if real + sim == 0:
-            raise ConfigError("agents: the testbed needs at least one agent")
-        if real > MAX_REAL_AGENTS:
-            raise ConfigError(f"agents: {real} real agents; at most {MAX_REAL_AGENTS} fit one machine (use kind = 'sim' for scale)")
-        if sim > MAX_SIM_DEVICES:
-            raise ConfigError(f"agents: {sim} simulated devices; at most {MAX_SIM_DEVICES}")
-        if real and self.model == "sim":
-            raise ConfigError("model = 'sim' has no weights for real agents; use 'tiny' or 'smollm2'")
-        if any(g.impaired for g in self.agents) and not self.impairment.active:
-            raise ConfigError("agents.impaired needs an [impairment] with delay_ms, loss_pct or rate_kbit")
-
-    @property
-    def real_agents(self) -> int:
-        return sum(g.count for g in self.agents if g.kind == "real")
-
-
-def load_testbed_config(path: str | Path) -> TestbedConfig:
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    try:
-        return from_mapping(TestbedConfig, data, str(path))
-    except (RecordError, ValueError) as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def write_sim_model(out: Path, hidden: int, layers: int) -> Path:
-    """A model directory with only ``config.json``: all the coordinator reads to build version 0."""
-    from transformers import LlamaConfig
-
-    heads = max(1, hidden // 64)
-    LlamaConfig(
-        vocab_size=512,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        tie_word_embeddings=True,
-    ).save_pretrained(str(out))
-    return out
-
-
-class VersionScorer:
-    """Follows the global versions over MQTT and scores each with the simulated objective."""
-
-    def __init__(self, host: str, port: int, fleet: str, objective: SimObjective | None) -> None:
-        self.objective = objective
-        self.lock = threading.Lock()
-        self.history: list[tuple[float, int, float | None]] = []
-        self.mirror = GlobalMirror(fleet, self._on_version)
-        self.client = make_client(loopback(port), f"scorer-{fleet}-{id(self) % 100000}", backoff=(1, 2))
-        self.client.on_connect = lambda c, u, f, r, p: c.subscribe([(t, 1) for t in self.mirror.topics])
-        self.client.on_message = self._on_message
-        self.client.connect(host, port, keepalive=30)
-        self.client.loop_start()
-
-    def _on_message(self, c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
-        with self.lock:
-            self.mirror.handle(msg.topic, bytes(msg.payload))
-
-    def _on_version(self, version: int, state: Any) -> None:
-        loss = self.objective.loss(state) if self.objective is not None else None
-        self.history.append((time.time(), version, loss))
-
-    @property
-    def latest(self) -> tuple[float, int, float | None] | None:
-        with self.lock:
-            return self.history[-1] if self.history else None
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 @dataclass
@@ -471,32 +297,6 @@ class Testbed:
             if c.returncode is not None:
                 raise RuntimeError(f"{c.name} exited with code {c.returncode}:\n{c.tail()}")
 
-    def _table(self, remaining: float) -> Table:
-        assert self.monitor is not None and self.scorer is not None
-        view = self.monitor.poll()
-        c = view.coordinator
-        latest = self.scorer.latest
-        loss = "" if not latest or latest[2] is None else f" | loss {latest[2]:.4f}"
-        t = Table(
-            caption_justify="left",
-            title=f"fedge testbed {remaining:.0f}s left | {self.cfg.strategy.kind} v{c.get('version', '?')} "
-            f"applied {c.get('accepted', 0)} rejected {c.get('rejected', 0)} buffered {c.get('buffered', 0)}{loss}",
-        )
-        for col in ("group", "devices", "online", "training", "rounds", "bytes up"):
-            t.add_column(col, justify="left" if col == "group" else "right")
-        groups: dict[str, list[Any]] = {}
-        for dev, label in self.group_of.items():
-            groups.setdefault(label, []).append(view.devices.get(dev))
-        for label, statuses in groups.items():
-            online = sum(1 for s in statuses if s is not None and s.state != "offline")
-            training = sum(1 for s in statuses if s is not None and s.state == "training")
-            rounds = sum(int(s.metrics.get("rounds", 0)) for s in statuses if s is not None)
-            nbytes = sum(int(s.metrics.get("bytes_up", 0)) for s in statuses if s is not None)
-            t.add_row(label, str(len(statuses)), str(online), str(training), f"{rounds:,}", f"{nbytes:,}")
-        for e in self.events[-4:]:
-            t.caption = (t.caption + "\n" if t.caption else "") + f"{e.t:6.1f}s  {e.what}"
-        return t
-
     def run(self, stop_when: Callable[[VersionScorer], bool] | None = None) -> str:
         """Run until the duration ends (or ``stop_when(scorer)``); returns why it stopped."""
         started = self.sim_start_at if self.sim_start_at is not None else self.t0
@@ -511,7 +311,11 @@ class Testbed:
                 if stop_when is not None and self.scorer is not None and stop_when(self.scorer):
                     reason = "target"
                     break
-                view.update(self._table(remaining), refresh=True)
+                assert self.monitor is not None and self.scorer is not None
+                table = progress_table(
+                    self.monitor.poll(), self.cfg.strategy.kind, self.scorer.latest, self.group_of, self.events, remaining
+                )
+                view.update(table, refresh=True)
                 time.sleep(0.25 if stop_when else 1.0)
         return reason
 
@@ -528,15 +332,6 @@ class Testbed:
             self.link.destroy()
         return codes
 
-    def sent(self) -> list[dict[str, Any]]:
-        """Every update the simulated devices sent: time, device, base version, bytes, dense bytes."""
-        out: list[dict[str, Any]] = []
-        for plan in self.fleet_plans:
-            log_path = plan.with_suffix(".log")
-            if log_path.is_file():
-                out += [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-        return sorted(out, key=lambda r: r["t"])
-
     def report(self, codes: dict[str, int | None]) -> dict[str, Any]:
         store = Store(self.coord_state, readonly=True)
         try:
@@ -548,7 +343,7 @@ class Testbed:
             p = plan.with_suffix(".summary")
             if p.is_file():
                 summaries.append(json.loads(p.read_text()))
-        sent = self.sent()
+        sent = sent_updates(self.fleet_plans)
         history = self.scorer.history if self.scorer else []
         return {
             "fleet": self.cfg.fleet,
@@ -570,31 +365,6 @@ class Testbed:
         }
 
 
-def plot_loss(report: dict[str, Any], path: Path) -> Path | None:
-    hist = [(t, loss) for t, _, loss in report["loss_history"] if loss is not None]
-    if not hist:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([t for t, _ in hist], [x for _, x in hist], label=report["strategy"])
-    if report.get("optimum_loss") is not None:
-        ax.axhline(report["optimum_loss"], ls=":", c="grey", label="optimum")
-    for e in report["events"]:
-        if "broker" in e["what"] or "SIGKILL" in e["what"]:
-            ax.axvline(e["t"], c="red", alpha=0.2)
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("held-out loss (simulated, 1.0 = version 0)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def run_testbed(cfg: TestbedConfig, run_dir: Path, as_json: bool = False) -> int:
     console = Console(stderr=True)
     bed = Testbed(cfg, run_dir, console)
@@ -607,18 +377,7 @@ def run_testbed(cfg: TestbedConfig, run_dir: Path, as_json: bool = False) -> int
     report = bed.report(codes)
     (run_dir / "report.json").write_text(json.dumps(report, indent=1))
     png = plot_loss(report, run_dir / "loss.png")
-    out = Console()
-    out.print(f"testbed: {report['strategy']}, {sum(report['devices'].values())} devices {report['devices']}")
-    out.print(f"versions {report['final_version']}, applied {report['counts'].get('accepted', 0)}, rejected {report['rejections'] or 0}")
-    if report["sim_updates"]:
-        ratio = report["sim_dense_bytes_up"] / max(report["sim_bytes_up"], 1)
-        out.print(f"simulated updates sent {report['sim_updates']:,}, {report['sim_bytes_up']:,} B ({ratio:.0f}x smaller than dense fp32)")
-    last = next((x for x in reversed(report["loss_history"]) if x[2] is not None), None)
-    if last:
-        out.print(f"simulated held-out loss 1.0 -> {last[2]:.4f} at v{last[1]} (optimum {report['optimum_loss']:.4f})")
-    for e in report["events"]:
-        out.print(f"  {e['t']:7.1f}s  {e['what']}")
-    out.print(f"report: {run_dir / 'report.json'}" + (f"   plot: {png}" if png else ""))
+    print_summary(report, run_dir, png)
     if as_json:
         print(json.dumps(report))
     bad = {k: v for k, v in codes.items() if v not in (0, None, -9, -15)}

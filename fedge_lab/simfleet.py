@@ -27,186 +27,23 @@ import json
 import logging
 import selectors
 import signal
-import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from compression import CodecConfig, CodecError, ErrorFeedback, compress_update, decode_frame, protocol
-from compression.mqtt import Broker, make_client
+from compression import CodecError, ErrorFeedback, compress_update, decode_frame, protocol
 from compression.protocol import DeviceStatus, UpdateHeader
-from compression.records import from_mapping
+from fedge_lab.fleet_plan import FleetPlan, SimDevice
 from fedge_lab.mirror import GlobalMirror
-from fedge_lab.objective import ObjectiveConfig, SimObjective
+from fedge_lab.objective import SimObjective
+from fedge_lab.simclient import SimClient
 
 log = logging.getLogger(__name__)
 
 MISC_EVERY_S = 1.0
-RECONNECT_MIN_S, RECONNECT_MAX_S = 0.5, 10.0
-
-
-@dataclass(frozen=True)
-class SimDevice:
-    id: str
-    index: int
-    """Position in the whole fleet: picks the data domain and the random streams."""
-    speed: float = 1.0
-    """Compute-time multiplier: 3.0 is a device three times slower than ``step_s``."""
-
-
-@dataclass(frozen=True)
-class ChurnConfig:
-    drops_per_min: float = 0.0
-    """Expected connection drops per device per minute (abrupt: the broker fires the Last Will)."""
-    down_s: float = 5.0
-    """How long a dropped device stays away (uniform 0.5x..1.5x)."""
-
-
-@dataclass(frozen=True)
-class FleetPlan:
-    host: str
-    port: int
-    fleet: str
-    devices: tuple[SimDevice, ...]
-    v0_path: str
-    """A snapshot frame of version 0: the objective's origin (no torch in this process)."""
-    start_at: float
-    """Wall-clock time at which devices start training (they connect before)."""
-    end_at: float
-    log_path: str
-    step_s: float = 1.0
-    sync_wait_s: float = 30.0
-    heartbeat_s: float = 30.0
-    connect_per_s: float = 200.0
-    seed: int = 0
-    protocol: str = "5"
-    username: str | None = None
-    password: str | None = None
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    codec: CodecConfig = field(default_factory=CodecConfig)
-    churn: ChurnConfig = field(default_factory=ChurnConfig)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
-
-    @classmethod
-    def from_json(cls, text: str, where: str = "fleet plan") -> FleetPlan:
-        return from_mapping(cls, json.loads(text), where)
-
-
-class _Client:
-    """One MQTT connection driven by the fleet's selector loop."""
-
-    def __init__(self, fleet: SimFleet, client_id: str, device: _Device | None) -> None:
-        self.fleet = fleet
-        self.device = device
-        plan = fleet.plan
-        self.mqtt = make_client(Broker(protocol=plan.protocol, username=plan.username, password=plan.password), client_id)
-        self.mqtt.on_socket_open = self._sock_open
-        self.mqtt.on_socket_close = self._sock_close
-        self.mqtt.on_socket_register_write = self._want_write
-        self.mqtt.on_socket_unregister_write = self._done_writing
-        self.mqtt.on_connect = self._on_connect
-        self.mqtt.on_disconnect = self._on_disconnect
-        self.mqtt.on_message = self._on_message
-        self.mqtt.on_publish = self._on_publish
-        self.connected = False
-        self.backoff = RECONNECT_MIN_S
-        self.refused = 0
-
-    def _sock_open(self, c: mqtt.Client, u: Any, sock: Any) -> None:
-        self.fleet.sel.register(sock, selectors.EVENT_READ, self)
-
-    def _want_write(self, c: mqtt.Client, u: Any, sock: Any) -> None:
-        self.fleet.sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self)
-
-    def _done_writing(self, c: mqtt.Client, u: Any, sock: Any) -> None:
-        self.fleet.sel.modify(sock, selectors.EVENT_READ, self)
-
-    def _sock_close(self, c: mqtt.Client, u: Any, sock: Any) -> None:
-        try:
-            self.fleet.sel.unregister(sock)
-        except (KeyError, ValueError):
-            pass
-
-    def connect(self) -> None:
-        props = None
-        if self.fleet.plan.protocol == "5":
-            props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 0
-        try:
-            self.mqtt.connect(self.fleet.plan.host, self.fleet.plan.port, keepalive=30, properties=props)
-        except OSError as exc:
-            self._retry(f"connect failed: {exc}")
-
-    def _retry(self, why: str) -> None:
-        self.connected = False
-        delay = self.backoff * (0.5 + 0.5 * self.fleet.rng.random())
-        self.backoff = min(RECONNECT_MAX_S, self.backoff * 2)
-        log.debug("%s: %s; reconnecting in %.1fs", self.mqtt._client_id, why, delay)
-        self.fleet.at(time.time() + delay, self.connect_again)
-
-    def connect_again(self) -> None:
-        if self.connected or self.fleet.stopping:
-            return
-        if self.device is not None and self.device.down_until > time.time():
-            return
-        try:
-            self.mqtt.reconnect()
-        except OSError as exc:
-            self._retry(f"reconnect failed: {exc}")
-
-    def _on_connect(self, c: mqtt.Client, u: Any, flags: Any, reason: Any, props: Any) -> None:
-        if reason.is_failure:
-            self.fleet.counts["connect_refused"] += 1
-            self.mqtt.disconnect()
-            self._retry(f"CONNACK {reason}")
-            return
-        self.connected = True
-        self.backoff = RECONNECT_MIN_S
-        self.fleet.counts["connects"] += 1
-        if self.device is None:
-            c.subscribe([(t, 1) for t in self.fleet.mirror.topics])
-        else:
-            c.subscribe(protocol.device_cmd(self.fleet.plan.fleet, self.device.spec.id), 1)
-            self.device.on_connected()
-
-    def _on_disconnect(self, c: mqtt.Client, u: Any, flags: Any, reason: Any, props: Any) -> None:
-        was = self.connected
-        self.connected = False
-        if was:
-            self.fleet.counts["disconnects"] += 1
-        if not self.fleet.stopping and (self.device is None or self.device.down_until <= time.time()):
-            self._retry(f"disconnected ({reason})")
-
-    def _on_message(self, c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
-        if self.device is None:
-            self.fleet.mirror.handle(msg.topic, bytes(msg.payload))
-        else:
-            self.device.on_command(bytes(msg.payload))
-
-    def _on_publish(self, c: mqtt.Client, u: Any, mid: int, reason: Any, props: Any) -> None:
-        if getattr(reason, "is_failure", False):
-            self.refused += 1
-            self.fleet.counts["refused"] += 1
-
-    def drop(self) -> None:
-        """Close the socket without DISCONNECT, as a device that loses power does."""
-        sock: Any = self.mqtt.socket()
-        self.connected = False
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self.mqtt.loop_read()  # notices the closed socket and cleans up
 
 
 class _Device:
@@ -218,7 +55,7 @@ class _Device:
         self.feedback = ErrorFeedback()
         # Sequence numbers stay monotonic across restarts of this process: start from the clock.
         self.seq = time.time_ns() // 1000
-        self.client = _Client(fleet, spec.id, self)
+        self.client = SimClient(fleet, spec.id, self)
         self.state = "starting"
         self.base: int | None = None
         self.waiting = False
@@ -361,7 +198,7 @@ class SimFleet:
         self.mirror = GlobalMirror(plan.fleet, self._on_version)
         self.log = Path(plan.log_path).open("a", buffering=1)
         self.devices = [_Device(self, d) for d in plan.devices]
-        self.clients = [_Client(self, f"simfleet-{plan.fleet}-{plan.devices[0].index if plan.devices else 0}-{plan.seed}", None)]
+        self.clients = [SimClient(self, f"simfleet-{plan.fleet}-{plan.devices[0].index if plan.devices else 0}-{plan.seed}", None)]
         self.clients += [d.client for d in self.devices]
 
     def at(self, when: float, fn: Any) -> None:
@@ -423,7 +260,7 @@ class SimFleet:
     def _pump(self, timeout: float) -> None:
         """Serve every connection whose socket is ready, waiting at most ``timeout``."""
         for key, mask in self.sel.select(timeout):
-            client: _Client = key.data
+            client: SimClient = key.data
             if mask & selectors.EVENT_READ:
                 client.mqtt.loop_read()
             if mask & selectors.EVENT_WRITE:

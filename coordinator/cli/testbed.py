@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from coordinator.errors import ConfigError
-    from fedge_lab.lab import load_testbed_config, run_testbed
+    from fedge_lab.lab import run_testbed
+    from fedge_lab.testbed_config import load_testbed_config
 
     cfg = load_testbed_config(args.config)
     if args.duration is not None:

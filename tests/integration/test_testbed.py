@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedge_lab.lab import AgentGroup, ChurnPlan, SimSettings, TestbedConfig, load_testbed_config
 from fedge_lab.netem import netns_supported
+from fedge_lab.testbed_config import AgentGroup, ChurnPlan, SimSettings, TestbedConfig, load_testbed_config
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
