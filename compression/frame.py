@@ -61,6 +61,7 @@ MAX_NAME_BYTES = 255
 MAX_NDIM = 8
 MAX_INT8_BLOCK = 1 << 20
 _BATCHED = (ValueType.INT8, ValueType.INT4)
+_BATCHABLE = (*_BATCHED, ValueType.FP32)
 
 
 class FrameKind(IntEnum):
@@ -102,7 +103,7 @@ class FrameLimits:
         """The tightest limits that still admit any frame over tensors of ``shapes``: a dense fp32
         or sparse record of every tensor in any coding (at most 12 bytes an element: a u32 index, a
         per-value scale and a code), names and headers included."""
-        numels = [int(np.prod(s, dtype=np.int64)) for s in shapes.values()] or [1]
+        numels = [math.prod(int(d) for d in s) for s in shapes.values()] or [1]
         total = int(sum(numels))
         body = 4 + sum(12 * n + 64 + MAX_NAME_BYTES + 4 * MAX_NDIM for n in numels)
         return cls(
@@ -132,7 +133,7 @@ class SparseTensor:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(int(d) for d in self.shape)
 
     def to_dense(self) -> np.ndarray:
         """The tensor as a dense float32 array of ``shape``."""
@@ -234,14 +235,7 @@ def encode_frame(
     if not 1 <= int8_block <= MAX_INT8_BLOCK:
         raise CodecError(f"int8_block must be in 1..{MAX_INT8_BLOCK}, got {int8_block}")
     parts: list[bytes] = [struct.pack("<I", len(tensors))]
-    batched = _encode_batch(tensors, values, int8_block) if index_coding is IndexCoding.VARINT and values in _BATCHED else None
-    if batched is not None:
-        parts += batched
-    elif values is ValueType.FP32 and tensors and all(t.indices is None for t in tensors.values()):
-        parts += _encode_dense_fp32(tensors)
-    else:
-        for name, t in tensors.items():
-            parts.append(_encode_record(name, t, values, int8_block, index_coding))
+    parts += _encode_records(tensors, values, int8_block, index_coding)
     body = b"".join(parts)
     comp = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(body)
     version = 3 if values is ValueType.INT4 else 2
@@ -288,29 +282,48 @@ def _record_head(name: str, shape: tuple[int, ...], layout: int, vtype: ValueTyp
     return head + struct.pack("<BBII", layout, vtype, block if vtype.blockwise else 0, nnz)
 
 
-def _encode_dense_fp32(tensors: Mapping[str, SparseTensor]) -> list[bytes]:
-    """Dense fp32 records (snapshots), with one finiteness check over all of them."""
+def _encode_records(tensors: Mapping[str, SparseTensor], vtype: ValueType, block: int, coding: IndexCoding) -> list[bytes]:
+    """Every record's bytes, in order. The common kinds go the fast way, byte for byte the same:
+    dense fp32 records (snapshots) with one finiteness check over all, and sparse records with
+    varint indices and int8, int4 or fp32 values (updates, global deltas, the sparse parts of
+    snapshots) in one vectorized pass. Anything else, or anything that fails a check there,
+    goes through :func:`_encode_record`, which names the problem."""
+    out: list[bytes | None] = [None] * len(tensors)
+    if vtype is ValueType.FP32:
+        dense = {k: (name, t) for k, (name, t) in enumerate(tensors.items()) if t.indices is None}
+        for k, chunk in zip(dense, _encode_dense_fp32(dict(dense.values())) or [], strict=False):
+            out[k] = chunk
+    if coding is IndexCoding.VARINT and vtype in _BATCHABLE:
+        sparse = {k: (name, t) for k, (name, t) in enumerate(tensors.items()) if t.indices is not None}
+        for k, chunk in zip(sparse, _encode_batch(dict(sparse.values()), vtype, block) or [], strict=False):
+            out[k] = chunk
+    return [
+        chunk if chunk is not None else _encode_record(name, t, vtype, block, coding)
+        for chunk, (name, t) in zip(out, tensors.items(), strict=True)
+    ]
+
+
+def _encode_dense_fp32(tensors: Mapping[str, SparseTensor]) -> list[bytes] | None:
+    """Dense fp32 records, with one finiteness check over all of them; ``None`` if one fails a check."""
+    if not tensors:
+        return None
     flats = [np.ascontiguousarray(t.values, dtype="<f4").reshape(-1) for t in tensors.values()]
     if not np.isfinite(np.concatenate(flats)).all():
-        for name, t in tensors.items():
-            _encode_record(name, t, ValueType.FP32, 1, IndexCoding.U32)  # raises, naming the tensor
+        return None
     out = []
     for (name, t), flat in zip(tensors.items(), flats, strict=True):
         shape = tuple(int(d) for d in t.shape)
-        raw = name.encode("utf-8")
+        raw = name.encode("utf-8", errors="replace")
         if not 1 <= len(raw) <= MAX_NAME_BYTES or not 1 <= len(shape) <= MAX_NDIM or min(shape) < 1 or flat.size != math.prod(shape):
-            out.append(_encode_record(name, t, ValueType.FP32, 1, IndexCoding.U32))  # raises, naming the problem
-            continue
-        out.append(_record_head(name, shape, DENSE, ValueType.FP32, 0, flat.size))
-        out.append(flat.tobytes())
+            return None
+        out.append(_record_head(name, shape, DENSE, ValueType.FP32, 0, flat.size) + flat.tobytes())
     return out
 
 
 def _encode_batch(tensors: Mapping[str, SparseTensor], vtype: ValueType, block: int) -> list[bytes] | None:
-    """The records of sparse ``tensors`` with varint indices and int8/int4 values, byte for byte
-    what :func:`_encode_record` writes, with one vectorized pass over all of them (the default
-    codec, for every update and global delta). ``None`` when a record is not of that kind or
-    fails a check: the per-record encoder then runs and names the problem."""
+    """The records of sparse ``tensors`` with varint indices and int8, int4 or fp32 values, byte
+    for byte what :func:`_encode_record` writes, with one vectorized pass over all of them.
+    ``None`` when a record is not of that kind or fails a check."""
     items = list(tensors.items())
     if not items or any(t.indices is None for _, t in items):
         return None
@@ -324,7 +337,7 @@ def _encode_batch(tensors: Mapping[str, SparseTensor], vtype: ValueType, block: 
     if any(np.size(t.values) != n or t.indices is None or t.indices.ndim != 1 for (_, t), n in zip(items, nnz, strict=True)):
         return None
     total = int(nnz.sum())
-    numel = np.array([int(np.prod(shape, dtype=np.int64)) for _, shape in heads], dtype=np.int64)
+    numel = np.array([math.prod(shape) for _, shape in heads], dtype=np.int64)
     idx = np.concatenate([np.asarray(t.indices, dtype=np.int64).reshape(-1) for _, t in items]) if total else np.zeros(0, np.int64)
     vals = np.concatenate([np.asarray(t.values, dtype=np.float32).reshape(-1) for _, t in items]) if total else np.zeros(0, np.float32)
     starts = np.concatenate(([0], np.cumsum(nnz)[:-1]))
@@ -337,37 +350,37 @@ def _encode_batch(tensors: Mapping[str, SparseTensor], vtype: ValueType, block: 
         return None
     varints, lengths = varint_bytes(gaps.astype(np.uint64))
     idx_len = np.bincount(rec_of, weights=lengths, minlength=len(items)).astype(np.int64) if total else np.zeros(len(items), np.int64)
-    # Blockwise quantization, every record's blocks side by side (a record's last block padded).
-    qmax = 7 if vtype is ValueType.INT4 else 127
-    nblocks = -(-nnz // block)
-    block_start = np.concatenate(([0], np.cumsum(nblocks)[:-1]))
-    local = np.arange(total, dtype=np.int64) - starts[rec_of]
-    slot = block_start[rec_of] * block + local
-    padded = np.zeros(int(nblocks.sum()) * block, dtype=np.float32)
-    padded[slot] = vals
-    blocks = padded.reshape(-1, block)
-    scales = (np.abs(blocks).max(axis=1) / np.float32(qmax)).astype(np.float32) if blocks.size else np.zeros(0, np.float32)
-    safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(blocks / safe[:, None]), -qmax, qmax).astype(np.int8).reshape(-1)[slot]
-    if vtype is ValueType.INT4:
-        code_len = (nnz + 1) // 2
-        byte_start = np.concatenate(([0], np.cumsum(code_len)[:-1]))
-        nib = np.zeros(2 * int(code_len.sum()), dtype=np.uint8)
-        nib[2 * byte_start[rec_of] + local] = (codes.astype(np.int16) & 0xF).astype(np.uint8)
-        code_bytes_all = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+    if vtype is ValueType.FP32:
+        nblocks = np.zeros(len(items), dtype=np.int64)
+        scale_bytes, code_len, code_bytes_all = b"", 4 * nnz, vals.astype("<f4").tobytes()
     else:
-        code_len = nnz
-        code_bytes_all = codes.tobytes()
-    scale_bytes = scales.astype("<f4").tobytes()
+        # Blockwise quantization, every record's blocks side by side (a record's last block padded).
+        qmax = 7 if vtype is ValueType.INT4 else 127
+        nblocks = -(-nnz // block)
+        block_start = np.concatenate(([0], np.cumsum(nblocks)[:-1]))
+        local = np.arange(total, dtype=np.int64) - starts[rec_of]
+        slot = block_start[rec_of] * block + local
+        padded = np.zeros(int(nblocks.sum()) * block, dtype=np.float32)
+        padded[slot] = vals
+        blocks = padded.reshape(-1, block)
+        scales = (np.abs(blocks).max(axis=1) / np.float32(qmax)).astype(np.float32) if blocks.size else np.zeros(0, np.float32)
+        safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
+        codes = np.clip(np.rint(blocks / safe[:, None]), -qmax, qmax).astype(np.int8).reshape(-1)[slot]
+        scale_bytes = scales.astype("<f4").tobytes()
+        if vtype is ValueType.INT4:
+            code_len = (nnz + 1) // 2
+            byte_start = np.concatenate(([0], np.cumsum(code_len)[:-1]))
+            nib = np.zeros(2 * int(code_len.sum()), dtype=np.uint8)
+            nib[2 * byte_start[rec_of] + local] = (codes.astype(np.int16) & 0xF).astype(np.uint8)
+            code_bytes_all = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+        else:
+            code_len, code_bytes_all = nnz, codes.tobytes()
     i_end, s_end, c_end = np.cumsum(idx_len).tolist(), np.cumsum(4 * nblocks).tolist(), np.cumsum(code_len).tolist()
     out: list[bytes] = []
     i0 = s0 = c0 = 0
     for k, (name, shape) in enumerate(heads):
-        n = int(nnz[k])
-        out.append(_record_head(name, shape, int(IndexCoding.VARINT), vtype, block, n) + _U32.pack(i_end[k] - i0))
-        out.append(varints[i0 : i_end[k]])
-        out.append(scale_bytes[s0 : s_end[k]])
-        out.append(code_bytes_all[c0 : c_end[k]])
+        head = _record_head(name, shape, int(IndexCoding.VARINT), vtype, block, int(nnz[k])) + _U32.pack(i_end[k] - i0)
+        out.append(head + varints[i0 : i_end[k]] + scale_bytes[s0 : s_end[k]] + code_bytes_all[c0 : c_end[k]])
         i0, s0, c0 = i_end[k], s_end[k], c_end[k]
     return out
 

@@ -58,7 +58,7 @@ def topk_global(tensors: Mapping[str, np.ndarray], fraction: float) -> dict[str,
         return topk_per_tensor(tensors, fraction)
     names = list(tensors)
     shapes = [tuple(np.shape(tensors[n])) for n in names]
-    sizes = np.array([int(np.prod(s, dtype=np.int64)) for s in shapes], dtype=np.int64)
+    sizes = np.array([math.prod(int(d) for d in s) for s in shapes], dtype=np.int64)
     total = int(sizes.sum())
     if total == 0:
         return {}

@@ -25,6 +25,7 @@ tensor by its own contributors only, and a tensor no update carries does not mov
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -260,7 +261,7 @@ def _summed(updates: Sequence[WeightedUpdate], weights: Sequence[float], names: 
     offsets, total = {}, 0
     for n in names:
         offsets[n] = total
-        total += int(np.prod(shapes[n], dtype=np.int64))
+        total += math.prod(shapes[n])
     dense = np.zeros(total, dtype=np.float64)
     sparse_idx, sparse_val = [], []
     layouts: dict[tuple[Any, ...], np.ndarray] = {}

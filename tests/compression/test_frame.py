@@ -269,7 +269,7 @@ def test_batched_varint_records_decode_like_single_ones(index_sets: list[list[in
 
 @given(
     st.lists(st.lists(st.integers(0, 70000), unique=True, max_size=300), min_size=1, max_size=6),
-    st.sampled_from([ValueType.INT8, ValueType.INT4]),
+    st.sampled_from([ValueType.INT8, ValueType.INT4, ValueType.FP32]),
     st.integers(1, 300),
     st.floats(1e-30, 1e30),
 )
@@ -289,6 +289,26 @@ def test_the_batched_encoder_writes_what_the_record_encoder_writes(
     assert batched is not None
     single = b"".join(_encode_record(n, t, vtype, block, IndexCoding.VARINT) for n, t in tensors.items())
     assert b"".join(batched) == single
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 400)), min_size=1, max_size=8), st.integers(0, 3))
+def test_snapshots_of_dense_and_sparse_records_encode_as_record_by_record(kinds: list[tuple[bool, int]], level: int) -> None:
+    from compression.frame import _encode_record, _encode_records
+
+    rng = np.random.default_rng(len(kinds))
+    tensors = {}
+    for k, (dense, n) in enumerate(kinds):
+        flat = rng.normal(size=n).astype(np.float32)
+        if dense:
+            tensors[f"t{k}"] = SparseTensor((n,), flat)
+        else:
+            idx = np.flatnonzero(rng.random(n) < 0.2)
+            tensors[f"t{k}"] = SparseTensor((n,), flat[idx], idx)
+    fast = b"".join(_encode_records(tensors, ValueType.FP32, 1, IndexCoding.VARINT))
+    assert fast == b"".join(_encode_record(n, t, ValueType.FP32, 1, IndexCoding.VARINT) for n, t in tensors.items())
+    decoded = decode_frame(encode_frame(FrameKind.SNAPSHOT, tensors, zstd_level=level, index_coding=IndexCoding.VARINT))
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(decoded.tensors[name].to_dense(), t.to_dense())
 
 
 def test_the_batched_encoder_leaves_bad_input_to_the_record_encoder() -> None:
