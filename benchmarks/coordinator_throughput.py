@@ -50,7 +50,7 @@ from fedge_lab.demo import LAB_LIMITS, serve_argv, write_toml
 from fedge_lab.processes import Child
 
 FLEET = "bench"
-TARGET_UPDATES_PER_S = 200.0
+TARGET_UPDATES_PER_S = 1000.0
 
 
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | None:
