@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coordinator.strategy import (
     FedAsyncConfig,
@@ -104,3 +106,28 @@ def test_an_empty_buffer_is_an_error() -> None:
 def test_strategy_config_names_the_bad_key(kwargs: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
         StrategyConfig(**kwargs)
+
+
+@given(st.integers(1, 6), st.integers(0, 2**16), st.sampled_from(["int8", "int4"]))
+@settings(max_examples=25, deadline=None)
+def test_decoded_updates_sum_as_their_dense_copies_do(n: int, seed: int, values: str) -> None:
+    """The packed fast path of aggregation (as decoded from the wire) against dense arrays."""
+    from compression import CodecConfig, compress_update, decode_frame
+
+    rng = np.random.default_rng(seed)
+    shapes = {"b.lora_B": (16, 4), "a.lora_A": (4, 24), "c.lora_A": (4, 7)}
+    decoded = []
+    for _ in range(n):
+        delta = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+        frame = compress_update(delta, CodecConfig(topk_fraction=0.3, values=values)).frame
+        decoded.append(decode_frame(frame).tensors)
+    assert all(t.packed is not None for t in decoded)  # type: ignore[attr-defined]
+    cfg = StrategyConfig(kind="fedbuff", staleness="polynomial", a=0.5, server_lr=1.5)
+    samples = rng.integers(1, 50, n)
+    fast = buffered_step([WeightedUpdate(t, int(s), i % 3) for i, (t, s) in enumerate(zip(decoded, samples, strict=True))], cfg)
+    dense = [{k: v.to_dense() for k, v in t.items()} for t in decoded]
+    slow = buffered_step([WeightedUpdate(d, int(s), i % 3) for i, (d, s) in enumerate(zip(dense, samples, strict=True))], cfg)
+    assert set(fast) == set(shapes)
+    for k in shapes:
+        assert fast[k].shape == shapes[k]
+        np.testing.assert_allclose(fast[k], slow[k], rtol=1e-6, atol=1e-7)
