@@ -49,6 +49,8 @@ class Candidate:
     """Whether it suits secure aggregation (see :func:`secagg_note`)."""
     core_rank: int = 0
     """Fed-SB: train an r x r core per LoRA module instead of the adapters (0 = off)."""
+    refresh_every: int = 0
+    """Fed-SB: fold the cores in and recalibrate the factors every this many ticks of the long run (0 = never)."""
 
 
 def rotating(fraction: float, values: str = "int4", rescale: bool = True) -> CodecConfig:
@@ -66,9 +68,11 @@ def secagg_note(uplink: CodecConfig | None) -> str:
     return "no: device-specific indices"
 
 
-def candidate(name: str, uplink: CodecConfig | None, downlink: CodecConfig | None, freeze_a: bool = False, core_rank: int = 0) -> Candidate:
+def candidate(
+    name: str, uplink: CodecConfig | None, downlink: CodecConfig | None, freeze_a: bool = False, core_rank: int = 0, refresh_every: int = 0
+) -> Candidate:
     secagg = "yes: one small dense vector" if core_rank else secagg_note(uplink)
-    return Candidate(name, uplink, downlink, freeze_a, secagg, core_rank)
+    return Candidate(name, uplink, downlink, freeze_a, secagg, core_rank, refresh_every)
 
 
 DENSE = candidate("dense fp32 links", None, None)
@@ -87,6 +91,13 @@ CANDIDATES: dict[str, Candidate] = {
         candidate("B only (FFA-LoRA), dense links", None, None, freeze_a=True),
         candidate("Fed-SB core r=12, int4 up, int8 down", CodecConfig(topk_fraction=1.0, values="int4"), SUPPORT_DOWN, core_rank=12),
         candidate("Fed-SB core r=8, int8 up, int8 down", CodecConfig(topk_fraction=1.0, values="int8"), SUPPORT_DOWN, core_rank=8),
+        candidate(
+            "Fed-SB core r=12, refreshed every 4 ticks",
+            CodecConfig(topk_fraction=1.0, values="int4"),
+            SUPPORT_DOWN,
+            core_rank=12,
+            refresh_every=4,
+        ),
     )
 }
 
@@ -154,16 +165,17 @@ LONG_TRAIN = TrainConfig(batch_size=2, seq_len=128, local_steps=4, lr=3e-3, thre
 
 
 @contextmanager
-def trained_set(sim: SimModel, cand: Candidate, calib: Sequence[Any] | None) -> Iterator[None]:
+def trained_set(sim: SimModel, cand: Candidate, calib: Sequence[Any] | None) -> Iterator[fedsb.CoreRun | None]:
     """What the candidate trains: the adapters, B only, or Fed-SB cores calibrated on ``calib``."""
     with ExitStack() as stack:
         stack.enter_context(frozen_a(sim, cand.freeze_a))
+        run = None
         if cand.core_rank:
             if not calib:
                 raise ValueError(f"{cand.name} needs calibration text (the other corpus)")
             factors = fedsb.calibration_factors(sim, calib, cand.core_rank)
-            stack.enter_context(fedsb.core_adapter(sim, factors, cand.core_rank))
-        yield
+            run = stack.enter_context(fedsb.core_adapter(sim, factors, cand.core_rank))
+        yield run
 
 
 def short_run(
@@ -191,8 +203,19 @@ def long_run(
 ) -> Curve:
     """The FedAsync run; ``losses[t]`` after tick ``t + 1``."""
     dense_per_update = sum(v.size * 4 for v in sim.v0.values())
-    with trained_set(sim, cand, calib):
-        res = run_federated(sim, datas, cand.name, cand.uplink, cand.downlink, ticks=ticks, train=LONG_TRAIN, progress=progress)
+    with trained_set(sim, cand, calib) as core:
+        after_tick = None
+        if core is not None and cand.refresh_every and calib:
+            every, text = cand.refresh_every, calib
+
+            def after_tick(t: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+                return core.refresh(state, text) if (t + 1) % every == 0 and t + 1 < ticks else None
+
+        res = run_federated(
+            sim, datas, cand.name, cand.uplink, cand.downlink, ticks=ticks, train=LONG_TRAIN, progress=progress, after_tick=after_tick
+        )
+        if core is not None:
+            res.bytes_down += core.factor_bytes  # the new factors, once per refresh
     return _curve(res, ticks * len(datas), ticks * len(datas), dense_per_update)
 
 

@@ -23,15 +23,22 @@ from edge_agent.train import lm_loss
 
 
 class CoreB(torch.nn.Module):
-    """``h -> B0 (R h)``: the frozen ``B0`` after the trainable core ``R`` (in place of LoRA's B)."""
+    """``h -> B0 (R h[:r]) + F h[r:]``: the frozen ``B0`` after the trainable core ``R`` (in place of
+    LoRA's B), plus ``F``, the cores of earlier phases folded into a frozen low-rank term (their
+    inputs are the rows of the A side after the first r)."""
 
     def __init__(self, b0: torch.Tensor, r: int) -> None:
         super().__init__()
+        self.r = r
         self.core = torch.nn.Parameter(torch.zeros(r, r))
         self.register_buffer("b0", b0)
+        self.register_buffer("folded", torch.zeros(b0.shape[0], 0))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(torch.nn.functional.linear(h, self.core), self.b0)
+        out = torch.nn.functional.linear(torch.nn.functional.linear(h[..., : self.r], self.core), self.b0)
+        if self.folded.shape[1]:
+            out = out + torch.nn.functional.linear(h[..., self.r :], self.folded)
+        return out
 
 
 def _lora_modules(model: torch.nn.Module) -> list[tuple[str, Any]]:
@@ -44,7 +51,9 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def calibration_factors(sim: SimModel, calib: Sequence[LocalData], r: int, blocks: int = 16) -> Factors:
-    """``(B0, A0)`` per LoRA module: the top-r singular vectors of ``-dL/dW`` on calibration blocks."""
+    """``(B0, A0)`` per LoRA module: the top-r singular vectors of ``-dL/dW`` on calibration blocks,
+    at the model's state ``sim.v0`` (with the cores of a :func:`core_adapter`: at what earlier
+    phases folded in)."""
     mods = _lora_modules(sim.model)
     grads: dict[str, torch.Tensor] = {}
     hooks = []
@@ -79,8 +88,46 @@ def calibration_factors(sim: SimModel, calib: Sequence[LocalData], r: int, block
     return factors
 
 
+class CoreRun:
+    """The cores of one run, and the refresh between phases (a Fed-SB variant that does not stay in
+    one subspace): the global cores are folded into each module's frozen term, new factors come
+    from the calibration gradient at the folded model, and the cores start again from zero.
+
+    Every device does the same fold with the global cores it holds; the new factors (the same
+    size as an adapter of rank r) go down once per refresh, and are counted so."""
+
+    def __init__(self, sim: SimModel, mods: list[tuple[str, Any]], r: int) -> None:
+        self.sim, self.mods, self.r = sim, mods, r
+        self.refreshes = 0
+        self.factor_bytes = 0
+
+    def refresh(self, state: dict[str, np.ndarray], calib: Sequence[LocalData]) -> dict[str, np.ndarray]:
+        """Fold ``state`` (the global cores) in, recalibrate, and return the new (zero) global state."""
+        with torch.no_grad():
+            for name, m in self.mods:
+                a_side, b_side = m.lora_A["default"], m.lora_B["default"]
+                core = torch.from_numpy(np.asarray(state[f"{name}.core"], dtype=np.float32))
+                # B0 R A0 joins the frozen term: its A0 rows go first among the rows after the
+                # first r (those rows are the new phase's, replaced below), its columns first in F.
+                a0 = a_side.weight[: self.r]
+                b_side.folded = torch.cat([b_side.b0 @ core, b_side.folded], dim=1)
+                a_side.weight = torch.nn.Parameter(torch.cat([a0, a0, a_side.weight[self.r :]], dim=0), requires_grad=False)
+                b_side.core.zero_()
+        factors = calibration_factors(self.sim, calib, self.r)
+        with torch.no_grad():
+            for name, m in self.mods:
+                b0, a0 = factors[name]
+                a_side, b_side = m.lora_A["default"], m.lora_B["default"]
+                a_side.weight = torch.nn.Parameter(torch.cat([a0, a_side.weight[self.r :]], dim=0), requires_grad=False)
+                b_side.b0 = b0
+                b_side.core.zero_()
+                self.factor_bytes += 4 * (b0.numel() + a0.numel())
+        self.refreshes += 1
+        return {k: np.zeros_like(v) for k, v in state.items()}
+
+
 @contextmanager
-def core_adapter(sim: SimModel, factors: Factors, r: int) -> Iterator[None]:
+def core_adapter(sim: SimModel, factors: Factors, r: int) -> Iterator[CoreRun]:
     """Train cores instead of the adapters for one run; the adapters come back afterwards."""
     mods = _lora_modules(sim.model)
     saved = [(m, m.lora_A["default"], m.lora_B["default"]) for _n, m in mods]
@@ -108,7 +155,7 @@ def core_adapter(sim: SimModel, factors: Factors, r: int) -> Iterator[None]:
     sim.v0 = {k: np.zeros((r, r), np.float32) for k in cores}
     sim.get_state, sim.set_state = read, write
     try:
-        yield
+        yield CoreRun(sim, mods, r)
     finally:
         for m, a, b in saved:
             m.lora_A["default"], m.lora_B["default"] = a, b

@@ -150,8 +150,13 @@ def run_federated(
     eval_blocks: int = 8,
     seed: int = 0,
     progress: Any = None,
+    after_tick: Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray] | None] | None = None,
 ) -> RunResult:
-    """FedAsync over ``ticks``; ``None`` codecs mean uncompressed fp32 in that direction."""
+    """FedAsync over ``ticks``; ``None`` codecs mean uncompressed fp32 in that direction.
+
+    ``after_tick(t, state)``, after tick ``t`` is scored, may return a new global state that
+    stands for the same model in new coordinates (a Fed-SB refresh): the residuals, which were
+    in the old ones, start again from zero."""
     t0 = time.monotonic()
     state = {k: v.copy() for k, v in sim.v0.items()}
     version = 0
@@ -174,6 +179,11 @@ def run_federated(
             state, down_fb = _apply_step(state, step, downlink, down_fb, version + 1, result)
             version += 1
         result.losses.append(union_loss(sim, datas, state, eval_blocks, train.batch_size))
+        renewed = after_tick(_tick, state) if after_tick is not None else None
+        if renewed is not None:
+            state = renewed
+            up_fb = [ErrorFeedback() for _ in datas]
+            down_fb = ErrorFeedback()
     result.final_loss = result.losses[-1]
     result.seconds = time.monotonic() - t0
     result.state = state

@@ -332,6 +332,10 @@ class Testbed:
             self.link.destroy()
         return codes
 
+    def sent(self) -> list[dict[str, Any]]:
+        """Every update the simulated devices sent (see :func:`fedge_lab.scoring.sent_updates`)."""
+        return sent_updates(self.fleet_plans)
+
     def report(self, codes: dict[str, int | None]) -> dict[str, Any]:
         store = Store(self.coord_state, readonly=True)
         try:
@@ -343,7 +347,7 @@ class Testbed:
             p = plan.with_suffix(".summary")
             if p.is_file():
                 summaries.append(json.loads(p.read_text()))
-        sent = sent_updates(self.fleet_plans)
+        sent = self.sent()
         history = self.scorer.history if self.scorer else []
         return {
             "fleet": self.cfg.fleet,
