@@ -144,7 +144,7 @@ class SparseTensor:
         return out.reshape(self.shape)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Packed:
     """Sparse records laid end to end, as the decoder produced them: record ``k`` is tensor
     ``names[k]`` of ``shapes[k]``, with flat ``indices[bounds[k]:bounds[k+1]]`` and the ``values``
