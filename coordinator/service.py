@@ -131,7 +131,6 @@ class CoordinatorService:
         except ConfigError:
             self.store.close()
             raise
-        self.inbox = self.link.inbox
 
     # The policy's state lives in the engine, the global state in `versions`; these read them.
     @property
