@@ -120,7 +120,6 @@ class CoreRun:
                 a_side, b_side = m.lora_A["default"], m.lora_B["default"]
                 a_side.weight = torch.nn.Parameter(torch.cat([a0, a_side.weight[self.r :]], dim=0), requires_grad=False)
                 b_side.b0 = b0
-                b_side.core.zero_()
                 self.factor_bytes += 4 * (b0.numel() + a0.numel())
         self.refreshes += 1
         return {k: np.zeros_like(v) for k, v in state.items()}

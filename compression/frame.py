@@ -333,12 +333,13 @@ def _encode_batch(tensors: Mapping[str, SparseTensor], vtype: ValueType, block: 
         if not 1 <= len(raw) <= MAX_NAME_BYTES or not 1 <= len(t.shape) <= MAX_NDIM or any(int(d) < 1 for d in t.shape):
             return None
         heads.append((name, tuple(int(d) for d in t.shape)))
-    nnz = np.array([np.size(t.values) if t.indices is None else t.indices.size for _, t in items], dtype=np.int64)
-    if any(np.size(t.values) != n or t.indices is None or t.indices.ndim != 1 for (_, t), n in zip(items, nnz, strict=True)):
+    index_arrays = [np.asarray(t.indices) for _, t in items]
+    if any(i.ndim != 1 or np.size(t.values) != i.size for (_, t), i in zip(items, index_arrays, strict=True)):
         return None
+    nnz = np.array([i.size for i in index_arrays], dtype=np.int64)
     total = int(nnz.sum())
     numel = np.array([math.prod(shape) for _, shape in heads], dtype=np.int64)
-    idx = np.concatenate([np.asarray(t.indices, dtype=np.int64).reshape(-1) for _, t in items]) if total else np.zeros(0, np.int64)
+    idx = np.concatenate(index_arrays).astype(np.int64) if total else np.zeros(0, np.int64)
     vals = np.concatenate([np.asarray(t.values, dtype=np.float32).reshape(-1) for _, t in items]) if total else np.zeros(0, np.float32)
     starts = np.concatenate(([0], np.cumsum(nnz)[:-1]))
     first = np.zeros(total, dtype=bool)
