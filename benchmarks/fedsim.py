@@ -1,8 +1,10 @@
-"""An in-process federated run without a broker, for benchmarks: same model, data and codec code as the daemons.
+"""Lock-step federated runs for the benchmarks, on the simulation API's devices and coordinator
+(:mod:`fedge_lab.virtual`): the daemons' model, data, codec, engine and downlink code, no broker.
 
-Devices train concurrently from the same global version and their updates are applied
-one after another, so staleness is 0, 1, 2, ... within each tick, as it is in an
-asynchronous fleet of equally fast devices. Everything is seeded.
+Devices train concurrently from the same global version and their updates arrive one after
+another, so staleness is 0, 1, 2, ... within each tick, as it is in an asynchronous fleet of
+equally fast devices. Everything is seeded. What this module adds to the simulation API is
+the schedule, the benchmarks' model (SmolLM2 when installed) and their scoring.
 """
 
 from __future__ import annotations
@@ -10,23 +12,25 @@ from __future__ import annotations
 import importlib.util
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from compression import CodecConfig, ErrorFeedback, FrameKind, apply_delta, compress_update
+from compression import CodecConfig, ErrorFeedback
 from coordinator.config import ModelSpecConfig
 from coordinator.initial import initial_state
-from coordinator.strategy import FedAsyncConfig, fedasync_step, staleness_weight
+from coordinator.strategies import Aggregate, BaseStrategy, State
+from coordinator.strategy import FedAsyncConfig, StrategyConfig, WeightedUpdate
 from edge_agent.config import TrainConfig
 from edge_agent.data import LocalData, build_blocks, read_texts
 from edge_agent.model import attach_lora, get_trainable, load_base, set_trainable
-from edge_agent.train import evaluate, train_round
+from edge_agent.train import evaluate
 from fedge_lab.corpus import pydoc_domains, write_device_corpus
+from fedge_lab.virtual import ModelIO, SimCoordinator, Upload, VersionMade, VirtualDevice
 
 
 @dataclass
@@ -93,48 +97,20 @@ class RunResult:
     """The final global state."""
 
 
-def _train_delta(
-    sim: SimModel, data: LocalData, state: dict[str, np.ndarray], train: TrainConfig, rng: np.random.Generator
-) -> dict[str, np.ndarray]:
-    """One device's local round from ``state``: ``local - state`` per tensor."""
-    sim.set_state(sim.model, state)
-    train_round(sim.model, data, train, rng)
-    local = sim.get_state(sim.model)
-    return {n: local[n] - state[n] for n in state}
+def _fleet(sim: SimModel, datas: list[LocalData], seed: int) -> tuple[ModelIO, list[VirtualDevice]]:
+    io = ModelIO(sim.model, sim.get_state, sim.set_state)
+    return io, [VirtualDevice(f"device-{i}", d, np.random.default_rng([seed, i])) for i, d in enumerate(datas)]
 
 
-def _dense_bytes(tensors: dict[str, np.ndarray]) -> int:
-    return sum(d.size * 4 for d in tensors.values())
+def _record(result: RunResult, up: Upload) -> None:
+    result.bytes_up += up.wire_bytes
+    result.dense_bytes_up += up.dense_fp32_bytes
 
 
-def _upload(
-    delta: dict[str, np.ndarray], uplink: CodecConfig | None, fb: ErrorFeedback, phase: int, result: RunResult
-) -> tuple[dict[str, np.ndarray], ErrorFeedback]:
-    """What the coordinator decodes of ``delta`` (``None``: dense fp32), and the device's next residual."""
-    result.dense_bytes_up += _dense_bytes(delta)
-    if uplink is None:
-        result.bytes_up += _dense_bytes(delta)
-        return delta, fb
-    out = compress_update(delta, uplink, fb, phase=phase)
-    result.bytes_up += len(out.frame)
-    return out.sent, out.feedback
-
-
-def _apply_step(
-    state: dict[str, np.ndarray],
-    step: dict[str, np.ndarray],
-    downlink: CodecConfig | None,
-    fb: ErrorFeedback,
-    phase: int,
-    result: RunResult,
-) -> tuple[dict[str, np.ndarray], ErrorFeedback]:
-    """The next global state, made by applying exactly what the downlink sends, and the coordinator's next residual."""
-    if downlink is None:
-        result.bytes_down += _dense_bytes(step)
-        return apply_delta(state, step), fb
-    down = compress_update(step, downlink, fb, kind=FrameKind.GLOBAL_DELTA, phase=phase)
-    result.bytes_down += len(down.frame)
-    return apply_delta(state, down.sent), down.feedback
+def _commit(result: RunResult, coord: SimCoordinator, made: list[VersionMade], label: str) -> None:
+    result.bytes_down += sum(m.bytes_down for m in made)
+    if coord.rejected:
+        raise RuntimeError(f"{label}: the coordinator refused updates: {dict(coord.rejected)}")
 
 
 def run_federated(
@@ -158,35 +134,28 @@ def run_federated(
     stands for the same model in new coordinates (a Fed-SB refresh): the residuals, which were
     in the old ones, start again from zero."""
     t0 = time.monotonic()
-    state = {k: v.copy() for k, v in sim.v0.items()}
-    version = 0
-    rngs = [np.random.default_rng([seed, i]) for i in range(len(datas))]
-    up_fb = [ErrorFeedback() for _ in datas]
-    down_fb = ErrorFeedback()
+    io, devices = _fleet(sim, datas, seed)
+    coord = SimCoordinator(strategy, sim.v0, downlink)
     result = RunResult(label, 0.0, 0, 0, 0, 0.0)
-    for _tick in range(ticks):
-        base_state, base_version = state, version
-        updates = []
-        for i, data in enumerate(datas):
-            delta = _train_delta(sim, data, base_state, train, rngs[i])
-            sent, up_fb[i] = _upload(delta, uplink, up_fb[i], base_version, result)
-            updates.append(sent)
+    for tick in range(ticks):
+        base, state = coord.version, coord.state
+        ups = []
+        for dev in devices:
+            ups.append(dev.train(io, state, base, train, uplink))
+            _record(result, ups[-1])
             if progress is not None:
                 progress()
-        for delta in updates:
-            tau = version - base_version
-            step = fedasync_step(delta, strategy.alpha * staleness_weight(tau, strategy))
-            state, down_fb = _apply_step(state, step, downlink, down_fb, version + 1, result)
-            version += 1
-        result.losses.append(union_loss(sim, datas, state, eval_blocks, train.batch_size))
-        renewed = after_tick(_tick, state) if after_tick is not None else None
+        for up in ups:
+            _commit(result, coord, coord.submit(up, float(tick)), label)
+        result.losses.append(union_loss(sim, datas, coord.state, eval_blocks, train.batch_size))
+        renewed = after_tick(tick, coord.state) if after_tick is not None else None
         if renewed is not None:
-            state = renewed
-            up_fb = [ErrorFeedback() for _ in datas]
-            down_fb = ErrorFeedback()
+            coord.rebase(renewed)
+            for dev in devices:
+                dev.feedback = ErrorFeedback()
     result.final_loss = result.losses[-1]
     result.seconds = time.monotonic() - t0
-    result.state = state
+    result.state = coord.state
     return result
 
 
@@ -205,34 +174,46 @@ def run_rounds(
     progress: Any = None,
 ) -> RunResult:
     """Synchronous FedAvg rounds, as ``strategy.kind = "fedavg"`` runs them: every device
-    trains from the same version, the coordinator averages what it decodes (equal sample
-    counts), sends the step through the downlink codec and applies exactly what it sent.
+    trains from the same version, and the round closes when every device has reported.
 
     ``losses[0]`` is the loss of version 0, ``losses[r]`` after round ``r``.
     """
     t0 = time.monotonic()
-    state = {k: v.copy() for k, v in sim.v0.items()}
-    rngs = [np.random.default_rng([seed, i]) for i in range(len(datas))]
-    up_fb = [ErrorFeedback() for _ in datas]
-    down_fb = ErrorFeedback()
+    io, devices = _fleet(sim, datas, seed)
+    n = len(devices)
+    strategy = StrategyConfig(kind="fedavg", server_lr=server_lr, round_participants=n, min_participants=n)
+    coord = SimCoordinator(strategy, sim.v0, downlink)
     result = RunResult(label, 0.0, 0, 0, 0, 0.0)
-    result.losses.append(union_loss(sim, datas, state, eval_blocks, train.batch_size))
-    for _round in range(rounds):
-        total: dict[str, np.ndarray] = {n: np.zeros_like(v) for n, v in state.items()}
-        for i, data in enumerate(datas):
-            delta = _train_delta(sim, data, state, train, rngs[i])
-            sent, up_fb[i] = _upload(delta, uplink, up_fb[i], _round, result)
-            for n, d in sent.items():
-                total[n] += d
+    result.losses.append(union_loss(sim, datas, coord.state, eval_blocks, train.batch_size))
+    for r in range(rounds):
+        base, state = coord.version, coord.state
+        made: list[VersionMade] = []
+        for dev in devices:
+            up = dev.train(io, state, base, train, uplink)
+            _record(result, up)
+            made += coord.submit(up, float(r))
             if progress is not None:
                 progress()
-        step = {n: (np.float32(server_lr / len(datas)) * t).astype(np.float32) for n, t in total.items()}
-        state, down_fb = _apply_step(state, step, downlink, down_fb, _round + 1, result)
-        result.losses.append(union_loss(sim, datas, state, eval_blocks, train.batch_size))
+        _commit(result, coord, made, label)
+        if [m.version for m in made] != [r + 1]:
+            raise RuntimeError(f"{label}: round {r + 1} made versions {[m.version for m in made]}")
+        result.losses.append(union_loss(sim, datas, coord.state, eval_blocks, train.batch_size))
     result.final_loss = result.losses[-1]
     result.seconds = time.monotonic() - t0
-    result.state = state
+    result.state = coord.state
     return result
+
+
+class _Buffered(BaseStrategy):
+    """A buffer of every device's update per version, aggregated by a benchmark's own rule."""
+
+    def __init__(self, cfg: StrategyConfig, aggregate: Callable[[list[dict[str, np.ndarray]]], dict[str, np.ndarray]]) -> None:
+        super().__init__(cfg)
+        self.rule = aggregate
+
+    def aggregate(self, updates: Sequence[WeightedUpdate], state: State) -> Aggregate:
+        deltas = [{n: np.asarray(t, dtype=np.float32) for n, t in u.delta.items()} for u in updates]
+        return Aggregate(self.rule(deltas), [1.0 / len(updates)] * len(updates), state)
 
 
 def run_buffered(
@@ -249,29 +230,35 @@ def run_buffered(
     progress: Any = None,
 ) -> RunResult:
     """One buffer per tick: every device trains on the same global version, then
-    ``aggregate(deltas) -> step`` makes the next version (FedBuff with K = the devices).
+    ``aggregate(deltas) -> step`` makes the next version (FedBuff with K = the devices; the rule
+    is a :class:`~coordinator.strategies.Strategy` to the engine).
 
     ``poison(i, delta, rng) -> delta | None`` replaces device ``i``'s update (None: honest).
     Uploads are uncompressed here, to isolate aggregation from the codec.
     """
     t0 = time.monotonic()
-    state = {k: v.copy() for k, v in sim.v0.items()}
-    rngs = [np.random.default_rng([seed, i]) for i in range(len(datas))]
+    io, devices = _fleet(sim, datas, seed)
     poison_rng = np.random.default_rng([seed, 999])
+    cfg = StrategyConfig(kind="fedbuff", buffer_size=len(devices))
+    coord = SimCoordinator(cfg, sim.v0, None, strategy=_Buffered(cfg, aggregate))
     result = RunResult(label, 0.0, 0, 0, 0, 0.0)
-    for _tick in range(ticks):
-        deltas = []
-        for i, data in enumerate(datas):
-            delta = _train_delta(sim, data, state, train, rngs[i])
+    for tick in range(ticks):
+        base, state = coord.version, coord.state
+        made: list[VersionMade] = []
+        for i, dev in enumerate(devices):
+            up = dev.train(io, state, base, train, None)
             if poison is not None:
-                delta = poison(i, delta, poison_rng) or delta
-            deltas.append(delta)
+                bad = poison(i, dict(up.tensors), poison_rng)
+                up = up if bad is None else replace(up, tensors=bad)
+            _record(result, up)
+            made += coord.submit(up, float(tick))
             if progress is not None:
                 progress()
-        state = apply_delta(state, aggregate(deltas))
-        result.losses.append(union_loss(sim, datas, state, eval_blocks, train.batch_size))
+        _commit(result, coord, made, label)
+        result.losses.append(union_loss(sim, datas, coord.state, eval_blocks, train.batch_size))
     result.final_loss = result.losses[-1]
     result.seconds = time.monotonic() - t0
+    result.state = coord.state
     return result
 
 

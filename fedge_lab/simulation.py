@@ -21,26 +21,23 @@ import heapq
 import resource
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from compression import CodecConfig, ErrorFeedback, compress_update, decode_frame
+from compression import CodecConfig
 from coordinator.config import DEFAULT_DOWNLINK, ModelSpecConfig
-from coordinator.downlink import next_version
-from coordinator.engine import Accepted, Engine, Step
-from coordinator.errors import Rejection
 from coordinator.initial import initial_state
 from coordinator.strategy import StrategyConfig
 from edge_agent.config import TrainConfig
 from edge_agent.data import LocalData, build_blocks
-from edge_agent.model import attach_lora, get_trainable, load_base, set_trainable
-from edge_agent.train import evaluate, train_round
+from edge_agent.model import attach_lora, load_base, set_trainable
+from edge_agent.train import evaluate
 from fedge_lab.corpus import corpus_domains
+from fedge_lab.virtual import ModelIO, SimCoordinator, VirtualDevice
 
 
 @dataclass(frozen=True)
@@ -130,16 +127,6 @@ class SimulationResult:
         }
 
 
-@dataclass
-class _Device:
-    name: str
-    data: LocalData
-    rng: np.random.Generator
-    speed: float
-    feedback: ErrorFeedback = field(default_factory=ErrorFeedback)
-    base: int = 0
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -189,25 +176,22 @@ def simulate(cfg: SimulationConfig, progress: Callable[[int, int], None] | None 
     torch.set_num_threads(cfg.train.threads)
     workdir = Path(tempfile.mkdtemp(prefix="fedge-sim-"))
     model, tokenizer, v0 = build_model(cfg, workdir)
+    io = ModelIO(model)
     datas = shard_corpus(cfg.corpus, tokenizer, cfg.devices, cfg.train.seq_len, cfg.seed)
     devices = [
-        _Device(f"sim-{i:05d}", datas[i], np.random.default_rng([cfg.seed, i]), cfg.speeds[i % len(cfg.speeds)]) for i in range(cfg.devices)
+        VirtualDevice(f"sim-{i:05d}", datas[i], np.random.default_rng([cfg.seed, i]), cfg.speeds[i % len(cfg.speeds)])
+        for i in range(cfg.devices)
     ]
     del datas
     pick = np.random.default_rng([cfg.seed, 1 << 20])
     eval_set = [devices[i].data for i in sorted(pick.choice(cfg.devices, size=min(cfg.eval_devices, cfg.devices), replace=False))]
 
     def loss_of(state: dict[str, np.ndarray]) -> float:
-        set_trainable(model, state)
+        io.load(state)
         return float(np.mean([evaluate(model, d, cfg.eval_blocks, cfg.train.batch_size) for d in eval_set]))
 
-    shapes = {k: tuple(v.shape) for k, v in v0.items()}
-    engine = Engine(cfg.strategy, shapes=shapes)
-    states: dict[int, dict[str, np.ndarray]] = {0: v0}
-    keep = cfg.strategy.effective_max_staleness
-    downlink_fb = ErrorFeedback()
+    coord = SimCoordinator(cfg.strategy, v0, cfg.downlink)
     result = SimulationResult(cfg.devices, [], 0, {}, 0, 0.0, 0.0, loss_of(v0), 0)
-    rejected: Counter[str] = Counter()
     uploaded: set[int] = set()
     limit = cfg.max_updates or 20 * cfg.versions * max(cfg.strategy.buffer_size, 1)
 
@@ -216,7 +200,7 @@ def simulate(cfg: SimulationConfig, progress: Callable[[int, int], None] | None 
 
     def start(now: float) -> None:
         i = int(order.pop(0))
-        devices[i].base = engine.version
+        devices[i].base = coord.version
         heapq.heappush(running, (now + cfg.train.local_steps * cfg.step_s * devices[i].speed, i))
 
     for _ in range(min(cfg.concurrency, cfg.devices)):
@@ -225,66 +209,25 @@ def simulate(cfg: SimulationConfig, progress: Callable[[int, int], None] | None 
         now, i = heapq.heappop(running)
         dev = devices[i]
         order.append(i)  # idle again: it waits for its next turn
-        base_state = states.get(dev.base)
+        base_state = coord.base_state(dev.base)
         if base_state is not None:
-            set_trainable(model, base_state)
-            rr = train_round(model, dev.data, cfg.train, dev.rng)
-            local = get_trainable(model)
-            delta = {n: local[n] - base_state[n] for n in base_state}
-            up = compress_update(delta, cfg.uplink, dev.feedback, phase=dev.base)
-            dev.feedback = up.feedback
+            up = dev.train(io, base_state, dev.base, cfg.train, cfg.uplink)
             result.updates += 1
-            result.bytes_up += len(up.frame)
+            result.bytes_up += up.wire_bytes
             uploaded.add(i)
-            step = _offer(engine, cfg, dev, rr.samples, decode_frame(up.frame).tensors, now, rejected)
+            made = coord.submit(up, now)
         else:
-            rejected["too_stale"] += 1  # its base version was dropped: staler than the strategy takes
-            step = None
-        step = step or engine.poll(now)
-        while step is not None:
-            try:
-                nxt = next_version(states[engine.version], step.step, cfg.downlink, downlink_fb, step.version)
-            except Rejection as rej:
-                engine.drop(step)
-                rejected[rej.reason] += len(step.updates)
-                break
-            downlink_fb = nxt.feedback
-            engine.commit(step, now)
-            states[step.version] = nxt.state
-            for v in [v for v in states if v < step.version - keep]:
-                del states[v]
-            loss = loss_of(nxt.state) if step.version % cfg.eval_every == 0 or len(result.versions) + 1 == cfg.versions else None
-            result.versions.append(
-                VersionMetrics(step.version, now, len(step.updates), float(np.mean(step.staleness)), loss, len(nxt.frame))
-            )
-            step = engine.poll(now)
+            coord.rejected["too_stale"] += 1  # its base version was dropped: staler than the strategy takes
+            made = []
+        for m in made or coord.poll(now):
+            last = len(result.versions) + 1 == cfg.versions
+            loss = loss_of(m.state) if m.version % cfg.eval_every == 0 or last else None
+            result.versions.append(VersionMetrics(m.version, now, m.updates, m.mean_staleness, loss, m.bytes_down))
         if progress is not None:
             progress(len(result.versions), result.updates)
         start(now)
-    result.rejected = dict(rejected)
+    result.rejected = dict(coord.rejected)
     result.participants = len(uploaded)
     result.seconds = time.monotonic() - t0
     result.peak_rss_mb = peak_rss_mb()
     return result
-
-
-def _offer(
-    engine: Engine,
-    cfg: SimulationConfig,
-    dev: _Device,
-    samples: int,
-    tensors: Mapping[str, Any],
-    now: float,
-    rejected: Counter[str],
-) -> Step | None:
-    """The coordinator's side of one upload: staleness, admission, the engine; the step of a version it completes."""
-    tau = engine.version - dev.base
-    if tau > cfg.strategy.effective_max_staleness:
-        rejected["too_stale"] += 1
-        return None
-    try:
-        engine.admit(dev.name)
-    except Rejection as rej:
-        rejected[rej.reason] += 1
-        return None
-    return engine.offer(Accepted(f"{dev.name}-{now:.6f}", dev.name, dev.base, samples, tensors), now)

@@ -44,7 +44,9 @@ def test_a_corpus_too_small_for_the_fleet_is_named(tmp_path: Path) -> None:
         shard_corpus("pydoc", tokenizer, 100_000, 64, 0)
 
 
-def test_the_docs_example_runs() -> None:
+def test_the_docs_examples_run() -> None:
     text = (ROOT / "docs" / "simulation.md").read_text()
-    (code,) = re.findall(r"```python\n(.*?)```", text, re.S)
-    exec(compile(code, "docs/simulation.md", "exec"), {})
+    examples = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(examples) == 2  # simulate(), and a schedule of one's own
+    for code in examples:
+        exec(compile(code, "docs/simulation.md", "exec"), {})
