@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,8 @@ class Candidate:
     """Fed-SB: train an r x r core per LoRA module instead of the adapters (0 = off)."""
     refresh_every: int = 0
     """Fed-SB: fold the cores in and recalibrate the factors every this many ticks of the long run (0 = never)."""
+    long_lr: float = 0.0
+    """The long run's local learning rate (0: the devices' usual, ``LONG_TRAIN.lr``)."""
 
 
 def rotating(fraction: float, values: str = "int4", rescale: bool = True) -> CodecConfig:
@@ -69,10 +71,16 @@ def secagg_note(uplink: CodecConfig | None) -> str:
 
 
 def candidate(
-    name: str, uplink: CodecConfig | None, downlink: CodecConfig | None, freeze_a: bool = False, core_rank: int = 0, refresh_every: int = 0
+    name: str,
+    uplink: CodecConfig | None,
+    downlink: CodecConfig | None,
+    freeze_a: bool = False,
+    core_rank: int = 0,
+    refresh_every: int = 0,
+    long_lr: float = 0.0,
 ) -> Candidate:
     secagg = "yes: one small dense vector" if core_rank else secagg_note(uplink)
-    return Candidate(name, uplink, downlink, freeze_a, secagg, core_rank, refresh_every)
+    return Candidate(name, uplink, downlink, freeze_a, secagg, core_rank, refresh_every, long_lr)
 
 
 DENSE = candidate("dense fp32 links", None, None)
@@ -97,6 +105,16 @@ CANDIDATES: dict[str, Candidate] = {
             SUPPORT_DOWN,
             core_rank=12,
             refresh_every=4,
+        ),
+        *(
+            candidate(
+                f"Fed-SB core r=12, long-run lr {lr:g}",
+                CodecConfig(topk_fraction=1.0, values="int4"),
+                SUPPORT_DOWN,
+                core_rank=12,
+                long_lr=lr,
+            )
+            for lr in (1e-3, 1e-2)
         ),
     )
 }
@@ -211,8 +229,9 @@ def long_run(
             def after_tick(t: int, state: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
                 return core.refresh(state, text) if (t + 1) % every == 0 and t + 1 < ticks else None
 
+        train = replace(LONG_TRAIN, lr=cand.long_lr) if cand.long_lr else LONG_TRAIN
         res = run_federated(
-            sim, datas, cand.name, cand.uplink, cand.downlink, ticks=ticks, train=LONG_TRAIN, progress=progress, after_tick=after_tick
+            sim, datas, cand.name, cand.uplink, cand.downlink, ticks=ticks, train=train, progress=progress, after_tick=after_tick
         )
         if core is not None:
             res.bytes_down += core.factor_bytes  # the new factors, once per refresh
