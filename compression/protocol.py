@@ -10,6 +10,7 @@ Topic names are built only here (see ``docs/protocol.md``)::
     fl/<fleet>/devices/<id>/cmd         coord -> device  JSON
     fl/<fleet>/devices/<id>/ack         coord -> device  JSON, retained, signed: the last update processed
     fl/<fleet>/coordinator/status       coord -> all     JSON, retained, LWT offline
+    fl/<fleet>/cohorts/<c>/invite/<id>  coord -> device  JSON, signed: train one round for cohort <c>
 
 The global meta and every ack carry an Ed25519 signature by the fleet key (the meta names
 the sha256 of the delta and the snapshot, so it binds them too). Signing and verifying
@@ -82,6 +83,15 @@ def coordinator_status(fleet: str) -> str:
     return f"fl/{check_id(fleet, 'fleet')}/coordinator/status"
 
 
+def cohort_invite(fleet: str, cohort: str, device: str) -> str:
+    return f"fl/{check_id(fleet, 'fleet')}/cohorts/{check_id(cohort, 'cohort id')}/invite/{check_id(device, 'device id')}"
+
+
+def device_invites(fleet: str, device: str) -> str:
+    """Subscription filter for every invitation to ``device``."""
+    return f"fl/{check_id(fleet, 'fleet')}/cohorts/+/invite/{check_id(device, 'device id')}"
+
+
 def all_updates(fleet: str) -> str:
     """Subscription filter for every device's updates."""
     return f"fl/{check_id(fleet, 'fleet')}/devices/+/update"
@@ -149,6 +159,7 @@ Verifier = Callable[[bytes, bytes], bool]
 
 META_CONTEXT = b"fedge global meta v1\x00"
 ACK_CONTEXT = b"fedge ack v1\x00"
+INVITE_CONTEXT = b"fedge cohort invite v1\x00"
 
 
 def _canonical(obj: dict[str, Any]) -> bytes:
@@ -207,11 +218,17 @@ class UpdateHeader:
     timestamp: float
     frame_sha256: str
     train_loss: float | None = None
+    cohort: str = ""
+    """The cohort whose invitation this update answers (empty: the fleet does not train in cohorts)."""
 
 
 def header_bytes(header: UpdateHeader) -> bytes:
-    """The canonical JSON of a header: what goes on the wire and what is signed."""
-    return json.dumps(asdict(header), separators=(",", ":"), sort_keys=True).encode()
+    """The canonical JSON of a header: what goes on the wire and what is signed. An empty
+    ``cohort`` is left out, so that headers without one are what they always were."""
+    obj = asdict(header)
+    if not obj["cohort"]:
+        del obj["cohort"]
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
 
 
 def signing_message(head: bytes) -> bytes:
@@ -288,6 +305,7 @@ def decode_signed_envelope(payload: bytes, max_bytes: int = 64 << 20) -> Envelop
         timestamp=_float(obj, "timestamp", what) or 0.0,
         frame_sha256=sha,
         train_loss=_float(obj, "train_loss", what, optional=True),
+        cohort=check_id(_str(obj, "cohort", what, 64), "cohort id") if "cohort" in obj else "",
     )
     frame = bytes(payload[rest:])
     if hashlib.sha256(frame).hexdigest() != sha:
@@ -319,15 +337,23 @@ class GlobalMeta:
     model: dict[str, Any] = field(default_factory=dict)
     """The trainable spec: model id, tier, LoRA rank/alpha/targets. Agents must match it."""
     protocol: int = PROTOCOL_VERSION
+    cohorts: bool = False
+    """Devices train only when invited to a cohort (``fl/<fleet>/cohorts/<c>/invite/<id>``)."""
     signature: str = ""
     """Hex Ed25519 signature by the fleet key over every other field (empty: unsigned, lab only)."""
 
+    def _fields(self) -> dict[str, Any]:
+        obj = asdict(self)
+        if not obj["cohorts"]:
+            del obj["cohorts"]  # what a meta was before cohorts, byte for byte
+        return obj
+
     def to_json(self) -> bytes:
-        return _canonical(asdict(self))
+        return _canonical(self._fields())
 
     def signed(self, signer: Signer) -> GlobalMeta:
         """This meta with the fleet key's signature."""
-        return replace(self, signature=signer(_signed_message(META_CONTEXT, asdict(self))).hex())
+        return replace(self, signature=signer(_signed_message(META_CONTEXT, self._fields())).hex())
 
     @classmethod
     def from_json(cls, payload: bytes, verify: Verifier | None = None) -> GlobalMeta:
@@ -357,8 +383,16 @@ class GlobalMeta:
             delta_bytes=_int(obj, "delta_bytes", what) if has_delta else None,
             model=model,
             protocol=protocol,
+            cohorts=_bool(obj, "cohorts", what),
             signature=signature,
         )
+
+
+def _bool(obj: dict[str, Any], key: str, what: str) -> bool:
+    v = obj.get(key, False)
+    if not isinstance(v, bool):
+        raise ProtocolError(f"{what}: {key!r} must be true or false, got {v!r}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -412,6 +446,47 @@ class UpdateAck:
             reason=reason,
             version=_int(obj, "version", what),
             ts=_float(obj, "ts", what) or 0.0,
+            signature=signature,
+        )
+
+
+@dataclass(frozen=True)
+class CohortInvite:
+    """The coordinator's invitation to one device: train one round on ``version`` (or a later
+    version it holds) for ``cohort``, and upload it before ``deadline`` (Unix time). Signed by
+    the fleet key; a device acts on an invitation only once."""
+
+    cohort: str
+    device: str
+    version: int
+    deadline: float
+    issued: float
+    signature: str = ""
+
+    def to_json(self) -> bytes:
+        return _canonical(asdict(self))
+
+    def signed(self, signer: Signer) -> CohortInvite:
+        return replace(self, signature=signer(_signed_message(INVITE_CONTEXT, asdict(self))).hex())
+
+    @classmethod
+    def from_json(cls, payload: bytes, verify: Verifier | None = None) -> CohortInvite:
+        what = "cohort invitation"
+        obj = _load_json_object(payload, what)
+        unknown = set(obj) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ProtocolError(f"{what}: unknown fields {sorted(unknown)}")
+        signature = _check_signature(obj, INVITE_CONTEXT, verify, what)
+        deadline = _float(obj, "deadline", what) or 0.0
+        issued = _float(obj, "issued", what) or 0.0
+        if deadline < issued:
+            raise ProtocolError(f"{what}: deadline {deadline} is before issued {issued}")
+        return cls(
+            cohort=check_id(_str(obj, "cohort", what, 64), "cohort id"),
+            device=check_id(_str(obj, "device", what, 64), "device id"),
+            version=_int(obj, "version", what),
+            deadline=deadline,
+            issued=issued,
             signature=signature,
         )
 

@@ -34,12 +34,13 @@ topic read fl/{f}/#
 topic write fl/{f}/devices/+/cmd
 
 # Devices: publish only under their own id in this fleet; read the global model, the
-# coordinator's status, their own commands and their own acks. A publish elsewhere gets
-# PUBACK reason code 135 (MQTT v5).
+# coordinator's status, their own commands, acks and cohort invitations. A publish
+# elsewhere gets PUBACK reason code 135 (MQTT v5).
 pattern write fl/{f}/devices/%u/update
 pattern write fl/{f}/devices/%u/status
 pattern read fl/{f}/devices/%u/cmd
 pattern read fl/{f}/devices/%u/ack
 pattern read fl/{f}/global/#
 pattern read fl/{f}/coordinator/status
+pattern read fl/{f}/cohorts/+/invite/%u
 """

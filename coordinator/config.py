@@ -15,6 +15,7 @@ from typing import Any, Literal
 from compression import CodecConfig
 from compression.protocol import ProtocolError, check_id
 from compression.records import RecordError, env_overrides, from_mapping
+from coordinator.cohorts import CohortConfig
 from coordinator.errors import ConfigError
 from coordinator.privacy import DPConfig
 from coordinator.strategy import StrategyConfig
@@ -147,6 +148,8 @@ class CoordinatorConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     dp: DPConfig = field(default_factory=DPConfig)
     """Central differential privacy (DP-FedBuff); needs ``strategy.kind = "fedbuff"``."""
+    cohorts: CohortConfig = field(default_factory=CohortConfig)
+    """Invite devices to train, at most ``concurrency`` at once (``docs/cohorts.md``)."""
     downlink: CodecConfig = field(default_factory=lambda: DEFAULT_DOWNLINK)
     """Codec of the global deltas published each version (with error feedback at the coordinator)."""
     keep_versions: int = 20

@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 
 from compression import FrameKind, compress_dense, protocol, state_digest
 from compression.mqtt import ClientSetupError, connect_kwargs, make_client
-from compression.protocol import GlobalMeta, TrainableSpec, UpdateAck
+from compression.protocol import CohortInvite, GlobalMeta, TrainableSpec, UpdateAck
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import BrokerError, ConfigError
 
@@ -122,10 +122,16 @@ class Link:
             created=time.time(),
             state_sha256=state_digest(state),
             model=spec.to_dict(),
+            cohorts=self.cfg.cohorts.enabled,
             **delta_fields,  # type: ignore[arg-type]
         )
         self.client.publish(protocol.global_snapshot(fleet), snapshot, qos=1, retain=True)
         self.client.publish(protocol.global_meta(fleet), meta.signed(self._signer).to_json(), qos=1, retain=True)
+
+    def publish_invites(self, invites: list[CohortInvite]) -> None:
+        """Each invitation to its device alone (QoS 1, not retained: an offline device becomes a dropout)."""
+        for inv in invites:
+            self.client.publish(protocol.cohort_invite(self.cfg.fleet, inv.cohort, inv.device), inv.signed(self._signer).to_json(), qos=1)
 
     def publish_ack(self, ack: UpdateAck) -> None:
         self.client.publish(protocol.device_ack(self.cfg.fleet, ack.device), ack.signed(self._signer).to_json(), qos=1, retain=True)

@@ -11,6 +11,8 @@ from coordinator.store import Store
 
 log = logging.getLogger(__name__)
 
+READY_STATES = ("waiting", "idle")
+
 
 class Presence:
     def __init__(self, store: Store) -> None:
@@ -18,6 +20,8 @@ class Presence:
         self.online: dict[str, bool] = {}
         self.count = 0
         """Devices whose last status was not ``offline``."""
+        self.ready: set[str] = set()
+        """Devices whose last status says they wait for work (``waiting`` or ``idle``): whom a cohort may invite."""
 
     def observe(self, device: str, payload: bytes) -> None:
         """A status from ``device``'s topic; a bad one is logged and ignored, an empty one is a cleared retained status."""
@@ -31,4 +35,8 @@ class Presence:
         online = status.state != "offline"
         self.count += int(online) - int(self.online.get(device, False))
         self.online[device] = online
+        if status.state in READY_STATES:
+            self.ready.add(device)
+        else:
+            self.ready.discard(device)
         self.store.record_status(device, status.state, status.version, status.profile, status.metrics, status.tier)

@@ -79,6 +79,24 @@ CREATE TABLE IF NOT EXISTS devices (
     metrics TEXT,
     tier TEXT
 );
+CREATE TABLE IF NOT EXISTS cohorts (
+    cohort TEXT PRIMARY KEY,
+    number INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    created REAL NOT NULL,
+    deadline REAL NOT NULL,
+    eligible INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    members TEXT NOT NULL
+);
+-- state: invited, then reported or dropped (coordinator.cohorts)
+CREATE TABLE IF NOT EXISTS cohort_members (
+    cohort TEXT NOT NULL,
+    device TEXT NOT NULL,
+    state TEXT NOT NULL,
+    ts REAL,
+    PRIMARY KEY (cohort, device)
+);
 """
 
 

@@ -31,12 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from compression import (
-    CodecError,
-    ErrorFeedback,
-    decode_frame,
-    protocol,
-)
+from compression import CodecError, ErrorFeedback, decode_frame, protocol
+from coordinator.cohorts import open_cohorts
 from coordinator.config import CoordinatorConfig
 from coordinator.engine import Accepted, Engine, Step
 from coordinator.errors import ConfigError, Rejection, StoreError
@@ -114,8 +110,7 @@ class CoordinatorService:
         self.quarantine = Quarantine(f"{cfg.state_dir}/quarantine", max_files=cfg.quarantine_max_files)
         self.intake = Intake(cfg, self.store, self.influence)
         self.presence = Presence(self.store)
-        self.verifier = self.intake.verifier
-        self.dp = cfg.dp
+        self.cohorts = open_cohorts(cfg, self.store.db)
         if cfg.dp.enabled:
             self.store.set_meta("dp", json.dumps({"noise_multiplier": cfg.dp.noise_multiplier, "delta": cfg.dp.delta}))
         self.metrics = Metrics(cfg.fleet)
@@ -186,6 +181,7 @@ class CoordinatorService:
         """One turn of the worker: a batch of messages, a round check, a heartbeat."""
         batch = self.link.next_batch(BATCH_MAX, timeout=0.5)
         if "connected" in batch:
+            self.link.publish_invites(self.cohorts.open_invitations())  # devices act on each one once
             try:
                 delta = self.store.delta_frame(self.version)
             except STORAGE_ERRORS as exc:
@@ -196,6 +192,7 @@ class CoordinatorService:
         if messages:
             self._process(messages)
         self._maybe_close_round()
+        self.cohorts.tick(time.time(), self.presence.ready, self.version, self.store.batch, self.link.publish_invites)
         if time.monotonic() - self._last_status >= self.cfg.heartbeat_s:
             self._publish_status("online")
 
@@ -248,10 +245,12 @@ class CoordinatorService:
 
     def _mark(self) -> tuple[Any, ...]:
         """Everything a message's handling may change in memory, to undo it if the handling fails."""
-        return (self.engine.mark(), self.versions.mark(), self.outcomes.mark(), self.influence.mark(), self.store._pending_prune)
+        parts = (self.engine.mark(), self.versions.mark(), self.outcomes.mark(), self.influence.mark(), self.cohorts.mark())
+        return (*parts, self.store._pending_prune)
 
     def _restore(self, mark: tuple[Any, ...]) -> None:
-        engine, versions, outcomes, influence, self.store._pending_prune = mark
+        engine, versions, outcomes, influence, cohorts, self.store._pending_prune = mark
+        self.cohorts.restore(*cohorts)
         self.outcomes.restore(outcomes)
         self.engine.restore(engine)
         self.versions.restore(versions)
@@ -305,6 +304,7 @@ class CoordinatorService:
             return
         try:
             valid = self.intake.validate(device, env, len(msg.payload), self.shapes, self.version)
+            self.cohorts.check(device, valid.header.cohort)
             self.engine.admit(valid.header.device)
         except Rejection as rej:
             self.outcomes.reject(device, rej)
@@ -312,6 +312,7 @@ class CoordinatorService:
                 self.outcomes.ack(header, "rejected", str(rej), self.version)
             return
         self.store.advance_seq(valid.header.device, valid.header.seq)  # replay protection, in this batch's transaction
+        self.cohorts.reported(device, valid.header.cohort, time.time())
         self.metrics.accepted.inc()
         self.metrics.staleness.observe(valid.staleness)
         self.influence.observe(device, valid.norm, valid.header.num_samples)
@@ -393,6 +394,7 @@ class CoordinatorService:
         extra: dict[str, object] = {"strategy": self.cfg.strategy.kind, "buffered": len(self.buffer)}
         if self._degraded or self._strategy_error:
             extra["degraded"] = (self._degraded or self._strategy_error or "")[:300]
-        if self.dp.enabled:
-            extra.update(dp_epsilon=round(self.fleet_epsilon(), 4), dp_delta=self.dp.delta)
+        if self.cfg.dp.enabled:
+            extra.update(dp_epsilon=round(self.fleet_epsilon(), 4), dp_delta=self.cfg.dp.delta)
+        extra.update(self.cohorts.status())
         self.link.publish_status(self.outcomes.status(state, self.version, extra), wait=state == "offline")

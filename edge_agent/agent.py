@@ -21,7 +21,8 @@ import torch
 
 from compression import CodecError, compress_update, protocol
 from compression.follower import Follower
-from compression.protocol import GlobalMeta, TrainableSpec, UpdateAck, UpdateHeader
+from compression.invitations import Invitations
+from compression.protocol import CohortInvite, GlobalMeta, TrainableSpec, UpdateAck, UpdateHeader
 from edge_agent import model as model_lib
 from edge_agent.config import AgentConfig, model_cache_dir
 from edge_agent.data import LocalData, build_blocks, read_texts
@@ -128,6 +129,7 @@ class Agent:
         self.global_model: GlobalModel | None = None
         # Metas, deltas and the snapshot wait here while training; it decides what to apply.
         self.follower = Follower(max_bytes=cfg.broker.max_global_bytes)
+        self.invitations = Invitations(cfg.device_id)
         self._model: torch.nn.Module | None = None
         self._tokenizer: object | None = None
         self._spec: TrainableSpec | None = None
@@ -181,6 +183,9 @@ class Agent:
                 if self.global_model is None or self.paused:
                     self._set_state("paused" if self.paused else "waiting")
                     continue
+                if (why := self._uninvited()) is not None:
+                    self._wait_reason(why)
+                    continue
                 if self.pending_count >= self.cfg.max_outbox:
                     self._flush_outbox()
                     self._wait_reason("outbox full: waiting for the broker")
@@ -215,6 +220,19 @@ class Agent:
             self._blocked = reason
             self._set_state("idle", force=True)
 
+    def _uninvited(self) -> str | None:
+        """Why this device may not train now because the fleet trains in cohorts (None: it may)."""
+        latest = self.follower.latest
+        if latest is None or not latest.cohorts:
+            return None
+        invite = self.invitations.current(time.monotonic())
+        if invite is None:
+            return "waiting for a cohort invitation"
+        assert self.global_model is not None
+        if self.global_model.version < invite.version:
+            return f"cohort {invite.cohort}: waiting for v{invite.version}"
+        return None
+
     # -- the round -------------------------------------------------------------------
 
     def _round(self) -> None:
@@ -233,6 +251,7 @@ class Agent:
         delta = model_lib.round_delta(self._model, g.tensors, self.cfg.train.tier)
         ldp = self.cfg.privacy.mechanism != "none"
         seq = self.state.next_seq(dp_round=ldp)  # counted before anything noised exists
+        cohort = self.invitations.used() if self.follower.latest is not None and self.follower.latest.cohorts else ""
         if ldp:
             delta = privatize(delta, self.cfg.privacy, self._rng)
         compressed = compress_update(delta, self.cfg.codec, self._feedback, phase=base)
@@ -245,6 +264,7 @@ class Agent:
             timestamp=time.time(),
             frame_sha256=hashlib.sha256(compressed.frame).hexdigest(),
             train_loss=result.train_loss if np.isfinite(result.train_loss) else None,
+            cohort=cohort,
         )
         envelope = protocol.encode_envelope(header, compressed.frame, signer=self._signer)
         # One durable commit of the update and of the residual after it (see edge_agent.state).
@@ -346,6 +366,15 @@ class Agent:
                 raise protocol.ProtocolError(f"ack names device {ack.device!r}, not this one")
             if self.outbox.on_ack(ack):
                 self._flush_outbox()  # the next update, if one waits
+        elif msg.topic.startswith(f"fl/{fleet}/cohorts/"):
+            invite = CohortInvite.from_json(msg.payload, self._verify)
+            if msg.topic != protocol.cohort_invite(fleet, invite.cohort, dev):
+                raise protocol.ProtocolError(f"an invitation to {invite.device} for {invite.cohort} came on {msg.topic}")
+            ignored = self.invitations.offer(invite, time.monotonic(), time.time())
+            if ignored:
+                log.info("invitation ignored: %s", ignored)
+            else:
+                log.info("invited to cohort %s on v%d", invite.cohort, invite.version)
         elif msg.topic == protocol.device_cmd(fleet, dev):
             command = protocol.decode_command(msg.payload)
             self.paused = command == "pause"

@@ -140,6 +140,7 @@ class Testbed:
                 "broker": {"host": "127.0.0.1", "port": port},
                 "model": {"source": source, "lora_r": lora_r, "lora_alpha": 2 * lora_r, "init_seed": cfg.seed},
                 "strategy": asdict(cfg.strategy),
+                "cohorts": asdict(cfg.cohorts),
                 "limits": LAB_LIMITS,
                 **({"downlink": asdict(cfg.downlink)} if cfg.downlink else {}),
             },

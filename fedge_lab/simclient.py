@@ -98,7 +98,8 @@ class SimClient:
         if self.device is None:
             c.subscribe([(t, 1) for t in self.fleet.mirror.topics])
         else:
-            c.subscribe(protocol.device_cmd(self.fleet.plan.fleet, self.device.spec.id), 1)
+            fleet, dev = self.fleet.plan.fleet, self.device.spec.id
+            c.subscribe([(protocol.device_cmd(fleet, dev), 1), (protocol.device_invites(fleet, dev), 1)])
             self.device.on_connected()
 
     def _on_disconnect(self, c: mqtt.Client, u: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -112,6 +113,8 @@ class SimClient:
     def _on_message(self, c: mqtt.Client, u: Any, msg: mqtt.MQTTMessage) -> None:
         if self.device is None:
             self.fleet.mirror.handle(msg.topic, bytes(msg.payload))
+        elif "/cohorts/" in msg.topic:
+            self.device.on_invite(bytes(msg.payload))
         else:
             self.device.on_command(bytes(msg.payload))
 

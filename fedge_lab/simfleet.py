@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from compression import CodecError, ErrorFeedback, compress_update, decode_frame, protocol
-from compression.protocol import DeviceStatus, UpdateHeader
+from compression.invitations import Invitations
+from compression.protocol import CohortInvite, DeviceStatus, UpdateHeader
 from fedge_lab.fleet_plan import FleetPlan, SimDevice
 from fedge_lab.mirror import GlobalMirror
 from fedge_lab.objective import SimObjective
@@ -56,6 +57,7 @@ class _Device:
         # Sequence numbers stay monotonic across restarts of this process: start from the clock.
         self.seq = time.time_ns() // 1000
         self.client = SimClient(fleet, spec.id, self)
+        self.invitations = Invitations(spec.id)
         self.state = "starting"
         self.base: int | None = None
         self.waiting = False
@@ -110,14 +112,34 @@ class _Device:
             self.set_state("waiting", publish=True)
             self.fleet.at(time.time(), self.start_round)
 
+    def on_invite(self, payload: bytes) -> None:
+        try:
+            ignored = self.invitations.offer(CohortInvite.from_json(payload), time.monotonic(), time.time())
+        except CodecError as exc:
+            log.warning("%s: bad invitation ignored: %s", self.spec.id, exc)
+            return
+        if ignored:
+            log.debug("%s: %s", self.spec.id, ignored)
+        elif self.state != "training":
+            self.fleet.at(time.time(), self.start_round)
+
+    def _uninvited(self) -> bool:
+        """The fleet trains in cohorts and this device holds no invitation it can act on now."""
+        meta = self.fleet.mirror.follower.meta
+        if meta is None or not meta.cohorts:
+            return False
+        invite = self.invitations.current(time.monotonic())
+        return invite is None or (self.fleet.mirror.version or 0) < invite.version
+
     def start_round(self) -> None:
         f = self.fleet
         now = time.time()
         if f.stopping or self.paused or self.down_until > now or not self.client.connected:
             return
-        if f.mirror.version is None:
+        if f.mirror.version is None or self._uninvited():
             self.waiting = True
-            self.set_state("waiting")
+            # In cohorts, the coordinator invites the devices whose status says they wait: say it now.
+            self.set_state("waiting", publish=f.mirror.version is not None)
             return
         self.waiting = False
         self.base = f.mirror.version
@@ -139,6 +161,8 @@ class _Device:
         compressed = compress_update(delta, f.plan.codec, self.feedback)
         self.feedback = compressed.feedback
         self.seq += 1
+        meta = f.mirror.follower.meta
+        cohort = self.invitations.used() if meta is not None and meta.cohorts else ""
         header = UpdateHeader(
             device=self.spec.id,
             seq=self.seq,
@@ -148,6 +172,7 @@ class _Device:
             timestamp=time.time(),
             frame_sha256=hashlib.sha256(compressed.frame).hexdigest(),
             train_loss=f.objective.domain_loss(state, self.domain),
+            cohort=cohort,
         )
         envelope = protocol.encode_envelope(header, compressed.frame)
         self.client.mqtt.publish(protocol.device_update(f.plan.fleet, self.spec.id), envelope, qos=1)

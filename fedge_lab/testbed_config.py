@@ -10,6 +10,7 @@ from typing import Literal
 from compression import CodecConfig
 from compression.records import RecordError, from_mapping
 from coordinator.errors import ConfigError
+from coordinator.cohorts import CohortConfig
 from coordinator.strategy import StrategyConfig
 from fedge_lab.netem import Impairment
 from fedge_lab.objective import ObjectiveConfig
@@ -96,6 +97,8 @@ class TestbedConfig:
     model: Literal["auto", "tiny", "smollm2", "sim"] = "auto"
     """Model of the fleet: with real agents ``tiny`` or ``smollm2`` (``auto``: tiny), else the simulated spec."""
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    cohorts: CohortConfig = field(default_factory=CohortConfig)
+    """The coordinator's ``[cohorts]``: invite devices to train, at most ``concurrency`` at once."""
     agents: tuple[AgentGroup, ...] = (AgentGroup(count=10),)
     churn: ChurnPlan = field(default_factory=ChurnPlan)
     broker_restart: BrokerRestart = field(default_factory=BrokerRestart)

@@ -21,14 +21,14 @@ def test_a_message_whose_handling_raises_is_refused_and_quarantined(tmp_path: Pa
     dev = DeviceClient(broker.port, "pi-poison")
     try:
         with ThreadedCoordinator(coordinator_config(broker, tmp_path / "coord", tiny_model)) as service:
-            check = service.verifier.check
+            check = service.intake.verifier.check
 
             def exploding(env):  # type: ignore[no-untyped-def]  # stands for any bug a crafted message could reach
                 if env.header.update_id == "poison":
                     raise RuntimeError("a handler bug")
                 return check(env)
 
-            service.verifier.check = exploding  # type: ignore[method-assign]
+            service.intake.verifier.check = exploding  # type: ignore[method-assign]
             meta = dev.wait_meta(0)
             dev.publish(dev.update_payload(meta, uid="poison"))
             dev.publish(dev.update_payload(meta))
