@@ -9,8 +9,8 @@ from typing import Literal
 
 from compression import CodecConfig
 from compression.records import RecordError, from_mapping
-from coordinator.errors import ConfigError
 from coordinator.cohorts import CohortConfig
+from coordinator.errors import ConfigError
 from coordinator.strategy import StrategyConfig
 from fedge_lab.netem import Impairment
 from fedge_lab.objective import ObjectiveConfig
