@@ -1,6 +1,7 @@
 """Asynchronous vs synchronous aggregation on one simulated fleet: wall-clock and bytes to a target loss.
 
-    python -m benchmarks.async_vs_sync [--devices 1000] [--step-s 3] [--target 0.35] [--max-seconds 300] [--json]
+    python -m benchmarks.async_vs_sync [--devices 1000] [--step-s 3] [--target 0.35] [--max-seconds 300]
+                                       [--concurrency 200] [--background-load N] [--json]
 
 Each strategy (FedAsync, FedBuff, synchronous FedAvg) runs on a fresh testbed: a private
 Mosquitto, the coordinator process, and the same simulated fleet (same devices, speed
@@ -10,15 +11,25 @@ real default-codec frames over real MQTT; only training is the cheap objective o
 exactly for every version the coordinator publishes. The clock starts when the devices
 start training and stops at the first version at or below ``--target``; the bytes are
 every update the devices sent until then (including ones still buffered or rejected).
+
+The asynchronous strategies run in cohorts (``[cohorts]``): the coordinator invites at most
+``--concurrency`` devices to train at once (FedBuff's C), which bounds staleness. FedAvg
+rounds take every device, as before. ``--concurrency 0`` runs them unbounded, every
+device training all the time. ``--background-load N`` runs everything a second time
+beside N busy processes (one spinning Python loop each, stopped by their PIDs), and
+reports both conditions side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from compression import CodecConfig
+from coordinator.cohorts import CohortConfig
 from coordinator.strategy import StrategyConfig
 from fedge_lab.lab import Testbed
 from fedge_lab.scoring import VersionScorer
@@ -51,6 +63,26 @@ def strategy_config(kind: str, args: argparse.Namespace) -> StrategyConfig:
     return StrategyConfig(kind="fedavg", round_participants=args.devices, round_deadline_s=args.max_seconds, min_participants=2)
 
 
+def cohort_config(kind: str, args: argparse.Namespace) -> CohortConfig:
+    if kind == "fedavg" or args.concurrency <= 0:
+        return CohortConfig()
+    c = min(args.concurrency, args.devices)
+    return CohortConfig(enabled=True, concurrency=c, size=min(args.cohort_size, c), deadline_s=args.max_seconds, seed=args.seed)
+
+
+@contextmanager
+def background_load(n: int) -> Iterator[list[int]]:
+    """``n`` busy processes (a spinning loop each) for the duration, stopped by their own PIDs."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait(timeout=10)
+
+
 def run_one(kind: str, args: argparse.Namespace, run_dir: Path, console: Console) -> dict[str, Any]:
     cfg = TestbedConfig(
         duration_s=args.max_seconds,
@@ -58,6 +90,7 @@ def run_one(kind: str, args: argparse.Namespace, run_dir: Path, console: Console
         seed=args.seed,
         model="sim",
         strategy=strategy_config(kind, args),
+        cohorts=cohort_config(kind, args),
         agents=fleet_groups(args.devices, tuple(args.mix)),  # type: ignore[arg-type]
         sim=SimSettings(step_s=args.step_s, processes=args.processes, sync_wait_s=args.max_seconds, heartbeat_s=30.0),
         start_delay_s=args.start_delay,
@@ -88,6 +121,7 @@ def run_one(kind: str, args: argparse.Namespace, run_dir: Path, console: Console
     return {
         "strategy": kind,
         "config": asdict(cfg.strategy),
+        "cohorts": asdict(cfg.cohorts),
         "reached": hit is not None,
         "diverged": diverged,
         "stopped_by": "diverged" if diverged else why,
@@ -150,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=2, help="simulated-fleet processes")
     parser.add_argument("--start-delay", type=float, default=10.0, help="seconds for the fleet to connect before training")
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    parser.add_argument("--concurrency", type=int, default=200, help="cohorts: devices training at once (C) for fedbuff/fedasync; 0 = all")
+    parser.add_argument("--cohort-size", type=int, default=20, help="devices invited together when slots free up")
+    parser.add_argument("--background-load", type=int, default=0, metavar="N", help="also run beside N busy processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", default=None)
     parser.add_argument("--plot", default=str(Path(__file__).parent.parent / "docs" / "img" / "async_vs_sync.png"))
@@ -158,10 +195,40 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True, width=130)
     root = Path(args.run_dir or tempfile.mkdtemp(prefix="fedge-async-vs-sync-"))
     t0 = time.monotonic()
-    results: dict[str, dict[str, Any]] = {}
-    for kind in args.strategies:
-        console.print(f"[bold]{kind}[/bold]: {args.devices} simulated devices, target loss {args.target} ...")
-        results[kind] = run_one(kind, args, root / kind, console)
+    conditions = {"quiet": 0} | ({f"loaded ({args.background_load} busy processes)": args.background_load} if args.background_load else {})
+    out: dict[str, Any] = {
+        "target_loss": args.target,
+        "devices": args.devices,
+        "mix": args.mix,
+        "step_s": args.step_s,
+        "concurrency": args.concurrency,
+        "background_load": args.background_load,
+    }
+    ok = True
+    for i, (label, load) in enumerate(conditions.items()):
+        results: dict[str, dict[str, Any]] = {}
+        with background_load(load):
+            for kind in args.strategies:
+                console.print(f"[bold]{kind}[/bold] ({label}): {args.devices} simulated devices, target loss {args.target} ...")
+                results[kind] = run_one(kind, args, root / f"{kind}-{'loaded' if load else 'quiet'}", console)
+        summary = summarize(results, args, label, console)
+        ok = ok and summary["speedup_wallclock"] is not None
+        if i == 0:
+            out.update(summary)
+            png = plot(results, args.target, Path(args.plot))
+        else:
+            out.update({f"{k}_loaded": v for k, v in summary.items()})
+            png = plot(results, args.target, Path(args.plot).with_name(Path(args.plot).stem + "_loaded.png"))
+        console.print(f"plot: {png}")
+    out["diverged_any"] = any(r["diverged"] for key in ("strategies", "strategies_loaded") for r in out.get(key, {}).values())
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    if args.json:
+        print(json.dumps(out))
+    return 0 if ok else 1
+
+
+def summarize(results: dict[str, dict[str, Any]], args: argparse.Namespace, label: str, console: Console) -> dict[str, Any]:
+    """The table of one condition, and its numbers."""
     sync = results.get("fedavg")
     asyncs = [r for k, r in results.items() if k != "fedavg" and r["reached"]]
     best = min(asyncs, key=lambda r: r["time_to_target_s"]) if asyncs else None
@@ -173,12 +240,15 @@ def main(argv: list[str] | None = None) -> int:
         speedup = sync_t / best["time_to_target_s"]
         bytes_ratio = sync["dense_bytes_to_target"] / max(best["bytes_to_target"], 1)
         same_codec = sync["bytes_to_target"] / max(best["bytes_to_target"], 1)
-    table = Table(title=f"{args.devices} devices (1x/3x/10x = {args.mix}), round at 1x = {args.step_s:g} s, target loss {args.target:g}")
-    for col in ("strategy", "time to target", "versions", "updates sent", "bytes sent", "dense fp32 equivalent", "final loss", "rejected"):
+    title = f"{label}: {args.devices} devices (1x/3x/10x = {args.mix}), round at 1x = {args.step_s:g} s, target loss {args.target:g}"
+    table = Table(title=title)
+    cols = ("strategy", "cohorts (C)", "time to target", "versions", "updates sent", "bytes sent", "dense fp32 equivalent", "final loss")
+    for col in (*cols, "rejected"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for kind, r in results.items():
         table.add_row(
             kind,
+            str(r["cohorts"]["concurrency"]) if r["cohorts"]["enabled"] else "-",
             f"{r['time_to_target_s']:.1f} s" if r["reached"] else "diverged" if r["diverged"] else f"> {args.max_seconds:.0f} s",
             str(r["versions_to_target"] if r["reached"] else r["versions"]),
             f"{r['updates_to_target']:,}",
@@ -190,29 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     if speedup is not None and best is not None:
         console.print(
-            f"best asynchronous: {best['strategy']}, {'at least ' if lower_bound else ''}{speedup:.1f}x faster than synchronous FedAvg; "
-            f"{bytes_ratio:.0f}x fewer bytes than FedAvg with dense fp32 updates ({same_codec:.2f}x against FedAvg with the same codec)"
+            f"{label}: best asynchronous {best['strategy']}, {'at least ' if lower_bound else ''}{speedup:.1f}x faster than synchronous "
+            f"FedAvg; {bytes_ratio:.0f}x fewer bytes than FedAvg with dense fp32 updates ({same_codec:.2f}x against FedAvg, same codec)"
         )
-    png = plot(results, args.target, Path(args.plot))
-    console.print(f"plot: {png}")
-    out = {
+    return {
         "speedup_wallclock": speedup,
         "speedup_is_lower_bound": lower_bound,
         "bytes_ratio": bytes_ratio,
         "bytes_ratio_same_codec": same_codec,
-        "target_loss": args.target,
         "best_async": best["strategy"] if best else None,
-        "devices": args.devices,
-        "mix": args.mix,
-        "step_s": args.step_s,
         "strategies": {
             k: {kk: vv for kk, vv in r.items() if kk != "loss_curve"} | {"loss_curve": r["loss_curve"][::5]} for k, r in results.items()
         },
-        "seconds": round(time.monotonic() - t0, 1),
     }
-    if args.json:
-        print(json.dumps(out))
-    return 0 if speedup is not None else 1
 
 
 if __name__ == "__main__":
