@@ -263,8 +263,11 @@ def summarize(results: dict[str, dict[str, Any]], args: argparse.Namespace, labe
             f"{label}: best asynchronous {best['strategy']}, {'at least ' if lower_bound else ''}{speedup:.1f}x faster than synchronous "
             f"FedAvg; {bytes_ratio:.0f}x fewer bytes than FedAvg with dense fp32 updates ({same_codec:.2f}x against FedAvg, same codec)"
         )
+    sync_s = (sync["time_to_target_s"] if sync["reached"] else args.max_seconds) if sync else None
+    by_strategy = {k: sync_s / r["time_to_target_s"] for k, r in results.items() if k != "fedavg" and r["reached"] and sync_s}
     return {
         "speedup_wallclock": speedup,
+        "speedup_by_strategy": by_strategy,
         "speedup_is_lower_bound": lower_bound,
         "bytes_ratio": bytes_ratio,
         "bytes_ratio_same_codec": same_codec,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import queue
 import sqlite3
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,10 +18,13 @@ from compression import protocol
 from compression.protocol import CohortInvite, DeviceStatus, GlobalMeta, UpdateAck
 from coordinator.cohorts import CohortConfig
 from coordinator.identity import fleet_key
+from coordinator.store import Store
 from coordinator.strategy import StrategyConfig
+from edge_agent.agent import Agent
+from edge_agent.config import parse_config
 from fedge_lab.broker import MosquittoBroker
 from tests.conftest import wait_until
-from tests.integration.conftest import FLEET, DeviceClient, ThreadedCoordinator, coordinator_config
+from tests.integration.conftest import FLEET, DeviceClient, ThreadedCoordinator, agent_config_dict, coordinator_config
 
 pytestmark = pytest.mark.broker
 
@@ -131,3 +135,27 @@ def _verifies(public: object, sig: bytes, msg: bytes) -> bool:
     except Exception:  # noqa: BLE001 - InvalidSignature
         return False
     return True
+
+
+def test_a_real_agent_waits_for_its_invitation_and_answers_it(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, device_data
+) -> None:  # type: ignore[no-untyped-def]
+    cfg = coordinator_config(broker, tmp_path / "coord", tiny_model)
+    cohorts = CohortConfig(enabled=True, concurrency=1, size=1, deadline_s=120.0, fill_wait_s=0.0)
+    cfg = replace(cfg, strategy=StrategyConfig(kind="fedasync"), cohorts=cohorts)
+    raw = agent_config_dict(broker, tiny_model, device_data(0), tmp_path / "agent", "pi-c", sync_wait_s=1.0)
+    agent = Agent(parse_config(raw, "test", environ={}))
+    with ThreadedCoordinator(cfg) as service:
+        thread = threading.Thread(target=agent.run, daemon=True)
+        thread.start()
+        try:
+            wait_until(lambda: service.version >= 2, 120, "two versions from two invitations")
+        finally:
+            agent.stop()
+            thread.join(60)
+    ledger = list(Store(tmp_path / "coord", readonly=True).ledger())
+    assert [e["device"] for e in ledger][:2] == ["pi-c", "pi-c"]
+    db = sqlite3.connect(f"file:{tmp_path / 'coord' / 'coordinator.db'}?mode=ro", uri=True)
+    members = db.execute("SELECT cohort, device, state FROM cohort_members ORDER BY cohort").fetchall()
+    assert members[:2] == [("c00000001", "pi-c", "reported"), ("c00000002", "pi-c", "reported")]
+    assert not [r for r in db.execute("SELECT reason FROM rejections")]  # it never trained uninvited
