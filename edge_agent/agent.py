@@ -222,8 +222,7 @@ class Agent:
 
     def _uninvited(self) -> str | None:
         """Why this device may not train now because the fleet trains in cohorts (None: it may)."""
-        latest = self.follower.latest
-        if latest is None or not latest.cohorts:
+        if not self._in_cohorts():
             return None
         invite = self.invitations.current(time.monotonic())
         if invite is None:
@@ -232,6 +231,11 @@ class Agent:
         if self.global_model.version < invite.version:
             return f"cohort {invite.cohort}: waiting for v{invite.version}"
         return None
+
+    def _in_cohorts(self) -> bool:
+        """Whether the fleet trains in cohorts: the meta of the version this device holds says so."""
+        meta = self.follower.meta
+        return meta is not None and meta.cohorts
 
     # -- the round -------------------------------------------------------------------
 
@@ -251,7 +255,7 @@ class Agent:
         delta = model_lib.round_delta(self._model, g.tensors, self.cfg.train.tier)
         ldp = self.cfg.privacy.mechanism != "none"
         seq = self.state.next_seq(dp_round=ldp)  # counted before anything noised exists
-        cohort = self.invitations.used() if self.follower.latest is not None and self.follower.latest.cohorts else ""
+        cohort = self.invitations.used() if self._in_cohorts() else ""
         if ldp:
             delta = privatize(delta, self.cfg.privacy, self._rng)
         compressed = compress_update(delta, self.cfg.codec, self._feedback, phase=base)
