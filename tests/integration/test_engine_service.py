@@ -144,10 +144,13 @@ def test_fedavg_rounds_hold_one_update_per_device_and_the_slow_device_lands(
             raw["train"]["slowdown"] = 10.0
             raw["train"]["sample_weight"] = "dataset"  # weighted by its training blocks, not steps x batch
         agents.append(Agent(parse_config(raw, "test", environ={})))
+    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+    for t in threads:
+        t.start()
+    # The round's target is the devices online when it opens: all three, once their statuses are in.
+    wait_until(lambda: all(a.transport.connected.is_set() and a._state_name == "waiting" for a in agents), 120, "three agents online")
     with ThreadedCoordinator(coord) as service:
-        threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
-        for t in threads:
-            t.start()
+        wait_until(lambda: service.presence.count == 3, 30, "the coordinator to see three devices online")
         wait_until(lambda: service.version >= 2, 240, "two rounds")
         for a in agents:
             a.stop()
