@@ -17,9 +17,11 @@ SmolLM2, one thread). Also the coordinator's CPU to unmask, and the wall time of
 whole cohort in this one process.
 
 **Learning.** A seeded FedAvg run on the tiny model and the pydoc corpus (10 devices,
-``--rounds`` rounds, lock step): once with the plain default uplink, once with each round
-a cohort under secure aggregation (shared rand-k with error feedback, quantized, masked,
-unmasked). Both apply each round's mean uncompressed, so only the uplink differs.
+``--rounds`` rounds, lock step): once with the plain default uplink, and with each round a
+cohort under secure aggregation (shared coordinates with error feedback, quantized,
+masked, unmasked), for each way of choosing the shared coordinates (``SELECTIONS``:
+rand-k from the cohort's seed, or the largest entries of the last global step). All apply
+each round's mean uncompressed, so only the uplink differs.
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ def cohort_costs(k_devices: int, fraction: float, bits: int, seed: int = 0) -> d
 
 
 def quality(rounds: int, fraction: float, bits: int, clip: float, devices: int = 10) -> dict[str, Any]:
-    """Held-out loss by round: the plain default uplink, and secure aggregation over the same seeded run."""
+    """Held-out loss by round: the plain default uplink, and secure aggregation over the same
+    seeded run with each way of choosing the cohort's shared coordinates (:data:`SELECTIONS`)."""
     from coordinator.strategy import StrategyConfig
     from fedge_lab.simulation import SimulationConfig, build_model, shard_corpus
     from fedge_lab.virtual import ModelIO, SimCoordinator, VirtualDevice
@@ -141,7 +144,26 @@ def quality(rounds: int, fraction: float, bits: int, clip: float, devices: int =
             coord.submit(up, 0.0)
         plain.append(loss(coord.state))
 
-    # Secure aggregation: the same devices and seeds; each round is one cohort.
+    out: dict[str, Any] = {"rounds": rounds, "devices": devices, "plain_losses": plain}
+    out["plain_bytes_per_update"] = plain_bytes / (rounds * devices)
+    for selection in SELECTIONS:
+        out[selection] = _secure_run(selection, rounds, fraction, bits, clip, devices, io, datas, v0, train, loss)
+        out[selection]["final_rel_loss_vs_plain"] = (out[selection]["losses"][-1] - plain[-1]) / plain[-1]
+    return out
+
+
+SELECTIONS = ("random", "last_step")
+"""How a cohort picks the coordinates every member sends: ``random`` (rand-k from the cohort's
+seed), or ``last_step``: the k largest entries of the last global step, which every device
+holds (it is the difference of two published versions), so the choice reveals nothing any
+device's data alone decides. The first round, with no step yet, is random."""
+
+
+def _secure_run(
+    selection: str, rounds: int, fraction: float, bits: int, clip: float, devices: int, io: Any, datas: Any, v0: Any, train: Any, loss: Any
+) -> dict[str, Any]:
+    from fedge_lab.virtual import VirtualDevice
+
     fleet = [VirtualDevice(f"d{i}", d, np.random.default_rng([0, i])) for i, d in enumerate(datas)]
     names = sorted(v0)
     sizes = [v0[n].size for n in names]
@@ -151,11 +173,16 @@ def quality(rounds: int, fraction: float, bits: int, clip: float, devices: int =
     state = {n: v.copy() for n, v in v0.items()}
     residual = [np.zeros(total, np.float64) for _ in fleet]
     rng = np.random.default_rng(7)
-    secure = [loss(state)]
+    losses = [loss(state)]
+    last_step: np.ndarray | None = None
+    t = max(1, devices // 2 + 1)
     for r in range(rounds):
         cohort = f"c{r + 1:08d}".encode()
-        idx = shared_indices(cohort, total, k)
-        clients = [MaskingClient(cohort, i + 1, devices, max(1, devices // 2 + 1)) for i in range(devices)]
+        if selection == "last_step" and last_step is not None and np.any(last_step):
+            idx = np.sort(np.argpartition(-np.abs(last_step), k - 1)[:k])
+        else:
+            idx = shared_indices(cohort, total, k)
+        clients = [MaskingClient(cohort, i + 1, devices, t) for i in range(devices)]
         keys = [c.keys() for c in clients]
         sealed = [m for c in clients for m in c.share(keys)]
         for c in clients:
@@ -169,25 +196,16 @@ def quality(rounds: int, fraction: float, bits: int, clip: float, devices: int =
             residual[i][idx] -= enc.view(np.int32) / q.scale  # what was sent leaves the residual
             masked[c.index] = c.mask(enc, q.ring_bits)
         reveals = [c.reveal(sorted(masked), []) for c in clients]
-        summed = q.decode_sum(unmask(cohort, max(1, devices // 2 + 1), {k_.index: k_ for k_ in keys}, masked, reveals, k, q.ring_bits))
+        summed = q.decode_sum(unmask(cohort, t, {k_.index: k_ for k_ in keys}, masked, reveals, k, q.ring_bits))
         step = np.zeros(total)
         step[idx] = summed / devices
+        last_step = step
         off = 0
         for n, size in zip(names, sizes, strict=True):
             state[n] = (state[n] + step[off : off + size].reshape(state[n].shape)).astype(np.float32)
             off += size
-        secure.append(loss(state))
-    rel = (secure[-1] - plain[-1]) / plain[-1]
-    return {
-        "rounds": rounds,
-        "devices": devices,
-        "trainable": total,
-        "shared_coordinates": k,
-        "plain_losses": plain,
-        "secagg_losses": secure,
-        "plain_bytes_per_update": plain_bytes / (rounds * devices),
-        "final_rel_loss_secagg_vs_plain": rel,
-    }
+        losses.append(loss(state))
+    return {"trainable": total, "shared_coordinates": k, "losses": losses}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,10 +253,17 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"learning: {args.rounds} FedAvg rounds of 10 devices on the tiny model, plain and under secure aggregation ...")
         qual = quality(args.rounds, args.fraction, args.bits, args.clip)
         out["quality"] = qual
-        console.print("round  plain   secure aggregation")
-        for i, (a, b) in enumerate(zip(qual["plain_losses"], qual["secagg_losses"], strict=True)):
-            console.print(f"{i:>5}  {a:.4f}  {b:.4f}")
-        console.print(f"final loss under secure aggregation against plain: {qual['final_rel_loss_secagg_vs_plain']:+.2%}")
+        console.print("round  plain   " + "  ".join(f"secagg, {s:<9}" for s in SELECTIONS))
+        for i, a in enumerate(qual["plain_losses"]):
+            console.print(f"{i:>5}  {a:.4f}  " + "  ".join(f"{qual[s]['losses'][i]:<17.4f}" for s in SELECTIONS))
+        l0 = qual["plain_losses"][0]
+        for sel in SELECTIONS:
+            kept = (l0 - qual[sel]["losses"][-1]) / max(l0 - qual["plain_losses"][-1], 1e-12)
+            qual[sel]["kept_reduction_vs_plain"] = kept
+            console.print(
+                f"secure aggregation, {sel}: final loss {qual[sel]['final_rel_loss_vs_plain']:+.2%} against plain; "
+                f"keeps {kept:.0%} of plain's loss reduction"
+            )
     out["seconds"] = time.monotonic() - t0
     if args.json:
         print(json.dumps(out))

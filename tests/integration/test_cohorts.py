@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import queue
+import signal
 import sqlite3
 import threading
 import time
@@ -23,8 +24,10 @@ from coordinator.strategy import StrategyConfig
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from fedge_lab.broker import MosquittoBroker
+from fedge_lab.demo import serve_argv
+from fedge_lab.processes import Child
 from tests.conftest import wait_until
-from tests.integration.conftest import FLEET, DeviceClient, ThreadedCoordinator, agent_config_dict, coordinator_config
+from tests.integration.conftest import FLEET, DeviceClient, ThreadedCoordinator, agent_config_dict, coordinator_config, coordinator_toml
 
 pytestmark = pytest.mark.broker
 
@@ -160,3 +163,38 @@ def test_a_real_agent_waits_for_its_invitation_and_answers_it(
     members = db.execute("SELECT cohort, device, state FROM cohort_members ORDER BY cohort").fetchall()
     assert members[:2] == [("c00000001", "pi-c", "reported"), ("c00000002", "pi-c", "reported")]
     assert not [r for r in db.execute("SELECT reason FROM rejections")]  # it never trained uninvited
+
+
+def test_a_coordinator_killed_with_9_resumes_its_open_cohort(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path) -> None:
+    cohorts = {"enabled": True, "concurrency": 2, "size": 2, "deadline_s": 120.0, "seed": 3}
+    cfg_path = coordinator_toml(
+        tmp_path / "coordinator.toml", broker, tiny_model, strategy={"kind": "fedbuff", "buffer_size": 2}, cohorts=cohorts
+    )
+    devices = [CohortDevice(broker.port, f"dev-{i}") for i in range(3)]
+    for d in devices:
+        d.announce()
+    child = Child("coordinator", serve_argv(cfg_path), tmp_path / "coord.log").start()
+    try:
+        wait_until(lambda: sum(not d.invites.empty() for d in devices) >= 2, 60, "the first cohort's invitations")
+        first = {d.device: d.invite() for d in devices if not d.invites.empty()}
+        assert child.proc is not None
+        child.proc.send_signal(signal.SIGKILL)
+        child.proc.wait(10)
+        child = Child("coordinator", serve_argv(cfg_path), tmp_path / "coord.log").start()
+        # The open invitations come again after the restart: the same cohort, the same members.
+        wait_until(lambda: sum(not d.invites.empty() for d in devices) >= 2, 60, "the invitations sent again")
+        again = {d.device: d.invite() for d in devices if not d.invites.empty()}
+        assert {k: (v.cohort, v.version, v.deadline) for k, v in again.items()} == {
+            k: (v.cohort, v.version, v.deadline) for k, v in first.items()
+        }
+        members = [d for d in devices if d.device in first]
+        uids = [d.send(0, first[d.device].cohort) for d in members]
+        assert sorted(d.ack(u).outcome for d, u in zip(members, uids, strict=True)) == ["applied", "buffered"]
+    finally:
+        child.stop()
+        for d in devices:
+            d.close()
+    db = sqlite3.connect(f"file:{tmp_path / 'state' / 'coordinator.db'}?mode=ro", uri=True)
+    assert db.execute("SELECT COUNT(*) FROM cohorts WHERE cohort = 'c00000001'").fetchone() == (1,)
+    states = dict(db.execute("SELECT state, COUNT(*) FROM cohort_members WHERE cohort = 'c00000001' GROUP BY state"))
+    assert states == {"reported": 2}
