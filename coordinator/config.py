@@ -174,6 +174,12 @@ class CoordinatorConfig:
             raise ConfigError(f"dp.enabled needs strategy.kind = 'fedbuff' (DP-FedBuff), got {self.strategy.kind!r}")
         if self.dp.enabled and self.strategy.robust.rule != "none":
             raise ConfigError("dp.enabled replaces robust aggregation (clipping is the bound); set strategy.robust.rule = 'none'")
+        s, c = self.strategy, self.cohorts
+        if c.enabled and s.kind == "fedavg" and not 1 <= s.round_participants <= c.concurrency:
+            raise ConfigError(
+                "cohorts with strategy.kind = 'fedavg' need strategy.round_participants in 1..cohorts.concurrency "
+                f"({c.concurrency}): a round must wait for invited devices only, got {s.round_participants}"
+            )
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.keep_versions < 2:

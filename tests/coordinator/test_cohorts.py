@@ -129,3 +129,17 @@ def test_cohorts_are_recorded_and_come_back_after_a_restart(tmp_path: object) ->
     states = dict(db.execute("SELECT state, COUNT(*) FROM cohort_members GROUP BY state").fetchall())
     assert states == {"reported": 1, "dropped": 3}
     assert Cohorts(cfg, db, 2).dropouts == 3
+
+
+def test_fedavg_in_cohorts_must_name_how_many_invited_devices_a_round_waits_for() -> None:
+    from coordinator.config import CoordinatorConfig
+    from coordinator.errors import ConfigError
+    from coordinator.strategy import StrategyConfig
+
+    cohorts = CohortConfig(enabled=True, concurrency=10)
+    with pytest.raises(ConfigError, match="round_participants in 1..cohorts.concurrency"):
+        CoordinatorConfig(state_dir="s", strategy=StrategyConfig(kind="fedavg"), cohorts=cohorts)
+    with pytest.raises(ConfigError, match="got 11"):
+        CoordinatorConfig(state_dir="s", strategy=StrategyConfig(kind="fedavg", round_participants=11), cohorts=cohorts)
+    CoordinatorConfig(state_dir="s", strategy=StrategyConfig(kind="fedavg", round_participants=10), cohorts=cohorts)
+    CoordinatorConfig(state_dir="s", strategy=StrategyConfig(kind="fedbuff", buffer_size=50), cohorts=cohorts)

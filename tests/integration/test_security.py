@@ -248,3 +248,44 @@ def test_an_enrolled_agent_signs_its_updates(tmp_path: Path, mosquitto_binary: s
         broker.stop()
     assert _rejections(state) == {}
     assert Store(state, readonly=True).identity("pi-signed")["last_seq"] == 2  # type: ignore[index]
+
+
+def test_each_device_reads_only_its_own_invitations_and_none_can_send_one(tmp_path: Path, mosquitto_binary: str) -> None:
+    passwd = tmp_path / "passwd"
+    for user in ("coordinator", "dev-a", "dev-b"):
+        set_password(passwd, user, f"{user}-secret")
+    broker = MosquittoBroker(tmp_path / "broker", anonymous=False, extra=f"password_file {passwd}\nacl_file {_acl(tmp_path)}\n").start()
+    got: dict[str, list[str]] = {"dev-a": [], "dev-b": []}
+    clients = {}
+    try:
+        for user in ("dev-a", "dev-b"):
+            c = make_client(loopback(broker.port, username=user, password=f"{user}-secret"), f"{user}-{uuid.uuid4().hex[:6]}")
+            # dev-b also tries every invitation of the fleet, and dev-a's in particular.
+            filters = [protocol.device_invites(FLEET, user)]
+            if user == "dev-b":
+                filters += [f"fl/{FLEET}/cohorts/#", protocol.device_invites(FLEET, "dev-a")]
+            c.on_connect = lambda cl, u, f, r, p, filters=filters: cl.subscribe([(t, 1) for t in filters])
+            c.on_message = lambda cl, u, m, user=user: got[user].append(m.topic)
+            c.connect("127.0.0.1", broker.port)
+            c.loop_start()
+            clients[user] = c
+        coord = make_client(loopback(broker.port, username="coordinator", password="coordinator-secret"), "coordinator-acl")
+        coord.connect("127.0.0.1", broker.port)
+        coord.loop_start()
+        clients["coordinator"] = coord
+        time.sleep(0.5)
+        coord.publish(protocol.cohort_invite(FLEET, "c00000001", "dev-a"), b"{}", qos=1).wait_for_publish(10)
+        # A device cannot invite anyone (the broker refuses the publish: reason code 135).
+        refused: list[int] = []
+        clients["dev-b"].on_publish = lambda cl, u, mid, reason, props: refused.append(int(getattr(reason, "value", 0)))
+        clients["dev-b"].publish(protocol.cohort_invite(FLEET, "c00000002", "dev-a"), b"{}", qos=1).wait_for_publish(10)
+        wait_until(lambda: got["dev-a"] and refused, 10, "dev-a's invitation and dev-b's refusal")
+        time.sleep(0.5)
+    finally:
+        for c in clients.values():
+            c.disconnect()
+            c.loop_stop()
+        broker.stop()
+    assert got["dev-a"] == [protocol.cohort_invite(FLEET, "c00000001", "dev-a")]
+    assert got["dev-b"] == []
+    assert refused == [135]
