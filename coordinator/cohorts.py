@@ -39,6 +39,7 @@ from coordinator.errors import Rejection, StoreError
 
 if TYPE_CHECKING:
     from coordinator.config import CoordinatorConfig
+    from coordinator.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,14 @@ class Cohorts:
         self.planner = CohortPlanner(cfg, size, in_flight=in_flight, number=int(number), started=now)
         (dropped,) = db.execute("SELECT COUNT(*) FROM cohort_members WHERE state = 'dropped'").fetchone()
         self.dropouts = int(dropped)
+        self.metrics: Metrics | None = None
+
+    def report(self) -> None:
+        """Set the cohort gauges of ``/metrics``."""
+        if self.metrics is not None:
+            self.metrics.cohort_in_flight.set(self.in_flight)
+            self.metrics.cohorts_opened.set(self.planner.number)
+            self.metrics.cohort_dropouts.set(self.dropouts)
 
     @property
     def in_flight(self) -> int:
@@ -196,6 +205,7 @@ class Cohorts:
         """``device``'s update for ``cohort`` was accepted (recorded in the caller's transaction)."""
         self.db.execute("UPDATE cohort_members SET state='reported', ts=? WHERE cohort=? AND device=?", (now, cohort, device))
         self.planner.reported(device)
+        self.report()
 
     def open_next(self, now: float, eligible: Iterable[str], version: int) -> list[Cohort]:
         """Record the dropouts of ``now``, then every cohort the free slots allow (in the caller's
@@ -244,6 +254,7 @@ class Cohorts:
         for cohort in opened:
             log.info("cohort %s: %d of %d eligible devices invited on v%d", cohort.cohort, len(cohort.members), cohort.eligible, version)
             publish(invitations(cohort))
+        self.report()
 
     def restore(self, in_flight: dict[str, tuple[str, float]], number: int, last_opened: float, dropouts: int) -> None:
         """Undo what a rolled-back transaction did to the planner."""
@@ -292,12 +303,16 @@ class NoCohorts:
         return {}
 
 
-def open_cohorts(cfg: CoordinatorConfig, db: sqlite3.Connection) -> Cohorts | NoCohorts:
-    """The fleet's cohorts (:class:`NoCohorts` when it does not train in cohorts)."""
+def open_cohorts(cfg: CoordinatorConfig, db: sqlite3.Connection, metrics: Metrics | None = None) -> Cohorts | NoCohorts:
+    """The fleet's cohorts (:class:`NoCohorts` when it does not train in cohorts), reporting to ``metrics``."""
     if not cfg.cohorts.enabled:
         return NoCohorts()
     s = cfg.strategy
-    return Cohorts(cfg.cohorts, db, cohort_size(cfg.cohorts, s.kind, s.buffer_size, s.round_participants), now=time.time())
+    size = cohort_size(cfg.cohorts, s.kind, s.buffer_size, s.round_participants)
+    cohorts = Cohorts(cfg.cohorts, db, size, now=time.time())
+    cohorts.metrics = metrics
+    cohorts.report()
+    return cohorts
 
 
 def invitations(cohort: Cohort) -> list[CohortInvite]:

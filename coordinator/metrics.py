@@ -54,6 +54,13 @@ class Metrics:
         self.epsilon_max = Gauge(
             "fedge_dp_epsilon_max", "Largest per-device epsilon spent, RDP bound (central DP; 0 when off)", ["fleet"], registry=r
         ).labels(**labels)
+        self.cohort_in_flight = Gauge(
+            "fedge_cohort_devices_in_flight", "Devices invited to a cohort that have not reported", ["fleet"], registry=r
+        ).labels(**labels)
+        self.cohorts_opened = Gauge("fedge_cohorts_opened", "Cohorts opened since the fleet began", ["fleet"], registry=r).labels(**labels)
+        self.cohort_dropouts = Gauge(
+            "fedge_cohort_dropouts", "Cohort members that did not report by the deadline", ["fleet"], registry=r
+        ).labels(**labels)
         self._fleet = fleet
         self._server: Any = None
 

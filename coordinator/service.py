@@ -110,10 +110,10 @@ class CoordinatorService:
         self.quarantine = Quarantine(f"{cfg.state_dir}/quarantine", max_files=cfg.quarantine_max_files)
         self.intake = Intake(cfg, self.store, self.influence)
         self.presence = Presence(self.store)
-        self.cohorts = open_cohorts(cfg, self.store.db)
         if cfg.dp.enabled:
             self.store.set_meta("dp", json.dumps({"noise_multiplier": cfg.dp.noise_multiplier, "delta": cfg.dp.delta}))
         self.metrics = Metrics(cfg.fleet)
+        self.cohorts = open_cohorts(cfg, self.store.db, self.metrics)
         self.outcomes = Outcomes(self.store, self.metrics, self.intake.ackable)
         self.metrics.version.set(self.version)
         self.metrics.buffered.set(len(self.buffer))

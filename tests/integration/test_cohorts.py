@@ -121,6 +121,10 @@ def test_devices_train_only_when_invited_at_most_concurrency_at_once(tmp_path: P
             late = late_device.ack(late_device.send(1, late_invite.cohort))
             assert late.outcome == "rejected" and "not_invited" in (late.reason or "")
             wait_until(lambda: service.cohorts.planner.number >= 3, 20, "a third cohort after the dropouts")
+            sample = service.metrics.registry.get_sample_value
+            assert sample("fedge_cohorts_opened", {"fleet": FLEET}) >= 3
+            assert sample("fedge_cohort_dropouts", {"fleet": FLEET}) >= 2
+            assert sample("fedge_cohort_devices_in_flight", {"fleet": FLEET}) == service.cohorts.in_flight
     finally:
         for d in devices:
             d.close()
