@@ -36,6 +36,7 @@ def collect(path: str) -> dict[str, Any]:
             dp = {**dp, "epsilon_max": epsilon(worst, dp["noise_multiplier"], dp["delta"]), "max_participations": worst}
         return {
             "dp": dp,
+            "cohorts": _cohorts(store, now),
             "state_dir": path,
             "version": version,
             "last_version_age_s": None if created is None else round(now - float(created["created"]), 1),
@@ -50,6 +51,27 @@ def collect(path: str) -> dict[str, Any]:
         }
     finally:
         store.close()
+
+
+def _cohorts(store: Store, now: float) -> dict[str, Any] | None:
+    """Cohorts opened, members in flight, reported and dropped (None for a fleet that never ran cohorts)."""
+    if store.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='cohorts'").fetchone() is None:
+        return None
+    (opened,) = store.db.execute("SELECT COUNT(*) FROM cohorts").fetchone()
+    if not opened:
+        return None
+    states = dict(store.db.execute("SELECT state, COUNT(*) FROM cohort_members GROUP BY state").fetchall())
+    (in_flight,) = store.db.execute(
+        "SELECT COUNT(*) FROM cohort_members m JOIN cohorts c USING (cohort) WHERE m.state = 'invited' AND c.deadline > ?", (now,)
+    ).fetchone()
+    last = store.db.execute("SELECT cohort, version, eligible, members FROM cohorts ORDER BY number DESC LIMIT 1").fetchone()
+    return {
+        "opened": int(opened),
+        "in_flight": int(in_flight),
+        "reported": int(states.get("reported", 0)),
+        "dropped": int(states.get("dropped", 0)),
+        "last": {"cohort": last[0], "version": int(last[1]), "eligible": int(last[2]), "members": len(json.loads(last[3]))},
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +91,13 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"central DP: epsilon {dp['epsilon_max']:.3g} at delta {dp['delta']:g} for the most-participating device "
             f"({dp['max_participations']} buffers, noise multiplier {dp['noise_multiplier']:g}, no sampling amplification)"
+        )
+    if doc["cohorts"]:
+        c = doc["cohorts"]
+        last = c["last"]
+        print(
+            f"cohorts: {c['opened']} opened, {c['in_flight']} devices in flight, {c['reported']} reported, {c['dropped']} dropped; "
+            f"last {last['cohort']}: {last['members']} of {last['eligible']} eligible on v{last['version']}"
         )
     spec = doc["spec"] or {}
     if spec:

@@ -135,6 +135,10 @@ def test_devices_train_only_when_invited_at_most_concurrency_at_once(tmp_path: P
     assert states == {"reported": 2, "dropped": 2}
     reasons = [r[0] for r in db.execute("SELECT reason FROM rejections")]
     assert reasons.count("not_invited") == 2
+    from coordinator.cli.status import collect
+
+    shown = collect(str(tmp_path / "coord"))["cohorts"]
+    assert shown["opened"] >= 3 and shown["reported"] == 2 and shown["dropped"] >= 2 and shown["last"]["members"] == 2
 
 
 def _verifies(public: object, sig: bytes, msg: bytes) -> bool:
