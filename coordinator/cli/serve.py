@@ -31,16 +31,24 @@ def run(args: argparse.Namespace) -> int:
 
     keep_heap_pages()  # before anything large is allocated; see coordinator.allocator
 
+    # A stop asked for while the fleet opens (systemd stopping a unit that is still starting)
+    # waits until the store is open, so that the service shuts down as cleanly as ever.
+    stopping: list[int] = []
+    service: CoordinatorService | None = None
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: stopping", signum)
+        stopping.append(signum)
+        if service is not None:
+            service.stop()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     service = CoordinatorService(load_config(args.config), init=args.init)
     # What start-up loaded (configs, modules) lives as long as the process: the cyclic
     # collector need not walk it again at every collection of the per-update garbage.
     gc.freeze()
-
-    def _on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %d: stopping", signum)
+    if stopping:
         service.stop()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
     service.run()
     return 0
