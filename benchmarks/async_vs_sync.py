@@ -1,7 +1,7 @@
 """Asynchronous vs synchronous aggregation on one simulated fleet: wall-clock and bytes to a target loss.
 
     python -m benchmarks.async_vs_sync [--devices 1000] [--step-s 3] [--target 0.35] [--max-seconds 300]
-                                       [--concurrency 200] [--background-load N] [--json]
+                                       [--concurrency 400] [--background-load N] [--json]
 
 Each strategy (FedAsync, FedBuff, synchronous FedAvg) runs on a fresh testbed: a private
 Mosquitto, the coordinator process, and the same simulated fleet (same devices, speed
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=2, help="simulated-fleet processes")
     parser.add_argument("--start-delay", type=float, default=10.0, help="seconds for the fleet to connect before training")
     parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
-    parser.add_argument("--concurrency", type=int, default=200, help="cohorts: devices training at once (C) for fedbuff/fedasync; 0 = all")
+    parser.add_argument("--concurrency", type=int, default=400, help="cohorts: devices training at once (C) for fedbuff/fedasync; 0 = all")
     parser.add_argument("--cohort-size", type=int, default=20, help="devices invited together when slots free up")
     parser.add_argument("--background-load", type=int, default=0, metavar="N", help="also run beside N busy processes")
     parser.add_argument("--seed", type=int, default=0)
