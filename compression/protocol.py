@@ -27,7 +27,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -182,6 +182,17 @@ def _check_signature(obj: dict[str, Any], context: bytes, verify: Verifier | Non
     if not verify(bytes.fromhex(sig), _signed_message(context, obj)):
         raise SignatureError(f"{what}: the fleet key's signature does not verify (forged or tampered)")
     return sig
+
+
+def _signed_object(
+    payload: bytes, fields: Mapping[str, Any], context: bytes, verify: Verifier | None, what: str
+) -> tuple[dict[str, Any], str]:
+    """A JSON object with no field outside ``fields``, and its signature (checked with ``verify``)."""
+    obj = _load_json_object(payload, what)
+    unknown = set(obj) - set(fields)
+    if unknown:
+        raise ProtocolError(f"{what}: unknown fields {sorted(unknown)}")
+    return obj, _check_signature(obj, context, verify, what)
 
 
 class SignatureError(ProtocolError):
@@ -427,11 +438,7 @@ class UpdateAck:
     @classmethod
     def from_json(cls, payload: bytes, verify: Verifier | None = None) -> UpdateAck:
         what = "update ack"
-        obj = _load_json_object(payload, what)
-        unknown = set(obj) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ProtocolError(f"{what}: unknown fields {sorted(unknown)}")
-        signature = _check_signature(obj, ACK_CONTEXT, verify, what)
+        obj, signature = _signed_object(payload, cls.__dataclass_fields__, ACK_CONTEXT, verify, what)
         outcome = obj.get("outcome")
         if outcome not in cls.OUTCOMES:
             raise ProtocolError(f"{what}: 'outcome' must be one of {cls.OUTCOMES}, got {outcome!r}")
@@ -472,11 +479,7 @@ class CohortInvite:
     @classmethod
     def from_json(cls, payload: bytes, verify: Verifier | None = None) -> CohortInvite:
         what = "cohort invitation"
-        obj = _load_json_object(payload, what)
-        unknown = set(obj) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ProtocolError(f"{what}: unknown fields {sorted(unknown)}")
-        signature = _check_signature(obj, INVITE_CONTEXT, verify, what)
+        obj, signature = _signed_object(payload, cls.__dataclass_fields__, INVITE_CONTEXT, verify, what)
         deadline = _float(obj, "deadline", what) or 0.0
         issued = _float(obj, "issued", what) or 0.0
         if deadline < issued:

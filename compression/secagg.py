@@ -266,6 +266,7 @@ class MaskingClient:
         self.revealed: dict[int, str] = {}
         """What this device revealed of each peer: ``b`` or ``s``."""
         self.masked = False
+        self._box_keys: dict[int, bytes] = {}
 
     def keys(self) -> Keys:
         return Keys(self.index, _raw(self._c.public_key()), _raw(self._s.public_key()))
@@ -281,12 +282,21 @@ class MaskingClient:
         s_raw = self._s.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
         b_sh, s_sh = Shamir.split(self._b, self.n, self.t), Shamir.split(s_raw, self.n, self.t)
         out = []
-        for j, k in sorted(peers.items()):
-            key = _hkdf(self._c.exchange(_public(k.c_pk, "a peer's share key")), b"fedge secagg box v1\x00" + self.cohort)
+        for j in sorted(peers):
+            key = self._box_key(j)
             nonce = secrets.token_bytes(12)
             plain = b_sh[j].to_bytes(SHARE_BYTES, "big") + s_sh[j].to_bytes(SHARE_BYTES, "big")
             out.append(Sealed(self.index, j, nonce, ChaCha20Poly1305(key).encrypt(nonce, plain, _aad(self.cohort, self.index, j))))
         return out
+
+    def _box_key(self, peer: int) -> bytes:
+        """The key sealing shares between this device and ``peer``, the same both ways: agreed
+        once when sending, reused when receiving."""
+        key = self._box_keys.get(peer)
+        if key is None:
+            shared = self._c.exchange(_public(self.peers[peer].c_pk, "a peer's share key"))
+            key = self._box_keys[peer] = _hkdf(shared, b"fedge secagg box v1\x00" + self.cohort)
+        return key
 
     def receive(self, sealed: Sequence[Sealed]) -> None:
         """Round 2's end: open the shares addressed to this device (a forged or misrouted one raises)."""
@@ -294,7 +304,7 @@ class MaskingClient:
             peer = self.peers.get(m.sender)
             if m.receiver != self.index or peer is None:
                 raise SecAggError(f"a share from device {m.sender} to {m.receiver} is not for this device's cohort round")
-            key = _hkdf(self._c.exchange(_public(peer.c_pk, "a peer's share key")), b"fedge secagg box v1\x00" + self.cohort)
+            key = self._box_key(m.sender)
             try:
                 plain = ChaCha20Poly1305(key).decrypt(m.nonce, m.box, _aad(self.cohort, m.sender, m.receiver))
             except (InvalidTag, ValueError):
