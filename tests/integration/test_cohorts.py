@@ -130,7 +130,9 @@ def test_devices_train_only_when_invited_at_most_concurrency_at_once(tmp_path: P
             d.close()
     db = sqlite3.connect(f"file:{tmp_path / 'coord' / 'coordinator.db'}?mode=ro", uri=True)
     rows = db.execute("SELECT cohort, eligible, members FROM cohorts ORDER BY number").fetchall()
-    assert rows[0][0] == "c00000001" and rows[0][1] == 4 and len(json.loads(rows[0][2])) == 2
+    # The first cohort is sampled from the devices whose retained statuses the coordinator had
+    # taken by then: all four, or the first two or three if they came in separate batches.
+    assert rows[0][0] == "c00000001" and 2 <= rows[0][1] <= 4 and len(json.loads(rows[0][2])) == 2
     states = dict(db.execute("SELECT state, COUNT(*) FROM cohort_members WHERE cohort IN ('c00000001', 'c00000002') GROUP BY state"))
     assert states == {"reported": 2, "dropped": 2}
     reasons = [r[0] for r in db.execute("SELECT reason FROM rejections")]
