@@ -11,6 +11,8 @@ Topic names are built only here (see ``docs/protocol.md``)::
     fl/<fleet>/devices/<id>/ack         coord -> device  JSON, retained, signed: the last update processed
     fl/<fleet>/coordinator/status       coord -> all     JSON, retained, LWT offline
     fl/<fleet>/cohorts/<c>/invite/<id>  coord -> device  JSON, signed: train one round for cohort <c>
+    fl/<fleet>/cohorts/<c>/secagg/<id>  coord -> device  binary, fleet-signed: secure aggregation's rounds
+    fl/<fleet>/devices/<id>/secagg      device -> coord  binary, device-signed: secure aggregation's rounds
 
 The global meta and every ack carry an Ed25519 signature by the fleet key (the meta names
 the sha256 of the delta and the snapshot, so it binds them too). Signing and verifying
@@ -85,6 +87,25 @@ def coordinator_status(fleet: str) -> str:
 
 def cohort_invite(fleet: str, cohort: str, device: str) -> str:
     return f"fl/{check_id(fleet, 'fleet')}/cohorts/{check_id(cohort, 'cohort id')}/invite/{check_id(device, 'device id')}"
+
+
+def cohort_secagg(fleet: str, cohort: str, device: str) -> str:
+    """The coordinator's secure-aggregation messages to one member of ``cohort``."""
+    return f"fl/{check_id(fleet, 'fleet')}/cohorts/{check_id(cohort, 'cohort id')}/secagg/{check_id(device, 'device id')}"
+
+
+def device_secagg_inbox(fleet: str, device: str) -> str:
+    """Subscription filter for every secure-aggregation message to ``device``."""
+    return f"fl/{check_id(fleet, 'fleet')}/cohorts/+/secagg/{check_id(device, 'device id')}"
+
+
+def device_secagg(fleet: str, device: str) -> str:
+    """A device's secure-aggregation messages to the coordinator."""
+    return f"fl/{check_id(fleet, 'fleet')}/devices/{check_id(device, 'device id')}/secagg"
+
+
+def all_secagg(fleet: str) -> str:
+    return f"fl/{check_id(fleet, 'fleet')}/devices/+/secagg"
 
 
 def device_invites(fleet: str, device: str) -> str:
@@ -458,10 +479,53 @@ class UpdateAck:
 
 
 @dataclass(frozen=True)
+class SecAggParams:
+    """What an invitation to a securely aggregated cohort tells its member (``docs/secure-aggregation.md``)."""
+
+    position: int
+    """The member's position, 1..n (members sorted by device id)."""
+    n: int
+    t: int
+    """Threshold: the sum is recovered when at least ``t`` members answer every round."""
+    clip: float
+    """Every sent value is clipped to ``[-clip, clip]``."""
+    bits: int
+    """Bits per quantized value; the ring adds ``ceil(log2 n)`` (:class:`compression.secagg.Quantizer`)."""
+    k: int
+    """Coordinates every member sends: ``shared_indices(seed, trainable size, k)``."""
+    seed: str
+    """The cohort's 32-byte seed (hex) that picks the shared coordinates."""
+
+    def to_obj(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_obj(cls, obj: Any, what: str) -> SecAggParams:
+        what = f"{what}: secagg"
+        if not isinstance(obj, dict) or set(obj) != set(cls.__dataclass_fields__):
+            raise ProtocolError(f"{what} must be an object with exactly the fields {sorted(cls.__dataclass_fields__)}")
+        n = _int(obj, "n", what, 2, 1000)
+        clip = _float(obj, "clip", what) or 0.0
+        if not 0 < clip <= 1e6:
+            raise ProtocolError(f"{what}: 'clip' must be in (0, 1e6], got {clip}")
+        return cls(
+            position=_int(obj, "position", what, 1, n),
+            n=n,
+            t=_int(obj, "t", what, 2, n),
+            clip=clip,
+            bits=_int(obj, "bits", what, 2, 31),
+            k=_int(obj, "k", what, 1, 1 << 26),
+            seed=_hex64(obj, "seed", what),
+        )
+
+
+@dataclass(frozen=True)
 class CohortInvite:
     """The coordinator's invitation to one device: train one round on ``version`` (or a later
     version it holds) for ``cohort``, and upload it before ``deadline`` (Unix time). Signed by
-    the fleet key; a device acts on an invitation only once."""
+    the fleet key; a device acts on an invitation only once. With ``secagg``, the cohort is
+    securely aggregated: the device runs the rounds of ``docs/secure-aggregation.md`` instead of
+    uploading its update."""
 
     cohort: str
     device: str
@@ -469,12 +533,19 @@ class CohortInvite:
     deadline: float
     issued: float
     signature: str = ""
+    secagg: SecAggParams | None = None
+
+    def _obj(self) -> dict[str, Any]:
+        obj = asdict(self)
+        if self.secagg is None:
+            del obj["secagg"]  # what an invitation was before secure aggregation, byte for byte
+        return obj
 
     def to_json(self) -> bytes:
-        return _canonical(asdict(self))
+        return _canonical(self._obj())
 
     def signed(self, signer: Signer) -> CohortInvite:
-        return replace(self, signature=signer(_signed_message(INVITE_CONTEXT, asdict(self))).hex())
+        return replace(self, signature=signer(_signed_message(INVITE_CONTEXT, self._obj())).hex())
 
     @classmethod
     def from_json(cls, payload: bytes, verify: Verifier | None = None) -> CohortInvite:
@@ -491,6 +562,7 @@ class CohortInvite:
             deadline=deadline,
             issued=issued,
             signature=signature,
+            secagg=SecAggParams.from_obj(obj["secagg"], what) if "secagg" in obj else None,
         )
 
 

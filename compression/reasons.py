@@ -37,6 +37,7 @@ class Reason(str, Enum):
     ONE_PER_ROUND = "one_per_round"
     PRIVACY_BUDGET = "privacy_budget"
     NOT_INVITED = "not_invited"
+    SECAGG = "secagg"
     HANDLER_ERROR = "handler_error"
 
     @property
@@ -69,6 +70,7 @@ MEANINGS: dict[Reason, str] = {
     Reason.ONE_PER_ROUND: "the device already has an update in this FedAvg round",
     Reason.PRIVACY_BUDGET: "the device (or fleet) has spent its privacy budget",
     Reason.NOT_INVITED: "the fleet trains in cohorts and the device has no open invitation for this update's cohort",
+    Reason.SECAGG: "a secure-aggregation message is malformed, forged, out of turn, or not from a member of its cohort",
     Reason.HANDLER_ERROR: "handling the message failed; it was quarantined",
 }
 

@@ -314,15 +314,16 @@ class MaskingClient:
             self.held[m.sender] = (int.from_bytes(plain[:SHARE_BYTES], "big"), int.from_bytes(plain[SHARE_BYTES:], "big"))
 
     def mask(self, quantized: np.ndarray, ring_bits: int = 32) -> np.ndarray:
-        """Round 3: this device's quantized input (uint32) plus its self-mask and pairwise masks, mod ``2^ring_bits``."""
+        """Round 3: this device's quantized input (uint32) plus its self-mask and a pairwise mask with
+        every peer whose shares it received, mod ``2^ring_bits``."""
         if len(self.held) < self.t:
             raise SecAggError(f"only {len(self.held)} peers' shares arrived; fewer than the threshold {self.t}")
         x = np.asarray(quantized, dtype=np.uint32)
         y = x + prg(self._b, x.size)
-        for j, k in self.peers.items():
+        for j in self.held:  # the peers whose shares arrived: a peer that sent none is out of the cohort
             if j == self.index:
                 continue
-            m = prg(pair_seed(self._s, k.s_pk, self.cohort, self.index, j), x.size)
+            m = prg(pair_seed(self._s, self.peers[j].s_pk, self.cohort, self.index, j), x.size)
             y = y + m if self.index < j else y - m
         self.masked = True
         return y & ring_mask(ring_bits)

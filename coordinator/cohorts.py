@@ -34,12 +34,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from compression.protocol import CohortInvite
+from compression.protocol import CohortInvite, SecAggParams
 from coordinator.errors import Rejection, StoreError
 
 if TYPE_CHECKING:
     from coordinator.config import CoordinatorConfig
     from coordinator.metrics import Metrics
+    from coordinator.secure import SecureCohort, SecureRounds
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,11 @@ class CohortPlanner:
         in_flight: dict[str, tuple[str, float]] | None = None,
         number: int = 0,
         started: float = float("-inf"),
+        min_size: int = 1,
     ) -> None:
         self.cfg = cfg
+        self.min_size = min_size
+        """A smaller cohort is never opened (a securely aggregated one needs several members)."""
         self.last_opened = started
         """When the last cohort opened (or the coordinator started)."""
         self.size = max(1, min(size, cfg.concurrency))
@@ -114,7 +118,7 @@ class CohortPlanner:
         slots are free."""
         candidates = sorted(set(eligible) - set(self.in_flight))
         k = min(self.size, len(candidates))
-        if k == 0 or self.cfg.concurrency - len(self.in_flight) < k:
+        if k == 0 or k < self.min_size or self.cfg.concurrency - len(self.in_flight) < k:
             return None
         if k < self.size and now - self.last_opened < self.cfg.fill_wait_s:
             return None
@@ -163,15 +167,29 @@ class Cohorts:
 
     enabled = True
 
-    def __init__(self, cfg: CohortConfig, db: sqlite3.Connection, size: int, now: float = float("-inf")) -> None:
+    def __init__(
+        self, cfg: CohortConfig, db: sqlite3.Connection, size: int, now: float = float("-inf"), secure: SecureRounds | None = None
+    ) -> None:
         self.cfg = cfg
         self.db = db
+        self.secure = secure
+        """The secure-aggregation rounds, when every cohort is securely aggregated."""
+        # A securely aggregated cohort's rounds lived in the memory of the process that opened it:
+        # one still open now can never be unmasked, so it is abandoned (nothing of it was applied).
+        abandoned = db.execute(
+            "UPDATE cohort_members SET state='abandoned', ts=? "
+            "WHERE state='invited' AND cohort IN (SELECT cohort FROM cohorts WHERE secure=1)",
+            (time.time(),),
+        ).rowcount
+        if abandoned:
+            log.warning("%d member(s) of securely aggregated cohorts open before the restart are abandoned", abandoned)
         rows = db.execute(
             "SELECT m.device, m.cohort, c.deadline FROM cohort_members m JOIN cohorts c USING (cohort) WHERE m.state = 'invited'"
         ).fetchall()
         (number,) = db.execute("SELECT COALESCE(MAX(number), 0) FROM cohorts").fetchone()
         in_flight = {r[0]: (r[1], float(r[2])) for r in rows}
-        self.planner = CohortPlanner(cfg, size, in_flight=in_flight, number=int(number), started=now)
+        min_size = 3 if secure is not None else 1
+        self.planner = CohortPlanner(cfg, size, in_flight=in_flight, number=int(number), started=now, min_size=min_size)
         (dropped,) = db.execute("SELECT COUNT(*) FROM cohort_members WHERE state = 'dropped'").fetchone()
         self.dropouts = int(dropped)
         self.metrics: Metrics | None = None
@@ -218,8 +236,19 @@ class Cohorts:
         eligible = set(eligible)
         while (cohort := self.planner.plan(now, eligible, version)) is not None:
             self.db.execute(
-                "INSERT INTO cohorts (cohort, number, version, created, deadline, eligible, seed, members) VALUES (?,?,?,?,?,?,?,?)",
-                (cohort.cohort, cohort.number, version, now, cohort.deadline, cohort.eligible, self.cfg.seed, json.dumps(cohort.members)),
+                "INSERT INTO cohorts (cohort, number, version, created, deadline, eligible, seed, members, secure) "
+                "VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    cohort.cohort,
+                    cohort.number,
+                    version,
+                    now,
+                    cohort.deadline,
+                    cohort.eligible,
+                    self.cfg.seed,
+                    json.dumps(cohort.members),
+                    int(self.secure is not None),
+                ),
             )
             self.db.executemany(
                 "INSERT INTO cohort_members (cohort, device, state, ts) VALUES (?, ?, 'invited', ?)",
@@ -253,7 +282,7 @@ class Cohorts:
             return
         for cohort in opened:
             log.info("cohort %s: %d of %d eligible devices invited on v%d", cohort.cohort, len(cohort.members), cohort.eligible, version)
-            publish(invitations(cohort))
+            publish(invitations(cohort, self.secure.params(cohort, now) if self.secure is not None else None))
         self.report()
 
     def restore(self, in_flight: dict[str, tuple[str, float]], number: int, last_opened: float, dropouts: int) -> None:
@@ -269,9 +298,24 @@ class Cohorts:
         """Every invitation still open, to send again after a restart (devices act on each once)."""
         rows = self.db.execute(
             "SELECT m.cohort, m.device, c.version, c.deadline, c.created FROM cohort_members m JOIN cohorts c USING (cohort) "
-            "WHERE m.state = 'invited' ORDER BY c.number, m.device"
+            "WHERE m.state = 'invited' AND c.secure = 0 ORDER BY c.number, m.device"
         ).fetchall()
         return [CohortInvite(r[0], r[1], int(r[2]), float(r[3]), float(r[4])) for r in rows]
+
+    def settle(self, sc: SecureCohort, now: float) -> None:
+        """A securely aggregated cohort's rounds are over (in the caller's transaction): its
+        survivors reported, every other member still in flight is a dropout."""
+        survivors = set(sc.survivors)
+        for device in sc.cohort.members:
+            state = "reported" if device in survivors else "dropped"
+            cur = self.db.execute(
+                "UPDATE cohort_members SET state=?, ts=? WHERE cohort=? AND device=? AND state='invited'", (state, now, sc.id, device)
+            )
+            if cur.rowcount and state == "dropped":
+                self.dropouts += 1
+            if self.planner.in_flight.get(device, ("",))[0] == sc.id:
+                del self.planner.in_flight[device]
+        self.report()
 
 
 class NoCohorts:
@@ -299,21 +343,30 @@ class NoCohorts:
     def open_invitations(self) -> list[CohortInvite]:
         return []
 
+    def settle(self, *args: Any) -> None:
+        return None
+
     def status(self) -> dict[str, object]:
         return {}
 
 
-def open_cohorts(cfg: CoordinatorConfig, db: sqlite3.Connection, metrics: Metrics | None = None) -> Cohorts | NoCohorts:
-    """The fleet's cohorts (:class:`NoCohorts` when it does not train in cohorts), reporting to ``metrics``."""
+def open_cohorts(
+    cfg: CoordinatorConfig, db: sqlite3.Connection, metrics: Metrics | None = None, secure: SecureRounds | None = None
+) -> Cohorts | NoCohorts:
+    """The fleet's cohorts (:class:`NoCohorts` when it does not train in cohorts), reporting to
+    ``metrics``; with ``secure``, every cohort is securely aggregated."""
     if not cfg.cohorts.enabled:
         return NoCohorts()
     s = cfg.strategy
     size = cohort_size(cfg.cohorts, s.kind, s.buffer_size, s.round_participants)
-    cohorts = Cohorts(cfg.cohorts, db, size, now=time.time())
+    cohorts = Cohorts(cfg.cohorts, db, size, now=time.time(), secure=secure)
     cohorts.metrics = metrics
     cohorts.report()
     return cohorts
 
 
-def invitations(cohort: Cohort) -> list[CohortInvite]:
-    return [CohortInvite(cohort.cohort, d, cohort.version, cohort.deadline, cohort.created) for d in cohort.members]
+def invitations(cohort: Cohort, secagg: dict[str, SecAggParams] | None = None) -> list[CohortInvite]:
+    return [
+        CohortInvite(cohort.cohort, d, cohort.version, cohort.deadline, cohort.created, secagg=secagg[d] if secagg else None)
+        for d in cohort.members
+    ]

@@ -18,6 +18,7 @@ from compression.records import RecordError, env_overrides, from_mapping
 from coordinator.cohorts import CohortConfig
 from coordinator.errors import ConfigError
 from coordinator.privacy import DPConfig
+from coordinator.secure import MIN_MEMBERS, SecureConfig
 from coordinator.strategy import StrategyConfig
 
 DEFAULT_DOWNLINK = CodecConfig(topk_fraction=0.02, values="int8")
@@ -150,6 +151,8 @@ class CoordinatorConfig:
     """Central differential privacy (DP-FedBuff); needs ``strategy.kind = "fedbuff"``."""
     cohorts: CohortConfig = field(default_factory=CohortConfig)
     """Invite devices to train, at most ``concurrency`` at once (``docs/cohorts.md``)."""
+    secagg: SecureConfig = field(default_factory=SecureConfig)
+    """Securely aggregate every cohort: the coordinator learns only each cohort's sum (``docs/secure-aggregation.md``)."""
     downlink: CodecConfig = field(default_factory=lambda: DEFAULT_DOWNLINK)
     """Codec of the global deltas published each version (with error feedback at the coordinator)."""
     keep_versions: int = 20
@@ -180,10 +183,32 @@ class CoordinatorConfig:
                 "cohorts with strategy.kind = 'fedavg' need strategy.round_participants in 1..cohorts.concurrency "
                 f"({c.concurrency}): a round must wait for invited devices only, got {s.round_participants}"
             )
+        if self.secagg.enabled:
+            self._check_secagg()
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.keep_versions < 2:
             raise ConfigError(f"keep_versions must be at least 2, got {self.keep_versions}")
+
+    def _check_secagg(self) -> None:
+        s, c, a = self.strategy, self.cohorts, self.secagg
+        if not c.enabled:
+            raise ConfigError("secagg.enabled needs cohorts.enabled: secure aggregation runs over cohorts")
+        if not MIN_MEMBERS <= c.size <= 1000:
+            raise ConfigError(f"secagg.enabled needs cohorts.size set to {MIN_MEMBERS}..1000 members, got {c.size}")
+        if c.deadline_s < 5 * a.round_s:
+            raise ConfigError(
+                f"secagg.enabled needs cohorts.deadline_s >= 5 * secagg.round_s ({5 * a.round_s:g} s): four rounds and training fit in it"
+            )
+        if self.dp.enabled:
+            raise ConfigError("secagg.enabled with dp.enabled: central DP adds noise to updates the coordinator no longer sees")
+        if s.robust.rule != "none":
+            raise ConfigError("secagg.enabled hides each update, so robust rules cannot inspect them; set strategy.robust.rule = 'none'")
+        if self.limits.lab_mode:
+            raise ConfigError(
+                "secagg.enabled needs every device enrolled and signing: "
+                "limits.allow_unknown_devices = false, limits.require_signatures = true"
+            )
 
 
 def parse_config(data: Mapping[str, Any], where: str, environ: Mapping[str, str] | None = None) -> CoordinatorConfig:

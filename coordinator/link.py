@@ -74,7 +74,10 @@ class Link:
             log.error("broker refused the connection: %s", reason)
             return
         fleet = self.cfg.fleet
-        client.subscribe([(protocol.all_updates(fleet), 1), (protocol.all_device_status(fleet), 1)])
+        topics = [(protocol.all_updates(fleet), 1), (protocol.all_device_status(fleet), 1)]
+        if self.cfg.secagg.enabled:
+            topics.append((protocol.all_secagg(fleet), 1))
+        client.subscribe(topics)
         self.connected.set()
         self.inbox.put("connected")  # the worker republishes the global state
 
@@ -132,6 +135,10 @@ class Link:
         """Each invitation to its device alone (QoS 1, not retained: an offline device becomes a dropout)."""
         for inv in invites:
             self.client.publish(protocol.cohort_invite(self.cfg.fleet, inv.cohort, inv.device), inv.signed(self._signer).to_json(), qos=1)
+
+    def publish_secagg(self, topic: str, payload: bytes) -> None:
+        """A secure-aggregation message to one cohort member (QoS 1, not retained; already signed)."""
+        self.client.publish(topic, payload, qos=1)
 
     def publish_ack(self, ack: UpdateAck) -> None:
         self.client.publish(protocol.device_ack(self.cfg.fleet, ack.device), ack.signed(self._signer).to_json(), qos=1, retain=True)

@@ -89,7 +89,8 @@ CREATE TABLE IF NOT EXISTS cohorts (
     seed INTEGER NOT NULL,
     members TEXT NOT NULL
 );
--- state: invited, then reported or dropped (coordinator.cohorts)
+-- state: invited, then reported or dropped; abandoned: a secure cohort open when the coordinator restarted
+-- (coordinator.cohorts); cohorts.secure (added by a migration): 1 when securely aggregated
 CREATE TABLE IF NOT EXISTS cohort_members (
     cohort TEXT NOT NULL,
     device TEXT NOT NULL,
@@ -108,6 +109,7 @@ def create_or_migrate(db: sqlite3.Connection) -> None:
         ("ledger", "norm", "REAL"),
         ("buffer", "norm", "REAL"),
         ("enrolled", "max_samples", "INTEGER"),
+        ("cohorts", "secure", "INTEGER NOT NULL DEFAULT 0"),
     ):
         columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
         if column not in columns:  # a database from before this column

@@ -45,6 +45,7 @@ from coordinator.metrics import Metrics
 from coordinator.outcomes import Outcomes
 from coordinator.presence import Presence
 from coordinator.quarantine import Quarantine
+from coordinator.secure_apply import handle_secagg, open_secure, secure_turn
 from coordinator.store import BufferedUpdate, LedgerEntry, Store
 from coordinator.strategies import StrategyLoadError, load_strategy
 from coordinator.versions import Versions
@@ -79,16 +80,9 @@ class CoordinatorService:
             buffered = [accepted(b, decode_frame(b.frame).tensors) for b in self.store.buffered()]
             self.shapes = {k: tuple(v.shape) for k, v in state.items()}
             self.engine = Engine(
-                cfg.strategy,
-                shapes=self.shapes,
-                version=version,
-                dp=cfg.dp,
-                strategy=strategy,
-                buffered=buffered,
-                state=strategy_state,
-                participations=self.store.participations(),
-                now=time.monotonic(),
-            )
+                cfg.strategy, shapes=self.shapes, version=version, dp=cfg.dp, strategy=strategy, buffered=buffered,
+                state=strategy_state, participations=self.store.participations(), now=time.monotonic(),
+            )  # fmt: skip
         except CodecError as exc:
             self.store.close()
             raise StoreError(
@@ -113,7 +107,8 @@ class CoordinatorService:
         if cfg.dp.enabled:
             self.store.set_meta("dp", json.dumps({"noise_multiplier": cfg.dp.noise_multiplier, "delta": cfg.dp.delta}))
         self.metrics = Metrics(cfg.fleet)
-        self.cohorts = open_cohorts(cfg, self.store.db, self.metrics)
+        self.secure = open_secure(self)
+        self.cohorts = open_cohorts(cfg, self.store.db, self.metrics, self.secure)
         self.outcomes = Outcomes(self.store, self.metrics, self.intake.ackable)
         self.metrics.version.set(self.version)
         self.metrics.buffered.set(len(self.buffer))
@@ -192,6 +187,7 @@ class CoordinatorService:
         if messages:
             self._process(messages)
         self._maybe_close_round()
+        secure_turn(self)
         self.cohorts.tick(time.time(), self.presence.ready, self.version, self.store.batch, self.link.publish_invites)
         if time.monotonic() - self._last_status >= self.cfg.heartbeat_s:
             self._publish_status("online")
@@ -290,6 +286,8 @@ class CoordinatorService:
             self._handle_update(device, msg)
         elif leaf == "status":
             self.presence.observe(device, msg.payload)
+        elif leaf == "secagg":
+            handle_secagg(self, device, msg.payload)
 
     def _handle_update(self, device: str, msg: Message) -> None:
         try:

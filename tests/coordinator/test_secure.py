@@ -1,0 +1,177 @@
+"""Secure aggregation's rounds, coordinator and devices in memory: the coordinator's
+:class:`SecureCohort` against real :class:`DeviceSession` devices, every message encoded,
+signed and decoded as on the wire."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from compression.protocol import CohortInvite
+from compression.secagg import SecAggError
+from compression.secagg_device import DeviceSession
+from compression.secagg_wire import DOWN_KINDS, UP_KINDS, SecAggMessage, decode, unmask_down
+from coordinator.cohorts import Cohort
+from coordinator.secure import SecureCohort, SecureConfig
+
+FLEET_KEY = Ed25519PrivateKey.generate()
+SIZE = 5000
+
+
+def _verifier(key: Ed25519PrivateKey):  # type: ignore[no-untyped-def]
+    public = key.public_key()
+
+    def verify(sig: bytes, msg: bytes) -> bool:
+        try:
+            public.verify(sig, msg)
+        except InvalidSignature:
+            return False
+        return True
+
+    return verify
+
+
+class Fleet:
+    """``n`` devices and one coordinator cohort; messages go through the wire encoding."""
+
+    def __init__(self, n: int, cfg: SecureConfig | None = None, now: float = 1000.0) -> None:
+        self.cfg = cfg or SecureConfig(round_s=10.0)
+        self.now = now
+        names = [f"dev-{i:02d}" for i in range(n)]
+        self.cohort = Cohort("c00000001", 1, 0, tuple(names), now, now + 600.0, n)
+        self.sc = SecureCohort(self.cfg, self.cohort, SIZE, b"\x07" * 32, now)
+        self.keys = {d: Ed25519PrivateKey.generate() for d in names}
+        self.sessions = {d: DeviceSession(CohortInvite("c00000001", d, 0, now + 600, now, secagg=self.sc.params(d))) for d in names}
+        self.offline: set[str] = set()
+        self.offline_after_mask: set[str] = set()
+        self.inputs: dict[str, np.ndarray] = {}
+        self.sent_int: dict[str, np.ndarray] = {}
+
+    def up(self, device: str, msg: SecAggMessage | None) -> None:
+        if msg is None or device in self.offline:
+            return
+        if msg.kind == "masked" and device in self.offline_after_mask:
+            self.offline.add(device)  # its masked input goes out; it answers nothing after it
+        wire = msg.encode(self.keys[device].sign)
+        decoded = decode(wire, lambda d: _verifier(self.keys[d]), UP_KINDS)
+        for out in self.sc.receive(decoded, self.now):
+            self.down(out)
+
+    def down(self, msg: SecAggMessage) -> None:
+        wire = msg.encode(FLEET_KEY.sign)
+        decoded = decode(wire, lambda d: _verifier(FLEET_KEY), DOWN_KINDS)
+        if decoded.device not in self.offline:
+            self.up(decoded.device, self.sessions[decoded.device].handle(decoded))
+
+    def start(self) -> None:
+        for d, s in self.sessions.items():
+            self.up(d, s.start())
+
+    def submit(self, rng: np.random.Generator) -> None:
+        for d, s in self.sessions.items():
+            if d in self.offline:
+                continue
+            x = rng.normal(0, 0.01, SIZE)
+            msg, residual = s.submit(x, np.random.default_rng(len(self.inputs)))
+            idx = s.indices(SIZE)
+            self.sent_int[d] = np.rint((x[idx] - residual[idx]) * s.quantizer.scale).astype(np.int64)
+            self.inputs[d] = x
+            self.up(d, msg)
+
+    def tick(self, dt: float) -> None:
+        self.now += dt
+        for out in self.sc.tick(self.now):
+            self.down(out)
+
+    def expected(self, devices: list[str]) -> np.ndarray:
+        r = self.sc.quantizer.ring_bits
+        return (np.sum([self.sent_int[d] for d in devices], axis=0) % (1 << r)).astype(np.uint32)
+
+
+def test_the_recovered_sum_equals_the_plain_sum_of_the_quantized_inputs_exactly() -> None:
+    f = Fleet(6)
+    f.start()
+    assert f.sc.phase == "masked" and f.sc.u2 == [1, 2, 3, 4, 5, 6]
+    f.submit(np.random.default_rng(0))
+    assert f.sc.total is not None, f.sc.failed
+    assert np.array_equal(f.sc.ring_sum, f.expected(sorted(f.sessions)))
+    assert all(s.phase == "done" for s in f.sessions.values())
+    mean = f.sc.mean_step({"a": (SIZE,)})["a"]
+    idx = f.sc.indices()
+    clip = f.cfg.clip
+    want = np.mean([np.clip(x[idx], -clip, clip) for x in f.inputs.values()], axis=0)
+    assert np.abs(mean[idx] - want).max() < 2 / f.sc.quantizer.scale
+    assert np.count_nonzero(np.delete(mean, idx)) == 0
+
+
+def test_a_third_dropping_after_the_masked_input_is_recovered_from_the_others() -> None:
+    f = Fleet(9)
+    f.start()
+    everyone = sorted(f.sessions)
+    late = set(everyone[:3])
+    f.offline_after_mask = late
+    f.submit(np.random.default_rng(2))
+    assert f.sc.phase == "unmask" and f.sc.u3 == list(range(1, 10))
+    f.tick(f.cfg.round_s + 1)  # the three never reveal: the round closes on its deadline with 6 >= t
+    assert f.sc.t == 6
+    assert f.sc.total is not None, f.sc.failed
+    assert np.array_equal(f.sc.ring_sum, f.expected(everyone))
+
+
+def test_a_third_dropping_before_the_masked_input_leaves_the_survivors_sum() -> None:
+    f = Fleet(9)
+    f.start()
+    gone = sorted(f.sessions)[-3:]
+    f.offline |= set(gone)
+    f.submit(np.random.default_rng(3))
+    assert f.sc.phase == "masked"
+    f.tick(600.0 - 2 * f.cfg.round_s)  # the masked round closes; the unmasking goes to the six
+    assert f.sc.u3 == list(range(1, 7)) and f.sc.total is not None, f.sc.failed
+    assert np.array_equal(f.sc.ring_sum, f.expected(sorted(f.sessions)[:6]))
+    assert f.sc.survivors == sorted(f.sessions)[:6]
+
+
+def test_too_few_members_fail_the_cohort_and_nothing_is_recovered() -> None:
+    f = Fleet(6)
+    f.offline |= set(sorted(f.sessions)[:3])
+    f.start()
+    assert f.sc.phase == "keys"
+    f.tick(f.cfg.round_s + 1)
+    assert f.sc.failed and "fewer than the threshold" in f.sc.failed and f.sc.total is None
+
+
+def test_a_device_refuses_a_coordinator_that_asks_for_both_shares_of_one_member() -> None:
+    f = Fleet(4)
+    f.start()
+    # The coordinator deviates: it names member 4 both a survivor and a dropout.
+    f.sc.receive = lambda msg, now: []  # type: ignore[method-assign]  # swallow the masked inputs
+    f.submit(np.random.default_rng(4))
+    s = f.sessions["dev-00"]
+    answer = s.handle(unmask_down("c00000001", "dev-00", [1, 2, 3, 4], [4]))
+    assert answer is not None and answer.kind == "refuse" and "both shares" in answer.fields["why"]
+    assert s.phase == "refused" and s.client.revealed == {}
+    with pytest.raises(SecAggError, match="does not fit"):
+        s.handle(unmask_down("c00000001", "dev-00", [1, 2, 3], [4]))  # no second chance after a refusal
+
+
+def test_messages_out_of_turn_forged_or_from_outsiders_are_refused() -> None:
+    f = Fleet(4)
+    keys = f.sessions["dev-00"].start()
+    outsider = replace(keys, device="mallory")
+    with pytest.raises(SecAggError, match="not a member"):
+        f.sc.receive(outsider, f.now)
+    wire = bytearray(keys.encode(f.keys["dev-00"].sign))
+    wire[-70] ^= 1
+    with pytest.raises(SecAggError, match="does not verify|not JSON"):
+        decode(bytes(wire), lambda d: _verifier(f.keys[d]), UP_KINDS)
+    with pytest.raises(SecAggError, match="claims"):
+        decode(bytes(wire[:-1]), lambda d: _verifier(f.keys[d]), UP_KINDS)
+    wrong = replace(keys, fields={**keys.fields, "position": 3})
+    with pytest.raises(SecAggError, match="its keys say 3"):
+        f.sc.receive(wrong, f.now)
+    with pytest.raises(SecAggError, match="does not fit"):
+        f.sessions["dev-01"].handle(unmask_down("c00000001", "dev-01", [1, 2, 3], []))

@@ -1,0 +1,273 @@
+"""Secure aggregation against Mosquitto: the coordinator service and enrolled devices run the
+rounds over the broker; the coordinator recovers exactly the sum, survives a third of the
+cohort dropping, and no payload on the broker (``#``) holds an unmasked update."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from compression import protocol
+from compression.mqtt import loopback, make_client
+from compression.protocol import CohortInvite, DeviceStatus
+from compression.secagg import pack, unpack
+from compression.secagg_device import DeviceSession
+from compression.secagg_wire import DOWN_KINDS, UP_KINDS, SecAggMessage, decode, unmask_down
+from coordinator.cohorts import Cohort, CohortConfig
+from coordinator.config import LimitsConfig
+from coordinator.identity import fleet_key
+from coordinator.secure import SecureCohort, SecureConfig
+from coordinator.strategy import StrategyConfig
+from fedge_lab.broker import MosquittoBroker
+from tests.conftest import wait_until
+from tests.integration.conftest import FLEET, DeviceClient, ThreadedCoordinator, coordinator_config
+
+pytestmark = pytest.mark.broker
+
+
+def _verify_with(public: Ed25519PublicKey):  # type: ignore[no-untyped-def]
+    def verify(sig: bytes, msg: bytes) -> bool:
+        try:
+            public.verify(sig, msg)
+        except InvalidSignature:
+            return False
+        return True
+
+    return verify
+
+
+class SecAggDevice(DeviceClient):
+    """An enrolled device that runs its side of the rounds (:class:`DeviceSession`) over MQTT."""
+
+    def __init__(self, port: int, device: str) -> None:
+        self.key = Ed25519PrivateKey.generate()
+        self.public_raw = self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.fleet_public: Ed25519PublicKey | None = None
+        self.session: DeviceSession | None = None
+        self.invites: queue.Queue[CohortInvite] = queue.Queue()
+        self.silent_after_mask = False
+        self.sent: list[str] = []
+        self.refusals: list[str] = []
+        self.lock = threading.Lock()
+        super().__init__(port, device)
+        self.client.subscribe([(protocol.device_invites(FLEET, device), 1), (protocol.device_secagg_inbox(FLEET, device), 1)])
+
+    def _on_message(self, c: mqtt.Client, u: object, msg: mqtt.MQTTMessage) -> None:
+        if "/invite/" in msg.topic:
+            assert self.fleet_public is not None
+            invite = CohortInvite.from_json(msg.payload, _verify_with(self.fleet_public))
+            with self.lock:
+                self.session = DeviceSession(invite)
+                self._send(self.session.start())
+            self.invites.put(invite)
+        elif "/secagg/" in msg.topic:
+            assert self.fleet_public is not None and self.session is not None
+            incoming = decode(msg.payload, lambda d: _verify_with(self.fleet_public), DOWN_KINDS)  # type: ignore[arg-type]
+            with self.lock:
+                if self.silent_after_mask and self.session.phase == "masked":
+                    return  # gone after its masked input
+                self._send(self.session.handle(incoming))
+        else:
+            super()._on_message(c, u, msg)
+
+    def _send(self, msg: SecAggMessage | None) -> None:
+        if msg is not None:
+            self.sent.append(msg.kind)
+            if msg.kind == "refuse":
+                self.refusals.append(str(msg.fields["why"]))
+            self.client.publish(protocol.device_secagg(FLEET, self.device), msg.encode(self.key.sign), qos=1)
+
+    def announce(self) -> None:
+        payload = DeviceStatus(state="waiting", version=0, ts=time.time()).to_json()
+        self.client.publish(protocol.device_status(FLEET, self.device), payload, qos=1, retain=True).wait_for_publish(10)
+
+    def submit(self, x: np.ndarray, seed: int) -> np.ndarray:
+        """Mask and send ``x``; returns the quantized values it put under the masks (what must never show)."""
+        with self.lock:
+            assert self.session is not None
+            msg, residual = self.session.submit(x, np.random.default_rng(seed))
+            idx = self.session.indices(x.size)
+            sent = np.rint((x[idx] - residual[idx]) * self.session.quantizer.scale).astype(np.int64)
+            self._send(msg)
+        return sent
+
+
+class Sniffer:
+    """Every payload published on the broker, from a client subscribed to ``#``."""
+
+    def __init__(self, port: int) -> None:
+        self.payloads: list[tuple[str, bytes]] = []
+        self.client = make_client(loopback(port), f"sniffer-{uuid.uuid4().hex[:6]}")
+        self.client.on_connect = lambda c, u, f, r, p: c.subscribe("#", qos=1)
+        self.client.on_message = lambda c, u, m: self.payloads.append((m.topic, bytes(m.payload)))
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _fleet(broker: MosquittoBroker, tmp_path: Path, tiny_model: Path, n: int, round_s: float):  # type: ignore[no-untyped-def]
+    cfg = coordinator_config(broker, tmp_path / "coord", tiny_model)
+    cfg = replace(
+        cfg,
+        limits=LimitsConfig(),
+        strategy=StrategyConfig(kind="fedbuff", buffer_size=1),
+        cohorts=CohortConfig(enabled=True, concurrency=n, size=n, deadline_s=max(60.0, 6 * round_s), fill_wait_s=0.5),
+        secagg=SecureConfig(enabled=True, round_s=round_s, bits=12, fraction=0.05),
+    )
+    devices = [SecAggDevice(broker.port, f"sa-{i}") for i in range(n)]
+    coordinator = ThreadedCoordinator(cfg)
+    public = fleet_key(cfg.state_dir, create=False).public_key()
+    for d in devices:
+        coordinator.service.store.enroll(d.device, d.public_raw)
+        d.fleet_public = public
+        d.announce()
+    return coordinator, devices
+
+
+def _vector(d: SecAggDevice, seed: int) -> np.ndarray:
+    state = d.global_state(d.wait_meta(0))
+    size = sum(v.size for v in state.values())
+    return np.random.default_rng(seed).normal(0, 0.01, size)
+
+
+def test_the_coordinator_recovers_exactly_the_sum_and_the_broker_never_carries_an_unmasked_update(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path
+) -> None:
+    sniffer = Sniffer(broker.port)
+    coordinator, devices = _fleet(broker, tmp_path, tiny_model, 6, round_s=5.0)
+    try:
+        with coordinator as service:
+            for d in devices:
+                d.invites.get(timeout=30)
+            wait_until(lambda: all(d.session is not None and d.session.phase == "ready" for d in devices), 30, "the keys and shares rounds")
+            xs = [_vector(d, i) for i, d in enumerate(devices)]
+            sent = [d.submit(x, i) for i, (d, x) in enumerate(zip(devices, xs, strict=True))]
+            devices[0].wait_meta(1, timeout=30)
+            sc = service.secure.recent[-1]  # type: ignore[union-attr]
+            r = sc.quantizer.ring_bits
+            assert np.array_equal(sc.ring_sum, (np.sum(sent, axis=0) % (1 << r)).astype(np.uint32))
+            assert sc.u3 == [1, 2, 3, 4, 5, 6] and all("reveal" in d.sent for d in devices)
+            row = service.store.db.execute("SELECT device, num_samples, applied_version FROM ledger").fetchall()
+            assert [tuple(x) for x in row] == [("secagg:c00000001", 6, 1)]
+            states = service.store.db.execute("SELECT state FROM cohort_members WHERE cohort='c00000001'").fetchall()
+            assert [s[0] for s in states] == ["reported"] * 6
+            time.sleep(0.5)
+    finally:
+        for d in devices:
+            d.close()
+        sniffer.close()
+    topics = {t for t, _ in sniffer.payloads}
+    assert not [t for t in topics if t.endswith("/update")], "no device uploaded an update in the clear"
+    assert any(t.endswith("/secagg") for t in topics) and any("/secagg/" in t for t in topics)
+    everything = b"".join(p for _, p in sniffer.payloads)
+    idx = sc.indices()
+    for x, q in zip(xs, sent, strict=True):
+        plain = [pack(q.astype(np.uint32) & np.uint32((1 << r) - 1), r)[:48], x[idx].astype(np.float32).tobytes()[:48], x.tobytes()[:48]]
+        assert not any(p in everything for p in plain), "a device's input (quantized or float) appears in a payload"
+    # One device's masked vector, as the broker carried it, against the uniform distribution on Z_2^r.
+    fleet_keys = {d.device: d.key.public_key() for d in devices}
+    ups = [
+        decode(p, lambda dev: _verify_with(fleet_keys[dev]), UP_KINDS)
+        for t, p in sniffer.payloads
+        if t == protocol.device_secagg(FLEET, "sa-0")
+    ]
+    masked = next(m for m in ups if m.kind == "masked" and m.cohort == "c00000001")
+    y = unpack(masked.body, r, sc.k)
+    counts = np.bincount((y >> np.uint32(r - 4)).astype(np.int64), minlength=16)
+    expected = y.size / 16
+    assert float(((counts - expected) ** 2 / expected).sum()) < 37.7  # 15 degrees of freedom: the 99.9th percentile
+
+
+def test_a_third_of_the_cohort_dropping_after_its_masked_input_is_survived(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path
+) -> None:
+    coordinator, devices = _fleet(broker, tmp_path, tiny_model, 6, round_s=3.0)
+    try:
+        with coordinator as service:
+            for d in devices:
+                d.invites.get(timeout=30)
+            wait_until(lambda: all(d.session is not None and d.session.phase == "ready" for d in devices), 30, "the keys and shares rounds")
+            for d in devices[:2]:
+                d.silent_after_mask = True
+            sent = [d.submit(_vector(d, i), i) for i, d in enumerate(devices)]
+            devices[-1].wait_meta(1, timeout=30)
+            sc = service.secure.recent[-1]  # type: ignore[union-attr]
+            assert sorted(sc.reveals) == [3, 4, 5, 6] and sc.t == 4
+            assert np.array_equal(sc.ring_sum, (np.sum(sent, axis=0) % (1 << sc.quantizer.ring_bits)).astype(np.uint32))
+    finally:
+        for d in devices:
+            d.close()
+
+
+def test_a_device_refuses_a_coordinator_that_asks_for_both_shares_of_one_member(tmp_path: Path, broker: MosquittoBroker) -> None:
+    """The coordinator here is a deviant one the test plays: it runs the rounds honestly, then
+    asks every device for both the self-mask share and the mask-key share of member 6."""
+    fleet = Ed25519PrivateKey.generate()
+    names = [f"sa-{i}" for i in range(6)]
+    now = time.time()
+    cohort = Cohort("c00000009", 9, 0, tuple(names), now, now + 600, 6)
+    sc = SecureCohort(SecureConfig(round_s=30.0), cohort, 4000, b"\x01" * 32, now)
+    devices = [SecAggDevice(broker.port, n) for n in names]
+    keys = {d.device: d.key.public_key() for d in devices}
+    inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    coord = make_client(loopback(broker.port), "deviant-coordinator")
+    coord.on_connect = lambda c, u, f, r, p: c.subscribe(protocol.all_secagg(FLEET), qos=1)
+    coord.on_message = lambda c, u, m: inbox.put((m.topic, bytes(m.payload)))
+    coord.connect("127.0.0.1", broker.port)
+    coord.loop_start()
+    try:
+        time.sleep(0.5)
+        for d in devices:
+            d.fleet_public = fleet.public_key()
+            invite = CohortInvite(cohort.cohort, d.device, 0, cohort.deadline, now, secagg=sc.params(d.device)).signed(fleet.sign)
+            coord.publish(protocol.cohort_invite(FLEET, cohort.cohort, d.device), invite.to_json(), qos=1)
+        masked, submitted = 0, False
+        deadline = time.monotonic() + 30
+        while masked < 6 and time.monotonic() < deadline:
+            if not submitted and all(d.session is not None and d.session.phase == "ready" for d in devices):
+                submitted = True
+                for i, d in enumerate(devices):
+                    d.submit(np.random.default_rng(i).normal(0, 0.01, 4000), i)
+            try:
+                topic, payload = inbox.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            msg = decode(payload, lambda dev: _verify_with(keys[dev]), UP_KINDS)
+            if msg.kind == "masked":
+                masked += 1
+                continue  # the deviant coordinator takes over the unmasking round itself
+            for out in sc.receive(msg, time.time()):
+                coord.publish(protocol.cohort_secagg(FLEET, cohort.cohort, out.device), out.encode(fleet.sign), qos=1)
+        assert masked == 6
+        for d in devices:
+            evil = unmask_down(cohort.cohort, d.device, [1, 2, 3, 4, 5, 6], [6])
+            coord.publish(protocol.cohort_secagg(FLEET, cohort.cohort, d.device), evil.encode(fleet.sign), qos=1)
+        answers: list[str] = []
+        deadline = time.monotonic() + 20
+        while answers.count("refuse") < 6 and time.monotonic() < deadline:
+            try:
+                _topic, payload = inbox.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            answers.append(decode(payload, lambda dev: _verify_with(keys[dev]), UP_KINDS).kind)
+        assert answers.count("refuse") == 6 and "reveal" not in answers
+        assert all("both shares" in d.refusals[0] and "reveal" not in d.sent for d in devices)
+    finally:
+        coord.disconnect()
+        coord.loop_stop()
+        for d in devices:
+            d.close()
