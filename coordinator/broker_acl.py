@@ -43,4 +43,6 @@ pattern read fl/{f}/devices/%u/ack
 pattern read fl/{f}/global/#
 pattern read fl/{f}/coordinator/status
 pattern read fl/{f}/cohorts/+/invite/%u
+pattern read fl/{f}/cohorts/+/secagg/%u
+pattern write fl/{f}/devices/%u/secagg
 """

@@ -32,6 +32,7 @@ from edge_agent.outbox import Outbox
 from edge_agent.privacy import local_epsilon, privatize
 from edge_agent.schedule import blocked_reason
 from edge_agent.sdnotify import Notifier
+from edge_agent.secure import SecureCohorts
 from edge_agent.state import AgentState, write_status
 from edge_agent.train import evaluate, train_round
 from edge_agent.transport import AgentTransport, Inbound
@@ -130,6 +131,7 @@ class Agent:
         # Metas, deltas and the snapshot wait here while training; it decides what to apply.
         self.follower = Follower(max_bytes=cfg.broker.max_global_bytes)
         self.invitations = Invitations(cfg.device_id)
+        self.secure = SecureCohorts(cfg.fleet, cfg.device_id, self._signer, self._verify, self.transport.publish)
         self._model: torch.nn.Module | None = None
         self._tokenizer: object | None = None
         self._spec: TrainableSpec | None = None
@@ -175,8 +177,8 @@ class Agent:
         try:
             self._flush_outbox()
             while not self.stop_event.is_set():
-                if self.cfg.max_rounds and self.counters.rounds >= self.cfg.max_rounds:
-                    break
+                if self.cfg.max_rounds and self.counters.rounds >= self.cfg.max_rounds and not self.secure.busy(time.monotonic()):
+                    break  # (a securely aggregated round is over once this device has answered its unmasking)
                 self._pump(timeout=0.5)
                 if self.pending_count and self.transport.connected.is_set():
                     self._flush_outbox()  # updates made while offline, once the broker is back
@@ -230,6 +232,8 @@ class Agent:
         assert self.global_model is not None
         if self.global_model.version < invite.version:
             return f"cohort {invite.cohort}: waiting for v{invite.version}"
+        if invite.secagg is not None and not self.secure.ready(invite.cohort):
+            return f"cohort {invite.cohort}: secure aggregation's key exchange"
         return None
 
     def _in_cohorts(self) -> bool:
@@ -253,6 +257,19 @@ class Agent:
         if result.steps == 0:
             return
         delta = model_lib.round_delta(self._model, g.tensors, self.cfg.train.tier)
+        held = self.invitations.held
+        if held is not None and held.invite.secagg is not None and self._in_cohorts():
+            self.secure.submit(self.invitations.used(), delta, self._rng)  # masked: never in the clear
+            self.counters.rounds += 1
+            log.info(
+                "round %d: %d steps, loss %.4f, masked for cohort %s",
+                self.counters.rounds,
+                result.steps,
+                result.train_loss,
+                held.invite.cohort,
+            )
+            self._set_state("idle")
+            return
         ldp = self.cfg.privacy.mechanism != "none"
         seq = self.state.next_seq(dp_round=ldp)  # counted before anything noised exists
         cohort = self.invitations.used() if self._in_cohorts() else ""
@@ -370,6 +387,8 @@ class Agent:
                 raise protocol.ProtocolError(f"ack names device {ack.device!r}, not this one")
             if self.outbox.on_ack(ack):
                 self._flush_outbox()  # the next update, if one waits
+        elif msg.topic.startswith(f"fl/{fleet}/cohorts/") and "/secagg/" in msg.topic:
+            self.secure.take(msg.topic, msg.payload)
         elif msg.topic.startswith(f"fl/{fleet}/cohorts/"):
             invite = CohortInvite.from_json(msg.payload, self._verify)
             if msg.topic != protocol.cohort_invite(fleet, invite.cohort, dev):
@@ -378,7 +397,9 @@ class Agent:
             if ignored:
                 log.info("invitation ignored: %s", ignored)
             else:
-                log.info("invited to cohort %s on v%d", invite.cohort, invite.version)
+                log.info("invited to cohort %s on v%d%s", invite.cohort, invite.version, " (secure aggregation)" if invite.secagg else "")
+                if invite.secagg is not None:
+                    self.secure.invited(invite, time.monotonic())
         elif msg.topic == protocol.device_cmd(fleet, dev):
             command = protocol.decode_command(msg.payload)
             self.paused = command == "pause"

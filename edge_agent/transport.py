@@ -114,6 +114,7 @@ class AgentTransport:
             protocol.device_cmd(fleet, self.cfg.device_id),
             protocol.device_ack(fleet, self.cfg.device_id),
             protocol.device_invites(fleet, self.cfg.device_id),
+            protocol.device_secagg_inbox(fleet, self.cfg.device_id),
         ]
         client.subscribe([(t, 1) for t in topics])
         self.backoff.reset()

@@ -271,3 +271,60 @@ def test_a_device_refuses_a_coordinator_that_asks_for_both_shares_of_one_member(
         coord.loop_stop()
         for d in devices:
             d.close()
+
+
+def test_enrolled_agents_train_under_secure_aggregation_behind_the_shipped_acl(  # type: ignore[no-untyped-def]
+    tmp_path: Path, mosquitto_binary: str, tiny_model: Path, device_data
+) -> None:
+    """Three real agents, enrolled, with passwords and the fleet's ACL: two securely aggregated
+    cohorts make two versions, and no agent ever uploads an update in the clear."""
+    from coordinator.config import BrokerConfig
+    from coordinator.enrolment import enroll, set_password
+    from coordinator.store import Store
+    from edge_agent.agent import Agent
+    from edge_agent.config import load_config
+    from tests.integration.test_security import _acl
+
+    state, passwd = tmp_path / "coord", tmp_path / "passwd"
+    names = [f"pi-{i}" for i in range(3)]
+    for name in names:
+        enroll(state, name, tmp_path / name, fleet=FLEET, broker_host="127.0.0.1", broker_port=1, password_file=passwd)
+    set_password(passwd, "coordinator", "coordinator-secret")
+    broker = MosquittoBroker(tmp_path / "broker", anonymous=False, extra=f"password_file {passwd}\nacl_file {_acl(tmp_path)}\n").start()
+    agents = []
+    for i, name in enumerate(names):
+        path = tmp_path / name / "agent.toml"
+        snippet = path.read_text().replace("port = 1\n", f"port = {broker.port}\n")
+        snippet = snippet.replace('data_dir = "/srv/fedge-data"', f'data_dir = "{device_data(i)}"')
+        snippet = snippet.replace('state_dir = "/var/lib/fedge-agent"', f'state_dir = "{tmp_path / (name + "-state")}"')
+        snippet = snippet.replace("[broker]", "max_rounds = 2\nheartbeat_s = 1.0\n\n[broker]")
+        snippet += f'[model]\nsource = "{tiny_model}"\n[train]\nthreads = 1\nbatch_size = 4\nseq_len = 32\nlocal_steps = 2\n'
+        path.write_text(snippet)
+        agents.append(Agent(load_config(path)))
+    cfg = coordinator_config(broker, state, tiny_model)
+    cfg = replace(
+        cfg,
+        broker=BrokerConfig(port=broker.port, username="coordinator", password="coordinator-secret"),
+        limits=LimitsConfig(),
+        strategy=StrategyConfig(kind="fedbuff", buffer_size=1),
+        cohorts=CohortConfig(enabled=True, concurrency=3, size=3, deadline_s=90.0, fill_wait_s=1.0),
+        secagg=SecureConfig(enabled=True, round_s=10.0),
+    )
+    try:
+        with ThreadedCoordinator(cfg) as service:
+            threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+            for t in threads:
+                t.start()
+            wait_until(lambda: service.version >= 2, 150, "two versions from securely aggregated cohorts")
+            for t in threads:
+                t.join(60)
+            assert not any(t.is_alive() for t in threads)
+    finally:
+        for a in agents:
+            a.stop()
+        broker.stop()
+    store = Store(state, readonly=True)
+    ledger = [tuple(r) for r in store.db.execute("SELECT device, num_samples FROM ledger ORDER BY applied_version")]
+    assert ledger == [("secagg:c00000001", 3), ("secagg:c00000002", 3)]
+    assert store.rejection_counts() == {}
+    assert all(a.secure.cohorts == 2 and a.state.pending() == [] for a in agents)

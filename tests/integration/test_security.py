@@ -250,7 +250,9 @@ def test_an_enrolled_agent_signs_its_updates(tmp_path: Path, mosquitto_binary: s
     assert Store(state, readonly=True).identity("pi-signed")["last_seq"] == 2  # type: ignore[index]
 
 
-def test_each_device_reads_only_its_own_invitations_and_none_can_send_one(tmp_path: Path, mosquitto_binary: str) -> None:
+def test_each_device_reads_only_its_own_invitations_and_secagg_messages_and_none_can_send_them(
+    tmp_path: Path, mosquitto_binary: str
+) -> None:
     passwd = tmp_path / "passwd"
     for user in ("coordinator", "dev-a", "dev-b"):
         set_password(passwd, user, f"{user}-secret")
@@ -261,9 +263,10 @@ def test_each_device_reads_only_its_own_invitations_and_none_can_send_one(tmp_pa
         for user in ("dev-a", "dev-b"):
             c = make_client(loopback(broker.port, username=user, password=f"{user}-secret"), f"{user}-{uuid.uuid4().hex[:6]}")
             # dev-b also tries every invitation of the fleet, and dev-a's in particular.
-            filters = [protocol.device_invites(FLEET, user)]
+            filters = [protocol.device_invites(FLEET, user), protocol.device_secagg_inbox(FLEET, user)]
             if user == "dev-b":
-                filters += [f"fl/{FLEET}/cohorts/#", protocol.device_invites(FLEET, "dev-a")]
+                filters += [f"fl/{FLEET}/cohorts/#", protocol.device_invites(FLEET, "dev-a"), protocol.device_secagg_inbox(FLEET, "dev-a")]
+                filters += [protocol.all_secagg(FLEET)]
             c.on_connect = lambda cl, u, f, r, p, filters=filters: cl.subscribe([(t, 1) for t in filters])
             c.on_message = lambda cl, u, m, user=user: got[user].append(m.topic)
             c.connect("127.0.0.1", broker.port)
@@ -275,17 +278,23 @@ def test_each_device_reads_only_its_own_invitations_and_none_can_send_one(tmp_pa
         clients["coordinator"] = coord
         time.sleep(0.5)
         coord.publish(protocol.cohort_invite(FLEET, "c00000001", "dev-a"), b"{}", qos=1).wait_for_publish(10)
-        # A device cannot invite anyone (the broker refuses the publish: reason code 135).
+        coord.publish(protocol.cohort_secagg(FLEET, "c00000001", "dev-a"), b"FSA1", qos=1).wait_for_publish(10)
+        # A device cannot invite anyone, speak for the coordinator in a cohort's rounds, or for
+        # another device (the broker refuses each publish: reason code 135).
         refused: list[int] = []
         clients["dev-b"].on_publish = lambda cl, u, mid, reason, props: refused.append(int(getattr(reason, "value", 0)))
         clients["dev-b"].publish(protocol.cohort_invite(FLEET, "c00000002", "dev-a"), b"{}", qos=1).wait_for_publish(10)
-        wait_until(lambda: got["dev-a"] and refused, 10, "dev-a's invitation and dev-b's refusal")
+        clients["dev-b"].publish(protocol.cohort_secagg(FLEET, "c00000001", "dev-a"), b"FSA1", qos=1).wait_for_publish(10)
+        clients["dev-b"].publish(protocol.device_secagg(FLEET, "dev-a"), b"FSA1", qos=1).wait_for_publish(10)
+        wait_until(lambda: len(got["dev-a"]) >= 2 and len(refused) >= 3, 10, "dev-a's messages and dev-b's refusals")
         time.sleep(0.5)
     finally:
         for c in clients.values():
             c.disconnect()
             c.loop_stop()
         broker.stop()
-    assert got["dev-a"] == [protocol.cohort_invite(FLEET, "c00000001", "dev-a")]
+    assert sorted(got["dev-a"]) == sorted(
+        [protocol.cohort_invite(FLEET, "c00000001", "dev-a"), protocol.cohort_secagg(FLEET, "c00000001", "dev-a")]
+    )
     assert got["dev-b"] == []
-    assert refused == [135]
+    assert refused == [135, 135, 135]
