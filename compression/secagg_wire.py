@@ -88,7 +88,7 @@ def decode(
     if not isinstance(head, dict):
         raise SecAggError("a secagg message's header is not a JSON object")
     kind, cohort, device = head.pop("kind", None), head.pop("cohort", None), head.pop("device", None)
-    if kind not in kinds:
+    if not isinstance(kind, str) or kind not in kinds:
         raise SecAggError(f"secagg message kind {kind!r} is not one of {sorted(kinds)}")
     try:
         check_id(cohort, "cohort id")

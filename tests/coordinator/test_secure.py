@@ -175,3 +175,86 @@ def test_messages_out_of_turn_forged_or_from_outsiders_are_refused() -> None:
         f.sc.receive(wrong, f.now)
     with pytest.raises(SecAggError, match="does not fit"):
         f.sessions["dev-01"].handle(unmask_down("c00000001", "dev-01", [1, 2, 3], []))
+
+
+def test_a_restart_abandons_the_secure_cohorts_it_had_open_and_never_resends_them() -> None:
+    """The rounds live in the memory of the coordinator that opened the cohort: after a kill -9,
+    nothing of an open secure cohort can be unmasked, so its members are abandoned, their slots
+    free, and its invitations are not sent again (a plain cohort's are)."""
+    import sqlite3
+
+    from coordinator.cohorts import CohortConfig, Cohorts
+    from coordinator.schema import create_or_migrate
+    from coordinator.secure import SecureRounds
+
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    create_or_migrate(db)
+    cfg = CohortConfig(enabled=True, concurrency=6, size=3, deadline_s=300.0)
+    secure = SecureRounds(SecureConfig(enabled=True), "f", {"a": (100,)}, lambda d: None, FLEET_KEY.sign, lambda t, p: None)
+    cohorts = Cohorts(cfg, db, 3, secure=secure)
+    published: list[CohortInvite] = []
+    cohorts.tick(1000.0, {f"d{i}" for i in range(6)}, 0, _no_transaction, published.extend)
+    assert len(published) == 6 and all(i.secagg is not None for i in published)
+    assert {i.secagg.position for i in published if i.secagg} == {1, 2, 3} and len(secure.open) == 2
+    assert cohorts.open_invitations() == []  # a reconnect does not resend them: their rounds are in memory
+    again = Cohorts(cfg, db, 3, secure=SecureRounds(SecureConfig(enabled=True), "f", {"a": (100,)}, lambda d: None, FLEET_KEY.sign, print))
+    assert again.in_flight == 0
+    states = dict(db.execute("SELECT state, COUNT(*) FROM cohort_members GROUP BY state").fetchall())
+    assert states == {"abandoned": 6}
+    assert not db.execute("SELECT 1 FROM ledger").fetchall()  # nothing of them was applied
+
+
+def test_a_secure_cohort_never_opens_with_fewer_than_three_members() -> None:
+    import sqlite3
+
+    from coordinator.cohorts import CohortConfig, Cohorts
+    from coordinator.schema import create_or_migrate
+    from coordinator.secure import SecureRounds
+
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    create_or_migrate(db)
+    secure = SecureRounds(SecureConfig(enabled=True), "f", {"a": (100,)}, lambda d: None, FLEET_KEY.sign, lambda t, p: None)
+    cohorts = Cohorts(CohortConfig(enabled=True, concurrency=6, size=4, fill_wait_s=0.0), db, 4, secure=secure)
+    assert cohorts.open_next(1000.0, {"d0", "d1"}, 0) == []
+    assert [len(c.members) for c in cohorts.open_next(1001.0, {"d0", "d1", "d2"}, 0)] == [3]
+
+
+def test_secure_aggregation_config_is_checked() -> None:
+    from coordinator.cohorts import CohortConfig
+    from coordinator.config import CoordinatorConfig, LimitsConfig
+    from coordinator.errors import ConfigError
+    from coordinator.privacy import DPConfig
+    from coordinator.strategy import StrategyConfig
+
+    on = SecureConfig(enabled=True, round_s=10.0)
+    cohorts = CohortConfig(enabled=True, concurrency=10, size=10, deadline_s=60.0)
+    CoordinatorConfig(state_dir="s", cohorts=cohorts, secagg=on)
+    with pytest.raises(ConfigError, match="needs cohorts.enabled"):
+        CoordinatorConfig(state_dir="s", secagg=on)
+    with pytest.raises(ConfigError, match="cohorts.size set"):
+        CoordinatorConfig(state_dir="s", cohorts=replace(cohorts, size=2), secagg=on)
+    with pytest.raises(ConfigError, match="deadline_s >= 5"):
+        CoordinatorConfig(state_dir="s", cohorts=replace(cohorts, deadline_s=40.0), secagg=on)
+    with pytest.raises(ConfigError, match="central DP"):
+        CoordinatorConfig(state_dir="s", cohorts=cohorts, secagg=on, strategy=StrategyConfig(kind="fedbuff"), dp=DPConfig(enabled=True))
+    with pytest.raises(ConfigError, match="enrolled and signing"):
+        CoordinatorConfig(state_dir="s", cohorts=cohorts, secagg=on, limits=LimitsConfig(allow_unknown_devices=True))
+    with pytest.raises(ValueError, match="threshold"):
+        SecureConfig(threshold=0.4)
+
+
+def test_invitations_without_secagg_are_byte_for_byte_what_they_were() -> None:
+    plain = CohortInvite("c00000001", "d1", 3, 200.0, 100.0)
+    assert b"secagg" not in plain.to_json()
+    f = Fleet(3)
+    secure = CohortInvite("c00000001", "dev-00", 0, 200.0, 100.0, secagg=f.sc.params("dev-00")).signed(FLEET_KEY.sign)
+    back = CohortInvite.from_json(secure.to_json(), _verifier(FLEET_KEY))
+    assert back == secure and back.secagg is not None and back.secagg.t == 2
+    with pytest.raises(Exception, match="secagg"):
+        CohortInvite.from_json(secure.to_json().replace(b'"t":2', b'"t":9'))
+
+
+def _no_transaction():  # type: ignore[no-untyped-def]
+    from contextlib import nullcontext
+
+    return nullcontext()
