@@ -1,20 +1,20 @@
 """Secure aggregation's costs with real cryptography, and what it costs in learning.
 
-    python -m benchmarks.secagg [--cohorts 10 50 100] [--fraction 0.03] [--bits 8] [--json]
+    python -m benchmarks.secagg [--cohorts 10 50 100] [--fraction 0.03] [--bits 12] [--json]
 
-**Costs.** For each cohort size K, K virtual devices run the device side of the protocol
-(:class:`compression.secagg.MaskingClient`: X25519 keys, Shamir shares sealed with
-ChaCha20-Poly1305, ChaCha20 masks) on a vector of SmolLM2's LoRA size (r = 8 on q,v:
-460,800 values), of which the cohort's shared rand-k coordinates (``--fraction``) are
-quantized to ``--bits``-bit values in a ring of ``bits + ceil(log2 K)`` bits; a third of
-the devices' worth of threshold slack lets ``K - t`` drop out. The coordinator then
-unmasks the sum. Reported per device: the bytes it sends in every round (its keys, its
-sealed shares, its packed masked vector, its reveal, and an Ed25519 signature on each of
-the four messages), against one update of the plain default codec (top-2% int4, zstd,
-envelope) on a delta of the same size; and its CPU per cohort (all four rounds, median over
-the cohort), against one training step (``step_ms`` of ``benchmarks/results/codec.json``,
-SmolLM2, one thread). Also the coordinator's CPU to unmask, and the wall time of the
-whole cohort in this one process.
+**Costs.** For each cohort size K, one cohort's four rounds run as the daemons run them, in
+one process: K devices (:class:`compression.secagg_device.DeviceSession`: X25519 keys,
+Shamir shares sealed with ChaCha20-Poly1305, ChaCha20 masks) and the coordinator's
+:class:`coordinator.secure.SecureCohort`, every message encoded on the wire format,
+Ed25519-signed and verified. The vector is SmolLM2's LoRA size (r = 8 on q,v: 460,800
+values), of which the cohort's shared rand-k coordinates (``--fraction``) are quantized to
+``--bits``-bit values in a ring of ``bits + ceil(log2 K)`` bits; the threshold is the
+product's default (``t = ceil(0.6 K)``). Reported per device: the bytes of every message it
+sends (keys, sealed shares, masked vector, reveal), against one update of the plain default
+codec (top-2% int4, zstd, envelope) on a delta of the same size; its CPU per cohort (all
+four rounds, median over the cohort) against one training step (``step_ms`` of
+``benchmarks/results/codec.json``, SmolLM2, one thread). Also the coordinator's CPU
+(verifying, routing, unmasking) and the wall time of the whole cohort in this one process.
 
 **Learning.** A seeded FedAvg run on the tiny model and the pydoc corpus (10 devices,
 ``--rounds`` rounds, lock step): once with the plain default uplink, and with each round a
@@ -27,6 +27,7 @@ each round's mean uncompressed, so only the uplink differs.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
@@ -37,14 +38,15 @@ from statistics import median
 from typing import Any
 
 import numpy as np
+from cryptography.exceptions import InvalidSignature
 from rich.console import Console
 from rich.table import Table
 
 from compression import CodecConfig, compress_update
-from compression.secagg import SHARE_BYTES, MaskingClient, Quantizer, pack, shared_indices, unmask, unpack
+from compression.secagg import MaskingClient, Quantizer, shared_indices, unmask
+from coordinator.secure import SecureConfig
 
 LORA_PARAMS = 460_800
-SIGNATURE = 64
 ENVELOPE = 345
 """The signed update envelope's bytes around a frame (README, codec table)."""
 STEP_MS_FILE = Path(__file__).parent / "results" / "codec.json"
@@ -57,57 +59,89 @@ def plain_update_bytes(n: int, seed: int = 0) -> int:
 
 
 def cohort_costs(k_devices: int, fraction: float, bits: int, seed: int = 0) -> dict[str, Any]:
-    t = max(1, int(np.ceil(2 * k_devices / 3)))
-    k = max(1, int(round(fraction * LORA_PARAMS)))
-    q = Quantizer(clip=1.0, cohort=k_devices, bits=bits)
-    rng = np.random.default_rng(seed)
-    cohort = f"c{seed:08d}".encode()
-    cpu = {i: 0.0 for i in range(1, k_devices + 1)}
-    sent = {i: 0 for i in range(1, k_devices + 1)}
+    """One cohort's four rounds as the daemons run them: K :class:`DeviceSession` devices and the
+    coordinator's :class:`SecureCohort`, every message encoded, Ed25519-signed and verified. A
+    device's CPU counts its own work (its crypto, encoding, signing, verifying what it receives);
+    the coordinator's counts verifying, routing and unmasking. Bytes are the encoded messages."""
+    from collections import deque
 
-    def timed(i: int, fn: Any, *args: Any) -> Any:
-        t0 = time.process_time()
-        out = fn(*args)
-        cpu[i] += time.process_time() - t0
-        return out
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from compression.protocol import CohortInvite
+    from compression.secagg_device import DeviceSession
+    from compression.secagg_wire import DOWN_KINDS, UP_KINDS, decode
+    from coordinator.cohorts import Cohort
+    from coordinator.secure import SecureCohort
+
+    cfg = SecureConfig(enabled=True, fraction=fraction, bits=bits, clip=1.0)
+    names = [f"d{i:04d}" for i in range(k_devices)]
+    cohort = Cohort(f"c{seed + 1:08d}", seed + 1, 0, tuple(names), 0.0, 3600.0, k_devices)
+    sc = SecureCohort(cfg, cohort, LORA_PARAMS, hashlib.sha256(cohort.cohort.encode()).digest(), 0.0)
+    keys = {d: Ed25519PrivateKey.generate() for d in names}
+    publics = {d: k.public_key() for d, k in keys.items()}
+    fleet = Ed25519PrivateKey.generate()
+    sessions = {d: DeviceSession(CohortInvite(cohort.cohort, d, 0, 3600.0, 0.0, secagg=sc.params(d))) for d in names}
+    cpu = dict.fromkeys(names, 0.0)
+    sent = dict.fromkeys(names, 0)
+    coordinator_cpu = 0.0
+    work: deque[tuple[str, str, bytes]] = deque()
+
+    def verifier(public: Any) -> Any:
+        def verify(sig: bytes, msg: bytes) -> bool:
+            try:
+                public.verify(sig, msg)
+            except InvalidSignature:
+                return False
+            return True
+
+        return verify
+
+    def device_send(d: str, msg: Any) -> None:
+        if msg is not None:
+            wire = msg.encode(keys[d].sign)
+            sent[d] += len(wire)
+            work.append(("up", d, wire))
+
+    def run() -> None:
+        nonlocal coordinator_cpu
+        while work:
+            direction, d, wire = work.popleft()
+            t0 = time.process_time()
+            if direction == "up":
+                outs = sc.receive(decode(wire, lambda dev: verifier(publics[dev]), UP_KINDS), 0.0)
+                downs = [o.encode(fleet.sign) for o in outs]
+                coordinator_cpu += time.process_time() - t0
+                work.extend(("down", o.device, w) for o, w in zip(outs, downs, strict=True))
+            else:
+                msg = sessions[d].handle(decode(wire, lambda dev: verifier(fleet.public_key()), DOWN_KINDS))
+                device_send(d, msg)
+                cpu[d] += time.process_time() - t0
 
     wall0 = time.monotonic()
-    clients = [MaskingClient(cohort, i, k_devices, t) for i in range(1, k_devices + 1)]
-    keys = [timed(c.index, c.keys) for c in clients]
-    for c in clients:
-        sent[c.index] += 8 + 64 + SIGNATURE
-    sealed = []
-    for c in clients:
-        out = timed(c.index, c.share, keys)
-        sealed += out
-        sent[c.index] += sum(8 + len(m.nonce) + len(m.box) for m in out if m.receiver != c.index) + SIGNATURE
-    for c in clients:
-        timed(c.index, c.receive, [m for m in sealed if m.receiver == c.index])
-    idx = shared_indices(cohort, LORA_PARAMS, k)
-    masked = {}
-    for c in clients:
-        x = q.encode(rng.normal(0, 0.1, idx.size), rng)
-        wire = timed(c.index, lambda c=c, x=x: pack(c.mask(x, q.ring_bits), q.ring_bits))
-        sent[c.index] += len(wire) + SIGNATURE
-        masked[c.index] = unpack(wire, q.ring_bits, idx.size)
-    survivors = sorted(masked)
-    reveals = []
-    for c in clients:
-        r = timed(c.index, c.reveal, survivors, [])
-        reveals.append(r)
-        sent[c.index] += (len(r.b_shares) + len(r.s_shares)) * (4 + SHARE_BYTES) + SIGNATURE
-    t0 = time.process_time()
-    unmask(cohort, t, {k.index: k for k in keys}, masked, reveals, idx.size, q.ring_bits)
-    coord_cpu = time.process_time() - t0
+    rng = np.random.default_rng(seed)
+    for d in names:
+        t0 = time.process_time()
+        device_send(d, sessions[d].start())
+        cpu[d] += time.process_time() - t0
+    run()
+    for d in names:
+        x = rng.normal(0, 0.1, LORA_PARAMS)
+        t0 = time.process_time()
+        msg, _residual = sessions[d].submit(x, rng)
+        device_send(d, msg)
+        cpu[d] += time.process_time() - t0
+        run()
+    if sc.total is None:
+        raise RuntimeError(f"cohort of {k_devices} did not unmask: {sc.failed}")
     return {
         "cohort": k_devices,
-        "threshold": t,
-        "shared_coordinates": k,
-        "ring_bits": q.ring_bits,
+        "threshold": sc.t,
+        "shared_coordinates": sc.k,
+        "ring_bits": sc.quantizer.ring_bits,
         "bytes_up_per_device": int(median(sent.values())),
-        "masked_vector_bytes": (k * q.ring_bits + 7) // 8,
+        "masked_vector_bytes": (sc.k * sc.quantizer.ring_bits + 7) // 8,
         "device_cpu_s": median(cpu.values()),
-        "coordinator_cpu_s": coord_cpu,
+        "coordinator_cpu_s": coordinator_cpu,
         "wall_s": time.monotonic() - wall0,
     }
 
@@ -175,7 +209,7 @@ def _secure_run(
     rng = np.random.default_rng(7)
     losses = [loss(state)]
     last_step: np.ndarray | None = None
-    t = max(1, devices // 2 + 1)
+    t = max(2, int(np.ceil(SecureConfig().threshold * devices)))
     for r in range(rounds):
         cohort = f"c{r + 1:08d}".encode()
         if selection == "last_step" and last_step is not None and np.any(last_step):
@@ -211,8 +245,10 @@ def _secure_run(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.secagg", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cohorts", type=int, nargs="+", default=[10, 50, 100])
-    parser.add_argument("--fraction", type=float, default=0.03, help="shared rand-k coordinates, as a fraction of the vector")
-    parser.add_argument("--bits", type=int, default=8, help="bits per quantized value (the ring adds ceil(log2 K))")
+    parser.add_argument(
+        "--fraction", type=float, default=SecureConfig().fraction, help="shared rand-k coordinates, as a fraction of the vector"
+    )
+    parser.add_argument("--bits", type=int, default=SecureConfig().bits, help="bits per quantized value (the ring adds ceil(log2 K))")
     parser.add_argument("--rounds", type=int, default=10, help="rounds of the learning comparison (0 = skip it)")
     parser.add_argument("--clip", type=float, default=0.05, help="the cohort's clipping bound in the learning comparison")
     parser.add_argument("--json", action="store_true")

@@ -328,3 +328,64 @@ def test_enrolled_agents_train_under_secure_aggregation_behind_the_shipped_acl( 
     assert ledger == [("secagg:c00000001", 3), ("secagg:c00000002", 3)]
     assert store.rejection_counts() == {}
     assert all(a.secure.cohorts == 2 and a.state.pending() == [] for a in agents)
+
+
+def test_a_coordinator_killed_with_9_mid_protocol_abandons_the_cohort_and_the_next_one_completes(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path
+) -> None:
+    """Killed while its first cohort waits for the members' masked inputs, the coordinator
+    restarts, records that cohort ``abandoned`` (its rounds were in memory), never applies any
+    of it, and runs the next cohort to the end with the same devices."""
+    import signal
+    import sqlite3
+
+    from coordinator.store import Store
+    from fedge_lab.demo import serve_argv
+    from fedge_lab.processes import Child
+    from tests.integration.conftest import coordinator_toml
+
+    state = tmp_path / "state"
+    devices = [SecAggDevice(broker.port, f"sa-{i}") for i in range(4)]
+    store = Store(state, create=True)
+    for d in devices:
+        store.enroll(d.device, d.public_raw)
+    store.close()
+    public = fleet_key(state, create=True).public_key()
+    for d in devices:
+        d.fleet_public = public
+        d.announce()
+    cfg_path = coordinator_toml(
+        tmp_path / "coordinator.toml",
+        broker,
+        tiny_model,
+        limits={},
+        strategy={"kind": "fedbuff", "buffer_size": 1},
+        cohorts={"enabled": True, "concurrency": 4, "size": 4, "deadline_s": 60.0, "fill_wait_s": 0.5},
+        secagg={"enabled": True, "round_s": 5.0},
+    )
+    child = Child("coordinator", serve_argv(cfg_path), tmp_path / "coord.log").start()
+    try:
+        for d in devices:
+            assert d.invites.get(timeout=60).cohort == "c00000001"
+        wait_until(lambda: all(d.session is not None and d.session.phase == "ready" for d in devices), 30, "the keys and shares rounds")
+        for i, d in enumerate(devices[:2]):
+            d.submit(_vector(d, i), i)  # two masked inputs reach the coordinator, then it dies
+        time.sleep(0.5)
+        assert child.proc is not None
+        child.proc.send_signal(signal.SIGKILL)
+        child.proc.wait(10)
+        child = Child("coordinator", serve_argv(cfg_path), tmp_path / "coord.log").start()
+        for d in devices:
+            assert d.invites.get(timeout=60).cohort == "c00000002"  # the abandoned cohort is not sent again
+        wait_until(lambda: all(d.session is not None and d.session.phase == "ready" for d in devices), 30, "the second cohort's keys")
+        for i, d in enumerate(devices):
+            d.submit(_vector(d, 10 + i), 10 + i)
+        devices[0].wait_meta(1, timeout=60)
+    finally:
+        child.stop()
+        for d in devices:
+            d.close()
+    db = sqlite3.connect(f"file:{state / 'coordinator.db'}?mode=ro", uri=True)
+    states = dict(db.execute("SELECT cohort || ':' || state, COUNT(*) FROM cohort_members WHERE cohort <= 'c00000002' GROUP BY 1"))
+    assert states == {"c00000001:abandoned": 4, "c00000002:reported": 4}
+    assert [tuple(r) for r in db.execute("SELECT device, applied_version FROM ledger")] == [("secagg:c00000002", 1)]
