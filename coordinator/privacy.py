@@ -22,10 +22,12 @@ Participation counts live in SQLite and survive restarts; ε is recomputed from 
 from __future__ import annotations
 
 import functools
+import logging
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -73,6 +75,106 @@ def epsilon(participations: int, noise_multiplier: float, delta: float, method: 
     accountant = pld_privacy_accountant.PLDAccountant() if method == "pld" else rdp_privacy_accountant.RdpAccountant()
     accountant.compose(event)
     return float(accountant.get_epsilon(delta))
+
+
+def _events(cohorts: tuple[tuple[int, int], ...], noise_multiplier: float, poisson: bool) -> Any:
+    import dp_accounting
+
+    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
+    parts = []
+    for (eligible, size), count in sorted(Counter(cohorts).items()):
+        if poisson:
+            sampled = dp_accounting.PoissonSampledDpEvent(min(1.0, size / eligible), gaussian)
+        else:
+            sampled = dp_accounting.SampledWithoutReplacementDpEvent(eligible, size, gaussian)
+        parts.append(dp_accounting.SelfComposedDpEvent(sampled, count))
+    return dp_accounting.ComposedDpEvent(parts)
+
+
+def cohort_sampling_events(cohorts: Sequence[tuple[int, int]], noise_multiplier: float, poisson: bool = False) -> Any:
+    """The dp-accounting event of a device that may have been sampled in each of ``cohorts``
+    (``(eligible, size)``: ``size`` devices drawn uniformly without replacement from ``eligible``),
+    each cohort's updates protected by one Gaussian mechanism of ``noise_multiplier``. With
+    ``poisson``, each cohort is modelled as Poisson sampling at ``q = size / eligible`` instead."""
+    return _events(_checked(cohorts), noise_multiplier, poisson)
+
+
+def _checked(cohorts: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    out = []
+    for eligible, size in cohorts:
+        if not 0 < size <= eligible:
+            raise ValueError(f"a cohort of {size} devices sampled from {eligible} eligible ones is not a sample")
+        out.append((int(eligible), int(size)))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_curve(eligible: int, size: int, noise_multiplier: float) -> np.ndarray:
+    """RDP at dp-accounting's default orders of one cohort: ``size`` of ``eligible`` without
+    replacement, then a Gaussian (``REPLACE_ONE``)."""
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    logging.getLogger("absl").setLevel(logging.ERROR)  # RDP drops orders it cannot evaluate, and says so per order
+    acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(eligible, size, dp_accounting.GaussianDpEvent(noise_multiplier)))
+    return np.asarray(acc._rdp, dtype=np.float64)  # noqa: SLF001 - the curve the accountant composes; its public API gives ε only
+
+
+@functools.lru_cache(maxsize=1024)
+def _amplified(cohorts: tuple[tuple[int, int], ...], noise_multiplier: float, delta: float, method: str) -> float:
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    if method == "rdp":
+        # RDP composes by adding: each distinct cohort shape's curve is computed once (the slow
+        # part), then the fleet's is their weighted sum, converted to (ε, δ) as the accountant does.
+        total = sum(n * _rdp_curve(e, s, noise_multiplier) for (e, s), n in Counter(cohorts).items())
+        return float(rdp_privacy_accountant.compute_epsilon(rdp_privacy_accountant.DEFAULT_RDP_ORDERS, total, delta)[0])
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    accountant: Any = pld_privacy_accountant.PLDAccountant() if method == "pld_poisson" else rdp_privacy_accountant.RdpAccountant()
+    accountant.compose(_events(cohorts, noise_multiplier, poisson=True))
+    return float(accountant.get_epsilon(delta))
+
+
+def amplified_epsilon(
+    cohorts: Sequence[tuple[int, int]],
+    noise_multiplier: float,
+    delta: float,
+    method: Literal["rdp", "pld_poisson", "rdp_poisson"] = "rdp",
+) -> float:
+    """ε of a device across ``cohorts`` (``(eligible, size)`` each), with amplification by sampling.
+
+    ``rdp`` is the claim: the cohorts are drawn uniformly without replacement, a fixed size from
+    the eligible devices (:class:`coordinator.cohorts.CohortPlanner`), and dp-accounting
+    supports that sampling in its RDP accountant only, under substitution of one device
+    (``REPLACE_ONE``). ``pld_poisson`` (PLD) and ``rdp_poisson`` model the same cohorts as
+    Poisson sampling at ``q = size / eligible`` under adding or removing one device: a
+    cross-check, not the claim. A smaller pool is a larger ``q``, so eligible counts rounded
+    down never give less ε."""
+    if noise_multiplier <= 0:
+        return math.inf if cohorts else 0.0
+    checked = _checked(cohorts)
+    if not checked:
+        return 0.0
+    return _amplified(checked, float(noise_multiplier), float(delta), method)
+
+
+def calibrate_noise(
+    cohorts: Sequence[tuple[int, int]], target_epsilon: float, delta: float, method: Literal["rdp", "pld_poisson", "rdp_poisson"] = "rdp"
+) -> float:
+    """The smallest noise multiplier (within 0.1%) whose :func:`amplified_epsilon` over ``cohorts`` is at most ``target_epsilon``."""
+    if target_epsilon <= 0:
+        raise ValueError(f"a target epsilon must be positive, got {target_epsilon}")
+    lo, hi = 0.05, 1.0
+    while amplified_epsilon(cohorts, hi, delta, method) > target_epsilon:
+        lo, hi = hi, 2 * hi
+        if hi > 1e4:
+            raise ValueError(f"no noise multiplier up to 1e4 reaches epsilon {target_epsilon} over {len(cohorts)} cohorts")
+    while hi / lo > 1.001:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if amplified_epsilon(cohorts, mid, delta, method) > target_epsilon else (lo, mid)
+    return hi
 
 
 def clip_factor(norm: float, clip: float) -> float:

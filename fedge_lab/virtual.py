@@ -23,6 +23,7 @@ from compression.frame import SparseTensor
 from coordinator.downlink import next_version
 from coordinator.engine import Accepted, Engine, Step
 from coordinator.errors import Rejection
+from coordinator.privacy import DPConfig
 from coordinator.strategies import Strategy
 from coordinator.strategy import StrategyConfig
 from edge_agent.config import TrainConfig
@@ -116,7 +117,8 @@ class SimCoordinator:
     """The coordinator of an in-process run: the engine, the downlink and its residual, and
     the global states of the versions a device may still report on (staler ones are dropped).
 
-    ``downlink=None`` applies each step uncompressed (fp32)."""
+    ``downlink=None`` applies each step uncompressed (fp32). ``dp`` runs the engine's central DP
+    (DP-FedBuff: each update clipped, the buffer's mean noised), seeded by ``dp.seed``."""
 
     def __init__(
         self,
@@ -125,9 +127,10 @@ class SimCoordinator:
         downlink: CodecConfig | None,
         *,
         strategy: Strategy | None = None,
+        dp: DPConfig | None = None,
     ) -> None:
         self.cfg = cfg
-        self.engine = Engine(cfg, shapes={k: tuple(v.shape) for k, v in v0.items()}, strategy=strategy)
+        self.engine = Engine(cfg, shapes={k: tuple(v.shape) for k, v in v0.items()}, strategy=strategy, dp=dp)
         self.downlink = downlink
         self.feedback = ErrorFeedback()
         self.states: dict[int, dict[str, np.ndarray]] = {0: {k: v.copy() for k, v in v0.items()}}
