@@ -35,12 +35,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compression.protocol import CohortInvite, SecAggParams
+from coordinator.cohort_privacy import cohort_epsilon, over_budget, recorded_sampling, sampling_pool
 from coordinator.errors import Rejection, StoreError
 
 if TYPE_CHECKING:
     from coordinator.config import CoordinatorConfig
+    from coordinator.engine import Engine
     from coordinator.metrics import Metrics
-    from coordinator.secure import SecureCohort, SecureRounds
+    from coordinator.privacy import DPConfig
+    from coordinator.secure import SecureRounds
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +171,21 @@ class Cohorts:
     enabled = True
 
     def __init__(
-        self, cfg: CohortConfig, db: sqlite3.Connection, size: int, now: float = float("-inf"), secure: SecureRounds | None = None
+        self,
+        cfg: CohortConfig,
+        db: sqlite3.Connection,
+        size: int,
+        now: float = float("-inf"),
+        secure: SecureRounds | None = None,
+        dp: DPConfig | None = None,
     ) -> None:
         self.cfg = cfg
         self.db = db
+        self.dp = dp if dp is not None and dp.enabled else None
+        """Central DP: the cohorts' sampling is what its ε is amplified by, and its budget stops them."""
+        self.sampled = recorded_sampling(db)
+        """``(eligible, size)`` of every cohort opened, the eligible count rounded down (:func:`sampling_pool`)."""
+        self.budget_spent = False
         self.secure = secure
         """The secure-aggregation rounds, when every cohort is securely aggregated."""
         # A securely aggregated cohort's rounds lived in the memory of the process that opened it:
@@ -207,7 +221,14 @@ class Cohorts:
 
     def status(self) -> dict[str, object]:
         """What the coordinator's status says of its cohorts."""
-        return {"cohorts_opened": self.planner.number, "cohorts_in_flight": self.in_flight, "cohort_dropouts": self.dropouts}
+        out: dict[str, object] = {
+            "cohorts_opened": self.planner.number,
+            "cohorts_in_flight": self.in_flight,
+            "cohort_dropouts": self.dropouts,
+        }
+        if self.budget_spent:
+            out["cohorts_stopped"] = "privacy budget spent"
+        return out
 
     def check(self, device: str, cohort: str) -> None:
         self.planner.check(device, cohort)
@@ -235,6 +256,9 @@ class Cohorts:
         opened = []
         eligible = set(eligible)
         while (cohort := self.planner.plan(now, eligible, version)) is not None:
+            if self._over_budget(cohort):
+                break
+            self.sampled.append(sampling_pool(cohort.eligible, len(cohort.members)))
             self.db.execute(
                 "INSERT INTO cohorts (cohort, number, version, created, deadline, eligible, seed, members, secure) "
                 "VALUES (?,?,?,?,?,?,?,?,?)",
@@ -285,14 +309,27 @@ class Cohorts:
             publish(invitations(cohort, self.secure.params(cohort, now) if self.secure is not None else None))
         self.report()
 
-    def restore(self, in_flight: dict[str, tuple[str, float]], number: int, last_opened: float, dropouts: int) -> None:
+    def restore(self, in_flight: dict[str, tuple[str, float]], number: int, last_opened: float, dropouts: int, sampled: int) -> None:
         """Undo what a rolled-back transaction did to the planner."""
         p = self.planner
         p.in_flight, p.number, p.last_opened, self.dropouts = dict(in_flight), number, last_opened, dropouts
+        del self.sampled[sampled:]
 
-    def mark(self) -> tuple[dict[str, tuple[str, float]], int, float, int]:
+    def mark(self) -> tuple[dict[str, tuple[str, float]], int, float, int, int]:
         p = self.planner
-        return dict(p.in_flight), p.number, p.last_opened, self.dropouts
+        return dict(p.in_flight), p.number, p.last_opened, self.dropouts, len(self.sampled)
+
+    def epsilon(self, extra: Cohort | None = None) -> float:
+        """ε of any device so far under central DP, amplified by the cohorts' sampling (with ``extra``, were it opened)."""
+        return cohort_epsilon(self.dp, self.sampled, extra)
+
+    def _over_budget(self, cohort: Cohort) -> bool:
+        if not over_budget(self.dp, self.sampled, cohort):
+            return False
+        if not self.budget_spent:
+            log.warning("no more cohorts: one more would take the fleet's epsilon past its privacy budget")
+        self.budget_spent = True
+        return True
 
     def open_invitations(self) -> list[CohortInvite]:
         """Every invitation still open, to send again after a restart (devices act on each once)."""
@@ -301,21 +338,6 @@ class Cohorts:
             "WHERE m.state = 'invited' AND c.secure = 0 ORDER BY c.number, m.device"
         ).fetchall()
         return [CohortInvite(r[0], r[1], int(r[2]), float(r[3]), float(r[4])) for r in rows]
-
-    def settle(self, sc: SecureCohort, now: float) -> None:
-        """A securely aggregated cohort's rounds are over (in the caller's transaction): its
-        survivors reported, every other member still in flight is a dropout."""
-        survivors = set(sc.survivors)
-        for device in sc.cohort.members:
-            state = "reported" if device in survivors else "dropped"
-            cur = self.db.execute(
-                "UPDATE cohort_members SET state=?, ts=? WHERE cohort=? AND device=? AND state='invited'", (state, now, sc.id, device)
-            )
-            if cur.rowcount and state == "dropped":
-                self.dropouts += 1
-            if self.planner.in_flight.get(device, ("",))[0] == sc.id:
-                del self.planner.in_flight[device]
-        self.report()
 
 
 class NoCohorts:
@@ -343,25 +365,29 @@ class NoCohorts:
     def open_invitations(self) -> list[CohortInvite]:
         return []
 
-    def settle(self, *args: Any) -> None:
-        return None
-
     def status(self) -> dict[str, object]:
         return {}
 
 
 def open_cohorts(
-    cfg: CoordinatorConfig, db: sqlite3.Connection, metrics: Metrics | None = None, secure: SecureRounds | None = None
+    cfg: CoordinatorConfig,
+    db: sqlite3.Connection,
+    metrics: Metrics | None = None,
+    secure: SecureRounds | None = None,
+    engine: Engine | None = None,
 ) -> Cohorts | NoCohorts:
     """The fleet's cohorts (:class:`NoCohorts` when it does not train in cohorts), reporting to
-    ``metrics``; with ``secure``, every cohort is securely aggregated."""
+    ``metrics``; with ``secure``, every cohort is securely aggregated. Under central DP, the
+    ``engine`` accounts ε with amplification by the cohorts' sampling."""
     if not cfg.cohorts.enabled:
         return NoCohorts()
     s = cfg.strategy
     size = cohort_size(cfg.cohorts, s.kind, s.buffer_size, s.round_participants)
-    cohorts = Cohorts(cfg.cohorts, db, size, now=time.time(), secure=secure)
+    cohorts = Cohorts(cfg.cohorts, db, size, now=time.time(), secure=secure, dp=cfg.dp)
     cohorts.metrics = metrics
     cohorts.report()
+    if engine is not None and cfg.dp.enabled:
+        engine.amplified = cohorts.epsilon
     return cohorts
 
 

@@ -178,6 +178,11 @@ class CoordinatorConfig:
         if self.dp.enabled and self.strategy.robust.rule != "none":
             raise ConfigError("dp.enabled replaces robust aggregation (clipping is the bound); set strategy.robust.rule = 'none'")
         s, c = self.strategy, self.cohorts
+        if c.enabled and self.dp.enabled and (c.size or s.buffer_size) != s.buffer_size:
+            raise ConfigError(
+                f"dp.enabled with cohorts needs cohorts.size = strategy.buffer_size ({s.buffer_size}), or 0: each cohort's "
+                f"updates are one DP buffer, which is what the amplification by sampling is claimed for; got {c.size}"
+            )
         if c.enabled and s.kind == "fedavg" and not 1 <= s.round_participants <= c.concurrency:
             raise ConfigError(
                 "cohorts with strategy.kind = 'fedavg' need strategy.round_participants in 1..cohorts.concurrency "

@@ -20,7 +20,7 @@ failed later in the shell.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +93,7 @@ class Engine:
         participations: Mapping[str, int] | None = None,
         now: float = 0.0,
         dp_rng: np.random.Generator | None = None,
+        amplified: Callable[[], float] | None = None,
     ) -> None:
         self.cfg = cfg
         self.strategy = strategy if strategy is not None else load_strategy(cfg)
@@ -105,6 +106,9 @@ class Engine:
         self.started = now
         self.online_at_start = 0
         self._dp_rng = dp_rng if dp_rng is not None else np.random.default_rng(self.dp.seed)
+        self.amplified = amplified
+        """Under cohorts, the ε with amplification by their sampling (the same bound for every
+        device: each could have been sampled in every cohort); None counts participations."""
 
     # -- admission -------------------------------------------------------------------
 
@@ -122,9 +126,13 @@ class Engine:
 
     def device_epsilon(self, device: str, extra: int = 0) -> float:
         """RDP: microseconds per call, and never below PLD, so enforcing a budget with it cannot overspend."""
+        if self.amplified is not None:
+            return self.amplified()  # the cohort of this device's update is already counted
         return epsilon(self.participations.get(device, 0) + extra, self.dp.noise_multiplier, self.dp.delta, "rdp")
 
     def fleet_epsilon(self) -> float:
+        if self.dp.enabled and self.amplified is not None:
+            return self.amplified()
         if not self.dp.enabled or not self.participations:
             return 0.0
         return epsilon(max(self.participations.values()), self.dp.noise_multiplier, self.dp.delta, "rdp")

@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from compression import FrameKind, compress_dense, decode_frame
+from coordinator.cohorts import Cohorts, NoCohorts
 from coordinator.errors import Rejection
 from coordinator.intake import accepted
 from coordinator.secure import SecureCohort, SecureRounds
@@ -56,7 +57,7 @@ def apply_cohort(svc: CoordinatorService, sc: SecureCohort) -> None:
     mark = svc._mark()
     try:
         with svc.store.batch():
-            svc.cohorts.settle(sc, time.time())
+            settle(svc.cohorts, sc, time.time())
             if sc.total is None:
                 svc.outcomes.reject(None, Rejection("secagg", f"cohort {sc.id} failed: {sc.failed}"))
             else:
@@ -68,6 +69,23 @@ def apply_cohort(svc: CoordinatorService, sc: SecureCohort) -> None:
         log.error("storage error while applying cohort %s; retrying: %s", sc.id, exc)
         return
     svc._after_commit()
+
+
+def settle(cohorts: Cohorts | NoCohorts, sc: SecureCohort, now: float) -> None:
+    """The cohort's rounds are over (in the caller's transaction): its survivors reported, every
+    other member still in flight a dropout, and their slots free."""
+    assert isinstance(cohorts, Cohorts), "secure aggregation runs over cohorts"
+    survivors = set(sc.survivors)
+    for device in sc.cohort.members:
+        state = "reported" if device in survivors else "dropped"
+        cur = cohorts.db.execute(
+            "UPDATE cohort_members SET state=?, ts=? WHERE cohort=? AND device=? AND state='invited'", (state, now, sc.id, device)
+        )
+        if cur.rowcount and state == "dropped":
+            cohorts.dropouts += 1
+        if cohorts.planner.in_flight.get(device, ("",))[0] == sc.id:
+            del cohorts.planner.in_flight[device]
+    cohorts.report()
 
 
 def _offer(svc: CoordinatorService, sc: SecureCohort) -> None:

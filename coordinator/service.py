@@ -105,10 +105,12 @@ class CoordinatorService:
         self.intake = Intake(cfg, self.store, self.influence)
         self.presence = Presence(self.store)
         if cfg.dp.enabled:
-            self.store.set_meta("dp", json.dumps({"noise_multiplier": cfg.dp.noise_multiplier, "delta": cfg.dp.delta}))
+            self.store.set_meta(
+                "dp", json.dumps({"noise_multiplier": cfg.dp.noise_multiplier, "delta": cfg.dp.delta, "amplified": cfg.cohorts.enabled})
+            )
         self.metrics = Metrics(cfg.fleet)
         self.secure = open_secure(self)
-        self.cohorts = open_cohorts(cfg, self.store.db, self.metrics, self.secure)
+        self.cohorts = open_cohorts(cfg, self.store.db, self.metrics, self.secure, self.engine)
         self.outcomes = Outcomes(self.store, self.metrics, self.intake.ackable)
         self.metrics.version.set(self.version)
         self.metrics.buffered.set(len(self.buffer))

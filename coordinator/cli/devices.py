@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from coordinator.privacy import epsilon
+from coordinator.cli.status import fleet_epsilon
 from coordinator.store import Store
 
 
@@ -52,7 +52,7 @@ def device_rows(state_dir: str | Path) -> list[dict[str, Any]]:
                     "eval_loss": d["eval_loss"],
                     "rss_mb": m.get("rss_mb"),
                     "dp_participations": participations.get(d["device"], 0) if dp else None,
-                    "dp_epsilon": epsilon(participations.get(d["device"], 0), dp["noise_multiplier"], dp["delta"]) if dp else None,
+                    "dp_epsilon": fleet_epsilon(store, dp, participations.get(d["device"], 0)) if dp else None,
                 }
             )
         return rows

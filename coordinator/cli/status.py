@@ -8,7 +8,8 @@ import time
 from typing import Any
 
 from coordinator.cli.common import add_state_args, state_dir
-from coordinator.privacy import epsilon
+from coordinator.cohort_privacy import recorded_sampling
+from coordinator.privacy import amplified_epsilon, epsilon
 from coordinator.store import Store
 
 
@@ -33,7 +34,7 @@ def collect(path: str) -> dict[str, Any]:
         if dp:
             parts = store.participations()
             worst = max(parts.values(), default=0)
-            dp = {**dp, "epsilon_max": epsilon(worst, dp["noise_multiplier"], dp["delta"]), "max_participations": worst}
+            dp = {**dp, "epsilon_max": fleet_epsilon(store, dp, worst), "max_participations": worst}
         return {
             "dp": dp,
             "cohorts": _cohorts(store, now),
@@ -51,6 +52,14 @@ def collect(path: str) -> dict[str, Any]:
         }
     finally:
         store.close()
+
+
+def fleet_epsilon(store: Store, dp: dict[str, Any], participations: int) -> float:
+    """The ε of the fleet's most exposed device: amplified by the recorded cohorts' sampling when the
+    fleet trains in cohorts (the same bound for every device), else from its participations."""
+    if dp.get("amplified"):
+        return amplified_epsilon(recorded_sampling(store.db), dp["noise_multiplier"], dp["delta"])
+    return epsilon(participations, dp["noise_multiplier"], dp["delta"])
 
 
 def _cohorts(store: Store, now: float) -> dict[str, Any] | None:
@@ -88,10 +97,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"devices: {doc['devices_online']} online of {doc['devices']}")
     if doc["dp"]:
         dp = doc["dp"]
-        print(
-            f"central DP: epsilon {dp['epsilon_max']:.3g} at delta {dp['delta']:g} for the most-participating device "
-            f"({dp['max_participations']} buffers, noise multiplier {dp['noise_multiplier']:g}, no sampling amplification)"
-        )
+        if dp.get("amplified"):
+            how = f"any device, amplified by the sampling of the cohorts recorded; noise multiplier {dp['noise_multiplier']:g}"
+        else:
+            z = dp["noise_multiplier"]
+            how = f"the most-participating device, {dp['max_participations']} buffers, noise multiplier {z:g}, no amplification"
+        print(f"central DP: epsilon {dp['epsilon_max']:.3g} at delta {dp['delta']:g} ({how})")
     if doc["cohorts"]:
         c = doc["cohorts"]
         last = c["last"]

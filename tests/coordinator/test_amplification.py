@@ -45,3 +45,49 @@ def test_the_noise_is_calibrated_to_the_target() -> None:
     cohorts = [(1000, 100)] * 30
     z = calibrate_noise(cohorts, 4.0, 1e-4)
     assert amplified_epsilon(cohorts, z, 1e-4) <= 4.0 < amplified_epsilon(cohorts, z / 1.01, 1e-4)
+
+
+def test_the_coordinators_epsilon_comes_from_its_recorded_cohorts_and_the_budget_stops_them() -> None:
+    import sqlite3
+
+    from coordinator.cohort_privacy import recorded_sampling, sampling_pool
+    from coordinator.cohorts import CohortConfig, Cohorts
+    from coordinator.engine import Engine
+    from coordinator.privacy import DPConfig
+    from coordinator.schema import create_or_migrate
+    from coordinator.strategy import StrategyConfig
+
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    create_or_migrate(db)
+    dp = DPConfig(enabled=True, clip=1.0, noise_multiplier=0.8, delta=1e-4, epsilon_budget=3.0)
+    cohorts = Cohorts(CohortConfig(enabled=True, concurrency=10, size=10, deadline_s=5.0, fill_wait_s=0.0), db, 10, dp=dp)
+    devices = [f"d{i:03d}" for i in range(137)]
+    opened = 0
+    for t in range(200):  # each cohort expires before the next turn, so its members are eligible again
+        opened += len(cohorts.open_next(10.0 * t, devices, 0))
+        if cohorts.budget_spent:
+            break
+    assert cohorts.budget_spent and cohorts.status()["cohorts_stopped"] == "privacy budget spent"
+    assert recorded_sampling(db) == cohorts.sampled and len(cohorts.sampled) == opened
+    eligible = {e for e, _ in cohorts.sampled}
+    assert eligible <= {130, 137 - 10} | {120} and all(s == 10 for _, s in cohorts.sampled)  # 137 rounds down to 130
+    spent = amplified_epsilon(cohorts.sampled, 0.8, 1e-4)
+    assert cohorts.epsilon() == spent <= 3.0 < amplified_epsilon(cohorts.sampled + [(130, 10)], 0.8, 1e-4)
+    engine = Engine(StrategyConfig(kind="fedbuff", buffer_size=10), shapes={"a": (4,)}, dp=dp, amplified=cohorts.epsilon)
+    assert engine.fleet_epsilon() == spent == engine.device_epsilon("d001", extra=1)
+    assert sampling_pool(987, 100) == (980, 100) and sampling_pool(105, 104) == (104, 104) and sampling_pool(42, 5) == (42, 5)
+    assert sampling_pool(12345, 10) == (12000, 10)
+
+
+def test_dp_with_cohorts_needs_each_cohort_to_be_one_buffer() -> None:
+    from coordinator.cohorts import CohortConfig
+    from coordinator.config import CoordinatorConfig
+    from coordinator.errors import ConfigError
+    from coordinator.privacy import DPConfig
+    from coordinator.strategy import StrategyConfig
+
+    dp, fedbuff = DPConfig(enabled=True), StrategyConfig(kind="fedbuff", buffer_size=10)
+    CoordinatorConfig(state_dir="s", strategy=fedbuff, dp=dp, cohorts=CohortConfig(enabled=True, concurrency=20))
+    CoordinatorConfig(state_dir="s", strategy=fedbuff, dp=dp, cohorts=CohortConfig(enabled=True, concurrency=20, size=10))
+    with pytest.raises(ConfigError, match="cohorts.size = strategy.buffer_size"):
+        CoordinatorConfig(state_dir="s", strategy=fedbuff, dp=dp, cohorts=CohortConfig(enabled=True, concurrency=20, size=5))
