@@ -495,6 +495,10 @@ class SecAggParams:
     """Coordinates every member sends: ``shared_indices(seed, trainable size, k)``."""
     seed: str
     """The cohort's 32-byte seed (hex) that picks the shared coordinates."""
+    l2_clip: float = 0.0
+    """Distributed DP: the L2 bound of the values a member sends (0: none)."""
+    mu: float = 0.0
+    """Distributed DP: each member adds Skellam(mu) noise to every quantized value (0: none)."""
 
     def to_obj(self) -> dict[str, Any]:
         return asdict(self)
@@ -516,7 +520,16 @@ class SecAggParams:
             bits=_int(obj, "bits", what, 2, 31),
             k=_int(obj, "k", what, 1, 1 << 26),
             seed=_hex64(obj, "seed", what),
+            l2_clip=_nonnegative(obj, "l2_clip", what, 1e6),
+            mu=_nonnegative(obj, "mu", what, 2.0**60),
         )
+
+
+def _nonnegative(obj: dict[str, Any], key: str, what: str, hi: float) -> float:
+    v = _float(obj, key, what) or 0.0
+    if not 0.0 <= v <= hi:
+        raise ProtocolError(f"{what}: {key!r} must be in [0, {hi:g}], got {v}")
+    return v
 
 
 @dataclass(frozen=True)

@@ -148,6 +148,9 @@ class Quantizer:
     clip: float
     cohort: int
     bits: int = 0
+    noise_sigma: float = 0.0
+    """Standard deviation (integer units) of the noise all ``cohort`` members add to the sum at
+    most (distributed DP): the ring also holds 12 of it, so that the noised sum cannot wrap either."""
 
     def __post_init__(self) -> None:
         if not (self.clip > 0 and np.isfinite(self.clip)):
@@ -157,6 +160,11 @@ class Quantizer:
         if self.bits and not 2 <= self.bits <= 32 - self._growth:
             raise SecAggError(
                 f"{self.bits}-bit values do not fit a 32-bit ring for a cohort of {self.cohort} (at most {32 - self._growth})"
+            )
+        if not (0.0 <= self.noise_sigma < 2.0**40 and np.isfinite(self.noise_sigma)) or self.ring_bits > 32:
+            raise SecAggError(
+                f"{self.value_bits}-bit values for a cohort of {self.cohort} with noise of standard deviation {self.noise_sigma:.3g} "
+                "do not fit a 32-bit ring: use fewer bits"
             )
 
     @property
@@ -169,7 +177,11 @@ class Quantizer:
 
     @property
     def ring_bits(self) -> int:
-        return self.value_bits + self._growth
+        need = self.value_bits + self._growth
+        if self.noise_sigma > 0:
+            peak = self.cohort * ((1 << (self.value_bits - 1)) - 1) + 12.0 * self.noise_sigma
+            need = max(need, int(np.ceil(np.log2(peak + 1.0))) + 1)
+        return need
 
     @property
     def scale(self) -> float:
@@ -190,6 +202,15 @@ class Quantizer:
         t = np.asarray(total, dtype=np.uint32).astype(np.int64) & ((1 << r) - 1)
         t = np.where(t >= 1 << (r - 1), t - (1 << r), t)  # sign-extend from r bits
         return t.astype(np.float64) / self.scale
+
+
+def skellam(mu: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` draws of Skellam noise (Poisson(mu) - Poisson(mu): integer, symmetric, variance
+    ``2 mu``), as uint32 (two's complement). Sums of Skellam noise are Skellam, so the members'
+    shares add up to the cohort's noise exactly (Agarwal et al., 2021)."""
+    if not (0.0 <= mu < 2.0**60 and np.isfinite(mu)) or not 0 <= n <= MAX_VECTOR:
+        raise SecAggError(f"Skellam noise of mu {mu} over {n} values is out of bounds")
+    return (rng.poisson(mu, n) - rng.poisson(mu, n)).astype(np.int64).astype(np.uint32)
 
 
 def ring_mask(r: int) -> np.uint32:

@@ -18,10 +18,13 @@ A message out of turn raises :class:`~compression.secagg.SecAggError` and change
 
 from __future__ import annotations
 
+import math
+import secrets
+
 import numpy as np
 
 from compression.protocol import CohortInvite, SecAggParams
-from compression.secagg import MaskingClient, Quantizer, SecAggError, pack, shared_indices
+from compression.secagg import MaskingClient, Quantizer, SecAggError, pack, shared_indices, skellam
 from compression.secagg_wire import (
     SecAggMessage,
     keys_up,
@@ -45,7 +48,7 @@ class DeviceSession:
         self.cohort = invite.cohort
         self.device = invite.device
         self.client = MaskingClient(invite.cohort.encode(), p.position, p.n, p.t)
-        self.quantizer = Quantizer(p.clip, p.n, p.bits)
+        self.quantizer = Quantizer(p.clip, p.n, p.bits, noise_sigma=math.sqrt(2.0 * p.mu * p.n))
         self.phase = "keys"
         """keys, then shares, ready (shares received), masked (input sent), done, or refused."""
         self._pending: np.ndarray | None = None
@@ -86,18 +89,30 @@ class DeviceSession:
             return reveal_up(self.cohort, self.device, reveal)
         raise SecAggError(f"cohort {self.cohort}: a {msg.kind!r} message does not fit the {self.phase!r} phase")
 
-    def submit(self, flat: np.ndarray, rng: np.random.Generator) -> tuple[SecAggMessage | None, np.ndarray]:
+    def submit(
+        self, flat: np.ndarray, rng: np.random.Generator, noise_rng: np.random.Generator | None = None
+    ) -> tuple[SecAggMessage | None, np.ndarray]:
         """Take the trained update ``flat`` (float, the whole trainable vector, residual added):
         the masked message if the shares are in (else it goes when they arrive), and the new
         residual (what was not sent: everything outside the shared coordinates, and the
-        quantization error inside them)."""
+        clipping and quantization error inside them). Under distributed DP the sent values are
+        clipped to ``l2_clip`` in L2, and Skellam noise from ``noise_rng`` (by default seeded
+        from the OS, so that nobody else can predict it) is added to them; the noise never
+        enters the residual."""
         if self._pending is not None or self.phase in ("masked", "done", "refused"):
             raise SecAggError(f"cohort {self.cohort}: this device already submitted its update")
         flat = np.asarray(flat, dtype=np.float64).reshape(-1)
         idx = self.indices(flat.size)
-        enc = self.quantizer.encode(flat[idx], rng)
+        sent = flat[idx]
+        p = self.params
+        if p.l2_clip > 0:
+            sent = sent * min(1.0, p.l2_clip / max(float(np.linalg.norm(sent)), 1e-30))
+        enc = self.quantizer.encode(sent, rng)
         residual = flat.copy()
         residual[idx] -= enc.view(np.int32) / self.quantizer.scale
+        if p.mu > 0:
+            noise_rng = noise_rng if noise_rng is not None else np.random.default_rng(secrets.randbits(128))
+            enc = enc + skellam(p.mu, enc.size, noise_rng)
         self._pending = enc
         return self._masked(), residual
 

@@ -226,6 +226,8 @@ class Cohorts:
             "cohorts_in_flight": self.in_flight,
             "cohort_dropouts": self.dropouts,
         }
+        if self.dp is not None:
+            out["cohort_epsilon"] = round(self.epsilon(), 4)
         if self.budget_spent:
             out["cohorts_stopped"] = "privacy budget spent"
         return out
@@ -383,7 +385,8 @@ def open_cohorts(
         return NoCohorts()
     s = cfg.strategy
     size = cohort_size(cfg.cohorts, s.kind, s.buffer_size, s.round_participants)
-    cohorts = Cohorts(cfg.cohorts, db, size, now=time.time(), secure=secure, dp=cfg.dp)
+    dp = cfg.dp if cfg.dp.enabled else cfg.secagg.dp if cfg.secagg.enabled else None  # central, or distributed in secure aggregation
+    cohorts = Cohorts(cfg.cohorts, db, size, now=time.time(), secure=secure, dp=dp)
     cohorts.metrics = metrics
     cohorts.report()
     if engine is not None and cfg.dp.enabled:

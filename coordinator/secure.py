@@ -52,6 +52,7 @@ from compression.secagg_wire import (
 )
 from coordinator.cohorts import Cohort
 from coordinator.errors import Rejection
+from coordinator.privacy import DPConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,15 @@ class SecureConfig:
     """Shared coordinates (rand-k from the cohort's seed), as a fraction of the trainable values."""
     round_s: float = 30.0
     """How long the keys, shares and unmask rounds each wait for members that have not answered."""
+    noise_multiplier: float = 0.0
+    """Distributed DP (0: off): the members' Skellam noise adds up, over at least ``t`` survivors, to
+    a standard deviation of ``noise_multiplier`` times the sum's L2 sensitivity (``docs/privacy.md``)."""
+    l2_clip: float = 0.0
+    """Distributed DP: each member's sent values are clipped to this L2 norm (needed with noise)."""
+    delta: float = 1e-5
+    """Distributed DP: the δ its ε is reported at."""
+    epsilon_budget: float = 0.0
+    """Distributed DP: no cohort opens that would take ε past this (0: no budget)."""
 
     def __post_init__(self) -> None:
         if not 0.5 < self.threshold <= 1.0:
@@ -86,6 +96,33 @@ class SecureConfig:
             raise ValueError(f"secagg.fraction must be in (0, 1], got {self.fraction}")
         if not 1.0 <= self.round_s <= 3600.0:
             raise ValueError(f"secagg.round_s must be in 1..3600 seconds, got {self.round_s}")
+        if not 0.0 <= self.noise_multiplier <= 100.0 or (self.noise_multiplier > 0 and not 0 < self.l2_clip <= self.clip * 1e3):
+            raise ValueError("secagg.noise_multiplier must be in 0..100, and with noise secagg.l2_clip must be positive")
+        if not 0.0 < self.delta < 1.0 or self.epsilon_budget < 0:
+            raise ValueError("secagg.delta must be in (0, 1) and secagg.epsilon_budget non-negative")
+
+    @property
+    def dp(self) -> DPConfig | None:
+        """Distributed DP as the accountant sees it (None when off)."""
+        if self.noise_multiplier <= 0:
+            return None
+        return DPConfig(
+            enabled=True, clip=self.l2_clip, noise_multiplier=self.noise_multiplier, delta=self.delta, epsilon_budget=self.epsilon_budget
+        )
+
+
+def sensitivity(cfg: SecureConfig, n: int, k: int) -> float:
+    """The L2 sensitivity of the cohort's integer sum to one member: its clipped values scaled
+    to integers, plus at most 1 per coordinate from the stochastic rounding."""
+    return cfg.l2_clip * Quantizer(cfg.clip, n, cfg.bits).scale + math.sqrt(k)
+
+
+def skellam_share(cfg: SecureConfig, n: int, t: int, k: int) -> float:
+    """Each member's Skellam parameter: the noise of any ``t`` survivors adds up to a variance of
+    ``(noise_multiplier * sensitivity)^2``. More survivors add more noise than that (at most
+    ``n / t`` times the variance); fewer than ``t`` unmask nothing."""
+    sigma = cfg.noise_multiplier * sensitivity(cfg, n, k)
+    return sigma * sigma / (2.0 * t)
 
 
 class SecureCohort:
@@ -102,7 +139,10 @@ class SecureCohort:
         self.t = max(2, min(n, math.ceil(cfg.threshold * n)))
         self.k = max(1, min(size, round(cfg.fraction * size)))
         self.size = size
-        self.quantizer = Quantizer(cfg.clip, n, cfg.bits)
+        self.mu = 0.0
+        if cfg.noise_multiplier > 0:
+            self.mu = skellam_share(cfg, n, self.t, self.k)
+        self.quantizer = Quantizer(cfg.clip, n, cfg.bits, noise_sigma=math.sqrt(2.0 * self.mu * n))
         self.phase = "keys"
         self.until = now + cfg.round_s
         self.keys: dict[int, Keys] = {}
@@ -133,7 +173,7 @@ class SecureCohort:
 
     def params(self, device: str) -> SecAggParams:
         q = self.quantizer
-        return SecAggParams(self.position[device], self.n, self.t, q.clip, q.value_bits, self.k, self.seed.hex())
+        return SecAggParams(self.position[device], self.n, self.t, q.clip, q.value_bits, self.k, self.seed.hex(), self.cfg.l2_clip, self.mu)
 
     # -- messages in --------------------------------------------------------------------
 

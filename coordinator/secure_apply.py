@@ -3,6 +3,7 @@ each cohort whose rounds are over, whole, in one transaction (:mod:`coordinator.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -24,6 +25,9 @@ def open_secure(svc: CoordinatorService) -> SecureRounds | None:
     cfg = svc.cfg
     if not cfg.secagg.enabled:
         return None
+    if (dp := cfg.secagg.dp) is not None:  # what status and devices account with
+        meta = {"noise_multiplier": dp.noise_multiplier, "delta": dp.delta, "amplified": True, "distributed": True}
+        svc.store.set_meta("dp", json.dumps(meta))
     return SecureRounds(
         cfg.secagg, cfg.fleet, svc.shapes, svc.store.identity, svc._signer, lambda t, p: svc.link.publish_secagg(t, p), cfg.cohorts.seed
     )

@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             z = dp["noise_multiplier"]
             how = f"the most-participating device, {dp['max_participations']} buffers, noise multiplier {z:g}, no amplification"
-        print(f"central DP: epsilon {dp['epsilon_max']:.3g} at delta {dp['delta']:g} ({how})")
+        kind = "distributed DP (inside secure aggregation)" if dp.get("distributed") else "central DP"
+        print(f"{kind}: epsilon {dp['epsilon_max']:.3g} at delta {dp['delta']:g} ({how})")
     if doc["cohorts"]:
         c = doc["cohorts"]
         last = c["last"]

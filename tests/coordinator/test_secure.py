@@ -258,3 +258,58 @@ def _no_transaction():  # type: ignore[no-untyped-def]
     from contextlib import nullcontext
 
     return nullcontext()
+
+
+def _noise_only(f: Fleet, members: list[str]) -> np.ndarray:
+    """Every member in ``members`` submits a zero update: the recovered sum is the noise alone."""
+    for d in members:
+        msg, _residual = f.sessions[d].submit(np.zeros(SIZE), np.random.default_rng(1), np.random.default_rng(hash(d) % 2**32))
+        f.up(d, msg)
+    return f.sc.ring_sum  # type: ignore[return-value]
+
+
+def _signed(ring: np.ndarray, r: int) -> np.ndarray:
+    v = ring.astype(np.int64) & ((1 << r) - 1)
+    return np.where(v >= 1 << (r - 1), v - (1 << r), v)
+
+
+@pytest.mark.parametrize("survivors", [10, 6])
+def test_the_distributed_noise_on_the_recovered_sum_has_the_target_variance(survivors: int) -> None:
+    """Each member adds Skellam noise scaled so that any t survivors carry the target variance
+    ``(z * sensitivity)^2``; with all n, n/t times it. Checked within sampling error: the sample
+    variance of k = 5000 draws has a relative standard deviation of sqrt(2/k) = 2%."""
+    from coordinator.secure import sensitivity
+
+    cfg = SecureConfig(round_s=10.0, fraction=1.0, bits=10, noise_multiplier=1.0, l2_clip=0.01, threshold=0.6)
+    f = Fleet(10, cfg)
+    assert f.sc.t == 6 and f.sc.mu > 0
+    gone = sorted(f.sessions)[survivors:]
+    f.offline |= set(gone)
+    f.start()
+    total = _noise_only(f, sorted(f.sessions)[:survivors]) if survivors == 10 else None
+    if total is None:
+        _noise_only(f, sorted(f.sessions)[:survivors])
+        f.tick(600.0 - 2 * cfg.round_s)
+        total = f.sc.ring_sum
+    assert total is not None and f.sc.u3 == list(range(1, survivors + 1))
+    noise = _signed(total, f.sc.quantizer.ring_bits).astype(np.float64)
+    target = (cfg.noise_multiplier * sensitivity(cfg, 10, f.sc.k)) ** 2
+    expected = target * survivors / f.sc.t
+    assert abs(noise.var() / expected - 1) < 4 * np.sqrt(2 / noise.size), (noise.var(), expected)
+    assert abs(noise.mean()) < 4 * np.sqrt(expected / noise.size)
+    # The ring holds the noised sum: nothing wrapped (12 standard deviations of headroom at n).
+    assert np.abs(noise).max() < 2 ** (f.sc.quantizer.ring_bits - 1) / 2
+
+
+def test_under_distributed_dp_a_member_clips_its_values_in_l2_and_keeps_the_noise_out_of_its_residual() -> None:
+    cfg = SecureConfig(round_s=10.0, fraction=1.0, bits=10, noise_multiplier=1.0, l2_clip=0.01)
+    f = Fleet(3, cfg)
+    f.start()
+    s = f.sessions["dev-00"]
+    x = np.full(SIZE, 0.001)  # L2 norm 0.0707: clipped to 0.01
+    _msg, residual = s.submit(x, np.random.default_rng(0), np.random.default_rng(1))
+    sent = x - residual
+    # Clipped to 0.01 before rounding; the rounding moves each value by less than one step, which
+    # is what the sensitivity bound adds (sqrt(k) steps).
+    assert 0.009 < np.linalg.norm(sent) <= 0.01 + np.sqrt(SIZE) / s.quantizer.scale
+    assert np.abs(sent).max() < 0.001  # what was clipped off stays in the residual, and no noise is in it
