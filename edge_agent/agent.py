@@ -29,7 +29,7 @@ from edge_agent.data import LocalData, build_blocks, read_texts
 from edge_agent.errors import ConfigError
 from edge_agent.memory import release_free_memory
 from edge_agent.outbox import Outbox
-from edge_agent.privacy import local_epsilon, privatize
+from edge_agent.privacy import dpsgd_epsilon, local_epsilon, privatize
 from edge_agent.schedule import blocked_reason
 from edge_agent.sdnotify import Notifier
 from edge_agent.secure import SecureCohorts
@@ -253,9 +253,12 @@ class Agent:
             self.notifier.alive()
             return self.stop_event.is_set()
 
-        result = train_round(self._model, self._data, self.cfg.train, self._rng, should_stop=should_stop)
+        sgd = self.cfg.privacy.sgd
+        result = train_round(self._model, self._data, self.cfg.train, self._rng, should_stop=should_stop, dp_sgd=sgd)
         if result.steps == 0:
             return
+        if sgd.enabled:
+            self.state.count_dpsgd(result.steps)  # counted before anything trained with them leaves
         delta = model_lib.round_delta(self._model, g.tensors, self.cfg.train.tier)
         held = self.invitations.held
         if held is not None and held.invite.secagg is not None and self._in_cohorts():
@@ -490,6 +493,10 @@ class Agent:
             **c.extra,
         }
         p = self.cfg.privacy
+        if p.sgd.enabled and self._data is not None:
+            s, n = p.sgd, len(self._data.train)
+            metrics["dpsgd_steps"] = self.state.dpsgd_steps
+            metrics["dpsgd_epsilon"] = dpsgd_epsilon(self.state.dpsgd_steps, n, self.cfg.train.batch_size, s.noise_multiplier, s.delta)
         if p.mechanism != "none":
             metrics["local_dp_rounds"] = self.state.dp_rounds
             metrics["local_epsilon"] = local_epsilon(self.state.dp_rounds, p.mechanism, p.noise_multiplier, p.epsilon_per_round, p.delta)

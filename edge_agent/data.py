@@ -31,10 +31,14 @@ class LocalData:
     heldout: np.ndarray
     num_files: int
 
-    def batches(self, rng: np.random.Generator, batch_size: int, steps: int) -> list[np.ndarray]:
-        """``steps`` random batches drawn from the train split."""
-        idx = rng.integers(0, len(self.train), size=(steps, batch_size))
-        return [self.train[row] for row in idx]
+    def batches(self, rng: np.random.Generator, batch_size: int, steps: int, replace: bool = True) -> list[np.ndarray]:
+        """``steps`` random batches drawn from the train split; with ``replace=False`` each batch
+        is ``batch_size`` distinct blocks drawn uniformly (all of them, if there are fewer)."""
+        if replace:
+            idx = rng.integers(0, len(self.train), size=(steps, batch_size))
+            return [self.train[row] for row in idx]
+        k = min(batch_size, len(self.train))
+        return [self.train[np.sort(rng.choice(len(self.train), size=k, replace=False))] for _ in range(steps)]
 
 
 def read_texts(data_dir: str | Path) -> list[str]:

@@ -18,12 +18,31 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
 from edge_agent.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DPSGDConfig:
+    """Record-level DP-SGD on the device (``[privacy.sgd]``): each example's gradient is clipped
+    to ``clip`` in L2, the batch's sum gets ``N(0, (noise_multiplier * clip)^2)`` on every
+    trainable coordinate, and batches are drawn uniformly without replacement, a fixed size,
+    independently each step. The device accounts its steps (dp-accounting's RDP accountant for
+    that sampling, substitution of one example) and reports ``dpsgd_epsilon`` in its heartbeat."""
+
+    enabled: bool = False
+    clip: float = 1.0
+    """The L2 bound of one example's gradient (over every trainable tensor)."""
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.clip <= 0 or self.noise_multiplier < 0 or not 0.0 < self.delta < 1.0:
+            raise ConfigError("privacy.sgd.clip must be positive, noise_multiplier non-negative, delta in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -37,6 +56,8 @@ class LocalDPConfig:
     """Laplace: ε of one round."""
     delta: float = 1e-5
     """δ at which ε is reported."""
+    sgd: DPSGDConfig = field(default_factory=DPSGDConfig)
+    """Record-level DP-SGD (``[privacy.sgd]``), independent of the update-level mechanism above."""
 
     def __post_init__(self) -> None:
         if self.mechanism not in ("none", "gaussian", "laplace"):
@@ -84,3 +105,26 @@ def local_epsilon(rounds: int, mechanism: str, noise_multiplier: float, epsilon_
     pld = pld_privacy_accountant.PLDAccountant()
     pld.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.LaplaceDpEvent(1.0 / epsilon_per_round), rounds))
     return min(float(pld.get_epsilon(delta)), rounds * epsilon_per_round)
+
+
+@functools.lru_cache(maxsize=1024)
+def dpsgd_epsilon(steps: int, examples: int, batch_size: int, noise_multiplier: float, delta: float) -> float:
+    """Sample-level ε after ``steps`` DP-SGD steps, each a batch of ``batch_size`` drawn uniformly
+    without replacement from ``examples``: dp-accounting's RDP accountant for that sampling
+    (substitution of one example), with amplification by it."""
+    if steps <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    import logging
+
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    event = dp_accounting.SampledWithoutReplacementDpEvent(
+        examples, min(batch_size, examples), dp_accounting.GaussianDpEvent(noise_multiplier)
+    )
+    acc.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+    return float(acc.get_epsilon(delta))

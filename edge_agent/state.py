@@ -133,11 +133,13 @@ class AgentState:
         self._meta_path = self.root / "state.json"
         self.seq = 0
         self.dp_rounds = 0
+        self.dpsgd_steps = 0
         if self._meta_path.exists():
             try:
                 meta = json.loads(self._meta_path.read_text())
                 self.seq = int(meta["seq"])
                 self.dp_rounds = int(meta.get("dp_rounds", 0))
+                self.dpsgd_steps = int(meta.get("dpsgd_steps", 0))
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise StateError(f"{self._meta_path} is corrupt ({exc}); move it away to start over") from None
         if readonly:
@@ -178,8 +180,18 @@ class AgentState:
         self._writable()
         self.seq += 1
         self.dp_rounds += int(dp_round)
-        atomic_write(self._meta_path, json.dumps({"seq": self.seq, "dp_rounds": self.dp_rounds}).encode())
+        self._write_meta()
         return self.seq
+
+    def count_dpsgd(self, steps: int) -> None:
+        """Persist ``steps`` more DP-SGD steps, before anything trained with them leaves the device."""
+        self._writable()
+        self.dpsgd_steps += steps
+        self._write_meta()
+
+    def _write_meta(self) -> None:
+        meta = {"seq": self.seq, "dp_rounds": self.dp_rounds, "dpsgd_steps": self.dpsgd_steps}
+        atomic_write(self._meta_path, json.dumps(meta).encode())
 
     def load_feedback(self) -> ErrorFeedback:
         """The residual of the last committed round."""

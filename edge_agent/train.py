@@ -9,6 +9,8 @@ full ``batch × seq × vocab`` logits never exist at once.
 from __future__ import annotations
 
 import logging
+import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from edge_agent.config import TrainConfig
 from edge_agent.data import LocalData
+from edge_agent.privacy import DPSGDConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +88,56 @@ def _idle(seconds: float, should_stop: Callable[[], bool]) -> None:
         time.sleep(min(left, 0.5))
 
 
+def clipped_gradient(
+    model: torch.nn.Module, params: list[torch.nn.Parameter], batch: np.ndarray, clip: float, chunk_tokens: int = 0
+) -> tuple[list[torch.Tensor], list[float], float]:
+    """The sum over ``batch``'s examples of each one's gradient clipped to ``clip`` in L2 (over
+    every tensor in ``params``), each example's unclipped norm, and the mean loss. Per-example
+    gradients are exact: one backward pass per example (micro-batches of one)."""
+    total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    norms, losses = [], []
+    for i in range(len(batch)):
+        loss = lm_loss(model, batch[i : i + 1], chunk_tokens)
+        grads = torch.autograd.grad(loss, params)
+        norm = float(torch.stack([(g.float() ** 2).sum() for g in grads]).sum().sqrt())
+        factor = min(1.0, clip / max(norm, 1e-12)) if math.isfinite(norm) else 0.0  # a non-finite gradient adds nothing
+        for t, g in zip(total, grads, strict=True):
+            t.add_(g.float(), alpha=factor)
+        norms.append(norm)
+        losses.append(float(loss.detach()))
+    return total, norms, float(np.mean(losses))
+
+
+def _private_step(
+    model: torch.nn.Module, params: list[torch.nn.Parameter], batch: np.ndarray, sgd: DPSGDConfig, chunk_tokens: int, noise: torch.Generator
+) -> float:
+    """Set each parameter's ``.grad`` to the DP-SGD estimate of ``batch``: clipped per-example
+    gradients summed, Gaussian noise of ``noise_multiplier * clip`` added, over the batch size."""
+    total, _norms, loss = clipped_gradient(model, params, batch, sgd.clip, chunk_tokens)
+    std = sgd.noise_multiplier * sgd.clip
+    for p, t in zip(params, total, strict=True):
+        if std > 0:
+            t.add_(torch.normal(0.0, std, size=t.shape, generator=noise))
+        p.grad = (t / len(batch)).to(p.dtype)
+    return loss
+
+
 def train_round(
     model: torch.nn.Module,
     data: LocalData,
     cfg: TrainConfig,
     rng: np.random.Generator,
     should_stop: Callable[[], bool] = lambda: False,
+    dp_sgd: DPSGDConfig | None = None,
 ) -> RoundResult:
     """Run ``cfg.local_steps`` AdamW steps on the adapter; stops early when ``should_stop()``.
 
     With ``cfg.fedprox_mu > 0`` the loss gets FedProx's proximal term
     ``mu / 2 * ||w - w_global||^2`` over the trainable tensors, ``w_global`` being their
-    values when the round starts; the reported train loss excludes it.
+    values when the round starts; the reported train loss excludes it. With ``dp_sgd``
+    enabled, each step is a DP-SGD step (:class:`~edge_agent.privacy.DPSGDConfig`) on a batch
+    drawn without replacement; the proximal term's gradient, which holds no example, is added
+    after the noise.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -107,19 +148,29 @@ def train_round(
     model.train()
     losses: list[float] = []
     t0 = time.monotonic()
-    for batch in data.batches(rng, cfg.batch_size, cfg.local_steps):
+    private = dp_sgd is not None and dp_sgd.enabled
+    noise = torch.Generator().manual_seed(secrets.randbits(63)) if private else None
+    for batch in data.batches(rng, cfg.batch_size, cfg.local_steps, replace=not private):
         if should_stop():
             break
         step_started = time.monotonic()
-        loss = lm_loss(model, batch, cfg.loss_chunk_tokens)
-        objective = loss
-        if anchors:
-            prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
-            objective = loss + 0.5 * cfg.fedprox_mu * prox
-        objective.backward()
+        if private:
+            assert dp_sgd is not None and noise is not None
+            losses.append(_private_step(model, params, batch, dp_sgd, cfg.loss_chunk_tokens, noise))
+            if anchors:
+                term = 0.5 * cfg.fedprox_mu * torch.stack([((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True)]).sum()
+                for p, g in zip(params, torch.autograd.grad(term, params), strict=True):
+                    p.grad = p.grad + g if p.grad is not None else g
+        else:
+            loss = lm_loss(model, batch, cfg.loss_chunk_tokens)
+            objective = loss
+            if anchors:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+                objective = loss + 0.5 * cfg.fedprox_mu * prox
+            objective.backward()
+            losses.append(float(loss.detach()))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
         if cfg.slowdown > 1.0:
             _idle((cfg.slowdown - 1.0) * (time.monotonic() - step_started), should_stop)
     model.eval()
