@@ -262,6 +262,9 @@ class Agent:
         delta = model_lib.round_delta(self._model, g.tensors, self.cfg.train.tier)
         held = self.invitations.held
         if held is not None and held.invite.secagg is not None and self._in_cohorts():
+            if self.cfg.privacy.mechanism != "none":  # local DP applies to what leaves, masked or not
+                self.state.next_seq(dp_round=True)
+                delta = privatize(delta, self.cfg.privacy, self._rng)
             self.secure.submit(self.invitations.used(), delta, self._rng)  # masked: never in the clear
             self.counters.rounds += 1
             log.info(
