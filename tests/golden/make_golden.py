@@ -75,6 +75,14 @@ def cases() -> dict[str, tuple[bytes, dict[str, list]]]:
 
     key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
     out["envelope_v2_signed"] = (protocol.encode_envelope(header, out["update_v1_int8"][0], signer=key.sign), {})
+    # A site's partial aggregate: two groups by base version, each a lossless weighted sum.
+    from compression import compress_dense
+    from compression.partial import Group, Partial
+
+    g1 = compress_dense({"layer.lora_A.weight": dense}, FrameKind.UPDATE)
+    g2 = compress_dense({"layer.lora_A.weight": -2 * dense}, FrameKind.UPDATE)
+    partial = Partial("site-a", 3, 1700000000.0, (Group(4, 32.0, 2, ("pi-1-7", "pi-2-9"), g1), Group(5, 16.0, 1, ("pi-3-1",), g2)))
+    out["partial_v1"] = (partial.encode(key.sign), {})
     return out
 
 
@@ -87,6 +95,15 @@ def main() -> None:
             print(f"keep {path.name} (golden files are never rewritten)")
             continue
         path.write_bytes(data)
+        if name.startswith("partial"):
+            from compression.partial import decode as decode_partial
+
+            p = decode_partial(data, lambda site: lambda sig, msg: True)
+            tensors = {f"group{i}/{k}": v.tolist() for i, g in enumerate(p.groups) for k, v in decode_frame(g.frame).dense().items()}
+            expected = {"sha256": hashlib.sha256(data).hexdigest(), "tensors": tensors}
+            (HERE / f"{name}.json").write_text(json.dumps(expected, indent=1))
+            print(f"wrote {path.name}")
+            continue
         frame_bytes = protocol.decode_envelope(data)[1] if name.startswith("envelope") else data
         decoded = decode_frame(frame_bytes).dense()
         expected = {"sha256": hashlib.sha256(data).hexdigest(), "tensors": {k: v.tolist() for k, v in decoded.items()}}
