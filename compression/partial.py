@@ -131,7 +131,9 @@ def decode(payload: bytes, verify: Callable[[str], Callable[[bytes, bytes], bool
     pos += 4
     if count != len(metas):
         raise PartialError(f"a partial's header names {len(metas)} groups and its body {count}")
-    groups, seen, total = [], set(), 0
+    groups: list[Group] = []
+    seen: set[str] = set()
+    total = 0
     for i, m in enumerate(metas):
         group = _group(m, i)
         if pos + 4 > len(body):
@@ -164,3 +166,40 @@ def _group(m: object, i: int) -> tuple[int, float, int, tuple[str, ...]]:
     if not isinstance(ids, list) or len(ids) != count or any(not isinstance(u, str) or not 0 < len(u) <= 128 for u in ids):
         raise PartialError(f"partial group {i}: update_ids must list exactly count ids of 1..128 characters")
     return base, float(weight), count, tuple(ids)
+
+
+ACK_CONTEXT = b"fedge partial ack v1\x00"
+
+
+@dataclass(frozen=True)
+class PartialAck:
+    """The root's acknowledgement of a partial, after its commit: ``applied`` now, or ``duplicate``
+    (committed before). Signed by the fleet key; retained on ``fl/<fleet>/sites/<site>/ack``."""
+
+    site: str
+    partial_id: str
+    outcome: str
+    version: int
+
+    def _body(self) -> bytes:
+        obj = {"site": self.site, "partial_id": self.partial_id, "outcome": self.outcome, "version": self.version}
+        return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+    def encode(self, signer: Signer) -> bytes:
+        return json.dumps({"ack": json.loads(self._body()), "signature": signer(ACK_CONTEXT + self._body()).hex()}).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes, verify: Callable[[bytes, bytes], bool]) -> PartialAck:
+        if len(payload) > 4096:
+            raise PartialError(f"a partial ack of {len(payload)} bytes is too long")
+        try:
+            obj = json.loads(bytes(payload).decode("utf-8"))
+            a, sig = obj["ack"], bytes.fromhex(obj["signature"])
+            ack = cls(check_id(a["site"], "site id"), str(a["partial_id"])[:128], str(a["outcome"]), int(a["version"]))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, ProtocolError) as exc:
+            raise PartialError(f"a partial ack is malformed: {exc}") from None
+        if ack.outcome not in ("applied", "duplicate") or ack._body() != json.dumps(a, separators=(",", ":"), sort_keys=True).encode():
+            raise PartialError("a partial ack holds other fields or outcomes than applied and duplicate")
+        if not verify(sig, ACK_CONTEXT + ack._body()):
+            raise PartialError(f"the fleet key's signature on the ack of {ack.partial_id} does not verify")
+        return ack

@@ -13,6 +13,8 @@ Topic names are built only here (see ``docs/protocol.md``)::
     fl/<fleet>/cohorts/<c>/invite/<id>  coord -> device  JSON, signed: train one round for cohort <c>
     fl/<fleet>/cohorts/<c>/secagg/<id>  coord -> device  binary, fleet-signed: secure aggregation's rounds
     fl/<fleet>/devices/<id>/secagg      device -> coord  binary, device-signed: secure aggregation's rounds
+    fl/<fleet>/sites/<site>/partial     site -> root     binary, site-signed: a partial aggregate
+    fl/<fleet>/sites/<site>/ack         root -> site     JSON, retained, fleet-signed: the last partial committed
 
 The global meta and every ack carry an Ed25519 signature by the fleet key (the meta names
 the sha256 of the delta and the snapshot, so it binds them too). Signing and verifying
@@ -102,6 +104,28 @@ def device_secagg_inbox(fleet: str, device: str) -> str:
 def device_secagg(fleet: str, device: str) -> str:
     """A device's secure-aggregation messages to the coordinator."""
     return f"fl/{check_id(fleet, 'fleet')}/devices/{check_id(device, 'device id')}/secagg"
+
+
+def site_partial(fleet: str, site: str) -> str:
+    """A site aggregator's partial aggregates to the root."""
+    return f"fl/{check_id(fleet, 'fleet')}/sites/{check_id(site, 'site id')}/partial"
+
+
+def site_ack(fleet: str, site: str) -> str:
+    """The root's acknowledgements of a site's partials (retained: the last one)."""
+    return f"fl/{check_id(fleet, 'fleet')}/sites/{check_id(site, 'site id')}/ack"
+
+
+def all_partials(fleet: str) -> str:
+    return f"fl/{check_id(fleet, 'fleet')}/sites/+/partial"
+
+
+def parse_site_topic(topic: str) -> tuple[str, str, str]:
+    """Split ``fl/<fleet>/sites/<site>/<leaf>`` into ``(fleet, site, leaf)``."""
+    parts = topic.split("/")
+    if len(parts) != 5 or parts[0] != "fl" or parts[2] != "sites":
+        raise ProtocolError(f"topic {topic!r} is not fl/<fleet>/sites/<site>/<leaf>")
+    return check_id(parts[1], "fleet"), check_id(parts[3], "site id"), parts[4]
 
 
 def all_secagg(fleet: str) -> str:

@@ -30,6 +30,11 @@ class Intake:
 
     def __init__(self, cfg: CoordinatorConfig, store: Store, influence: InfluenceTracker) -> None:
         limits = cfg.limits
+        if limits.lab_mode:
+            log.warning(
+                "LAB MODE: this coordinator accepts %s; never run a production fleet like this",
+                "updates from devices that were never enrolled" if limits.allow_unknown_devices else "unsigned updates",
+            )
         self.cfg = cfg
         self.store = store
         self.influence = influence

@@ -22,6 +22,7 @@ import paho.mqtt.client as mqtt
 
 from compression import FrameKind, compress_dense, protocol, state_digest
 from compression.mqtt import ClientSetupError, connect_kwargs, make_client
+from compression.partial import PartialAck
 from compression.protocol import CohortInvite, GlobalMeta, TrainableSpec, UpdateAck
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import BrokerError, ConfigError
@@ -74,7 +75,7 @@ class Link:
             log.error("broker refused the connection: %s", reason)
             return
         fleet = self.cfg.fleet
-        topics = [(protocol.all_updates(fleet), 1), (protocol.all_device_status(fleet), 1)]
+        topics = [(protocol.all_updates(fleet), 1), (protocol.all_device_status(fleet), 1), (protocol.all_partials(fleet), 1)]
         if self.cfg.secagg.enabled:
             topics.append((protocol.all_secagg(fleet), 1))
         client.subscribe(topics)
@@ -140,7 +141,10 @@ class Link:
         """A secure-aggregation message to one cohort member (QoS 1, not retained; already signed)."""
         self.client.publish(topic, payload, qos=1)
 
-    def publish_ack(self, ack: UpdateAck) -> None:
+    def publish_ack(self, ack: UpdateAck | PartialAck) -> None:
+        if isinstance(ack, PartialAck):
+            self.client.publish(protocol.site_ack(self.cfg.fleet, ack.site), ack.encode(self._signer), qos=1, retain=True)
+            return
         self.client.publish(protocol.device_ack(self.cfg.fleet, ack.device), ack.signed(self._signer).to_json(), qos=1, retain=True)
 
     def publish_status(self, payload: dict[str, object], *, wait: bool = False) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from compression import CodecError, protocol
+from compression.partial import PartialAck
 from compression.protocol import UpdateAck, UpdateHeader
 from coordinator.errors import Rejection
 from coordinator.metrics import Metrics
@@ -29,7 +30,8 @@ class Outcomes:
         self.counts = store.counts()
         self.rejections = store.rejection_counts()
         self.duplicates = 0
-        self.acks_out: list[UpdateAck] = []
+        self.acks_out: list[UpdateAck | PartialAck] = []
+        """Acks to publish after the commit: devices' and (at a root) sites' partials'."""
 
     def reject(self, device: str | None, rej: Rejection, n: int = 1, *, record: bool = True) -> None:
         """Count ``n`` refusals of ``rej``'s reason (and store one row, unless the rows already exist)."""
@@ -61,7 +63,7 @@ class Outcomes:
         self.ack(header, outcome, reason, version)
         return True
 
-    def take_acks(self) -> list[UpdateAck]:
+    def take_acks(self) -> list[UpdateAck | PartialAck]:
         acks, self.acks_out = self.acks_out, []
         return acks
 

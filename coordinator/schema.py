@@ -89,6 +89,18 @@ CREATE TABLE IF NOT EXISTS cohorts (
     seed INTEGER NOT NULL,
     members TEXT NOT NULL
 );
+-- A site's partial aggregates committed at the root, and the device updates each one covers (coordinator.root).
+CREATE TABLE IF NOT EXISTS partials (
+    partial_id TEXT PRIMARY KEY,
+    site TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    updates INTEGER NOT NULL,
+    received REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS partial_updates (
+    update_id TEXT PRIMARY KEY,
+    partial_id TEXT NOT NULL
+);
 -- state: invited, then reported or dropped; abandoned: a secure cohort open when the coordinator restarted
 -- (coordinator.cohorts); cohorts.secure (added by a migration): 1 when securely aggregated
 CREATE TABLE IF NOT EXISTS cohort_members (

@@ -45,6 +45,7 @@ from coordinator.metrics import Metrics
 from coordinator.outcomes import Outcomes
 from coordinator.presence import Presence
 from coordinator.quarantine import Quarantine
+from coordinator.root import handle_partial
 from coordinator.secure_apply import handle_secagg, open_secure, secure_turn
 from coordinator.store import BufferedUpdate, LedgerEntry, Store
 from coordinator.strategies import StrategyLoadError, load_strategy
@@ -91,11 +92,6 @@ class CoordinatorService:
         except BaseException:
             self.store.close()
             raise
-        if cfg.limits.lab_mode:
-            log.warning(
-                "LAB MODE: this coordinator accepts %s; never run a production fleet like this",
-                "updates from devices that were never enrolled" if cfg.limits.allow_unknown_devices else "unsigned updates",
-            )
         self.influence = InfluenceTracker(
             cfg.limits, self.store.recent_norms(cfg.limits.norm_window), self.store.last_samples(), state_norm(self.versions.state)
         )
@@ -276,6 +272,8 @@ class CoordinatorService:
         self.outcomes.handler_error(msg.topic, msg.payload, error, self.version, self.cfg.limits.max_update_bytes)
 
     def _handle(self, msg: Message) -> None:
+        if msg.topic.endswith("/partial") and msg.topic.startswith(f"fl/{self.cfg.fleet}/sites/"):
+            return handle_partial(self, msg.topic.split("/")[3], msg.payload)  # a site's partial aggregate (coordinator.root)
         try:
             fleet, device, leaf = protocol.parse_device_topic(msg.topic)
         except CodecError as exc:

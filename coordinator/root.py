@@ -1,0 +1,124 @@
+"""The root of a federation of sites: it takes sites' partial aggregates as it takes devices' updates.
+
+A site aggregator (``docs/sites.md``) forwards signed partials on ``fl/<fleet>/sites/<site>/partial``
+(:mod:`compression.partial`). For each one the root, inside the batch's transaction:
+
+1. verifies it with the site's enrolled key, and refuses a partial id it has already
+   committed as a duplicate (it acknowledges it again, so a site that missed the ack stops
+   resending);
+2. turns each group into one update of the engine: delta ``sum / weight``, ``weight``
+   samples, trained on the group's base version. That is exactly FedBuff's sample-weighted
+   mean of the covered updates, and the strategy weights the group by its staleness as it
+   would each of them. A group is never refused as too stale: the covered updates were
+   already acknowledged at the site, and each counts exactly once;
+3. records the partial and every device update id it covers (``partials``,
+   ``partial_updates``: an id covered twice is refused, which is the cross-tier exactly-once
+   check), the groups' ledger rows, and whatever version they complete;
+4. after the commit, acknowledges the partial on ``fl/<fleet>/sites/<site>/ack``, signed by
+   the fleet key.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from compression import FrameKind, FrameLimits, compress_dense, decode_frame
+from compression.errors import CodecError
+from compression.partial import Partial, PartialAck, PartialError, decode
+from coordinator.errors import Rejection
+from coordinator.intake import accepted
+from coordinator.store import BufferedUpdate, LedgerEntry
+
+if TYPE_CHECKING:
+    from coordinator.service import CoordinatorService
+
+log = logging.getLogger(__name__)
+
+
+def site_verifier(identity: Mapping[str, object] | None, site: str):  # type: ignore[no-untyped-def]
+    """The check of ``site``'s enrolled Ed25519 key (raises :class:`PartialError` if it has none)."""
+    if identity is None or identity.get("revoked") is not None:
+        raise PartialError(f"site {site!r} is not enrolled (or was revoked): partials are signed by an enrolled site key")
+    key = Ed25519PublicKey.from_public_bytes(bytes(identity["public_key"]))  # type: ignore[call-overload]
+
+    def verify(signature: bytes, message: bytes) -> bool:
+        try:
+            key.verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
+
+    return verify
+
+
+def group_means(p: Partial, shapes: Mapping[str, tuple[int, ...]], max_frame_bytes: int) -> list[dict[str, np.ndarray]]:
+    """Each group's mean delta (``sum / weight``), checked against the fleet's tensors; raises
+    :class:`PartialError` for a group whose frame does not decode, has other tensors, or is not finite."""
+    limits = FrameLimits.for_shapes(shapes, max_frame_bytes)
+    out = []
+    for i, g in enumerate(p.groups):
+        try:
+            dense = decode_frame(g.frame, limits).dense()
+        except CodecError as exc:
+            raise PartialError(f"partial {p.partial_id} group {i}: {exc}") from None
+        if {k: tuple(v.shape) for k, v in dense.items()} != dict(shapes):
+            raise PartialError(f"partial {p.partial_id} group {i}: its tensors are not the fleet's trainable tensors")
+        mean = {k: (v.astype(np.float64) / g.weight).astype(np.float32) for k, v in dense.items()}
+        if not all(np.isfinite(v).all() for v in mean.values()):
+            raise PartialError(f"partial {p.partial_id} group {i}: its weighted sum is not finite")
+        out.append(mean)
+    return out
+
+
+def handle_partial(svc: CoordinatorService, site: str, payload: bytes) -> None:
+    """One partial from ``site``'s topic, in the batch's transaction (see the module docstring)."""
+    store = svc.store
+    try:
+        p = decode(payload, lambda s: site_verifier(store.identity(s), s), svc.cfg.limits.max_update_bytes * 64)
+        if p.site != site:
+            raise PartialError(f"a partial on {site}'s topic names site {p.site}")
+    except PartialError as exc:
+        svc.outcomes.reject(site, Rejection("malformed", f"partial: {exc}"))
+        return
+    if store.db.execute("SELECT 1 FROM partials WHERE partial_id=?", (p.partial_id,)).fetchone() is not None:
+        svc.outcomes.duplicates += 1
+        svc.outcomes.acks_out.append(PartialAck(site, p.partial_id, "duplicate", svc.version))  # the site missed the first ack
+        return
+    try:
+        means = group_means(p, svc.shapes, svc.cfg.limits.max_update_bytes * 8)
+    except PartialError as exc:
+        svc.outcomes.reject(site, Rejection("malformed", str(exc)))
+        return
+    now = time.time()
+    covered = [(u, p.partial_id) for g in p.groups for u in g.update_ids]
+    clash = store.db.execute(
+        f"SELECT update_id FROM partial_updates WHERE update_id IN ({','.join('?' * len(covered))}) LIMIT 1", [u for u, _ in covered]
+    ).fetchone()
+    if clash is not None:
+        svc.outcomes.reject(site, Rejection("duplicate", f"partial {p.partial_id} covers update {clash[0]}, which another partial covered"))
+        return
+    store.db.execute(
+        "INSERT INTO partials(partial_id, site, seq, updates, received) VALUES (?,?,?,?,?)", (p.partial_id, site, p.seq, p.updates, now)
+    )
+    store.db.executemany("INSERT INTO partial_updates(update_id, partial_id) VALUES (?,?)", covered)
+    for i, (g, mean) in enumerate(zip(p.groups, means, strict=True)):
+        frame = compress_dense(mean, FrameKind.UPDATE)
+        staleness = max(0, svc.version - g.base_version)
+        entry = LedgerEntry(
+            f"{p.partial_id}/{i}", f"site:{site}", p.seq, g.base_version, staleness, 0.0, int(round(g.weight)), len(frame), None
+        )
+        step = svc.engine.offer(accepted(BufferedUpdate(entry, frame), decode_frame(frame).tensors), time.monotonic(), svc._online_count())
+        if step is None:
+            store.add_to_buffer(entry, frame)
+        elif not svc._commit(step):
+            log.error("partial %s: a step it completed was not finite and was dropped", p.partial_id)
+    svc.metrics.accepted.inc(p.updates)
+    svc.outcomes.acks_out.append(PartialAck(site, p.partial_id, "applied", svc.version))
+    log.info("partial %s from %s: %d device update(s) in %d group(s)", p.partial_id, site, p.updates, len(p.groups))
