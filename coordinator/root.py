@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from compression import FrameKind, FrameLimits, compress_dense, decode_frame
 from compression.errors import CodecError
 from compression.partial import Partial, PartialAck, PartialError, decode
+from coordinator.engine import Accepted
 from coordinator.errors import Rejection
-from coordinator.intake import accepted
 from coordinator.store import BufferedUpdate, LedgerEntry
 
 if TYPE_CHECKING:
@@ -109,14 +109,16 @@ def handle_partial(svc: CoordinatorService, site: str, payload: bytes) -> None:
     )
     store.db.executemany("INSERT INTO partial_updates(update_id, partial_id) VALUES (?,?)", covered)
     for i, (g, mean) in enumerate(zip(p.groups, means, strict=True)):
-        frame = compress_dense(mean, FrameKind.UPDATE)
         staleness = max(0, svc.version - g.base_version)
-        entry = LedgerEntry(
-            f"{p.partial_id}/{i}", f"site:{site}", p.seq, g.base_version, staleness, 0.0, int(round(g.weight)), len(frame), None
+        samples = int(round(g.weight))
+        entry = LedgerEntry(f"{p.partial_id}/{i}", f"site:{site}", p.seq, g.base_version, staleness, 0.0, samples, len(g.frame), None)
+        step = svc.engine.offer(
+            Accepted(entry.update_id, entry.device, g.base_version, samples, mean, ref=BufferedUpdate(entry, b"")),
+            time.monotonic(),
+            svc._online_count(),
         )
-        step = svc.engine.offer(accepted(BufferedUpdate(entry, frame), decode_frame(frame).tensors), time.monotonic(), svc._online_count())
-        if step is None:
-            store.add_to_buffer(entry, frame)
+        if step is None:  # it waits in the buffer: kept as its mean, as a device's update is kept
+            store.add_to_buffer(entry, compress_dense(mean, FrameKind.UPDATE))
         elif not svc._commit(step):
             log.error("partial %s: a step it completed was not finite and was dropped", p.partial_id)
     svc.metrics.accepted.inc(p.updates)
