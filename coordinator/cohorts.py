@@ -214,6 +214,8 @@ class Cohorts:
             self.metrics.cohort_in_flight.set(self.in_flight)
             self.metrics.cohorts_opened.set(self.planner.number)
             self.metrics.cohort_dropouts.set(self.dropouts)
+            if self.dp is not None:  # central or distributed DP: the amplified bound, the same for every device
+                self.metrics.epsilon_max.set(self.epsilon())
 
     @property
     def in_flight(self) -> int:
@@ -349,20 +351,16 @@ class NoCohorts:
     in_flight = 0
     dropouts = 0
 
-    def check(self, device: str, cohort: str) -> None:
-        return None
+    def check(self, device: str, cohort: str) -> None: ...
 
-    def reported(self, device: str, cohort: str, now: float) -> None:
-        return None
+    def reported(self, device: str, cohort: str, now: float) -> None: ...
 
-    def tick(self, *args: Any) -> None:
-        return None
+    def tick(self, *args: Any) -> None: ...
 
     def mark(self) -> tuple[Any, ...]:
         return ()
 
-    def restore(self, *mark: Any) -> None:
-        return None
+    def restore(self, *mark: Any) -> None: ...
 
     def open_invitations(self) -> list[CohortInvite]:
         return []
