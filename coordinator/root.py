@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
@@ -77,6 +77,19 @@ def group_means(p: Partial, shapes: Mapping[str, tuple[int, ...]], max_frame_byt
     return out
 
 
+def _covered_before(db: Any, update_ids: list[str]) -> str | None:
+    """An id of ``update_ids`` that a committed partial already covers (queried in chunks: a
+    partial may cover more ids than SQLite takes variables in one statement)."""
+    for i in range(0, len(update_ids), 500):
+        chunk = update_ids[i : i + 500]
+        row = db.execute(
+            f"SELECT update_id FROM partial_updates WHERE update_id IN ({','.join('?' * len(chunk))}) LIMIT 1", chunk
+        ).fetchone()
+        if row is not None:
+            return str(row[0])
+    return None
+
+
 def handle_partial(svc: CoordinatorService, site: str, payload: bytes) -> None:
     """One partial from ``site``'s topic, in the batch's transaction (see the module docstring)."""
     store = svc.store
@@ -91,6 +104,16 @@ def handle_partial(svc: CoordinatorService, site: str, payload: bytes) -> None:
         svc.outcomes.duplicates += 1
         svc.outcomes.acks_out.append(PartialAck(site, p.partial_id, "duplicate", svc.version))  # the site missed the first ack
         return
+    if svc.cfg.dp.enabled:
+        svc.outcomes.reject(
+            site, Rejection("malformed", "this root runs central DP, which clips per device; a partial's group is many devices")
+        )
+        return
+    if (future := max(g.base_version for g in p.groups)) > svc.version:
+        svc.outcomes.reject(
+            site, Rejection("future_version", f"partial {p.partial_id} has a group on v{future}; the fleet is at v{svc.version}")
+        )
+        return
     try:
         means = group_means(p, svc.shapes, svc.cfg.limits.max_update_bytes * 8)
     except PartialError as exc:
@@ -98,11 +121,9 @@ def handle_partial(svc: CoordinatorService, site: str, payload: bytes) -> None:
         return
     now = time.time()
     covered = [(u, p.partial_id) for g in p.groups for u in g.update_ids]
-    clash = store.db.execute(
-        f"SELECT update_id FROM partial_updates WHERE update_id IN ({','.join('?' * len(covered))}) LIMIT 1", [u for u, _ in covered]
-    ).fetchone()
+    clash = _covered_before(store.db, [u for u, _ in covered])
     if clash is not None:
-        svc.outcomes.reject(site, Rejection("duplicate", f"partial {p.partial_id} covers update {clash[0]}, which another partial covered"))
+        svc.outcomes.reject(site, Rejection("duplicate", f"partial {p.partial_id} covers update {clash}, which another partial covered"))
         return
     store.db.execute(
         "INSERT INTO partials(partial_id, site, seq, updates, received) VALUES (?,?,?,?,?)", (p.partial_id, site, p.seq, p.updates, now)
