@@ -26,7 +26,7 @@ from compression.protocol import CohortInvite, GlobalMeta, TrainableSpec, Update
 from edge_agent import model as model_lib
 from edge_agent.config import AgentConfig, model_cache_dir
 from edge_agent.data import LocalData, build_blocks, read_texts
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, TransportError
 from edge_agent.memory import release_free_memory
 from edge_agent.outbox import Outbox
 from edge_agent.privacy import dpsgd_epsilon, local_epsilon, privatize
@@ -265,7 +265,10 @@ class Agent:
             if self.cfg.privacy.mechanism != "none":  # local DP applies to what leaves, masked or not
                 self.state.next_seq(dp_round=True)
                 delta = privatize(delta, self.cfg.privacy, self._rng)
-            self.secure.submit(self.invitations.used(), delta, self._rng)  # masked: never in the clear
+            try:
+                self.secure.submit(self.invitations.used(), delta, self._rng)  # masked: never in the clear
+            except (CodecError, TransportError) as exc:  # the cohort counts this device a dropout; the agent goes on
+                log.warning("cohort %s: the masked update could not be sent: %s", held.invite.cohort, exc)
             self.counters.rounds += 1
             log.info(
                 "round %d: %d steps, loss %.4f, masked for cohort %s",
