@@ -38,11 +38,11 @@ from statistics import median
 from typing import Any
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature
 from rich.console import Console
 from rich.table import Table
 
 from compression import CodecConfig, compress_update
+from compression.keys import ed25519_verifier
 from compression.secagg import MaskingClient, Quantizer, shared_indices, unmask
 from coordinator.secure import SecureConfig
 
@@ -86,16 +86,6 @@ def cohort_costs(k_devices: int, fraction: float, bits: int, seed: int = 0) -> d
     coordinator_cpu = 0.0
     work: deque[tuple[str, str, bytes]] = deque()
 
-    def verifier(public: Any) -> Any:
-        def verify(sig: bytes, msg: bytes) -> bool:
-            try:
-                public.verify(sig, msg)
-            except InvalidSignature:
-                return False
-            return True
-
-        return verify
-
     def device_send(d: str, msg: Any) -> None:
         if msg is not None:
             wire = msg.encode(keys[d].sign)
@@ -108,12 +98,12 @@ def cohort_costs(k_devices: int, fraction: float, bits: int, seed: int = 0) -> d
             direction, d, wire = work.popleft()
             t0 = time.process_time()
             if direction == "up":
-                outs = sc.receive(decode(wire, lambda dev: verifier(publics[dev]), UP_KINDS), 0.0)
+                outs = sc.receive(decode(wire, lambda dev: ed25519_verifier(publics[dev]), UP_KINDS), 0.0)
                 downs = [o.encode(fleet.sign) for o in outs]
                 coordinator_cpu += time.process_time() - t0
                 work.extend(("down", o.device, w) for o, w in zip(outs, downs, strict=True))
             else:
-                msg = sessions[d].handle(decode(wire, lambda dev: verifier(fleet.public_key()), DOWN_KINDS))
+                msg = sessions[d].handle(decode(wire, lambda dev: ed25519_verifier(fleet.public_key()), DOWN_KINDS))
                 device_send(d, msg)
                 cpu[d] += time.process_time() - t0
 

@@ -11,12 +11,16 @@ accepted unsigned only while ``limits.allow_unknown_devices`` is true (the lab d
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from compression import protocol
+from compression.keys import ed25519_verifier
 from compression.protocol import Envelope
 from coordinator.errors import Rejection, StoreError
 from coordinator.store import Store
@@ -28,6 +32,14 @@ def new_key() -> tuple[bytes, bytes]:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return pem, public
+
+
+def enrolled_key(identity: Mapping[str, Any] | None) -> protocol.Verifier | None:
+    """The check of an enrolled identity's Ed25519 key (a device's or a site's), or None when it
+    is not enrolled or was revoked: the messages of secure aggregation and of sites are signed."""
+    if identity is None or identity.get("revoked") is not None:
+        return None
+    return ed25519_verifier(bytes(identity["public_key"]))
 
 
 def write_private(path: Path, pem: bytes) -> None:

@@ -26,14 +26,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from compression import FrameKind, FrameLimits, compress_dense, decode_frame
+from compression import FrameKind, FrameLimits, compress_dense, decode_frame, protocol
 from compression.errors import CodecError
 from compression.partial import Partial, PartialAck, PartialError, decode
 from coordinator.engine import Accepted
 from coordinator.errors import Rejection
+from coordinator.identity import enrolled_key
 from coordinator.store import BufferedUpdate, LedgerEntry
 
 if TYPE_CHECKING:
@@ -42,19 +41,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def site_verifier(identity: Mapping[str, object] | None, site: str):  # type: ignore[no-untyped-def]
+def site_verifier(identity: Mapping[str, object] | None, site: str) -> protocol.Verifier:
     """The check of ``site``'s enrolled Ed25519 key (raises :class:`PartialError` if it has none)."""
-    if identity is None or identity.get("revoked") is not None:
+    verify = enrolled_key(identity)
+    if verify is None:
         raise PartialError(f"site {site!r} is not enrolled (or was revoked): partials are signed by an enrolled site key")
-    key = Ed25519PublicKey.from_public_bytes(bytes(identity["public_key"]))  # type: ignore[call-overload]
-
-    def verify(signature: bytes, message: bytes) -> bool:
-        try:
-            key.verify(signature, message)
-        except InvalidSignature:
-            return False
-        return True
-
     return verify
 
 

@@ -33,8 +33,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from compression import protocol
 from compression.protocol import SecAggParams
@@ -52,6 +50,7 @@ from compression.secagg_wire import (
 )
 from coordinator.cohorts import Cohort
 from coordinator.errors import Rejection
+from coordinator.identity import enrolled_key
 from coordinator.privacy import DPConfig
 
 log = logging.getLogger(__name__)
@@ -304,7 +303,6 @@ class SecureRounds:
         self.open: dict[str, SecureCohort] = {}
         self.recent: deque[SecureCohort] = deque(maxlen=16)
         """The last cohorts whose rounds are over (for status and inspection)."""
-        self._keys: dict[str, tuple[bytes, Ed25519PublicKey]] = {}
 
     def params(self, cohort: Cohort, now: float) -> dict[str, SecAggParams]:
         """Start ``cohort``'s rounds: each member's parameters, for its invitation."""
@@ -313,23 +311,10 @@ class SecureRounds:
         self.open[cohort.cohort] = sc
         return {d: sc.params(d) for d in cohort.members}
 
-    def _verifier(self, device: str) -> Callable[[bytes, bytes], bool]:
-        ident = self.identity(device)
-        if ident is None or ident.get("revoked") is not None:
+    def _verifier(self, device: str) -> protocol.Verifier:
+        verify = enrolled_key(self.identity(device))
+        if verify is None:
             raise SecAggError(f"{device!r} is not an enrolled device, and every secure-aggregation message is signed")
-        raw = bytes(ident["public_key"])  # type: ignore[call-overload]
-        cached = self._keys.get(device)
-        if cached is None or cached[0] != raw:
-            cached = self._keys[device] = (raw, Ed25519PublicKey.from_public_bytes(raw))
-        key = cached[1]
-
-        def verify(signature: bytes, message: bytes) -> bool:
-            try:
-                key.verify(signature, message)
-            except InvalidSignature:
-                return False
-            return True
-
         return verify
 
     def handle(self, device: str, payload: bytes, now: float) -> None:

@@ -56,19 +56,9 @@ def load_signer(path: str) -> Callable[[bytes], bytes]:
 
 def fleet_verifier(public_hex: str) -> protocol.Verifier:
     """``(signature, message) -> valid`` for the fleet key's public half."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from compression.keys import ed25519_verifier
 
-    key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex))
-
-    def verify(signature: bytes, message: bytes) -> bool:
-        try:
-            key.verify(signature, message)
-        except InvalidSignature:
-            return False
-        return True
-
-    return verify
+    return ed25519_verifier(bytes.fromhex(public_hex))
 
 
 class GlobalRefused(Exception):

@@ -28,20 +28,12 @@ def test_the_signed_golden_envelope_still_verifies() -> None:
 
 
 def test_the_golden_partial_still_decodes_and_verifies() -> None:
-    from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from compression.keys import ed25519_verifier
     from compression.partial import decode
 
-    public = Ed25519PrivateKey.from_private_bytes(bytes(range(32))).public_key()
-
-    def verify(sig: bytes, msg: bytes) -> bool:
-        try:
-            public.verify(sig, msg)
-        except InvalidSignature:
-            return False
-        return True
-
+    verify = ed25519_verifier(Ed25519PrivateKey.from_private_bytes(bytes(range(32))).public_key())
     p = decode((GOLDEN / "partial_v1.bin").read_bytes(), lambda site: verify)
     assert (p.partial_id, p.updates, [g.base_version for g in p.groups]) == ("site-a-000000000003", 3, [4, 5])
     assert p.groups[0].update_ids == ("pi-1-7", "pi-2-9") and p.groups[1].weight == 16.0

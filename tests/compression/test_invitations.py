@@ -14,18 +14,14 @@ from hypothesis import strategies as st
 from compression import protocol
 from compression.errors import CodecError, ProtocolError
 from compression.invitations import LATE_GRACE_S, Invitations
+from compression.keys import ed25519_verifier
 from compression.protocol import CohortInvite, GlobalMeta, SignatureError, UpdateHeader
 
 KEY = Ed25519PrivateKey.generate()
 PUB = KEY.public_key()
 
 
-def _verify(sig: bytes, msg: bytes) -> bool:
-    try:
-        PUB.verify(sig, msg)
-    except Exception:  # noqa: BLE001 - InvalidSignature
-        return False
-    return True
+_verify = ed25519_verifier(PUB)
 
 
 INVITE = CohortInvite("c00000001", "dev-a", 3, 1_000_060.0, 1_000_000.0)

@@ -139,19 +139,12 @@ def test_deeply_nested_json_is_an_error_not_a_crash() -> None:
 
 
 def _keys():  # type: ignore[no-untyped-def]
-    from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from compression.keys import ed25519_verifier
+
     key = Ed25519PrivateKey.generate()
-
-    def verify(sig: bytes, msg: bytes) -> bool:
-        try:
-            key.public_key().verify(sig, msg)
-        except InvalidSignature:
-            return False
-        return True
-
-    return key, verify
+    return key, ed25519_verifier(key.public_key())
 
 
 def test_signed_meta_and_ack_round_trip_and_refuse_tampering() -> None:

@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from compression.keys import ed25519_verifier
 from compression.protocol import CohortInvite
 from compression.secagg import SecAggError
 from compression.secagg_device import DeviceSession
@@ -23,16 +23,7 @@ SIZE = 5000
 
 
 def _verifier(key: Ed25519PrivateKey):  # type: ignore[no-untyped-def]
-    public = key.public_key()
-
-    def verify(sig: bytes, msg: bytes) -> bool:
-        try:
-            public.verify(sig, msg)
-        except InvalidSignature:
-            return False
-        return True
-
-    return verify
+    return ed25519_verifier(key.public_key())
 
 
 class Fleet:

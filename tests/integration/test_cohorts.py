@@ -14,8 +14,10 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from compression import protocol
+from compression.keys import ed25519_verifier
 from compression.protocol import CohortInvite, DeviceStatus, GlobalMeta, UpdateAck
 from coordinator.cohorts import CohortConfig
 from coordinator.identity import fleet_key
@@ -143,12 +145,8 @@ def test_devices_train_only_when_invited_at_most_concurrency_at_once(tmp_path: P
     assert shown["opened"] >= 3 and shown["reported"] == 2 and shown["dropped"] >= 2 and shown["last"]["members"] == 2
 
 
-def _verifies(public: object, sig: bytes, msg: bytes) -> bool:
-    try:
-        public.verify(sig, msg)  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - InvalidSignature
-        return False
-    return True
+def _verifies(public: Ed25519PublicKey, sig: bytes, msg: bytes) -> bool:
+    return ed25519_verifier(public)(sig, msg)
 
 
 def test_a_real_agent_waits_for_its_invitation_and_answers_it(

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from compression import CodecConfig, FrameKind, compress_dense, protocol
+from compression.keys import ed25519_verifier
 from compression.partial import Group, Partial, PartialAck
 from coordinator.config import LimitsConfig
 from coordinator.identity import fleet_key
@@ -47,14 +47,8 @@ class SiteClient(DeviceClient):
         payload = p.encode(signer or self.key.sign)  # type: ignore[arg-type]
         self.client.publish(protocol.site_partial(FLEET, self.device), payload, qos=1).wait_for_publish(10)
 
-    def ack(self, public: object, partial_id: str, timeout: float = 20.0) -> PartialAck:
-        def verify(sig: bytes, msg: bytes) -> bool:
-            try:
-                public.verify(sig, msg)  # type: ignore[attr-defined]
-            except InvalidSignature:
-                return False
-            return True
-
+    def ack(self, public: Ed25519PublicKey, partial_id: str, timeout: float = 20.0) -> PartialAck:
+        verify = ed25519_verifier(public)
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             try:

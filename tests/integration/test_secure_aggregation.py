@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from compression import protocol
+from compression.keys import ed25519_verifier
 from compression.mqtt import loopback, make_client
 from compression.protocol import CohortInvite, DeviceStatus
 from compression.secagg import pack, unpack
@@ -36,15 +36,7 @@ from tests.integration.conftest import FLEET, DeviceClient, ThreadedCoordinator,
 pytestmark = pytest.mark.broker
 
 
-def _verify_with(public: Ed25519PublicKey):  # type: ignore[no-untyped-def]
-    def verify(sig: bytes, msg: bytes) -> bool:
-        try:
-            public.verify(sig, msg)
-        except InvalidSignature:
-            return False
-        return True
-
-    return verify
+_verify_with = ed25519_verifier
 
 
 class SecAggDevice(DeviceClient):
