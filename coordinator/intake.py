@@ -7,10 +7,13 @@ only, so junk is refused by its real reason.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from compression import CodecError, FrameLimits, protocol
+import numpy as np
+
+from compression import CodecError, FrameKind, FrameLimits, compress_dense, protocol
 from compression.frame import SparseTensor
 from compression.protocol import Envelope
 from coordinator.config import CoordinatorConfig
@@ -21,6 +24,9 @@ from coordinator.influence import InfluenceTracker
 from coordinator.ratelimit import RateLimiter
 from coordinator.store import BufferedUpdate, LedgerEntry, Store
 from coordinator.validate import ValidUpdate, validate_envelope
+
+if TYPE_CHECKING:
+    from coordinator.service import CoordinatorService
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +122,15 @@ def accepted(b: BufferedUpdate, tensors: dict[str, SparseTensor] | Any) -> Accep
     """The engine's view of a stored (or just validated) update."""
     e = b.entry
     return Accepted(e.update_id, e.device, e.base_version, e.num_samples, tensors, ref=b)
+
+
+def offer_derived(svc: CoordinatorService, entry: LedgerEntry, mean: dict[str, np.ndarray], frame: bytes | None = None) -> None:
+    """An update the coordinator derived itself (a secure cohort's unmasked mean, a site's group)
+    into the engine, in the caller's transaction: as its tensors, and kept in the buffer as a
+    lossless frame (``frame``, or one made now) if it waits there."""
+    update = Accepted(entry.update_id, entry.device, entry.base_version, entry.num_samples, mean, ref=BufferedUpdate(entry, b""))
+    step = svc.engine.offer(update, time.monotonic(), svc._online_count())
+    if step is None:
+        svc.store.add_to_buffer(entry, frame if frame is not None else compress_dense(mean, FrameKind.UPDATE))
+    elif not svc._commit(step):
+        log.error("%s: the step it completed was not finite and was dropped", entry.update_id)

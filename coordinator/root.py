@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from compression import FrameKind, FrameLimits, compress_dense, decode_frame, protocol
+from compression import FrameLimits, decode_frame, protocol
 from compression.errors import CodecError
 from compression.partial import Partial, PartialAck, PartialError, decode
-from coordinator.engine import Accepted
 from coordinator.errors import Rejection
 from coordinator.identity import enrolled_key
-from coordinator.store import BufferedUpdate, LedgerEntry
+from coordinator.intake import offer_derived
+from coordinator.store import LedgerEntry
 
 if TYPE_CHECKING:
     from coordinator.service import CoordinatorService
@@ -124,15 +124,7 @@ def handle_partial(svc: CoordinatorService, site: str, payload: bytes) -> None:
         staleness = max(0, svc.version - g.base_version)
         samples = int(round(g.weight))
         entry = LedgerEntry(f"{p.partial_id}/{i}", f"site:{site}", p.seq, g.base_version, staleness, 0.0, samples, len(g.frame), None)
-        step = svc.engine.offer(
-            Accepted(entry.update_id, entry.device, g.base_version, samples, mean, ref=BufferedUpdate(entry, b"")),
-            time.monotonic(),
-            svc._online_count(),
-        )
-        if step is None:  # it waits in the buffer: kept as its mean, as a device's update is kept
-            store.add_to_buffer(entry, compress_dense(mean, FrameKind.UPDATE))
-        elif not svc._commit(step):
-            log.error("partial %s: a step it completed was not finite and was dropped", p.partial_id)
+        offer_derived(svc, entry, mean)
     svc.metrics.accepted.inc(p.updates)
     svc.outcomes.acks_out.append(PartialAck(site, p.partial_id, "applied", svc.version))
     log.info("partial %s from %s: %d device update(s) in %d group(s)", p.partial_id, site, p.updates, len(p.groups))

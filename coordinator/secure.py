@@ -36,7 +36,7 @@ import numpy as np
 
 from compression import protocol
 from compression.protocol import SecAggParams
-from compression.secagg import MAX_COHORT, Keys, Quantizer, Reveal, Sealed, SecAggError, unmask, unpack
+from compression.secagg import MAX_COHORT, Keys, Quantizer, Reveal, Sealed, SecAggError, shared_indices, unmask, unpack
 from compression.secagg_wire import (
     UP_KINDS,
     SecAggMessage,
@@ -265,8 +265,6 @@ class SecureCohort:
         return []
 
     def indices(self) -> np.ndarray:
-        from compression.secagg import shared_indices
-
         return shared_indices(self.seed, self.size, self.k)
 
     def mean_step(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -302,7 +300,7 @@ class SecureRounds:
         self.cohort_seed = cohort_seed
         self.open: dict[str, SecureCohort] = {}
         self.recent: deque[SecureCohort] = deque(maxlen=16)
-        """The last cohorts whose rounds are over (for status and inspection)."""
+        """The last cohorts whose rounds are over, for inspection (the tests read their exact sums)."""
 
     def params(self, cohort: Cohort, now: float) -> dict[str, SecAggParams]:
         """Start ``cohort``'s rounds: each member's parameters, for its invitation."""

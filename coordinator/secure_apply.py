@@ -8,12 +8,12 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from compression import FrameKind, compress_dense, decode_frame
+from compression import FrameKind, compress_dense
 from coordinator.cohorts import Cohorts, NoCohorts
 from coordinator.errors import Rejection
-from coordinator.intake import accepted
+from coordinator.intake import offer_derived
 from coordinator.secure import SecureCohort, SecureRounds
-from coordinator.store import BufferedUpdate, LedgerEntry
+from coordinator.store import LedgerEntry
 
 if TYPE_CHECKING:
     from coordinator.service import CoordinatorService
@@ -102,11 +102,8 @@ def _offer(svc: CoordinatorService, sc: SecureCohort) -> None:
             None, Rejection("too_stale", f"cohort {c.cohort} was invited on v{c.version}, and the fleet is at v{svc.version}")
         )
         return
-    frame = compress_dense(sc.mean_step(svc.shapes), FrameKind.UPDATE)
+    mean = sc.mean_step(svc.shapes)
+    frame = compress_dense(mean, FrameKind.UPDATE)  # its ledger row records the size of the lossless mean
     entry = LedgerEntry(f"secagg-{c.cohort}", f"secagg:{c.cohort}", 0, c.version, staleness, 0.0, len(sc.u3), len(frame), None)
     log.info("cohort %s unmasked: the sum of %d of %d members (threshold %d)", c.cohort, len(sc.u3), sc.n, sc.t)
-    step = svc.engine.offer(accepted(BufferedUpdate(entry, frame), decode_frame(frame).tensors), time.monotonic(), svc._online_count())
-    if step is None:
-        svc.store.add_to_buffer(entry, frame)
-    else:
-        svc._commit(step)
+    offer_derived(svc, entry, mean, frame)
