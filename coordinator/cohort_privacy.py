@@ -11,6 +11,7 @@ sampled in every cohort. What voids the claim is in ``docs/privacy.md``.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,8 @@ from coordinator.privacy import DPConfig, amplified_epsilon
 
 if TYPE_CHECKING:
     from coordinator.cohorts import Cohort
+
+log = logging.getLogger(__name__)
 
 
 def recorded_sampling(db: sqlite3.Connection) -> list[tuple[int, int]]:
@@ -35,16 +38,45 @@ def sampling_pool(eligible: int, size: int) -> tuple[int, int]:
     return max(size, eligible), size
 
 
-def cohort_epsilon(dp: DPConfig | None, sampled: list[tuple[int, int]], extra: Cohort | None = None) -> float:
-    """ε of any device after the cohorts ``sampled`` (and ``extra``, were it opened); 0 without DP."""
-    if dp is None or not dp.enabled:
-        return 0.0
-    more = [sampling_pool(extra.eligible, len(extra.members))] if extra is not None else []
-    return amplified_epsilon(sampled + more, dp.noise_multiplier, dp.delta)
+class CohortBudget:
+    """The sampling of every cohort opened, the ε it gives any device under ``dp`` (None: no DP),
+    and whether the budget stopped the cohorts."""
 
+    def __init__(self, dp: DPConfig | None, sampled: list[tuple[int, int]]) -> None:
+        self.dp = dp if dp is not None and dp.enabled else None
+        self.sampled = sampled
+        """``(eligible, size)`` of every cohort opened, the eligible count rounded down (:func:`sampling_pool`)."""
+        self.spent = False
+        self._epsilon: float | None = None
+        """:meth:`epsilon` of :attr:`sampled` as it is (every accepted update asks; it changes only when a cohort opens)."""
 
-def over_budget(dp: DPConfig | None, sampled: list[tuple[int, int]], cohort: Cohort) -> bool:
-    """Whether opening ``cohort`` would take the fleet past its privacy budget (then no cohort opens)."""
-    if dp is None or not dp.enabled or dp.epsilon_budget <= 0 or dp.enforce == "off":
+    def epsilon(self, extra: Cohort | None = None) -> float:
+        """ε of any device so far (with ``extra``, were it opened); 0 without DP."""
+        if self.dp is None:
+            return 0.0
+        if extra is None and self._epsilon is not None:
+            return self._epsilon
+        more = [sampling_pool(extra.eligible, len(extra.members))] if extra is not None else []
+        eps = amplified_epsilon(self.sampled + more, self.dp.noise_multiplier, self.dp.delta)
+        if extra is None:
+            self._epsilon = eps
+        return eps
+
+    def allows(self, cohort: Cohort) -> bool:
+        """Whether ``cohort`` may open: not when it would take ε past the budget (then none opens again)."""
+        dp = self.dp
+        if dp is None or dp.epsilon_budget <= 0 or dp.enforce == "off" or self.epsilon(cohort) <= dp.epsilon_budget:
+            return True
+        if not self.spent:
+            log.warning("no more cohorts: one more would take the fleet's epsilon past its privacy budget %g", dp.epsilon_budget)
+        self.spent = True
         return False
-    return cohort_epsilon(dp, sampled, cohort) > dp.epsilon_budget
+
+    def opened(self, cohort: Cohort) -> None:
+        self.sampled.append(sampling_pool(cohort.eligible, len(cohort.members)))
+        self._epsilon = None
+
+    def truncate(self, n: int) -> None:
+        """Forget the cohorts after the first ``n`` (a rolled-back transaction opened them)."""
+        del self.sampled[n:]
+        self._epsilon = None

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compression.protocol import CohortInvite, SecAggParams
-from coordinator.cohort_privacy import cohort_epsilon, over_budget, recorded_sampling, sampling_pool
+from coordinator.cohort_privacy import CohortBudget, recorded_sampling
 from coordinator.errors import Rejection, StoreError
 
 if TYPE_CHECKING:
@@ -181,11 +181,8 @@ class Cohorts:
     ) -> None:
         self.cfg = cfg
         self.db = db
-        self.dp = dp if dp is not None and dp.enabled else None
-        """Central DP: the cohorts' sampling is what its ε is amplified by, and its budget stops them."""
-        self.sampled = recorded_sampling(db)
-        """``(eligible, size)`` of every cohort opened, the eligible count rounded down (:func:`sampling_pool`)."""
-        self.budget_spent = False
+        self.budget = CohortBudget(dp, recorded_sampling(db))
+        """Central (or distributed) DP: the cohorts' sampling amplifies its ε, and its budget stops them."""
         self.secure = secure
         """The secure-aggregation rounds, when every cohort is securely aggregated."""
         # A securely aggregated cohort's rounds lived in the memory of the process that opened it:
@@ -214,8 +211,8 @@ class Cohorts:
             self.metrics.cohort_in_flight.set(self.in_flight)
             self.metrics.cohorts_opened.set(self.planner.number)
             self.metrics.cohort_dropouts.set(self.dropouts)
-            if self.dp is not None:  # central or distributed DP: the amplified bound, the same for every device
-                self.metrics.epsilon_max.set(self.epsilon())
+            if self.budget.dp is not None:  # central or distributed DP: the amplified bound, the same for every device
+                self.metrics.epsilon_max.set(self.budget.epsilon())
 
     @property
     def in_flight(self) -> int:
@@ -228,9 +225,9 @@ class Cohorts:
             "cohorts_in_flight": self.in_flight,
             "cohort_dropouts": self.dropouts,
         }
-        if self.dp is not None:
-            out["cohort_epsilon"] = round(self.epsilon(), 4)
-        if self.budget_spent:
+        if self.budget.dp is not None:
+            out["cohort_epsilon"] = round(self.budget.epsilon(), 4)
+        if self.budget.spent:
             out["cohorts_stopped"] = "privacy budget spent"
         return out
 
@@ -260,9 +257,9 @@ class Cohorts:
         opened = []
         eligible = set(eligible)
         while (cohort := self.planner.plan(now, eligible, version)) is not None:
-            if self._over_budget(cohort):
+            if not self.budget.allows(cohort):
                 break
-            self.sampled.append(sampling_pool(cohort.eligible, len(cohort.members)))
+            self.budget.opened(cohort)
             self.db.execute(
                 "INSERT INTO cohorts (cohort, number, version, created, deadline, eligible, seed, members, secure) "
                 "VALUES (?,?,?,?,?,?,?,?,?)",
@@ -317,23 +314,11 @@ class Cohorts:
         """Undo what a rolled-back transaction did to the planner."""
         p = self.planner
         p.in_flight, p.number, p.last_opened, self.dropouts = dict(in_flight), number, last_opened, dropouts
-        del self.sampled[sampled:]
+        self.budget.truncate(sampled)
 
     def mark(self) -> tuple[dict[str, tuple[str, float]], int, float, int, int]:
         p = self.planner
-        return dict(p.in_flight), p.number, p.last_opened, self.dropouts, len(self.sampled)
-
-    def epsilon(self, extra: Cohort | None = None) -> float:
-        """ε of any device so far under central DP, amplified by the cohorts' sampling (with ``extra``, were it opened)."""
-        return cohort_epsilon(self.dp, self.sampled, extra)
-
-    def _over_budget(self, cohort: Cohort) -> bool:
-        if not over_budget(self.dp, self.sampled, cohort):
-            return False
-        if not self.budget_spent:
-            log.warning("no more cohorts: one more would take the fleet's epsilon past its privacy budget")
-        self.budget_spent = True
-        return True
+        return dict(p.in_flight), p.number, p.last_opened, self.dropouts, len(self.budget.sampled)
 
     def open_invitations(self) -> list[CohortInvite]:
         """Every invitation still open, to send again after a restart (devices act on each once)."""
@@ -388,7 +373,7 @@ def open_cohorts(
     cohorts.metrics = metrics
     cohorts.report()
     if engine is not None and cfg.dp.enabled:
-        engine.amplified = cohorts.epsilon
+        engine.amplified = cohorts.budget.epsilon
     return cohorts
 
 

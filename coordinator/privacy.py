@@ -77,26 +77,16 @@ def epsilon(participations: int, noise_multiplier: float, delta: float, method: 
     return float(accountant.get_epsilon(delta))
 
 
-def _events(cohorts: tuple[tuple[int, int], ...], noise_multiplier: float, poisson: bool) -> Any:
+def _poisson_events(cohorts: tuple[tuple[int, int], ...], noise_multiplier: float) -> Any:
+    """The cohorts as Poisson sampling at ``q = size / eligible``, each then a Gaussian (the cross-check's model)."""
     import dp_accounting
 
     gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
-    parts = []
-    for (eligible, size), count in sorted(Counter(cohorts).items()):
-        if poisson:
-            sampled = dp_accounting.PoissonSampledDpEvent(min(1.0, size / eligible), gaussian)
-        else:
-            sampled = dp_accounting.SampledWithoutReplacementDpEvent(eligible, size, gaussian)
-        parts.append(dp_accounting.SelfComposedDpEvent(sampled, count))
+    parts = [
+        dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(min(1.0, size / eligible), gaussian), count)
+        for (eligible, size), count in sorted(Counter(cohorts).items())
+    ]
     return dp_accounting.ComposedDpEvent(parts)
-
-
-def cohort_sampling_events(cohorts: Sequence[tuple[int, int]], noise_multiplier: float, poisson: bool = False) -> Any:
-    """The dp-accounting event of a device that may have been sampled in each of ``cohorts``
-    (``(eligible, size)``: ``size`` devices drawn uniformly without replacement from ``eligible``),
-    each cohort's updates protected by one Gaussian mechanism of ``noise_multiplier``. With
-    ``poisson``, each cohort is modelled as Poisson sampling at ``q = size / eligible`` instead."""
-    return _events(_checked(cohorts), noise_multiplier, poisson)
 
 
 def _checked(cohorts: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
@@ -133,7 +123,7 @@ def _amplified(cohorts: tuple[tuple[int, int], ...], noise_multiplier: float, de
         return float(rdp_privacy_accountant.compute_epsilon(rdp_privacy_accountant.DEFAULT_RDP_ORDERS, total, delta)[0])
     logging.getLogger("absl").setLevel(logging.ERROR)
     accountant: Any = pld_privacy_accountant.PLDAccountant() if method == "pld_poisson" else rdp_privacy_accountant.RdpAccountant()
-    accountant.compose(_events(cohorts, noise_multiplier, poisson=True))
+    accountant.compose(_poisson_events(cohorts, noise_multiplier))
     return float(accountant.get_epsilon(delta))
 
 

@@ -65,15 +65,15 @@ def test_the_coordinators_epsilon_comes_from_its_recorded_cohorts_and_the_budget
     opened = 0
     for t in range(200):  # each cohort expires before the next turn, so its members are eligible again
         opened += len(cohorts.open_next(10.0 * t, devices, 0))
-        if cohorts.budget_spent:
+        if cohorts.budget.spent:
             break
-    assert cohorts.budget_spent and cohorts.status()["cohorts_stopped"] == "privacy budget spent"
-    assert recorded_sampling(db) == cohorts.sampled and len(cohorts.sampled) == opened
-    eligible = {e for e, _ in cohorts.sampled}
-    assert eligible <= {130, 137 - 10} | {120} and all(s == 10 for _, s in cohorts.sampled)  # 137 rounds down to 130
-    spent = amplified_epsilon(cohorts.sampled, 0.8, 1e-4)
-    assert cohorts.epsilon() == spent <= 3.0 < amplified_epsilon(cohorts.sampled + [(130, 10)], 0.8, 1e-4)
-    engine = Engine(StrategyConfig(kind="fedbuff", buffer_size=10), shapes={"a": (4,)}, dp=dp, amplified=cohorts.epsilon)
+    assert cohorts.budget.spent and cohorts.status()["cohorts_stopped"] == "privacy budget spent"
+    assert recorded_sampling(db) == cohorts.budget.sampled and len(cohorts.budget.sampled) == opened
+    eligible = {e for e, _ in cohorts.budget.sampled}
+    assert eligible <= {130, 137 - 10} | {120} and all(s == 10 for _, s in cohorts.budget.sampled)  # 137 rounds down to 130
+    spent = amplified_epsilon(cohorts.budget.sampled, 0.8, 1e-4)
+    assert cohorts.budget.epsilon() == spent <= 3.0 < amplified_epsilon(cohorts.budget.sampled + [(130, 10)], 0.8, 1e-4)
+    engine = Engine(StrategyConfig(kind="fedbuff", buffer_size=10), shapes={"a": (4,)}, dp=dp, amplified=cohorts.budget.epsilon)
     assert engine.fleet_epsilon() == spent == engine.device_epsilon("d001", extra=1)
     assert sampling_pool(987, 100) == (980, 100) and sampling_pool(105, 104) == (104, 104) and sampling_pool(42, 5) == (42, 5)
     assert sampling_pool(12345, 10) == (12000, 10)
