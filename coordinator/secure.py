@@ -138,9 +138,7 @@ class SecureCohort:
         self.t = max(2, min(n, math.ceil(cfg.threshold * n)))
         self.k = max(1, min(size, round(cfg.fraction * size)))
         self.size = size
-        self.mu = 0.0
-        if cfg.noise_multiplier > 0:
-            self.mu = skellam_share(cfg, n, self.t, self.k)
+        self.mu = skellam_share(cfg, n, self.t, self.k)  # 0 without distributed DP
         self.quantizer = Quantizer(cfg.clip, n, cfg.bits, noise_sigma=math.sqrt(2.0 * self.mu * n))
         self.phase = "keys"
         self.until = now + cfg.round_s
