@@ -122,6 +122,11 @@ def _private_step(
     return loss
 
 
+def _proximal(params: list[torch.nn.Parameter], anchors: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's term ``mu / 2 * ||w - w_global||^2`` over the trainable tensors."""
+    return 0.5 * mu * torch.stack([((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True)]).sum()
+
+
 def train_round(
     model: torch.nn.Module,
     data: LocalData,
@@ -158,15 +163,13 @@ def train_round(
             assert dp_sgd is not None and noise is not None
             losses.append(_private_step(model, params, batch, dp_sgd, cfg.loss_chunk_tokens, noise))
             if anchors:
-                term = 0.5 * cfg.fedprox_mu * torch.stack([((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True)]).sum()
-                for p, g in zip(params, torch.autograd.grad(term, params), strict=True):
+                for p, g in zip(params, torch.autograd.grad(_proximal(params, anchors, cfg.fedprox_mu), params), strict=True):
                     p.grad = p.grad + g if p.grad is not None else g
         else:
             loss = lm_loss(model, batch, cfg.loss_chunk_tokens)
             objective = loss
             if anchors:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
-                objective = loss + 0.5 * cfg.fedprox_mu * prox
+                objective = loss + _proximal(params, anchors, cfg.fedprox_mu)
             objective.backward()
             losses.append(float(loss.detach()))
         opt.step()
