@@ -130,6 +130,15 @@ def _fleet(broker: MosquittoBroker, tmp_path: Path, tiny_model: Path, n: int, ro
     return coordinator, devices
 
 
+def _ready(devices: list[SecAggDevice]) -> bool:
+    """Whether every device is through the keys and shares rounds of its current cohort."""
+    return all(d.session is not None and d.session.phase == "ready" for d in devices)
+
+
+def _wait_ready(devices: list[SecAggDevice], what: str) -> None:
+    wait_until(lambda: _ready(devices), 30, what)
+
+
 def _vector(d: SecAggDevice, seed: int) -> np.ndarray:
     state = d.global_state(d.wait_meta(0))
     size = sum(v.size for v in state.values())
@@ -145,7 +154,7 @@ def test_the_coordinator_recovers_exactly_the_sum_and_the_broker_never_carries_a
         with coordinator as service:
             for d in devices:
                 d.invites.get(timeout=30)
-            wait_until(lambda: all(d.session is not None and d.session.phase == "ready" for d in devices), 30, "the keys and shares rounds")
+            _wait_ready(devices, "the keys and shares rounds")
             xs = [_vector(d, i) for i, d in enumerate(devices)]
             sent = [d.submit(x, i) for i, (d, x) in enumerate(zip(devices, xs, strict=True))]
             devices[0].wait_meta(1, timeout=30)
@@ -192,7 +201,7 @@ def test_a_third_of_the_cohort_dropping_after_its_masked_input_is_survived(
         with coordinator as service:
             for d in devices:
                 d.invites.get(timeout=30)
-            wait_until(lambda: all(d.session is not None and d.session.phase == "ready" for d in devices), 30, "the keys and shares rounds")
+            _wait_ready(devices, "the keys and shares rounds")
             for d in devices[:2]:
                 d.silent_after_mask = True
             sent = [d.submit(_vector(d, i), i) for i, d in enumerate(devices)]
@@ -230,7 +239,7 @@ def test_a_device_refuses_a_coordinator_that_asks_for_both_shares_of_one_member(
         masked, submitted = 0, False
         deadline = time.monotonic() + 30
         while masked < 6 and time.monotonic() < deadline:
-            if not submitted and all(d.session is not None and d.session.phase == "ready" for d in devices):
+            if not submitted and _ready(devices):
                 submitted = True
                 for i, d in enumerate(devices):
                     d.submit(np.random.default_rng(i).normal(0, 0.01, 4000), i)
@@ -359,7 +368,7 @@ def test_a_coordinator_killed_with_9_mid_protocol_abandons_the_cohort_and_the_ne
     try:
         for d in devices:
             assert d.invites.get(timeout=60).cohort == "c00000001"
-        wait_until(lambda: all(d.session is not None and d.session.phase == "ready" for d in devices), 30, "the keys and shares rounds")
+        _wait_ready(devices, "the keys and shares rounds")
         for i, d in enumerate(devices[:2]):
             d.submit(_vector(d, i), i)  # two masked inputs reach the coordinator, then it dies
         time.sleep(0.5)
@@ -369,7 +378,7 @@ def test_a_coordinator_killed_with_9_mid_protocol_abandons_the_cohort_and_the_ne
         child = Child("coordinator", serve_argv(cfg_path), tmp_path / "coord.log").start()
         for d in devices:
             assert d.invites.get(timeout=60).cohort == "c00000002"  # the abandoned cohort is not sent again
-        wait_until(lambda: all(d.session is not None and d.session.phase == "ready" for d in devices), 30, "the second cohort's keys")
+        _wait_ready(devices, "the second cohort's keys")
         for i, d in enumerate(devices):
             d.submit(_vector(d, 10 + i), 10 + i)
         devices[0].wait_meta(1, timeout=60)
