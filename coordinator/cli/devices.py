@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from coordinator.cli.status import fleet_epsilon
+from coordinator.cli.status import epsilon_of
 from coordinator.store import Store
 
 
@@ -31,6 +31,7 @@ def device_rows(state_dir: str | Path) -> list[dict[str, Any]]:
         current = store.current_version()
         dp = json.loads(store.get_meta("dp") or "null")
         participations = store.participations() if dp else {}
+        device_epsilon = epsilon_of(store, dp) if dp else None
         rows = []
         for d in store.devices():
             m = d["metrics"]
@@ -52,7 +53,7 @@ def device_rows(state_dir: str | Path) -> list[dict[str, Any]]:
                     "eval_loss": d["eval_loss"],
                     "rss_mb": m.get("rss_mb"),
                     "dp_participations": participations.get(d["device"], 0) if dp else None,
-                    "dp_epsilon": fleet_epsilon(store, dp, participations.get(d["device"], 0)) if dp else None,
+                    "dp_epsilon": device_epsilon(participations.get(d["device"], 0)) if device_epsilon else None,
                 }
             )
         return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from coordinator.cli.common import add_state_args, state_dir
@@ -34,7 +35,7 @@ def collect(path: str) -> dict[str, Any]:
         if dp:
             parts = store.participations()
             worst = max(parts.values(), default=0)
-            dp = {**dp, "epsilon_max": fleet_epsilon(store, dp, worst), "max_participations": worst}
+            dp = {**dp, "epsilon_max": epsilon_of(store, dp)(worst), "max_participations": worst}
         return {
             "dp": dp,
             "cohorts": _cohorts(store, now),
@@ -54,12 +55,14 @@ def collect(path: str) -> dict[str, Any]:
         store.close()
 
 
-def fleet_epsilon(store: Store, dp: dict[str, Any], participations: int) -> float:
-    """The ε of the fleet's most exposed device: amplified by the recorded cohorts' sampling when the
-    fleet trains in cohorts (the same bound for every device), else from its participations."""
+def epsilon_of(store: Store, dp: dict[str, Any]) -> Callable[[int], float]:
+    """A device's ε from its participations: amplified by the recorded cohorts' sampling when the
+    fleet trains in cohorts (the same bound for every device, read and computed once here), else
+    the composition of its participations."""
     if dp.get("amplified"):
-        return amplified_epsilon(recorded_sampling(store.db), dp["noise_multiplier"], dp["delta"])
-    return epsilon(participations, dp["noise_multiplier"], dp["delta"])
+        amplified = amplified_epsilon(recorded_sampling(store.db), dp["noise_multiplier"], dp["delta"])
+        return lambda _participations: amplified
+    return lambda participations: epsilon(participations, dp["noise_multiplier"], dp["delta"])
 
 
 def _cohorts(store: Store, now: float) -> dict[str, Any] | None:

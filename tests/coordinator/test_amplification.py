@@ -91,3 +91,29 @@ def test_dp_with_cohorts_needs_each_cohort_to_be_one_buffer() -> None:
     CoordinatorConfig(state_dir="s", strategy=fedbuff, dp=dp, cohorts=CohortConfig(enabled=True, concurrency=20, size=10))
     with pytest.raises(ConfigError, match="cohorts.size = strategy.buffer_size"):
         CoordinatorConfig(state_dir="s", strategy=fedbuff, dp=dp, cohorts=CohortConfig(enabled=True, concurrency=20, size=5))
+
+
+def test_devices_and_status_show_the_amplified_epsilon_from_the_recorded_cohorts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from coordinator.cli.devices import device_rows
+    from coordinator.cli.status import collect
+    from coordinator.cohort_privacy import recorded_sampling
+    from coordinator.store import Store
+
+    store = Store(tmp_path, create=True)
+    store.set_meta("dp", json.dumps({"noise_multiplier": 1.0, "delta": 1e-5, "amplified": True}))
+    members = [f"d{i}" for i in range(10)]
+    for n in range(1, 6):
+        store.db.execute(
+            "INSERT INTO cohorts (cohort, number, version, created, deadline, eligible, seed, members) VALUES (?,?,0,0,1,?,0,?)",
+            (f"c{n:08d}", n, 987, json.dumps(members)),
+        )
+    for d in ("d1", "d2"):
+        store.db.execute("INSERT INTO devices(device, state, last_seen) VALUES (?, 'idle', 0)", (d,))
+    store.close()
+    want = amplified_epsilon([(980, 10)] * 5, 1.0, 1e-5)  # 987 eligible, rounded down
+    assert recorded_sampling(Store(tmp_path, readonly=True).db) == [(980, 10)] * 5
+    rows = device_rows(tmp_path)
+    assert [r["dp_epsilon"] for r in rows] == [want, want]  # the same bound for every device, participations or not
+    assert collect(str(tmp_path))["dp"]["epsilon_max"] == want
