@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compression import FrameLimits, decode_frame, protocol
-from compression.errors import CodecError
+from compression.errors import CodecError, ProtocolError
 from compression.partial import Partial, PartialAck, PartialError, decode
 from coordinator.errors import Rejection
 from coordinator.identity import enrolled_key
@@ -81,8 +81,16 @@ def _covered_before(db: Any, update_ids: list[str]) -> str | None:
     return None
 
 
-def handle_partial(svc: CoordinatorService, site: str, payload: bytes) -> None:
-    """One partial from ``site``'s topic, in the batch's transaction (see the module docstring)."""
+def handle_partial(svc: CoordinatorService, topic: str, payload: bytes) -> None:
+    """One message on ``fl/<fleet>/sites/<site>/partial``, in the batch's transaction (see the module docstring)."""
+    try:
+        _fleet, site, leaf = protocol.parse_site_topic(topic)
+    except ProtocolError as exc:
+        svc.outcomes.reject(None, Rejection("malformed_topic", str(exc)))
+        return
+    if leaf != "partial":
+        log.warning("ignored a message on %s: the root reads partials only", topic)
+        return
     store = svc.store
     try:
         p = decode(payload, lambda s: site_verifier(store.identity(s), s), svc.cfg.limits.max_update_bytes * 64)

@@ -272,8 +272,8 @@ class CoordinatorService:
         self.outcomes.handler_error(msg.topic, msg.payload, error, self.version, self.cfg.limits.max_update_bytes)
 
     def _handle(self, msg: Message) -> None:
-        if msg.topic.endswith("/partial") and msg.topic.startswith(f"fl/{self.cfg.fleet}/sites/"):
-            return handle_partial(self, msg.topic.split("/")[3], msg.payload)  # a site's partial aggregate (coordinator.root)
+        if msg.topic.startswith(f"fl/{self.cfg.fleet}/sites/"):
+            return handle_partial(self, msg.topic, msg.payload)  # a site's partial aggregate (coordinator.root)
         try:
             fleet, device, leaf = protocol.parse_device_topic(msg.topic)
         except CodecError as exc:

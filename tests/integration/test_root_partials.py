@@ -100,7 +100,10 @@ def test_the_root_commits_a_partial_once_weights_its_groups_as_their_updates_and
             site.send(Partial("site-a", 2, time.time(), (g3,)))
             # Forged: signed by another key.
             site.send(Partial("site-a", 3, time.time(), (g3,)), Ed25519PrivateKey.generate().sign)
+            # Under a site id no site can have.
+            site.client.publish(f"fl/{FLEET}/sites/bad$site/partial", b"FPA1", qos=1).wait_for_publish(10)
             wait_until(lambda: service.rejections.get("duplicate", 0) + service.rejections.get("malformed", 0) >= 2, 20, "two refusals")
+            wait_until(lambda: service.rejections.get("malformed_topic", 0) == 1, 20, "the bad site id's refusal")
             assert service.version == 1
             db = service.store.db
             assert sorted(r[0] for r in db.execute("SELECT update_id FROM partial_updates")) == ["pi-1-1", "pi-2-1", "pi-3-1", "pi-4-1"]
