@@ -524,9 +524,6 @@ class SecAggParams:
     mu: float = 0.0
     """Distributed DP: each member adds Skellam(mu) noise to every quantized value (0: none)."""
 
-    def to_obj(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_obj(cls, obj: Any, what: str) -> SecAggParams:
         what = f"{what}: secagg"
