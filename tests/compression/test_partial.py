@@ -92,3 +92,42 @@ def test_arbitrary_bytes_are_refused_with_a_partial_error_only(data: bytes) -> N
 def test_groups_round_trip(base: int, weight: float, ids: list[str]) -> None:
     p = Partial("s1", 7, 0.0, (Group(base, weight, len(ids), tuple(ids), b"frame"),))
     assert decode(p.encode(_sign), _accept) == p
+
+
+def test_a_partial_ack_that_is_forged_malformed_or_oversized_is_refused() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from compression.keys import ed25519_verifier
+    from compression.partial import PartialAck
+
+    key = Ed25519PrivateKey.generate()
+    verify = ed25519_verifier(key.public_key())
+    ack = PartialAck("site-a", "site-a-000000000001", "applied", 3)
+    assert PartialAck.decode(ack.encode(key.sign), verify) == ack
+    with pytest.raises(PartialError, match="does not verify"):
+        PartialAck.decode(ack.encode(Ed25519PrivateKey.generate().sign), verify)
+    with pytest.raises(PartialError, match="other fields or outcomes"):
+        PartialAck.decode(replace_outcome(ack.encode(key.sign), "rejected"), verify)
+    with pytest.raises(PartialError, match="malformed"):
+        PartialAck.decode(b"{not json", verify)
+    with pytest.raises(PartialError, match="too long"):
+        PartialAck.decode(b" " * 5000, verify)
+
+
+def replace_outcome(payload: bytes, outcome: str) -> bytes:
+    import json
+
+    obj = json.loads(payload)
+    obj["ack"]["outcome"] = outcome
+    return json.dumps(obj).encode()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_arbitrary_ack_bytes_are_refused_with_a_partial_error_only(data: bytes) -> None:
+    from compression.partial import PartialAck
+
+    try:
+        PartialAck.decode(data, lambda sig, msg: True)
+    except PartialError:
+        pass

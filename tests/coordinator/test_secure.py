@@ -14,7 +14,7 @@ from compression.keys import ed25519_verifier
 from compression.protocol import CohortInvite
 from compression.secagg import SecAggError
 from compression.secagg_device import DeviceSession
-from compression.secagg_wire import DOWN_KINDS, UP_KINDS, SecAggMessage, decode, unmask_down
+from compression.secagg_wire import DOWN_KINDS, UP_KINDS, SecAggMessage, decode, read_keys_up, unmask_down
 from coordinator.cohorts import Cohort
 from coordinator.secure import SecureCohort, SecureConfig
 
@@ -147,6 +147,17 @@ def test_a_device_refuses_a_coordinator_that_asks_for_both_shares_of_one_member(
     assert s.phase == "refused" and s.client.revealed == {}
     with pytest.raises(SecAggError, match="does not fit"):
         s.handle(unmask_down("c00000001", "dev-00", [1, 2, 3], [4]))  # no second chance after a refusal
+
+
+def test_a_redelivered_message_is_ignored_and_changes_nothing() -> None:
+    f = Fleet(4)
+    first = f.sessions["dev-00"].start()
+    assert f.sc.receive(first, f.now) == [] and f.sc.keys[1].index == 1
+    again = f.sessions["dev-00"].start()  # another keys message of the same member, in the same round
+    assert f.sc.receive(again, f.now) == [] and f.sc.keys[1] == read_keys_up(first, 4)
+    f.start()  # the others join; the rounds go on as if the redelivery never came
+    f.submit(np.random.default_rng(5))
+    assert f.sc.total is not None, f.sc.failed
 
 
 def test_messages_out_of_turn_forged_or_from_outsiders_are_refused() -> None:
