@@ -15,6 +15,9 @@ Topic names are built only here (see ``docs/protocol.md``)::
     fl/<fleet>/devices/<id>/secagg      device -> coord  binary, device-signed: secure aggregation's rounds
     fl/<fleet>/sites/<site>/partial     site -> root     binary, site-signed: a partial aggregate
     fl/<fleet>/sites/<site>/ack         root -> site     JSON, retained, fleet-signed: the last partial committed
+    fl/<fleet>/sites/<site>/status      site -> root     JSON, retained: the site's coordinator/status (bridge remap)
+    fl/<fleet>/sites/<site>/bridge      site broker      "1"/"0", retained: the bridge's notification (its will)
+    fl/<fleet>/root/coordinator/status  root -> site     JSON, retained: the root's status on a site broker (remap)
 
 The global meta and every ack carry an Ed25519 signature by the fleet key (the meta names
 the sha256 of the delta and the snapshot, so it binds them too). Signing and verifying
@@ -114,6 +117,29 @@ def site_partial(fleet: str, site: str) -> str:
 def site_ack(fleet: str, site: str) -> str:
     """The root's acknowledgements of a site's partials (retained: the last one)."""
     return f"fl/{check_id(fleet, 'fleet')}/sites/{check_id(site, 'site id')}/ack"
+
+
+def site_status(fleet: str, site: str) -> str:
+    """A site aggregator's status at the root: its ``coordinator/status``, remapped by the bridge."""
+    return f"fl/{check_id(fleet, 'fleet')}/sites/{check_id(site, 'site id')}/status"
+
+
+def site_bridge(fleet: str, site: str) -> str:
+    """The site broker's bridge notification at the root: retained ``1`` while connected, ``0`` (its will) after."""
+    return f"fl/{check_id(fleet, 'fleet')}/sites/{check_id(site, 'site id')}/bridge"
+
+
+def root_status(fleet: str) -> str:
+    """The root's ``coordinator/status`` on a site broker, remapped by the bridge."""
+    return f"fl/{check_id(fleet, 'fleet')}/root/coordinator/status"
+
+
+def all_site_status(fleet: str) -> str:
+    return f"fl/{check_id(fleet, 'fleet')}/sites/+/status"
+
+
+def all_site_bridges(fleet: str) -> str:
+    return f"fl/{check_id(fleet, 'fleet')}/sites/+/bridge"
 
 
 def all_partials(fleet: str) -> str:

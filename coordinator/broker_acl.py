@@ -5,7 +5,8 @@ fleet's topics, even under its own id. ``%u`` is the connecting user, which is t
 id (a password login, or ``use_identity_as_username`` with the certificate's CN); with
 ``use_username_as_clientid`` it is also the MQTT client id, so no device can take over
 another's session, or the coordinator's. Several fleets on one broker: one listener each,
-with ``per_listener_settings true`` and its own ``acl_file``.
+with ``per_listener_settings true`` and its own ``acl_file``. ``sites`` adds the root broker's
+lines for each site's bridge user, ``bridge-<site>``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ COORDINATOR_USER = "coordinator"
 OPERATOR_USER = "operator"
 
 
-def render_acl(fleet: str) -> str:
+def render_acl(fleet: str, sites: tuple[str, ...] = ()) -> str:
     f = check_id(fleet, "fleet")
+    return _devices(f) + "".join(_bridge(f, check_id(s, "site id")) for s in sites)
+
+
+def _devices(f: str) -> str:
     return f"""\
 # fedge ACL for fleet {f!r}, rendered by `fedge-coordinator acl --fleet {f}`.
 # No per-device lines: %u is the connecting user, which is the device id (password login,
@@ -45,4 +50,19 @@ pattern read fl/{f}/coordinator/status
 pattern read fl/{f}/cohorts/+/invite/%u
 pattern read fl/{f}/cohorts/+/secagg/%u
 pattern write fl/{f}/devices/%u/secagg
+"""
+
+
+def _bridge(f: str, s: str) -> str:
+    """The root broker's lines for site ``s``'s bridge (``devices/mosquitto/bridge-site.conf``): only its own topics."""
+    return f"""
+# Site {s!r}: its broker's bridge, user bridge-{s} (docs/sites.md). Up: its partials, its
+# aggregator's status and the bridge's state. Down: its acks, the global model, the root's status.
+user bridge-{s}
+topic write fl/{f}/sites/{s}/partial
+topic write fl/{f}/sites/{s}/status
+topic write fl/{f}/sites/{s}/bridge
+topic read fl/{f}/sites/{s}/ack
+topic read fl/{f}/global/#
+topic read fl/{f}/coordinator/status
 """

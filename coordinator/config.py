@@ -19,6 +19,7 @@ from coordinator.cohorts import CohortConfig
 from coordinator.errors import ConfigError
 from coordinator.privacy import DPConfig
 from coordinator.secure import MIN_MEMBERS, SecureConfig
+from coordinator.site import SiteConfig
 from coordinator.strategy import StrategyConfig
 
 DEFAULT_DOWNLINK = CodecConfig(topk_fraction=0.02, values="int8")
@@ -153,6 +154,8 @@ class CoordinatorConfig:
     """Invite devices to train, at most ``concurrency`` at once (``docs/cohorts.md``)."""
     secagg: SecureConfig = field(default_factory=SecureConfig)
     """Securely aggregate every cohort: the coordinator learns only each cohort's sum (``docs/secure-aggregation.md``)."""
+    site: SiteConfig = field(default_factory=SiteConfig)
+    """Run as a site aggregator of a root (``docs/sites.md``): follow its versions, forward partials."""
     downlink: CodecConfig = field(default_factory=lambda: DEFAULT_DOWNLINK)
     """Codec of the global deltas published each version (with error feedback at the coordinator)."""
     keep_versions: int = 20
@@ -190,6 +193,10 @@ class CoordinatorConfig:
             )
         if self.secagg.enabled:
             self._check_secagg()
+        if self.site.enabled and (self.dp.enabled or s.robust.rule != "none"):
+            raise ConfigError(
+                "site.id with dp.enabled or a robust rule: a site forwards sums, which the root cannot clip or inspect per device"
+            )
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.keep_versions < 2:

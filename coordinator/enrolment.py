@@ -31,6 +31,8 @@ from coordinator.store import Store
 
 RESERVED = frozenset({"coordinator", "operator", "admin", "root", "mosquitto"})
 """Broker identities that the ACL gives more than a device's rights; never a device id."""
+BRIDGE_PREFIX = "bridge-"
+"""Site brokers' bridge users at the root (``bridge-<site>``, see ``docs/sites.md``): never a device id."""
 
 
 def _passwd(args: list[str]) -> None:
@@ -147,11 +149,12 @@ def enroll(
     ca_dir: Path | None = None,
     force: bool = False,
     max_samples: int | None = None,
+    site_keys: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """Issue a device's identity. Refuses reserved names, and a device already enrolled unless ``force``
     (which replaces its key and password: the old ones stop working)."""
     check_id(device, "device id")
-    if device.lower() in RESERVED or device.lower().startswith("coordinator"):
+    if device.lower() in RESERVED or device.lower().startswith(("coordinator", BRIDGE_PREFIX)):
         raise ConfigError(f"{device!r} is a reserved broker identity (it has more than a device's rights); choose another device id")
     if max_samples is not None and max_samples < 1:
         raise ConfigError(f"--max-samples must be at least 1, got {max_samples}")
@@ -161,7 +164,8 @@ def enroll(
             raise ConfigError(f"device {device!r} is already enrolled; pass --force to replace its key and password")
         if password_file is not None and not force and _has_user(password_file, device):
             raise ConfigError(f"{password_file} already has a user {device!r}; pass --force to replace its password")
-        fleet_public = public_hex(fleet_key(state_dir, create=True))
+        # At a site (``site_keys``: the root's fleet key and the site's own), the device verifies both.
+        fleet_public = site_keys[0] if site_keys else public_hex(fleet_key(state_dir, create=True))
     finally:
         store.close()
     out = Path(out)
@@ -183,6 +187,7 @@ def enroll(
         f'signing_key = "{key_path.name}"',
         "# The fleet key's public half: the agent refuses global state not signed by it.",
         f'fleet_public_key = "{fleet_public}"',
+        *([f'site_public_key = "{site_keys[1]}"  # this site\'s aggregator: it signs acks and invitations'] if site_keys else []),
         "",
         "[broker]",
         f'host = "{broker_host}"',

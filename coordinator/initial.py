@@ -100,7 +100,8 @@ def open_fleet(store: Any, cfg: Any, init: bool) -> tuple[TrainableSpec, int, di
         raise StoreError(f"{cfg.state_dir}: versions exist but the trainable spec is missing")
     if not init:
         raise StoreError(f"{cfg.state_dir} holds no fleet yet; start a new one with `fedge-coordinator serve --init`")
-    fleet_key(cfg.state_dir, create=True)
+    if not cfg.site.enabled:  # a site signs with the key its root enrolled it with
+        fleet_key(cfg.state_dir, create=True)
     spec, state = initial_state(cfg.model)
     store.set_meta("spec", json.dumps(spec.to_dict(), sort_keys=True))
     store.commit_version(0, state, None, cfg.keep_versions)

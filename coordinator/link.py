@@ -75,7 +75,13 @@ class Link:
             log.error("broker refused the connection: %s", reason)
             return
         fleet = self.cfg.fleet
-        topics = [(protocol.all_updates(fleet), 1), (protocol.all_device_status(fleet), 1), (protocol.all_partials(fleet), 1)]
+        topics = [(protocol.all_updates(fleet), 1), (protocol.all_device_status(fleet), 1)]
+        if self.cfg.site.enabled:  # the root's versions and this site's acks come down the bridge
+            site = self.cfg.site.id
+            topics += [(t, 1) for t in (protocol.global_meta(fleet), protocol.global_delta(fleet), protocol.global_snapshot(fleet))]
+            topics.append((protocol.site_ack(fleet, site), 1))
+        else:  # a root: its sites' partials, statuses and bridges
+            topics += [(t, 1) for t in (protocol.all_partials(fleet), protocol.all_site_status(fleet), protocol.all_site_bridges(fleet))]
         if self.cfg.secagg.enabled:
             topics.append((protocol.all_secagg(fleet), 1))
         client.subscribe(topics)

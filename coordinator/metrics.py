@@ -61,8 +61,40 @@ class Metrics:
         self.cohort_dropouts = Gauge(
             "fedge_cohort_dropouts", "Cohort members that did not report by the deadline", ["fleet"], registry=r
         ).labels(**labels)
+        # A root's sites (coordinator.root): from each site's status and its bridge's notification.
+        site = ["fleet", "site"]
+        self.site_bridge = _Labelled(
+            Gauge("fedge_site_bridge_up", "1 while the site broker's bridge to the root is connected", site, registry=r), fleet
+        )
+        self.site_online = _Labelled(Gauge("fedge_site_online", "1 while the site aggregator's status is online", site, registry=r), fleet)
+        self.site_lag = _Labelled(
+            Gauge("fedge_site_lag_versions", "Root versions the site aggregator has not reached yet", site, registry=r), fleet
+        )
+        self.site_devices = _Labelled(Gauge("fedge_site_devices_online", "Devices online at the site", site, registry=r), fleet)
+        self.site_unacked = _Labelled(
+            Gauge("fedge_site_partials_unacked", "The site's partials waiting for the root's ack", site, registry=r), fleet
+        )
+        self.site_rejected = _Labelled(
+            Gauge("fedge_site_updates_rejected", "Updates the site aggregator refused, all reasons", site, registry=r), fleet
+        )
+        self.site_updates = Counter("fedge_site_updates", "Device updates the root took in the site's partials", site, registry=r)
         self._fleet = fleet
         self._server: Any = None
+
+    def site_status(self, site: str, status: dict[str, Any], root_version: int) -> None:
+        """Export what a site's status says (its values are the site's word: numbers are clamped to be finite)."""
+
+        def num(key: str) -> float:
+            v = status.get(key)
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e15 else 0.0
+
+        self.site_online.labels(site=site).set(status.get("state") == "online")
+        following = status.get("following")
+        lag = root_version - following if isinstance(following, int) and not isinstance(following, bool) else root_version
+        self.site_lag.labels(site=site).set(max(0, lag))
+        self.site_devices.labels(site=site).set(num("devices_online"))
+        self.site_unacked.labels(site=site).set(num("partials_unacked"))
+        self.site_rejected.labels(site=site).set(num("rejected"))
 
     def reject(self, reason: str, n: int = 1) -> None:
         self.rejected.labels(fleet=self._fleet, reason=reason).inc(n)
@@ -80,3 +112,14 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _Labelled:
+    """A metric with the fleet's label already set: ``.labels(site=...)`` adds the rest."""
+
+    def __init__(self, metric: Any, fleet: str) -> None:
+        self.metric = metric
+        self.fleet = fleet
+
+    def labels(self, **labels: str) -> Any:
+        return self.metric.labels(fleet=self.fleet, **labels)

@@ -20,6 +20,7 @@ A site aggregator (``docs/sites.md``) forwards signed partials on ``fl/<fleet>/s
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -88,8 +89,10 @@ def handle_partial(svc: CoordinatorService, topic: str, payload: bytes) -> None:
     except ProtocolError as exc:
         svc.outcomes.reject(None, Rejection("malformed_topic", str(exc)))
         return
+    if leaf in ("status", "bridge"):
+        return site_seen(svc, site, leaf, payload)
     if leaf != "partial":
-        log.warning("ignored a message on %s: the root reads partials only", topic)
+        log.warning("ignored a message on %s: the root reads partials, statuses and bridge states only", topic)
         return
     store = svc.store
     try:
@@ -134,5 +137,41 @@ def handle_partial(svc: CoordinatorService, topic: str, payload: bytes) -> None:
         entry = LedgerEntry(f"{p.partial_id}/{i}", f"site:{site}", p.seq, g.base_version, staleness, 0.0, samples, len(g.frame), None)
         offer_derived(svc, entry, mean)
     svc.metrics.accepted.inc(p.updates)
+    svc.metrics.site_updates.labels(fleet=svc.cfg.fleet, site=site).inc(p.updates)
     svc.outcomes.acks_out.append(PartialAck(site, p.partial_id, "applied", svc.version))
     log.info("partial %s from %s: %d device update(s) in %d group(s)", p.partial_id, site, p.updates, len(p.groups))
+
+
+def site_seen(svc: CoordinatorService, site: str, leaf: str, payload: bytes) -> None:
+    """A site's status (its coordinator/status, remapped up the bridge) or its bridge's state, for the fleet view.
+
+    Only an enrolled site is recorded, and only a bounded JSON object or ``0``/``1``: the root's
+    view of its sites never grows with what a stranger publishes."""
+    store = svc.store
+    if store.identity(site) is None:
+        return
+    now = time.time()
+    if leaf == "bridge":
+        state = {b"1": "up", b"0": "down"}.get(bytes(payload).strip())
+        if state is None:
+            return
+        store.db.execute(
+            "INSERT INTO sites(site, bridge, bridge_changed) VALUES (?,?,?) "
+            "ON CONFLICT(site) DO UPDATE SET bridge=excluded.bridge, bridge_changed=excluded.bridge_changed",
+            (site, state, now),
+        )
+        svc.metrics.site_bridge.labels(site=site).set(state == "up")
+        return
+    try:
+        status = json.loads(bytes(payload)[:65536].decode("utf-8")) if len(payload) <= 65536 else None
+    except (UnicodeDecodeError, ValueError):
+        status = None
+    if not isinstance(status, dict):
+        log.warning("ignored a status from site %s: not a JSON object of at most 64 KiB", site)
+        return
+    store.db.execute(
+        "INSERT INTO sites(site, status, last_seen) VALUES (?,?,?) "
+        "ON CONFLICT(site) DO UPDATE SET status=excluded.status, last_seen=excluded.last_seen",
+        (site, json.dumps(status), now),
+    )
+    svc.metrics.site_status(site, status, svc.version)

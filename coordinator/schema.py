@@ -101,6 +101,26 @@ CREATE TABLE IF NOT EXISTS partial_updates (
     update_id TEXT PRIMARY KEY,
     partial_id TEXT NOT NULL
 );
+-- A site aggregator's partials (coordinator.site): kept until the root acknowledges them (payload then NULL).
+CREATE TABLE IF NOT EXISTS site_partials (
+    seq INTEGER PRIMARY KEY,
+    partial_id TEXT NOT NULL,
+    created REAL NOT NULL,
+    updates INTEGER NOT NULL,
+    groups INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    payload BLOB,
+    acked REAL,
+    root_version INTEGER
+);
+-- The root's view of its sites (coordinator.root): the last status each one sent up its bridge.
+CREATE TABLE IF NOT EXISTS sites (
+    site TEXT PRIMARY KEY,
+    status TEXT,
+    last_seen REAL,
+    bridge TEXT,
+    bridge_changed REAL
+);
 -- state: invited, then reported or dropped; abandoned: a secure cohort open when the coordinator restarted
 -- (coordinator.cohorts); cohorts.secure (added by a migration): 1 when securely aggregated
 CREATE TABLE IF NOT EXISTS cohort_members (

@@ -26,7 +26,6 @@ import logging
 import sqlite3
 import threading
 import time
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -46,8 +45,10 @@ from coordinator.outcomes import Outcomes
 from coordinator.presence import Presence
 from coordinator.quarantine import Quarantine
 from coordinator.root import handle_partial
+from coordinator.rounds import close_round, commit_step
 from coordinator.secure_apply import handle_secagg, open_secure, secure_turn
-from coordinator.store import BufferedUpdate, LedgerEntry, Store
+from coordinator.site import HoldStrategy, load_signing_key, open_site
+from coordinator.store import BufferedUpdate, Store
 from coordinator.strategies import StrategyLoadError, load_strategy
 from coordinator.versions import Versions
 
@@ -69,14 +70,14 @@ class CoordinatorService:
         self.cfg = cfg
         self.store = Store(cfg.state_dir, create=init)
         try:
-            strategy = load_strategy(cfg.strategy)
+            strategy = HoldStrategy() if cfg.site.enabled else load_strategy(cfg.strategy)
         except StrategyLoadError as exc:
             self.store.close()
             raise ConfigError(str(exc)) from None
         try:
             self.spec, version, state, downlink, strategy_state = open_fleet(self.store, cfg, init)
             self.versions = Versions(cfg, self.store, state, downlink)
-            self._signer = fleet_key(cfg.state_dir, create=False).sign
+            self._signer = (load_signing_key(cfg.site.signing_key) if cfg.site.enabled else fleet_key(cfg.state_dir, create=False)).sign
             # Accepted before a restart, not yet aggregated; decoded (sparse) once, here or on arrival.
             buffered = [accepted(b, decode_frame(b.frame).tensors) for b in self.store.buffered()]
             self.shapes = {k: tuple(v.shape) for k, v in state.items()}
@@ -105,6 +106,7 @@ class CoordinatorService:
                 "dp", json.dumps({"noise_multiplier": cfg.dp.noise_multiplier, "delta": cfg.dp.delta, "amplified": cfg.cohorts.enabled})
             )
         self.metrics = Metrics(cfg.fleet)
+        self.site = open_site(self)
         self.secure = open_secure(self)
         self.cohorts = open_cohorts(cfg, self.store.db, self.metrics, self.secure, self.engine)
         self.outcomes = Outcomes(self.store, self.metrics, self.intake.ackable)
@@ -173,7 +175,9 @@ class CoordinatorService:
     def _serve_once(self) -> None:
         """One turn of the worker: a batch of messages, a round check, a heartbeat."""
         batch = self.link.next_batch(BATCH_MAX, timeout=0.5)
-        if "connected" in batch:
+        if "connected" in batch and self.site is not None:
+            self.link.publish_invites(self.cohorts.open_invitations())
+        elif "connected" in batch:
             self.link.publish_invites(self.cohorts.open_invitations())  # devices act on each one once
             try:
                 delta = self.store.delta_frame(self.version)
@@ -184,7 +188,10 @@ class CoordinatorService:
         messages = [m for m in batch if isinstance(m, Message)]
         if messages:
             self._process(messages)
-        self._maybe_close_round()
+        if self.site is not None:
+            self.site.tick(time.monotonic())
+        else:
+            self._maybe_close_round()
         secure_turn(self)
         self.cohorts.tick(time.time(), self.presence.ready, self.version, self.store.batch, self.link.publish_invites)
         if time.monotonic() - self._last_status >= self.cfg.heartbeat_s:
@@ -272,6 +279,8 @@ class CoordinatorService:
         self.outcomes.handler_error(msg.topic, msg.payload, error, self.version, self.cfg.limits.max_update_bytes)
 
     def _handle(self, msg: Message) -> None:
+        if self.site is not None and self.site.handle(msg.topic, msg.payload):
+            return  # the root's versions and acks, down the bridge (coordinator.site)
         if msg.topic.startswith(f"fl/{self.cfg.fleet}/sites/"):
             return handle_partial(self, msg.topic, msg.payload)  # a site's partial aggregate (coordinator.root)
         try:
@@ -304,6 +313,8 @@ class CoordinatorService:
             valid = self.intake.validate(device, env, len(msg.payload), self.shapes, self.version)
             self.cohorts.check(device, valid.header.cohort)
             self.engine.admit(valid.header.device)
+            if self.site is not None:
+                self.site.admit()
         except Rejection as rej:
             self.outcomes.reject(device, rej)
             if header.device == device:
@@ -331,61 +342,10 @@ class CoordinatorService:
         return self.presence.count
 
     def _maybe_close_round(self) -> None:
-        """A round whose deadline passed closes here, between batches, in a batch of its own."""
-        if not self.buffer:
-            return
-        assert not self.store.in_batch, "a round closes only between batches, so that it publishes after its commit"
-        mark = self._mark()
-        try:
-            with self.store.batch():
-                step = self.engine.poll(time.monotonic(), self._online_count())
-                if step is None:
-                    return
-                log.info("round %d closes with %d updates", self.version + 1, len(step.updates))
-                self._commit(step)
-        except STORAGE_ERRORS as exc:
-            self._restore(mark)
-            log.error("storage error while closing round %d; retrying: %s", self.version + 1, exc)
-            return
-        except Exception as exc:  # noqa: BLE001 - a strategy's failure: the round stays open, the service stays up
-            self._restore(mark)
-            error = f"strategy error closing round {self.version + 1}: {type(exc).__name__}: {exc}"
-            if error != self._strategy_error:
-                log.error("%s; the buffer waits", error)
-            self._strategy_error = error
-            return
-        self._strategy_error = None
-        self._after_commit()
+        close_round(self)
 
     def _commit(self, step: Step) -> bool:
-        """Commit ``step`` with the exact weight of each update; False if it was refused (not finite),
-        in which case its buffered updates are dropped and counted."""
-        entries = [
-            replace(u.ref.entry, staleness=tau, weight=w) for u, w, tau in zip(step.updates, step.weights, step.staleness, strict=True)
-        ]
-        try:
-            self._commit_step(step, entries)
-        except Rejection as rej:
-            self.engine.drop(step)
-            dropped = self.store.drop_buffer(rej.reason)
-            if dropped:
-                log.error("buffer of %d updates dropped: %s", dropped, rej.detail)
-                self.outcomes.reject(None, rej, dropped, record=False)
-            return False
-        return True
-
-    def _commit_step(self, engine_step: Step, entries: list[LedgerEntry]) -> None:
-        """Commit the version (see :meth:`Versions.commit`), then move the engine and the counters."""
-        down_frame = self.versions.commit(engine_step, entries)
-        self.engine.commit(engine_step, time.monotonic(), self._online_count())
-        self.influence.global_norm = state_norm(self.versions.state)
-        self.outcomes.counts["accepted"] += len(entries)
-        self.metrics.applied.inc(len(entries))
-        self.outcomes.counts["versions"] += 1
-        if engine_step.participants:
-            self.metrics.epsilon_max.set(self.fleet_epsilon())
-        devices = ",".join(sorted({e.device for e in entries}))
-        log.info("v%d from %d update(s) (%s), downlink %d B", engine_step.version, len(entries), devices, len(down_frame))
+        return commit_step(self, step)
 
     def _publish_status(self, state: str) -> None:
         self._last_status = time.monotonic()
@@ -395,4 +355,6 @@ class CoordinatorService:
         if self.cfg.dp.enabled:
             extra.update(dp_epsilon=round(self.fleet_epsilon(), 4), dp_delta=self.cfg.dp.delta)
         extra.update(self.cohorts.status())
+        if self.site is not None:
+            extra.update(self.site.status())
         self.link.publish_status(self.outcomes.status(state, self.version, extra), wait=state == "offline")

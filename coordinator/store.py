@@ -209,38 +209,43 @@ class Store(FleetRecords):
                 "INSERT INTO versions(version, created, sha256, update_id, delta_frame) VALUES (?,?,?,?,?)",
                 (version, now, hashlib.sha256(data).hexdigest(), entries[-1].update_id if entries else None, delta_frame),
             )
-            for entry in entries:
-                self.db.execute("DELETE FROM buffer WHERE update_id=?", (entry.update_id,))
-                self.db.execute(
-                    "INSERT INTO ledger(update_id, device, seq, base_version, applied_version, staleness, weight, num_samples, "
-                    "bytes, train_loss, received, norm) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        entry.update_id,
-                        entry.device,
-                        entry.seq,
-                        entry.base_version,
-                        version,
-                        entry.staleness,
-                        entry.weight,
-                        entry.num_samples,
-                        entry.size,
-                        entry.train_loss,
-                        now,
-                        entry.norm,
-                    ),
-                )
-                self.db.execute(
-                    "INSERT INTO devices(device, accepted, bytes_up, last_loss, last_seen) VALUES (?,1,?,?,?) "
-                    "ON CONFLICT(device) DO UPDATE SET accepted=accepted+1, bytes_up=bytes_up+excluded.bytes_up, "
-                    "last_loss=COALESCE(excluded.last_loss, last_loss), last_seen=excluded.last_seen",
-                    (entry.device, entry.size, entry.train_loss, now),
-                )
+            self.record_ledger(entries, version, now)
             self.db.execute("UPDATE versions SET delta_frame=NULL WHERE version<=? AND delta_frame IS NOT NULL", (version - keep,))
         # Files of older versions go only once this version is committed: inside a batch, the
         # last committed version may be one that a later, uncommitted version would prune.
         self._pending_prune = (version, keep)
         if not self.in_batch:
             self._flush_prune()
+
+    def record_ledger(self, entries: list[LedgerEntry], version: int, now: float | None = None) -> None:
+        """The ledger rows of ``entries``, taken out of the buffer, as part of ``version`` (at a site: forwarded at it)."""
+        now = time.time() if now is None else now
+        for e in entries:
+            self.db.execute("DELETE FROM buffer WHERE update_id=?", (e.update_id,))
+            self.db.execute(
+                "INSERT INTO ledger(update_id, device, seq, base_version, applied_version, staleness, weight, num_samples, "
+                "bytes, train_loss, received, norm) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    e.update_id,
+                    e.device,
+                    e.seq,
+                    e.base_version,
+                    version,
+                    e.staleness,
+                    e.weight,
+                    e.num_samples,
+                    e.size,
+                    e.train_loss,
+                    now,
+                    e.norm,
+                ),
+            )
+            self.db.execute(
+                "INSERT INTO devices(device, accepted, bytes_up, last_loss, last_seen) VALUES (?,1,?,?,?) "
+                "ON CONFLICT(device) DO UPDATE SET accepted=accepted+1, bytes_up=bytes_up+excluded.bytes_up, "
+                "last_loss=COALESCE(excluded.last_loss, last_loss), last_seen=excluded.last_seen",
+                (e.device, e.size, e.train_loss, now),
+            )
 
     def _flush_prune(self) -> None:
         if self._pending_prune is not None:

@@ -107,6 +107,8 @@ class Agent:
         self._feedback = self.state.load_feedback()
         self._signer = load_signer(cfg.signing_key) if cfg.signing_key else None
         self._verify = fleet_verifier(cfg.fleet_public_key) if cfg.fleet_public_key else None
+        # Acks, invitations and secure aggregation come from the coordinator the device talks to: in a site, its aggregator.
+        self._verify_coord = fleet_verifier(cfg.site_public_key) if cfg.site_public_key else self._verify
         if self._verify is None:
             log.warning("LAB MODE: no fleet_public_key, so unsigned global state is accepted; never run a real device like this")
         self.transport = AgentTransport(cfg)
@@ -121,7 +123,7 @@ class Agent:
         # Metas, deltas and the snapshot wait here while training; it decides what to apply.
         self.follower = Follower(max_bytes=cfg.broker.max_global_bytes)
         self.invitations = Invitations(cfg.device_id)
-        self.secure = SecureCohorts(cfg.fleet, cfg.device_id, self._signer, self._verify, self.transport.publish)
+        self.secure = SecureCohorts(cfg.fleet, cfg.device_id, self._signer, self._verify_coord, self.transport.publish)
         self._model: torch.nn.Module | None = None
         self._tokenizer: object | None = None
         self._spec: TrainableSpec | None = None
@@ -381,7 +383,7 @@ class Agent:
         elif msg.topic == protocol.device_ack(fleet, dev):
             if not msg.payload:
                 return  # a cleared retained ack
-            ack = UpdateAck.from_json(msg.payload, self._verify)
+            ack = UpdateAck.from_json(msg.payload, self._verify_coord)
             if ack.device != dev:
                 raise protocol.ProtocolError(f"ack names device {ack.device!r}, not this one")
             if self.outbox.on_ack(ack):
@@ -389,7 +391,7 @@ class Agent:
         elif msg.topic.startswith(f"fl/{fleet}/cohorts/") and "/secagg/" in msg.topic:
             self.secure.take(msg.topic, msg.payload)
         elif msg.topic.startswith(f"fl/{fleet}/cohorts/"):
-            invite = CohortInvite.from_json(msg.payload, self._verify)
+            invite = CohortInvite.from_json(msg.payload, self._verify_coord)
             if msg.topic != protocol.cohort_invite(fleet, invite.cohort, dev):
                 raise protocol.ProtocolError(f"an invitation to {invite.device} for {invite.cohort} came on {msg.topic}")
             ignored = self.invitations.offer(invite, time.monotonic(), time.time())

@@ -196,6 +196,9 @@ class AgentConfig:
     """Ed25519 private key (PEM) from ``fedge-coordinator enroll``; every update is signed with it."""
     fleet_public_key: str | None = None
     """The fleet key's public half (64 hex digits, from ``enroll``): global state and acks must be signed by it."""
+    site_public_key: str | None = None
+    """In a site of a federation (``docs/sites.md``): the site aggregator's key (64 hex digits), which signs
+    this device's acks, invitations and secure-aggregation messages; global state stays the fleet key's."""
     lab_mode: bool = False
     """Accept unsigned global state when no ``fleet_public_key`` is set: lab benches only (the agent warns)."""
     ack_timeout_s: float = 60.0
@@ -216,6 +219,11 @@ class AgentConfig:
                 "fleet_public_key is not set: copy it from the enrolment snippet (`fedge-coordinator enroll`), "
                 "or set lab_mode = true to accept unsigned global state on a lab bench"
             )
+        key = self.site_public_key
+        if key is not None and (len(key) != 64 or any(c not in "0123456789abcdef" for c in key)):
+            raise ConfigError(f"site_public_key must be 64 lowercase hex digits (from the site's enroll), got {key!r}")
+        if key is not None and self.fleet_public_key is None:
+            raise ConfigError("site_public_key needs fleet_public_key: the root's key signs the global state a site passes down")
         if self.ack_timeout_s < 1:
             raise ConfigError(f"ack_timeout_s must be at least 1, got {self.ack_timeout_s}")
         if self.heartbeat_s <= 0 or self.sync_wait_s < 0:

@@ -33,11 +33,16 @@ def register(sub: Any) -> None:
 def run_enroll(args: argparse.Namespace) -> int:
     from coordinator.enrolment import enroll
 
-    fleet = args.fleet
-    if fleet is None and args.config:
+    fleet, site_keys = args.fleet, None
+    if args.config:
         from coordinator.config import load_config
+        from coordinator.identity import public_hex
+        from coordinator.site import load_signing_key
 
-        fleet = load_config(args.config).fleet
+        cfg = load_config(args.config)
+        fleet = fleet or cfg.fleet
+        if cfg.site.enabled:  # a device of this site: the root's key for versions, the site's for acks
+            site_keys = (cfg.site.root_public_key, public_hex(load_signing_key(cfg.site.signing_key)))
     report = enroll(
         state_dir(args),
         args.device,
@@ -49,6 +54,7 @@ def run_enroll(args: argparse.Namespace) -> int:
         ca_dir=Path(args.ca_dir) if args.ca_dir else None,
         force=args.force,
         max_samples=args.max_samples,
+        site_keys=site_keys,
     )
     print(json.dumps(report))
     if args.password_file:
