@@ -219,10 +219,10 @@ class AgentConfig:
                 "fleet_public_key is not set: copy it from the enrolment snippet (`fedge-coordinator enroll`), "
                 "or set lab_mode = true to accept unsigned global state on a lab bench"
             )
-        key = self.site_public_key
-        if key is not None and (len(key) != 64 or any(c not in "0123456789abcdef" for c in key)):
-            raise ConfigError(f"site_public_key must be 64 lowercase hex digits (from the site's enroll), got {key!r}")
-        if key is not None and self.fleet_public_key is None:
+        site_key = self.site_public_key
+        if site_key is not None and (len(site_key) != 64 or any(c not in "0123456789abcdef" for c in site_key)):
+            raise ConfigError(f"site_public_key must be 64 lowercase hex digits (from the site's enroll), got {site_key!r}")
+        if site_key is not None and self.fleet_public_key is None:
             raise ConfigError("site_public_key needs fleet_public_key: the root's key signs the global state a site passes down")
         if self.ack_timeout_s < 1:
             raise ConfigError(f"ack_timeout_s must be at least 1, got {self.ack_timeout_s}")

@@ -155,7 +155,8 @@ class SiteLab:
         self.work = work
         self.fleet = fleet
         self.source = source
-        self.model = {"source": source, "lora_r": lora_r, "lora_alpha": 2 * lora_r}
+        self.lora_r = lora_r
+        self.model: dict[str, Any] = {"source": source, "lora_r": lora_r, "lora_alpha": 2 * lora_r}
         self.root_strategy = root_strategy or {"kind": "fedasync", "max_staleness": 1_000_000}
         self.site_options = {"partial_every_s": 1.0, "resend_s": 5.0, **(site_options or {})}
         self.heartbeat_s = heartbeat_s
@@ -240,7 +241,7 @@ class SiteLab:
         """``devices_per_site`` simulated devices at every site (``fedge_lab.simfleet``), in ``processes`` per site."""
         from coordinator.initial import initial_state
 
-        _, v0 = initial_state(ModelSpecConfig(source=self.source, lora_r=self.model["lora_r"], lora_alpha=self.model["lora_alpha"]))
+        _, v0 = initial_state(ModelSpecConfig(source=self.source, lora_r=self.lora_r, lora_alpha=2 * self.lora_r))
         v0_path = self.work / "sim" / "v0.frame"
         v0_path.parent.mkdir(parents=True, exist_ok=True)
         v0_path.write_bytes(compress_dense(v0, FrameKind.SNAPSHOT))
