@@ -24,6 +24,8 @@ class FleetView:
     devices: dict[str, DeviceStatus] = field(default_factory=dict)
     history: list[tuple[float, str, int, float]] = field(default_factory=list)
     """(time, device, version, eval_loss) each time a device reports a held-out loss for a version."""
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """At a root: each site's status (remapped up its bridge) and ``bridge`` ("up"/"down")."""
 
 
 class FleetMonitor:
@@ -37,7 +39,7 @@ class FleetMonitor:
         settings = Broker(host=host, port=port, protocol=mqtt_protocol, username=username, password=password)
         self.client = make_client(settings, f"monitor-{uuid.uuid4().hex[:8]}")
         self.client.on_connect = lambda c, u, f, r, p: c.subscribe(
-            [(protocol.coordinator_status(fleet), 1), (protocol.all_device_status(fleet), 1)]
+            [(t, 1) for t in (protocol.coordinator_status(fleet), protocol.all_device_status(fleet), *_site_topics(fleet))]
         )
         self.client.on_message = lambda c, u, m: self._inbox.put((m.topic, bytes(m.payload)))
         self.client.connect(host, port, keepalive=30)
@@ -58,6 +60,9 @@ class FleetMonitor:
                 except ValueError:
                     continue
                 continue
+            if topic.startswith(f"fl/{self.fleet}/sites/"):
+                self._site(topic, payload)
+                continue
             try:
                 _, device, _ = protocol.parse_device_topic(topic)
                 status = DeviceStatus.from_json(payload)
@@ -69,6 +74,26 @@ class FleetMonitor:
                 self._seen.add((device, status.version))
                 self.view.history.append((time.time(), device, status.version, loss))
 
+    def _site(self, topic: str, payload: bytes) -> None:
+        try:
+            _, site, leaf = protocol.parse_site_topic(topic)
+        except CodecError:
+            return
+        entry = self.view.sites.setdefault(site, {})
+        if leaf == "bridge":
+            entry["bridge"] = {b"1": "up", b"0": "down"}.get(payload.strip(), "?")
+            return
+        try:
+            status = json.loads(payload[:65536]) if len(payload) <= 65536 else None
+        except ValueError:
+            return
+        if isinstance(status, dict):
+            entry.update(status=status, seen=time.time())
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def _site_topics(fleet: str) -> tuple[str, str]:
+    return protocol.all_site_status(fleet), protocol.all_site_bridges(fleet)

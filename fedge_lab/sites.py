@@ -28,7 +28,7 @@ from typing import Any
 
 from compression import FrameKind, compress_dense
 from coordinator.config import ModelSpecConfig
-from fedge_lab.broker import MosquittoBroker
+from fedge_lab.broker import MosquittoBroker, free_port
 from fedge_lab.demo import LAB_LIMITS, lab_fleet_key, serve_argv, write_toml
 from fedge_lab.fleet_plan import FleetPlan, SimDevice
 from fedge_lab.objective import ObjectiveConfig
@@ -167,6 +167,7 @@ class SiteLab:
         self.root_config = work / "root" / "root.toml"
         self.root_state = work / "root" / "state"
         self.fleet_public = ""
+        self.root_metrics_port = free_port()
 
     @property
     def relays(self) -> list[Relay]:
@@ -185,6 +186,7 @@ class SiteLab:
                 "state_dir": "state",
                 "heartbeat_s": self.heartbeat_s,
                 "broker": {"port": self.root_broker.port},
+                "metrics_port": self.root_metrics_port,
                 "model": self.model,
                 "strategy": self.root_strategy,
                 "limits": LAB_LIMITS,

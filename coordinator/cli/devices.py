@@ -11,6 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from coordinator.cli.sites_view import format_sites, root_sites
 from coordinator.cli.status import epsilon_of
 from coordinator.store import Store
 
@@ -107,5 +108,13 @@ def run(args: argparse.Namespace) -> int:
             *((_fmt(r["dp_epsilon"], ".3g"),) if dp_on else ()),
         )
     console = Console()
-    (console if console.is_terminal else Console(width=150)).print(table)
+    out = console if console.is_terminal else Console(width=150)
+    out.print(table)
+    store = Store(state_dir, readonly=True)
+    try:
+        sites = root_sites(store, store.current_version(), time.time())
+    finally:
+        store.close()
+    if sites:  # a root: its sites (rows site:<id> above are their partials' groups)
+        out.print("\n".join(format_sites(sites)))
     return 0

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from coordinator.cli.common import add_state_args, state_dir
+from coordinator.cli.sites_view import format_sites, root_sites, site_self
 from coordinator.cohort_privacy import recorded_sampling
 from coordinator.privacy import amplified_epsilon, epsilon
 from coordinator.store import Store
@@ -50,6 +51,8 @@ def collect(path: str) -> dict[str, Any]:
             "devices": len(devices),
             "devices_online": sum(1 for d in devices if d["state"] not in ("offline", "unknown")),
             "spec": json.loads(spec) if spec else None,
+            "sites": root_sites(store, version, now),
+            "site": site_self(store),
         }
     finally:
         store.close()
@@ -114,6 +117,14 @@ def run(args: argparse.Namespace) -> int:
             f"cohorts: {c['opened']} opened, {c['in_flight']} devices in flight, {c['reported']} reported, {c['dropped']} dropped; "
             f"last {last['cohort']}: {last['members']} of {last['eligible']} eligible on v{last['version']}"
         )
+    if doc["site"]:
+        s = doc["site"]
+        print(
+            f"site: following root v{s['following']}; {s['partials']} partials forwarded ({s['device_updates_forwarded']} device "
+            f"updates), {s['partials_unacked']} waiting for the root's ack; root at v{s['root_version_acked']} in its last ack"
+        )
+    if doc["sites"]:
+        print("\n".join(format_sites(doc["sites"])))
     spec = doc["spec"] or {}
     if spec:
         extra = " + embedding table" if spec.get("embedding") else ""

@@ -111,7 +111,48 @@ def render(view: Any, progress: Progress, fleet: str, where: str) -> Group:
             f"{m['rss_mb']:.0f}" if "rss_mb" in m else "-",
             f"{now - s.ts:.0f}s" if s.ts else "-",
         )
-    return Group(head, loss_line, rej_line, table)
+    parts: list[Any] = [head, loss_line, rej_line]
+    if c.get("site"):
+        parts.append(Text(site_line(c)))
+    if view.sites:
+        parts.append(sites_table(view.sites, version, now))
+    return Group(*parts, table)
+
+
+def site_line(c: dict[str, Any]) -> str:
+    """What a site aggregator's own status says about its root."""
+    return (
+        f"site {c['site']}: following root v{c.get('following', '?')}, {c.get('partials_forwarded', 0)} partials forwarded "
+        f"since start, {c.get('partials_unacked', 0)} waiting for the root's ack"
+    )
+
+
+def sites_table(sites: dict[str, dict[str, Any]], version: Any, now: float) -> Table:
+    """A root's sites: online, bridge, lag in versions, devices, unacked partials, rejections, last seen."""
+    table = Table(title="sites", expand=False)
+    table.add_column("site", no_wrap=True)
+    for col in ("aggregator", "bridge"):
+        table.add_column(col, no_wrap=True)
+    for col in ("lag", "devices", "accepted", "unacked", "rejected", "seen"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for name, entry in sorted(sites.items()):
+        st = entry.get("status", {})
+        state = st.get("state", "?")
+        following = st.get("following")
+        lag = "-" if not isinstance(version, int) or not isinstance(following, int) else str(max(0, version - following))
+        bridge = entry.get("bridge", "?")
+        table.add_row(
+            name,
+            f"[{'green' if state == 'online' else 'red'}]{state}[/]",
+            f"[{'green' if bridge == 'up' else 'red'}]{bridge}[/]",
+            lag,
+            str(st.get("devices_online", "-")),
+            str(st.get("accepted", "-")),
+            str(st.get("partials_unacked", "-")),
+            str(st.get("rejected", "-")),
+            f"{now - entry['seen']:.0f}s" if "seen" in entry else "-",
+        )
+    return table
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,9 +5,13 @@ site. kill -9 of either tier, a bridge cut, and devices following the root throu
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +150,7 @@ def test_a_bridge_cut_for_30s_delays_updates_and_loses_none_and_the_root_sees_it
         cut_at = time.monotonic()
         wait_until(lambda: bridge("site-b") == "down", 60, "the root to see site-b's bridge down (its will)")
         covered_b = {u for u in lab.root_covered() if u.startswith("site-b")}
+        _root_shows_the_cut(lab)
         time.sleep(max(0.0, 30 - (time.monotonic() - cut_at)))
         during = {u for u in lab.root_covered() if u.startswith("site-b")}
         assert len(during) - len(covered_b) <= 0, "nothing of site-b reached the root while its bridge was cut"
@@ -215,3 +220,35 @@ def test_devices_in_two_sites_end_bit_identical_to_the_roots_versions(tmp_path: 
 def _drained_and_counted(lab: SiteLab, agents: list[Agent]) -> Any:
     sent = sum(a.counters.updates_sent for a in agents)
     return lambda: _drained(lab) and len(lab.root_covered()) == sent
+
+
+def _root_shows_the_cut(lab: SiteLab) -> None:
+    """The fleet view at the root, during site-b's bridge cut: status, devices, watch and /metrics."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    status = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "coordinator", "status", "--state-dir", str(lab.root_state), "--json"],
+            capture_output=True, text=True, check=True, env=env, timeout=60,
+        ).stdout
+    )  # fmt: skip
+    sites = {r["site"]: r for r in status["sites"]}
+    assert sites["site-b"]["bridge"] == "down" and sites["site-a"]["bridge"] == "up"
+    assert sites["site-a"]["aggregator"] == "online" and sites["site-a"]["partials"] > 0 and sites["site-a"]["devices_online"] == 10
+    assert sites["site-a"]["lag_versions"] is not None
+    devices = subprocess.run(
+        [sys.executable, "-m", "coordinator", "devices", "--state-dir", str(lab.root_state)],
+        capture_output=True, text=True, check=True, env=env, timeout=60,
+    ).stdout  # fmt: skip
+    assert "site-b: aggregator online, bridge down" in devices
+    watch = subprocess.run(
+        [sys.executable, "-m", "coordinator", "watch", "--host", "127.0.0.1", "--port", str(lab.root_broker.port),  # type: ignore[union-attr]
+         "--fleet", lab.fleet, "--once", "--settle", "2"],
+        capture_output=True, text=True, check=True, env={**env, "COLUMNS": "200"}, timeout=60,
+    ).stdout  # fmt: skip
+    line_b = next(line for line in watch.splitlines() if "site-b" in line)
+    assert "down" in line_b and "online" in line_b
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{lab.root_metrics_port}/metrics", timeout=10).read().decode()
+    assert f'fedge_site_bridge_up{{fleet="{lab.fleet}",site="site-b"}} 0.0' in metrics
+    assert f'fedge_site_bridge_up{{fleet="{lab.fleet}",site="site-a"}} 1.0' in metrics
+    assert f'fedge_site_devices_online{{fleet="{lab.fleet}",site="site-a"}} 10.0' in metrics
+    assert f'fedge_site_updates_total{{fleet="{lab.fleet}",site="site-a"}}' in metrics
