@@ -39,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.coordinator_throughput import FLEET, Fleet, _ledger
+from benchmarks.sites_fleet import fleet_run, fleet_table
 from compression import CodecConfig, FrameKind, compress_dense, compress_update, protocol
 from compression.mqtt import loopback, make_client
 from compression.partial import Group, Partial
@@ -212,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root-buffer", type=int, default=4, help="the root's FedBuff K, in groups (one version per K groups)")
     parser.add_argument("--device-updates", type=int, default=2000, help="updates sent to the single coordinator")
     parser.add_argument("--model", choices=["auto", "smollm2", "tiny"], default="auto")
+    parser.add_argument("--fleet-devices", type=int, default=10_000, help="simulated devices in the fleet run through sites (0 = skip it)")
+    parser.add_argument("--sites", type=int, default=4, help="sites in the fleet run (2..4 in the lab)")
+    parser.add_argument("--step-s", type=float, default=60.0, help="seconds between a simulated device's updates")
+    parser.add_argument("--fleet-seconds", type=float, default=240.0, help="how long the fleet run trains")
+    parser.add_argument("--target-loss", type=float, default=0.3, help="the objective's loss the time to target is measured to (1.0 at v0)")
+    parser.add_argument("--sim-processes", type=int, default=2, help="simulated-fleet processes per site")
+    parser.add_argument("--sim-hidden", type=int, default=256, help="hidden size of the simulated model (LoRA r = 8 on q,v of 4 layers)")
+    parser.add_argument("--partial-every-s", type=float, default=5.0, help="how often a site forwards a partial")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.updates_per_partial < args.groups:
@@ -221,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     source, model = _source(args.model, work, console)
     _, v0 = initial_state(ModelSpecConfig(source=source, lora_r=8, lora_alpha=16))
+    fleet = fleet_run(args, work, console) if args.fleet_devices else None
     root = root_capacity(args, work, source, v0, console)
     single = single_coordinator(args, work, source, v0, console)
     table = Table(title=f"the root against a single coordinator ({model}, {sum(v.size for v in v0.values()):,} trainable values)")
@@ -239,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{single['cpu_us_per_update']:.0f} µs",
     )
     console.print(table)
+    if fleet is not None:
+        console.print(fleet_table(fleet))
     out = {
+        "devices": fleet["devices"] if fleet else 0,
+        "fleet": fleet,
         "model": model,
         "root": root,
         "single": single,

@@ -38,6 +38,7 @@ class Reason(str, Enum):
     PRIVACY_BUDGET = "privacy_budget"
     NOT_INVITED = "not_invited"
     SECAGG = "secagg"
+    BACKLOG = "backlog"
     HANDLER_ERROR = "handler_error"
 
     @property
@@ -71,6 +72,7 @@ MEANINGS: dict[Reason, str] = {
     Reason.PRIVACY_BUDGET: "the device (or fleet) has spent its privacy budget",
     Reason.NOT_INVITED: "the fleet trains in cohorts and the device has no open invitation for this update's cohort",
     Reason.SECAGG: "a secure-aggregation message is malformed, forged, out of turn, or not from a member of its cohort",
+    Reason.BACKLOG: "a site aggregator cannot reach its root: its partials wait for acks and its buffer is full; send it again later",
     Reason.HANDLER_ERROR: "handling the message failed; it was quarantined",
 }
 
