@@ -98,6 +98,7 @@ class CoordinatorService:
         )
         self._degraded: str | None = None
         self._strategy_error: str | None = None
+        self._metrics_error: str | None = None
         self.quarantine = Quarantine(f"{cfg.state_dir}/quarantine", max_files=cfg.quarantine_max_files)
         self.intake = Intake(cfg, self.store, self.influence)
         self.presence = Presence(self.store)
@@ -162,7 +163,11 @@ class CoordinatorService:
     def run(self) -> None:
         self.link.start()
         if self.cfg.metrics_port:
-            self.metrics_port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
+            except OSError as exc:  # a port in use must not stop aggregation (nor make a crash loop)
+                self._metrics_error = f"/metrics not served on {self.cfg.metrics_host}:{self.cfg.metrics_port}: {exc}"
+                log.error("%s; serving without it", self._metrics_error)
         try:
             while not self.stop_event.is_set():
                 self._serve_once()
@@ -350,8 +355,8 @@ class CoordinatorService:
     def _publish_status(self, state: str) -> None:
         self._last_status = time.monotonic()
         extra: dict[str, object] = {"strategy": self.cfg.strategy.kind, "buffered": len(self.buffer)}
-        if self._degraded or self._strategy_error:
-            extra["degraded"] = (self._degraded or self._strategy_error or "")[:300]
+        if problem := self._degraded or self._strategy_error or self._metrics_error:
+            extra["degraded"] = problem[:300]
         if self.cfg.dp.enabled:
             extra.update(dp_epsilon=round(self.fleet_epsilon(), 4), dp_delta=self.cfg.dp.delta)
         extra.update(self.cohorts.status())

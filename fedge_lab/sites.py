@@ -167,7 +167,9 @@ class SiteLab:
         self.root_config = work / "root" / "root.toml"
         self.root_state = work / "root" / "state"
         self.fleet_public = ""
-        self.root_metrics_port = free_port()
+        self._root_doc: dict[str, Any] = {}
+        self.root_metrics_port = 0
+        """The root's ``/metrics`` port, picked afresh at each start of the root."""
 
     @property
     def relays(self) -> list[Relay]:
@@ -179,19 +181,15 @@ class SiteLab:
         w = self.work
         self.root_broker = MosquittoBroker(w / "root" / "broker", persistence=True)
         self.root_broker.start()
-        write_toml(
-            self.root_config,
-            {
-                "fleet": self.fleet,
-                "state_dir": "state",
-                "heartbeat_s": self.heartbeat_s,
-                "broker": {"port": self.root_broker.port},
-                "metrics_port": self.root_metrics_port,
-                "model": self.model,
-                "strategy": self.root_strategy,
-                "limits": LAB_LIMITS,
-            },
-        )
+        self._root_doc = {
+            "fleet": self.fleet,
+            "state_dir": "state",
+            "heartbeat_s": self.heartbeat_s,
+            "broker": {"port": self.root_broker.port},
+            "model": self.model,
+            "strategy": self.root_strategy,
+            "limits": LAB_LIMITS,
+        }
         self.fleet_public = lab_fleet_key(self.root_state)
         for i in range(self.n):
             name = f"site-{chr(ord('a') + i)}"
@@ -199,7 +197,7 @@ class SiteLab:
             enroll(self.root_state, name, secrets, fleet=self.fleet, broker_host="127.0.0.1", broker_port=0)
             relay = Relay(self.root_broker.port)
             bridge = render_bridge(self.fleet, name, f"127.0.0.1:{relay.port}", tls=False)
-            broker = MosquittoBroker(w / name / "broker", persistence=True, extra=bridge)
+            broker = MosquittoBroker(w / name / "broker", persistence=True, extra=bridge).start()  # its port is taken now
             config = write_toml(
                 w / name / "site.toml",
                 {
@@ -219,14 +217,15 @@ class SiteLab:
             )
             self.nodes.append(SiteNode(name, broker, relay, config, w / name / "state"))
         self.start_root()
-        for node in self.nodes:
-            node.broker.start()
-            self.start_site(self.nodes.index(node))
+        for i in range(self.n):
+            self.start_site(i)
         return self
 
     # -- processes -------------------------------------------------------------------
 
     def start_root(self) -> None:
+        self.root_metrics_port = free_port()
+        write_toml(self.root_config, {**self._root_doc, "metrics_port": self.root_metrics_port})
         self.root = Child("root", serve_argv(self.root_config), self.work / "logs" / "root.log").start()
 
     def start_site(self, i: int) -> None:
