@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fleet-devices", type=int, default=10_000, help="simulated devices in the fleet run through sites (0 = skip it)")
     parser.add_argument("--sites", type=int, default=4, help="sites in the fleet run (2..4 in the lab)")
     parser.add_argument("--step-s", type=float, default=60.0, help="seconds between a simulated device's updates")
-    parser.add_argument("--fleet-seconds", type=float, default=240.0, help="how long the fleet run trains")
+    parser.add_argument("--fleet-seconds", type=float, default=300.0, help="how long the fleet run trains")
     parser.add_argument("--target-loss", type=float, default=0.5, help="the objective's loss the time to target is measured to (1.0 at v0)")
     parser.add_argument("--sim-processes", type=int, default=2, help="simulated-fleet processes per site")
     parser.add_argument("--sim-hidden", type=int, default=256, help="hidden size of the simulated model (LoRA r = 8 on q,v of 4 layers)")

@@ -19,6 +19,18 @@ def register(sub: Any) -> None:
     p.add_argument("--run-dir", default=None, help="where logs, state and the report go (default runs/testbed-<time>)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line of stdout")
     p.set_defaults(func=run)
+    q = sub.add_parser(
+        "testbed-sites",
+        help="a federation of sites on this machine: root and bridged site brokers, their aggregators, simulated and real devices",
+    )
+    add_sites_arguments(q)
+    q.set_defaults(func=run_sites)
+
+
+def run_sites(args: argparse.Namespace) -> int:
+    from fedge_lab.sites_run import run
+
+    return run(args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,3 +49,13 @@ def run(args: argparse.Namespace) -> int:
         cfg = replace(cfg, strategy=replace(cfg.strategy, kind=args.strategy))
     run_dir = Path(args.run_dir or f"runs/testbed-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     return run_testbed(cfg, run_dir, args.json)
+
+
+def add_sites_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sites", type=int, default=2, help="site brokers bridged to the root (2..4)")
+    parser.add_argument("--sim-per-site", type=int, default=100, help="simulated devices at each site")
+    parser.add_argument("--agents-per-site", type=int, default=0, help="real agents (tiny model) at each site")
+    parser.add_argument("--step-s", type=float, default=5.0, help="seconds between a simulated device's updates")
+    parser.add_argument("--duration", type=float, default=120.0, help="seconds the devices train")
+    parser.add_argument("--run-dir", help="where logs and state go (default: a new temporary directory)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line of stdout")
