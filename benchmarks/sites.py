@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-loss", type=float, default=0.5, help="the objective's loss the time to target is measured to (1.0 at v0)")
     parser.add_argument("--sim-processes", type=int, default=2, help="simulated-fleet processes per site")
     parser.add_argument("--sim-hidden", type=int, default=256, help="hidden size of the simulated model (LoRA r = 8 on q,v of 4 layers)")
+    parser.add_argument("--root-groups", type=int, default=0, help="the root's FedBuff K in the fleet run, in groups (0 = 4 per site)")
     parser.add_argument("--partial-every-s", type=float, default=5.0, help="how often a site forwards a partial")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

@@ -2,10 +2,12 @@
 
 Part of ``python -m benchmarks.sites`` (``--fleet-devices 0`` skips it). The topology is
 :class:`fedge_lab.sites.SiteLab`: a root broker, one Mosquitto per site bridged to it with
-the shipped bridge config, the root coordinator (FedBuff with K = ``--sites`` groups: a
-version averages about one partial of each site, weighted by samples and staleness; with
-K = 1, four sites' steps from one base version add up and overshoot) and a site aggregator
-per site, all as processes. The devices are
+the shipped bridge config, the root coordinator (FedBuff over groups, K = ``--root-groups``,
+by default 4 per site: a version then covers about four partials of each site, some 20 s of
+the fleet's work, so that a device's round spans a few versions; with K = 1 or K = sites,
+a version per partial or so, dozens of versions step towards one base version's targets
+during a device's round, and the loss overshoots and diverges), and a site aggregator per
+site, all as processes. The devices are
 ``fedge_lab.simfleet`` processes, each device its own MQTT connection to its site's broker,
 sending default-codec updates of the simulated objective (:mod:`fedge_lab.objective`) every
 ``--step-s`` seconds.
@@ -63,7 +65,7 @@ def fleet_run(args: Any, work: Path, console: Console) -> dict[str, Any]:
         args.sites,
         source=source,
         lora_r=8,
-        root_strategy={"kind": "fedbuff", "buffer_size": args.sites, "max_staleness": 1_000_000},
+        root_strategy={"kind": "fedbuff", "buffer_size": args.root_groups or 4 * args.sites, "max_staleness": 1_000_000},
         site_options={"partial_every_s": args.partial_every_s, "partial_max_updates": 10_000, "resend_s": 30.0},
         heartbeat_s=5.0,
     )

@@ -79,7 +79,7 @@ class Link:
         if self.cfg.site.enabled:  # the root's versions and this site's acks come down the bridge
             site = self.cfg.site.id
             topics += [(t, 1) for t in (protocol.global_meta(fleet), protocol.global_delta(fleet), protocol.global_snapshot(fleet))]
-            topics.append((protocol.site_ack(fleet, site), 1))
+            topics += [(protocol.site_ack(fleet, site), 1), (protocol.site_bridge(fleet, site), 1)]
         else:  # a root: its sites' partials, statuses and bridges
             topics += [(t, 1) for t in (protocol.all_partials(fleet), protocol.all_site_status(fleet), protocol.all_site_bridges(fleet))]
         if self.cfg.secagg.enabled:

@@ -12,9 +12,11 @@ counters are the service's. What differs:
   closes holds them). Every ``partial_every_s``, or at ``partial_max_updates``, they leave
   it as one signed partial (:mod:`compression.partial`), in one transaction: the partial's
   bytes in ``site_partials``, each update's ledger row and its ``partial_updates`` row.
-  After the commit the partial is published, and it is resent every ``resend_s`` until the
-  root's signed ack names it. A kill -9 before the commit leaves the updates in the buffer;
-  after it, the partial is resent on restart, and the root deduplicates it by id.
+  After the commit the partial is published, and it is resent until the root's signed ack
+  names it: after ``resend_s``, then at twice the interval each time (up to 16 ×), never
+  while the site broker says its bridge is down, and at once when the bridge comes back.
+  A kill -9 before the commit leaves the updates in the buffer; after it, the partial is
+  resent on restart, and the root deduplicates it by id.
 - **Backlog.** While ``max_unacked`` partials wait for acks (the bridge is down), no new
   partial is made; once the buffer also holds ``partial_max_updates`` updates, new updates
   are refused as ``backlog``, and the devices hear it.
@@ -151,6 +153,10 @@ class Site:
             self.follower.version, self.follower.tensors = svc.version, dict(svc.state)  # resume the chain of deltas
         self.sent: dict[int, float] = {}
         """Unacknowledged partials: seq -> when last published (monotonic); 0 = not since this start."""
+        self.tries: dict[int, int] = {}
+        """Publishes of each unacknowledged partial since this start (the resend interval doubles with each)."""
+        self.bridge_up: bool | None = None
+        """The bridge's state, from the site broker's own notification (None: not heard)."""
         for (seq,) in svc.store.db.execute("SELECT seq FROM site_partials WHERE acked IS NULL ORDER BY seq"):
             self.sent[int(seq)] = 0.0
         self.since: float | None = None
@@ -171,6 +177,9 @@ class Site:
                 self.follower.add_delta(payload)
             elif topic == protocol.global_snapshot(f):
                 self.follower.add_snapshot(payload)
+            elif topic == protocol.site_bridge(f, self.cfg.id):
+                self._bridge(payload)
+                return True
             elif topic == protocol.site_ack(f, self.cfg.id):
                 if payload:
                     self._acked(PartialAck.decode(payload, self.verify))
@@ -202,6 +211,16 @@ class Site:
         how = "snapshot" if res.via_snapshot else f"{res.deltas_applied} delta(s)"
         log.info("following the root: v%d (%s)", v, how)
 
+    def _bridge(self, payload: bytes) -> None:
+        up = {b"1": True, b"0": False}.get(bytes(payload).strip())
+        if up is None or up == self.bridge_up:
+            return
+        self.bridge_up = up
+        log.warning("the bridge to the root is %s", "up: resending what waits for an ack" if up else "down: partials wait")
+        if up:  # everything unacknowledged goes again now, with a fresh backoff
+            self.sent = dict.fromkeys(self.sent, 0.0)
+            self.tries.clear()
+
     def _vet(self, meta: GlobalMeta, tensors: dict[str, np.ndarray]) -> None:
         if meta.model != self.svc.spec.to_dict():
             raise ProtocolError(
@@ -223,6 +242,7 @@ class Site:
         self.root_version = max(self.root_version or 0, ack.version)
         if cur.rowcount:
             self.sent.pop(seq, None)
+            self.tries.pop(seq, None)
             log.info("root acknowledged %s (%s, v%d)", ack.partial_id, ack.outcome, ack.version)
 
     # -- admission ---------------------------------------------------------------------
@@ -246,8 +266,11 @@ class Site:
             due = len(svc.engine.buffer) >= self.cfg.partial_max_updates or now - self.since >= self.cfg.partial_every_s
             if due and len(self.sent) < self.cfg.max_unacked and svc.link.connected.is_set():
                 self._forward(now)
+        if self.bridge_up is False:
+            return  # the site broker queues for the bridge; resending now only fills that queue
         for seq, at in list(self.sent.items()):
-            if now - at >= self.cfg.resend_s or at == 0.0:
+            wait = self.cfg.resend_s * 2 ** min(4, max(0, self.tries.get(seq, 1) - 1))
+            if at == 0.0 or now - at >= wait:
                 self._publish(seq, now, resend=at != 0.0)
 
     def _forward(self, now: float) -> None:
@@ -287,6 +310,11 @@ class Site:
             svc._restore(mark)
             log.error("storage error while making a partial; the updates wait: %s", exc)
             return
+        except Exception as exc:  # noqa: BLE001 - a bug here must not stop the site; the updates wait in the buffer
+            svc._restore(mark)
+            log.exception("making a partial failed; the updates wait: %s", exc)
+            self.since = now + 10 * self.cfg.partial_every_s  # do not retry at every turn
+            return
         svc.outcomes.counts["accepted"] += len(members)
         svc.metrics.applied.inc(len(members))
         self.forwarded += 1
@@ -305,8 +333,9 @@ class Site:
         if not self.svc.link.connected.is_set():
             return
         self.svc.link.client.publish(protocol.site_partial(self.fleet, self.cfg.id), payload, qos=1)
+        self.tries[seq] = self.tries.get(seq, 0) + 1
         if resend:
-            log.info("resent partial %s-%012d: no ack from the root yet", self.cfg.id, seq)
+            log.info("resent partial %s-%012d (try %d): no ack from the root yet", self.cfg.id, seq, self.tries[seq])
         self.sent[seq] = now
 
     # -- what the service shows --------------------------------------------------------
@@ -320,6 +349,7 @@ class Site:
             "partials_forwarded": self.forwarded,
             "root_version": self.root_version,
             "following": self.follower.version,
+            "bridge": {True: "up", False: "down", None: "unknown"}[self.bridge_up],
             "devices_online": self.svc.presence.count,
         }
 

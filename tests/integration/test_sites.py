@@ -158,6 +158,8 @@ def test_a_bridge_cut_for_30s_delays_updates_and_loses_none_and_the_root_sees_it
             waiting = db.execute("SELECT COUNT(*) FROM site_partials WHERE acked IS NULL").fetchone()[0]
             waiting += db.execute("SELECT COUNT(*) FROM buffer").fetchone()[0]
         assert waiting > 0, "site-b kept accepting its devices' updates during the cut"
+        log_b = (lab.work / "logs" / "site-b.log").read_text()
+        assert "the bridge to the root is down" in log_b, "site-b heard its own bridge go down and stopped resending"
         lab.relays[1].restore()
         wait_until(lambda: bridge("site-b") == "up", 60, "site-b's bridge to reconnect")
         lab.stop_sims()
