@@ -1,6 +1,6 @@
 """The MQTT protocol shared by agents and the coordinator: topics and message schemas.
 
-Topic names are built only here (see ``docs/protocol.md``)::
+Topic names are built only here (see ``docs/wire-format.md``)::
 
     fl/<fleet>/global/meta              coord -> all     JSON, retained
     fl/<fleet>/global/snapshot          coord -> all     frame, retained
