@@ -1,9 +1,13 @@
-"""An Ed25519 public key as the protocol's :data:`~compression.protocol.Verifier`: ``(signature, message) -> valid``."""
+"""Ed25519 keys for the protocol: a public key as a :data:`~compression.protocol.Verifier`
+(``(signature, message) -> valid``), and a private key from the PEM that enrolment writes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from compression.protocol import Verifier
 
@@ -20,3 +24,14 @@ def ed25519_verifier(public: bytes | Ed25519PublicKey) -> Verifier:
         return True
 
     return verify
+
+
+def load_private_key(path: str | Path, what: str) -> Ed25519PrivateKey:
+    """The Ed25519 private key in the PEM file ``path``; raises ``ValueError`` naming ``what`` and the file."""
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"{what} {path}: cannot load an Ed25519 private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{what} {path}: not an Ed25519 key")
+    return key

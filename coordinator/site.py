@@ -33,17 +33,15 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from compression import CodecError, FrameKind, compress_dense, protocol, state_digest
 from compression.follower import Follower
 from compression.frame import SparseTensor
-from compression.keys import ed25519_verifier
+from compression.keys import ed25519_verifier, load_private_key
 from compression.partial import MAX_GROUPS, Group, Partial, PartialAck, PartialError
 from compression.protocol import GlobalMeta, ProtocolError, check_id
 from coordinator.engine import Accepted
@@ -112,12 +110,9 @@ class HoldStrategy(BaseStrategy):
 
 def load_signing_key(path: str) -> Ed25519PrivateKey:
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"site.signing_key {path}: cannot load an Ed25519 private key ({exc})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError(f"site.signing_key {path}: not an Ed25519 key")
-    return key
+        return load_private_key(path, "site.signing_key")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def weighted_sums(members: Sequence[Accepted], shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:

@@ -13,7 +13,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -42,16 +41,12 @@ log = logging.getLogger(__name__)
 
 def load_signer(path: str) -> Callable[[bytes], bytes]:
     """The device's Ed25519 signing function, from the PEM that enrolment wrote."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from compression.keys import load_private_key
 
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"signing_key {path}: cannot load an Ed25519 private key ({exc})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError(f"signing_key {path}: not an Ed25519 key")
-    return key.sign
+        return load_private_key(path, "signing_key").sign
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def fleet_verifier(public_hex: str) -> protocol.Verifier:

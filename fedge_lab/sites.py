@@ -28,7 +28,7 @@ from typing import Any
 
 from compression import FrameKind, compress_dense
 from coordinator.config import ModelSpecConfig
-from fedge_lab.broker import MosquittoBroker, free_port
+from fedge_lab.broker import Broker, MosquittoBroker, free_port
 from fedge_lab.demo import LAB_LIMITS, lab_fleet_key, serve_argv, write_toml
 from fedge_lab.fleet_plan import FleetPlan, SimDevice
 from fedge_lab.objective import ObjectiveConfig
@@ -127,7 +127,7 @@ class Relay:
 @dataclass
 class SiteNode:
     name: str
-    broker: MosquittoBroker
+    broker: Broker
     relay: Relay
     config: Path
     state_dir: Path

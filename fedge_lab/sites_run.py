@@ -120,9 +120,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         lab.start()
         wait_until(lambda: lab.root_version() >= 0 and all((n.state_dir / "coordinator.db").exists() for n in lab.nodes), 120, "the tiers")
-        console.print(
-            f"root broker 127.0.0.1:{lab.root_broker.port}; sites: " + ", ".join(f"{n.name} 127.0.0.1:{n.broker.port}" for n in lab.nodes)
-        )  # type: ignore[union-attr]
+        root_port = lab.root_broker.port if lab.root_broker else "?"
+        console.print(f"root broker 127.0.0.1:{root_port}; sites: " + ", ".join(f"{n.name} 127.0.0.1:{n.broker.port}" for n in lab.nodes))
         if args.sim_per_site:
             lab.start_sim(args.sim_per_site, step_s=args.step_s)
         agents = start_agents(lab, args.agents_per_site, run, console)
