@@ -142,8 +142,10 @@ class Agent:
         texts = read_texts(self.cfg.data_dir)
         t0 = time.monotonic()
         cache = model_cache_dir(self.cfg)
-        self._model, self._tokenizer = model_lib.load_base(self.cfg.model.source, self.cfg.model.quantize, cache)
-        log.info("loaded base %s (%s) in %.1fs", self.cfg.model.source, self.cfg.model.quantize, time.monotonic() - t0)
+        runtime = self.cfg.model.runtime if self.cfg.train.tier == "lora" else "transformers"
+        self._model, self._tokenizer = model_lib.load_base(self.cfg.model.source, self.cfg.model.quantize, cache, runtime=runtime)
+        kind = "lean" if model_lib.lean_model(self._model) is not None else "transformers"
+        log.info("loaded base %s (%s, %s runtime) in %.1fs", self.cfg.model.source, self.cfg.model.quantize, kind, time.monotonic() - t0)
         self._data = build_blocks(texts, self._tokenizer, self.cfg.train.seq_len, self.cfg.train.heldout_fraction, self.cfg.train.seed)
         log.info("local data: %d files, %d train blocks, %d held-out", self._data.num_files, len(self._data.train), len(self._data.heldout))
         self.counters.eval_loss_base = self._evaluate()
@@ -448,7 +450,15 @@ class Agent:
         if self._spec is None:
             assert self._data is not None
             rows = np.unique(self._data.train) if self.cfg.train.tier == "embedding" else None
-            self._model = model_lib.attach_trainable(self._model, spec, self.cfg.train.tier, rows=rows, seed=self.cfg.train.seed)
+            try:
+                self._model = model_lib.attach_trainable(self._model, spec, self.cfg.train.tier, rows=rows, seed=self.cfg.train.seed)
+            except model_lib.LeanUnsupported:
+                if self.cfg.model.runtime != "auto":
+                    raise
+                log.info("the fleet trains an embedding table, which the lean runtime does not carry: reloading with transformers")
+                cache = model_cache_dir(self.cfg)
+                self._model, _ = model_lib.load_base(self.cfg.model.source, self.cfg.model.quantize, cache, runtime="transformers")
+                self._model = model_lib.attach_trainable(self._model, spec, self.cfg.train.tier, rows=rows, seed=self.cfg.train.seed)
             self._spec = spec
         elif spec != self._spec:
             raise GlobalRefused(f"the fleet's trainable spec changed from {self._spec} to {spec}; restart the agent to take it")

@@ -75,6 +75,9 @@ class ModelConfig:
     """Weight-only quantization of the frozen base (optimum-quanto)."""
     cache_dir: str | None = None
     """Where the int8 checkpoint is cached (default ``<state_dir>/model-cache``); agents on one machine may share it."""
+    runtime: Literal["auto", "lean", "transformers"] = "auto"
+    """What trains the int8 base: ``lean`` (torch alone, :mod:`edge_agent.lean`: Llama models, the LoRA tier, about
+    40% less memory), ``transformers`` (any model, either tier), or ``auto``: lean where it can run."""
 
 
 @dataclass(frozen=True)

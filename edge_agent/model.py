@@ -29,6 +29,11 @@ from edge_agent.errors import ModelError
 
 log = logging.getLogger(__name__)
 
+
+class LeanUnsupported(ModelError):
+    """The lean runtime cannot train what the fleet asks (an embedding table); ``auto`` then reloads with transformers."""
+
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
 
@@ -58,19 +63,28 @@ def base_fingerprint(config: Any) -> dict[str, Any]:
 
 
 def load_base(
-    source: str, quantize: str, cache_root: str | Path | None = None, *, in_subprocess: bool = True
+    source: str, quantize: str, cache_root: str | Path | None = None, *, in_subprocess: bool = True, runtime: str = "transformers"
 ) -> tuple[torch.nn.Module, Any]:
     """Load the causal LM and its tokenizer, freeze it, and optionally quantize weights to int8.
 
     With ``cache_root`` an int8 base comes from the pre-quantized cache there, built on
-    first use (see :mod:`edge_agent.modelcache`).
+    first use (see :mod:`edge_agent.modelcache`). ``runtime`` ``lean`` or ``auto`` loads it
+    into :mod:`edge_agent.lean` (``auto``: where the cache holds lean weights).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if quantize == "int8" and cache_root is not None:
-        from edge_agent import modelcache
+        from edge_agent import lean, modelcache
 
-        return modelcache.load(modelcache.ensure(source, cache_root, in_subprocess=in_subprocess))
+        path = modelcache.ensure(source, cache_root, in_subprocess=in_subprocess)
+        if runtime == "lean" or (runtime == "auto" and (path / lean.LEAN_WEIGHTS).is_file()):
+            if not (path / lean.LEAN_WEIGHTS).is_file():
+                raise ModelError(
+                    f"the lean runtime cannot run {source} (see {path / modelcache.MANIFEST}); set model.runtime = 'transformers'"
+                )
+            return lean.load(path)
+        return modelcache.load(path)
+    if runtime == "lean":
+        raise ModelError("model.runtime = 'lean' trains an int8 base from the model cache: it needs model.quantize = 'int8'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory, gguf = resolve_source(source)
     kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
@@ -81,18 +95,31 @@ def load_base(
         raise ModelError(f"cannot load model from {directory}: {exc}") from None
     model.eval()
     if quantize == "int8":
-        from optimum.quanto import freeze, qint8
-        from optimum.quanto import quantize as quanto_quantize
-
-        # The output head is tied to the input embedding; quantizing it would untie them.
-        quanto_quantize(model, weights=qint8, exclude=["lm_head"])
-        freeze(model)
-    # quanto's freeze() re-creates weights with requires_grad=True, so freeze after it.
+        quantize_int8(model)
     for p in model.parameters():
         p.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def quantize_int8(model: torch.nn.Module) -> None:
+    """quanto's int8 weights for every linear layer but the (tied) head, frozen."""
+    from optimum.quanto import freeze, qint8
+    from optimum.quanto import quantize as quanto_quantize
+
+    # The output head is tied to the input embedding; quantizing it would untie them.
+    quanto_quantize(model, weights=qint8, exclude=["lm_head"])
+    freeze(model)
+    # quanto's freeze() re-creates weights with requires_grad=True, so freeze after it.
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def lean_model(model: torch.nn.Module) -> Any:
+    from edge_agent.lean import LeanCausalLM
+
+    return model if isinstance(model, LeanCausalLM) else None
 
 
 def attach_lora(model: torch.nn.Module, spec: TrainableSpec, seed: int = 0) -> torch.nn.Module:
@@ -116,6 +143,8 @@ def attach_lora(model: torch.nn.Module, spec: TrainableSpec, seed: int = 0) -> t
 
 def get_trainable(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """The adapter state as float32 numpy arrays (copies)."""
+    if (lean := lean_model(model)) is not None:
+        return dict(lean.get_trainable())
     from peft import get_peft_model_state_dict
 
     return {
@@ -126,6 +155,8 @@ def get_trainable(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 def set_trainable(model: torch.nn.Module, tensors: dict[str, np.ndarray]) -> None:
     """Load adapter state; names and shapes must match the model's adapters exactly."""
+    if (lean := lean_model(model)) is not None:
+        return lean.set_trainable(tensors)  # type: ignore[no-any-return]
     from peft import set_peft_model_state_dict
 
     current = get_trainable(model)
@@ -192,6 +223,9 @@ class DeltaEmbedding(torch.nn.Module):
 def _delta_embedding(model: torch.nn.Module) -> DeltaEmbedding | None:
     from edge_agent.train import causal_lm
 
+    if lean_model(model) is not None:
+        return None
+
     emb = causal_lm(model).get_input_embeddings()
     return emb if isinstance(emb, DeltaEmbedding) else None
 
@@ -205,6 +239,14 @@ def attach_trainable(
         raise ModelError(
             "this device's tier is 'embedding', but the fleet keeps no embedding table (model.embedding = true on the coordinator)"
         )
+    if (lean := lean_model(model)) is not None:
+        if spec.embedding or tier != "lora":
+            raise LeanUnsupported("the lean runtime trains LoRA without the fleet's embedding table; set model.runtime = 'transformers'")
+        fingerprint = base_fingerprint(lean.config)
+        if spec.base and spec.base != fingerprint:
+            raise ModelError(f"fleet trains base {spec.base}, but this device loaded {fingerprint}")
+        lean.attach_lora(spec.r, spec.alpha, list(spec.targets), seed=seed)
+        return lean
     peft_model = attach_lora(model, spec, seed=seed)
     if spec.embedding:
         from edge_agent.train import causal_lm

@@ -33,7 +33,7 @@ from edge_agent.state import pid_alive
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 WEIGHTS = "model.safetensors"
 QMAP = "quantization_map.json"
 MANIFEST = "fedge-cache.json"
@@ -91,7 +91,8 @@ def build(source: str, root: str | Path) -> Path:
     from optimum.quanto import quantization_map
     from safetensors.torch import save_file
 
-    from edge_agent.model import load_base
+    from edge_agent import lean
+    from edge_agent.model import load_base, quantize_int8
 
     root = Path(root)
     final = cache_dir(source, root)
@@ -103,8 +104,13 @@ def build(source: str, root: str | Path) -> Path:
     tmp.mkdir()
     t0 = time.monotonic()
     try:
-        loaded, tokenizer = load_base(source, "int8")
+        loaded, tokenizer = load_base(source, "none")
         model: Any = loaded
+        try:  # the lean runtime's int8 files, from the fp32 weights (edge_agent.lean)
+            lean.write_lean(model, tmp, eos_token_id=tokenizer.eos_token_id)
+        except ModelError as exc:
+            log.info("no lean weights for %s: %s", source, exc)
+        quantize_int8(model)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         if tied:

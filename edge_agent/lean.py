@@ -1,0 +1,415 @@
+"""The lean runtime: a Llama-family causal LM for training LoRA on an int8 base, in torch alone.
+
+``model.runtime = "lean"`` trains without importing transformers, peft or quanto at run
+time (they cost about 160 MB of RSS before any weight is loaded). It reads the agent's
+model cache, where :func:`write_lean` stored, once, at cache build:
+
+- every linear layer's weight as int8 with one fp32 scale per output row (symmetric
+  absmax, as quanto's qint8), kept int8 in memory and dequantized one layer at a time
+  inside a custom autograd function, so that neither the forward pass nor the backward
+  pass ever keeps a dequantized weight alive;
+- the input embedding the same way, per row: 28 MB instead of SmolLM2's 113 MB fp32
+  table. The output head, tied to it, is computed in vocabulary blocks from the int8 rows;
+- the norms in fp32, the config and the tokenizer (``tokenizers``).
+
+The model behaves as the transformers one the agent trains (:mod:`edge_agent.train`):
+``model.model(input_ids).last_hidden_state``, ``get_output_embeddings()``, ``labels`` for
+the loss, activation checkpointing per decoder layer. LoRA goes on the same modules with
+the same names, scaling and state-dict keys as peft's, so the fleet's tensors are the same
+whichever runtime a device uses (``tests/edge_agent/test_lean.py`` checks both against
+transformers and peft).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from edge_agent.errors import ModelError
+
+LEAN_WEIGHTS = "lean.safetensors"
+LEAN_CONFIG = "lean-config.json"
+HEAD_BLOCK = 8192
+"""Vocabulary rows the tied head dequantizes at once (8192 x 576 fp32 = 19 MB for SmolLM2)."""
+PROJECTIONS = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
+SUPPORTED = ("llama",)
+
+
+# -- int8 weights ------------------------------------------------------------------------
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: ``w ~ q * scale[:, None]``, ``scale = max|w_row| / 127``."""
+    w = w.detach().to(torch.float32)
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def _dequant(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.to(torch.float32).mul_(scale[:, None])
+
+
+class _Int8Linear(torch.autograd.Function):
+    """``x @ (q * scale)^T``; saves only the int8 weight, and dequantizes again for the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, scale)
+        return F.linear(x, _dequant(q, scale))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        q, scale = ctx.saved_tensors
+        return (grad @ _dequant(q, scale) if ctx.needs_input_grad[0] else None), None, None
+
+
+class _Int8Head(torch.autograd.Function):
+    """Logits ``h @ (q * scale)^T`` over the vocabulary, ``HEAD_BLOCK`` rows of the table at a time."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, scale)
+        out = h.new_empty((*h.shape[:-1], q.shape[0]))
+        for s in range(0, q.shape[0], HEAD_BLOCK):
+            out[..., s : s + HEAD_BLOCK] = h @ _dequant(q[s : s + HEAD_BLOCK], scale[s : s + HEAD_BLOCK]).T
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        q, scale = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        dh = grad.new_zeros((*grad.shape[:-1], q.shape[1]))
+        for s in range(0, q.shape[0], HEAD_BLOCK):
+            dh += grad[..., s : s + HEAD_BLOCK] @ _dequant(q[s : s + HEAD_BLOCK], scale[s : s + HEAD_BLOCK])
+        return dh, None, None
+
+
+class LoRA(torch.nn.Module):
+    """peft's LoRA on one linear layer: ``B(A(x)) * alpha / r`` (A: kaiming-uniform, B: zeros)."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float) -> None:
+        super().__init__()
+        self.lora_A = torch.nn.Linear(in_features, r, bias=False)
+        self.lora_B = torch.nn.Linear(r, out_features, bias=False)
+        torch.nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        torch.nn.init.zeros_(self.lora_B.weight)
+        self.scaling = alpha / r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(x)) * self.scaling
+
+
+class QLinear(torch.nn.Module):
+    """A frozen linear layer (int8 weight and row scales, or fp32), with an optional LoRA."""
+
+    weight_q: torch.Tensor
+    weight_scale: torch.Tensor
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight_q", q, persistent=False)
+        self.register_buffer("weight_scale", scale if scale is not None else torch.empty(0), persistent=False)
+        self.out_features, self.in_features = q.shape
+        self.lora: LoRA | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_scale.numel():
+            y = _Int8Linear.apply(x, self.weight_q, self.weight_scale)
+        else:
+            y = F.linear(x, self.weight_q)
+        return y if self.lora is None else y + self.lora(x)
+
+
+class RMSNorm(torch.nn.Module):
+    weight: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.to(torch.float32), persistent=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(var + self.eps))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class DecoderLayer(torch.nn.Module):
+    def __init__(self, cfg: SimpleNamespace, linears: dict[str, QLinear], norms: tuple[torch.Tensor, torch.Tensor]) -> None:
+        super().__init__()
+        self.self_attn = torch.nn.Module()
+        self.mlp = torch.nn.Module()
+        for name, module in linears.items():
+            setattr(getattr(self, PROJECTIONS[name]), name, module)
+        self.input_layernorm = RMSNorm(norms[0], cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(norms[1], cfg.rms_norm_eps)
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        a: Any = self.self_attn
+        m: Any = self.mlp
+        b, t, _ = x.shape
+        h = self.input_layernorm(x)
+        q = a.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = a.k_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = a.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        x = x + a.o_proj(att.transpose(1, 2).reshape(b, t, -1))
+        h = self.post_attention_layernorm(x)
+        return x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
+
+
+class Embedding(torch.nn.Module):
+    """The frozen input embedding (int8 rows and scales, or fp32); also the tied output head."""
+
+    weight_q: torch.Tensor
+    weight_scale: torch.Tensor
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor | None) -> None:
+        super().__init__()
+        self.register_buffer("weight_q", q, persistent=False)
+        self.register_buffer("weight_scale", scale if scale is not None else torch.empty(0), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight_q)
+        if not self.weight_scale.numel():
+            return rows
+        return rows.to(torch.float32) * self.weight_scale[ids].unsqueeze(-1)
+
+
+class Head(torch.nn.Module):
+    """hidden -> logits, from an int8 (or fp32) table of ``[vocab, hidden]``."""
+
+    def __init__(self, table: Embedding | QLinear) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        q, scale = self.table.weight_q, self.table.weight_scale
+        return _Int8Head.apply(h, q, scale) if scale.numel() else h @ q.T
+
+
+class Backbone(torch.nn.Module):
+    def __init__(self, cfg: SimpleNamespace, embed: Embedding, layers: list[DecoderLayer], norm: torch.Tensor) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = embed
+        self.layers = torch.nn.ModuleList(layers)
+        self.norm = RMSNorm(norm, cfg.rms_norm_eps)
+        self.checkpointing = False
+        dim = cfg.head_dim
+        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False) -> SimpleNamespace:
+        t = input_ids.shape[1]
+        freqs = torch.outer(torch.arange(t, dtype=torch.float32), self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        return SimpleNamespace(last_hidden_state=self.norm(x))
+
+
+class LeanCausalLM(torch.nn.Module):
+    """What :mod:`edge_agent.train` needs of a causal LM, without transformers."""
+
+    def __init__(self, cfg: SimpleNamespace, backbone: Backbone, head: Head) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = backbone
+        self.lm_head = head
+        self.lora_names: dict[str, torch.Tensor] = {}
+
+    def get_input_embeddings(self) -> Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> Head:
+        return self.lm_head
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self.model.checkpointing
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        self.model.checkpointing = True
+
+    def activation_checkpointing_disable(self) -> None:
+        self.model.checkpointing = False
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, use_cache: bool = False) -> SimpleNamespace:
+        logits = self.lm_head(self.model(input_ids).last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+        return SimpleNamespace(logits=logits, loss=loss)
+
+    # -- LoRA, as peft names it ----------------------------------------------------------
+
+    def attach_lora(self, r: int, alpha: float, targets: list[str], seed: int = 0) -> None:
+        unknown = sorted(set(targets) - set(PROJECTIONS))
+        if unknown:
+            raise ModelError(f"cannot attach LoRA to {unknown}: the lean runtime's Llama layers have {sorted(PROJECTIONS)}")
+        torch.manual_seed(seed)
+        self.lora_names = {}
+        for i, layer in enumerate(self.model.layers):
+            for name in targets:
+                lin: QLinear = getattr(getattr(layer, PROJECTIONS[name]), name)
+                lin.lora = LoRA(lin.in_features, lin.out_features, r, alpha)
+                prefix = f"base_model.model.model.layers.{i}.{PROJECTIONS[name]}.{name}"
+                self.lora_names[f"{prefix}.lora_A.weight"] = lin.lora.lora_A.weight
+                self.lora_names[f"{prefix}.lora_B.weight"] = lin.lora.lora_B.weight
+
+    def get_trainable(self) -> dict[str, np.ndarray]:
+        return {k: p.detach().to(torch.float32).numpy().copy() for k, p in self.lora_names.items()}
+
+    def set_trainable(self, tensors: dict[str, np.ndarray]) -> None:
+        missing, extra = sorted(set(self.lora_names) - set(tensors)), sorted(set(tensors) - set(self.lora_names))
+        if missing or extra:
+            raise ModelError(f"global state does not match this model's adapters: missing {missing[:3]}, unexpected {extra[:3]}")
+        for name, p in self.lora_names.items():
+            arr = tensors[name]
+            if tuple(arr.shape) != tuple(p.shape):
+                raise ModelError(f"global tensor {name!r} has shape {tuple(arr.shape)}, model has {tuple(p.shape)}")
+            with torch.no_grad():
+                p.copy_(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)))
+
+
+# -- the cache's lean files ---------------------------------------------------------------
+
+
+def _config(raw: dict[str, Any]) -> SimpleNamespace:
+    if raw.get("model_type") not in SUPPORTED:
+        raise ModelError(
+            f"the lean runtime runs {SUPPORTED} models, this one is {raw.get('model_type')!r}; set model.runtime = 'transformers'"
+        )
+    rope = raw.get("rope_scaling")
+    if rope and rope.get("rope_type", rope.get("type")) not in (None, "default"):
+        raise ModelError(f"the lean runtime supports plain RoPE only, this model has {rope}; set model.runtime = 'transformers'")
+    if raw.get("attention_bias") or raw.get("mlp_bias"):
+        raise ModelError("the lean runtime supports Llama layers without biases; set model.runtime = 'transformers'")
+    heads = int(raw["num_attention_heads"])
+    return SimpleNamespace(
+        model_type=raw["model_type"],
+        vocab_size=int(raw["vocab_size"]),
+        hidden_size=int(raw["hidden_size"]),
+        num_hidden_layers=int(raw["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=int(raw.get("head_dim") or int(raw["hidden_size"]) // heads),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(raw.get("rope_theta", 10000.0)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        eos_token_id=raw.get("eos_token_id"),
+        fedge_eos_token_id=raw.get("fedge_eos_token_id"),
+    )
+
+
+def write_lean(hf_model: Any, out: Path, quantize: bool = True, eos_token_id: int | None = None) -> None:
+    """The lean files of a loaded fp32 transformers Llama, into ``out`` (its config stays raw JSON,
+    with the tokenizer's end-of-text id, which may differ from the config's)."""
+    from safetensors.torch import save_file
+
+    raw = hf_model.config.to_dict()
+    _config(raw)  # refuse what the runtime cannot run, at build time
+    if eos_token_id is not None:
+        raw["fedge_eos_token_id"] = int(eos_token_id)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in hf_model.state_dict().items():
+        if name == "lm_head.weight" and raw.get("tie_word_embeddings"):
+            continue
+        t = t.detach().to(torch.float32).contiguous()
+        if quantize and t.dim() == 2:
+            tensors[f"{name}.q"], tensors[f"{name}.scale"] = quantize_rows(t)
+        else:
+            tensors[name] = t
+    save_file(tensors, str(out / LEAN_WEIGHTS))
+    (out / LEAN_CONFIG).write_text(json.dumps(raw, sort_keys=True, default=str))
+
+
+def load_lean(path: Path) -> LeanCausalLM:
+    """The lean model from a cache directory (weights memory-mapped from the file)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        raw = json.loads((path / LEAN_CONFIG).read_text())
+        state = load_file(str(path / LEAN_WEIGHTS))
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ModelError(f"the lean weights in {path} are unreadable ({exc}); delete the cache to rebuild") from None
+    cfg = _config(raw)
+
+    def weight(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if f"{name}.q" in state:
+            return state[f"{name}.q"], state[f"{name}.scale"]
+        if name in state:
+            return state[name], None
+        raise ModelError(f"the lean weights in {path} lack {name!r}; delete the cache to rebuild")
+
+    embed = Embedding(*weight("model.embed_tokens.weight"))
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        linears = {n: QLinear(*weight(f"{p}.{PROJECTIONS[n]}.{n}.weight")) for n in PROJECTIONS}
+        norms = (weight(f"{p}.input_layernorm.weight")[0], weight(f"{p}.post_attention_layernorm.weight")[0])
+        layers.append(DecoderLayer(cfg, linears, norms))
+    head = Head(embed if cfg.tie_word_embeddings else QLinear(*weight("lm_head.weight")))
+    model = LeanCausalLM(cfg, Backbone(cfg, embed, layers, weight("model.norm.weight")[0]), head)
+    model.eval()
+    return model
+
+
+class LeanTokenizer:
+    """The part of a transformers tokenizer the agent uses, from ``tokenizer.json`` (``tokenizers``)."""
+
+    def __init__(self, path: Path, eos_token_id: int | None) -> None:
+        from tokenizers import Tokenizer
+
+        try:
+            self._tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as exc:  # noqa: BLE001 - the Rust library raises its own exception type
+            raise ModelError(f"{path / 'tokenizer.json'}: cannot load the tokenizer ({exc})") from None
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = eos_token_id
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": self._tok.encode(text, add_special_tokens=add_special_tokens).ids}
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
+
+
+def load(path: Path) -> tuple[LeanCausalLM, LeanTokenizer]:
+    model = load_lean(path)
+    eos = model.config.fedge_eos_token_id if model.config.fedge_eos_token_id is not None else model.config.eos_token_id
+    return model, LeanTokenizer(path, int(eos[0] if isinstance(eos, list) else eos) if eos is not None else None)

@@ -1,0 +1,146 @@
+"""The lean runtime against transformers and peft, on the tiny Llama: the same logits, the same
+adapters under the same names, the same loss and gradients; int8 close to fp32; and an agent's
+training round that never imports transformers, peft or quanto."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compression.protocol import TrainableSpec
+from edge_agent import lean, modelcache
+from edge_agent.errors import ModelError
+from edge_agent.model import attach_trainable, get_trainable, load_base, set_trainable
+from edge_agent.train import lm_loss, set_gradient_checkpointing
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _spec(targets: tuple[str, ...] = ("q_proj", "v_proj")) -> TrainableSpec:
+    return TrainableSpec(r=4, alpha=8, targets=targets)
+
+
+def _pair(tiny_model: Path, tmp_path: Path, quantize: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+    hf, _tok = load_base(str(tiny_model), "none")
+    lean.write_lean(hf, tmp_path, quantize=quantize)
+    return hf, lean.load_lean(tmp_path)
+
+
+def test_lean_fp32_gives_transformers_logits(tiny_model: Path, tmp_path: Path) -> None:
+    hf, lm = _pair(tiny_model, tmp_path, quantize=False)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+        got = lm(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")])
+def test_lean_lora_has_peft_names_and_gives_its_loss_and_gradients(tiny_model: Path, tmp_path: Path, targets: tuple[str, ...]) -> None:
+    hf, lm = _pair(tiny_model, tmp_path, quantize=False)
+    spec = _spec(targets)
+    peft_model = attach_trainable(hf, spec, "lora")
+    lm = attach_trainable(lm, spec, "lora")
+    state = get_trainable(peft_model)
+    assert set(get_trainable(lm)) == set(state) and len(state) == 2 * 2 * len(targets)
+    rng = np.random.default_rng(1)
+    shared = {k: rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in state.items()}
+    set_trainable(peft_model, shared)
+    set_trainable(lm, shared)
+    assert all(np.array_equal(get_trainable(lm)[k], shared[k]) for k in shared)
+    batch = rng.integers(0, hf.config.vocab_size, (2, 32))
+    for checkpointing, chunk in ((False, 0), (True, 16)):
+        losses, grads = [], []
+        for m in (peft_model, lm):
+            set_gradient_checkpointing(m, checkpointing)
+            m.train()
+            loss = lm_loss(m, batch, chunk)
+            loss.backward()
+            losses.append(float(loss.detach()))
+            grads.append(_grads(m))
+        assert abs(losses[0] - losses[1]) < 1e-4
+        assert set(grads[0]) == set(grads[1]) == set(shared)
+        for name, g in grads[0].items():
+            np.testing.assert_allclose(grads[1][name], g, rtol=1e-3, atol=1e-6, err_msg=name)
+        for m in (peft_model, lm):
+            m.zero_grad(set_to_none=True)
+
+
+def _grads(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Each adapter's gradient, under its peft state-dict name."""
+    if isinstance(model, lean.LeanCausalLM):
+        return {k: p.grad.numpy().copy() for k, p in model.lora_names.items() if p.grad is not None}
+    return {n.replace(".default", ""): p.grad.numpy().copy() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_only_adapters_train_in_the_lean_model(tiny_model: Path, tmp_path: Path) -> None:
+    _, lm = _pair(tiny_model, tmp_path, quantize=True)
+    lm = attach_trainable(lm, _spec(), "lora")
+    trainable = [n for n, p in lm.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora." in n for n in trainable)
+    with pytest.raises(ModelError, match="lean runtime trains LoRA"):
+        attach_trainable(lean.load_lean(tmp_path), TrainableSpec(r=4, alpha=8, targets=("q_proj",), embedding=True), "lora")
+
+
+def test_int8_lean_stays_close_to_fp32(tiny_model: Path, tmp_path: Path) -> None:
+    hf, _ = load_base(str(tiny_model), "none")
+    (tmp_path / "fp32").mkdir()
+    (tmp_path / "int8").mkdir()
+    lean.write_lean(hf, tmp_path / "fp32", quantize=False)
+    lean.write_lean(hf, tmp_path / "int8", quantize=True)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = lean.load_lean(tmp_path / "fp32")(input_ids=ids, labels=ids)
+        b = lean.load_lean(tmp_path / "int8")(input_ids=ids, labels=ids)
+    assert abs(float(a.loss) - float(b.loss)) / float(a.loss) < 0.01
+    agree = (a.logits.argmax(-1) == b.logits.argmax(-1)).float().mean()
+    assert agree > 0.9
+
+
+def test_the_cache_holds_lean_weights_and_auto_loads_them_with_the_same_tokens(tiny_model: Path, tmp_path: Path) -> None:
+    path = modelcache.ensure(str(tiny_model), tmp_path / "cache", in_subprocess=False)
+    assert (path / lean.LEAN_WEIGHTS).is_file() and (path / lean.LEAN_CONFIG).is_file()
+    lm, tok = load_base(str(tiny_model), "int8", tmp_path / "cache", runtime="auto")
+    hf, hf_tok = load_base(str(tiny_model), "int8", tmp_path / "cache", runtime="transformers")
+    assert isinstance(lm, lean.LeanCausalLM) and not isinstance(hf, lean.LeanCausalLM)
+    text = "def parse(path):\n    with open(path) as fh:\n        return json.load(fh)\n"
+    assert tok(text)["input_ids"] == hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.eos_token_id == hf_tok.eos_token_id
+    with pytest.raises(ModelError, match="needs model.quantize = 'int8'"):
+        load_base(str(tiny_model), "none", runtime="lean")
+
+
+def test_a_lean_training_round_imports_neither_transformers_nor_peft_nor_quanto(tiny_model: Path, tmp_path: Path, device_data) -> None:  # type: ignore[no-untyped-def]
+    modelcache.ensure(str(tiny_model), tmp_path / "cache", in_subprocess=False)
+    data = device_data(0)
+    script = f"""
+import json, sys
+import numpy as np
+from compression.protocol import TrainableSpec
+from edge_agent.config import TrainConfig
+from edge_agent.data import build_blocks, read_texts
+from edge_agent.model import attach_trainable, get_trainable, load_base, round_delta
+from edge_agent.train import evaluate, train_round
+model, tok = load_base({str(tiny_model)!r}, "int8", {str(tmp_path / "cache")!r}, runtime="lean")
+blocks = build_blocks(read_texts({str(data)!r}), tok, 32, 0.1, 0)
+model = attach_trainable(model, TrainableSpec(r=4, alpha=8, targets=("q_proj", "v_proj")), "lora")
+start = get_trainable(model)
+before = evaluate(model, blocks, 4, 4, 16)
+cfg = TrainConfig(batch_size=4, seq_len=32, local_steps=3, lr=1e-2, loss_chunk_tokens=16)
+result = train_round(model, blocks, cfg, np.random.default_rng(0))
+delta = round_delta(model, start, "lora")
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("transformers", "peft", "optimum"))
+print(json.dumps({{"heavy": heavy, "steps": result.steps, "loss": result.train_loss, "before": before,
+                  "moved": float(sum(np.abs(v).sum() for v in delta.values()))}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    assert doc["heavy"] == [], doc["heavy"]
+    assert doc["steps"] == 3 and np.isfinite(doc["loss"]) and doc["moved"] > 0
