@@ -1,6 +1,7 @@
 """Agent memory benchmark: peak RSS, seconds per step and tokens/s of local training, per device profile.
 
-    python -m benchmarks.agent_memory [--profile NAME ...] [--all] [--steps N] [--model auto|smollm2|tiny] [--json]
+    python -m benchmarks.agent_memory [--profile NAME ...] [--all] [--steps N] [--model auto|smollm2|tiny]
+                                      [--repeat 3] [--baselines] [--compare] [--json]
 
 Each measurement runs in a fresh child process, exactly as the agent starts: the frozen
 base is loaded from the int8 cache (built first, once, in its own process), LoRA is
@@ -8,8 +9,14 @@ attached, and training runs with the profile's batch, sequence length, threads a
 settings. Peak RSS is the child's ``ru_maxrss``: the whole process, load included. The
 first-start conversion (GGUF to fp32 to int8) is reported on its own line.
 
-``--compare`` adds a run of each profile without gradient checkpointing and with the full
-logits loss, to show what the memory settings save.
+Each setting runs ``--repeat`` times (3 by default); the table shows the median of peak RSS
+and s/step, and the JSON keeps every run. The agent's default runtime trains the int8
+base in :mod:`edge_agent.lean` (torch alone). ``--baselines`` adds, on the same settings
+and seeds, the transformers runtime on the same int8 base, and the fp32 base in
+transformers: the loss check compares their held-out loss after the same steps, and
+their s/step is what the int8 base must not exceed. ``--compare`` adds a run of each
+profile without gradient checkpointing and with the full logits loss, to show what the
+memory settings save.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,14 +49,14 @@ def _child(args: argparse.Namespace) -> int:
 
     tune_allocator()  # as fedge-agent does before it loads anything
     import numpy as np
+    import psutil
     import torch
 
-    from benchmarks.fedsim import smollm2_available
     from compression.protocol import EMBED_DELTA, TrainableSpec
     from edge_agent.config import TrainConfig, load_profile
     from edge_agent.data import build_blocks, read_texts
-    from edge_agent.model import attach_trainable, get_trainable, load_base, load_global, round_delta
-    from edge_agent.train import train_round
+    from edge_agent.model import attach_trainable, get_trainable, lean_model, load_base, load_global, round_delta
+    from edge_agent.train import evaluate, train_round
     from fedge_lab.corpus import write_device_corpus
 
     profile = load_profile(args.profile)
@@ -61,8 +69,11 @@ def _child(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     source = args.source
     t0 = time.monotonic()
-    base, tok = load_base(source, "int8", args.cache_root)
+    runtime = args.runtime if cfg.tier == "lora" else "transformers"  # as the agent resolves it
+    base: Any
+    base, tok = load_base(source, args.quantize, args.cache_root if args.quantize == "int8" else None, runtime=runtime)
     load_s = time.monotonic() - t0
+    runtime = "lean" if lean_model(base) is not None else "transformers"
     data_dir = Path(args.work) / "data"
     write_device_corpus(data_dir, 0)
     data = build_blocks(read_texts(data_dir), tok, cfg.seq_len, 0.1, seed=0)
@@ -76,15 +87,25 @@ def _child(args: argparse.Namespace) -> int:
         state[EMBED_DELTA] = np.zeros((vocab, hidden), dtype=np.float32)
     load_global(model, state)
     rng = np.random.default_rng(0)
+    eval_before = evaluate(model, data, 8, cfg.batch_size, cfg.loss_chunk_tokens)
     train_round(model, data, replace(cfg, local_steps=1), rng)  # warm-up: allocator, thread pools
     result = train_round(model, data, cfg, rng)
     round_delta(model, state, cfg.tier)  # the update the agent compresses next
+    eval_after = evaluate(model, data, 8, cfg.batch_size, cfg.loss_chunk_tokens)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    full = psutil.Process().memory_full_info()
     out = {
         "profile": args.profile,
         "tier": cfg.tier,
-        "model": "smollm2" if source == "smollm2" and smollm2_available() else "tiny",
+        "model": "smollm2" if source == "smollm2" else "tiny",
+        "imported": sorted(m for m in ("transformers", "peft", "optimum") if m in sys.modules),
         "plain": bool(args.plain),
+        "runtime": runtime,
+        "quantize": args.quantize,
+        "uss_mb": full.uss / 1e6,
+        "pss_mb": full.pss / 1e6,
+        "eval_loss_before": eval_before,
+        "eval_loss_after": eval_after,
         "threads": threads,
         "batch_size": cfg.batch_size,
         "seq_len": cfg.seq_len,
@@ -99,6 +120,16 @@ def _child(args: argparse.Namespace) -> int:
     }
     print(json.dumps(out))
     return 0
+
+
+def _median(got: list[dict[str, Any]]) -> dict[str, Any]:
+    """The runs of one setting as one row: medians of the measured numbers, every run's peak kept."""
+    row = dict(got[0])
+    for key in ("peak_rss_mb", "uss_mb", "pss_mb", "step_s", "tokens_per_s", "load_s", "eval_loss_after", "train_loss"):
+        row[key] = statistics.median(r[key] for r in got)
+    row["peak_rss_mb_runs"] = [round(r["peak_rss_mb"], 1) for r in got]
+    row["runs"] = len(got)
+    return row
 
 
 def settings_label(r: dict[str, Any]) -> str:
@@ -121,8 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="timed training steps after one warm-up step")
     parser.add_argument("--model", choices=["auto", "smollm2", "tiny"], default="auto")
     parser.add_argument("--compare", action="store_true", help="also run without checkpointing and chunked loss")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each setting (the table shows medians)")
+    parser.add_argument("--baselines", action="store_true", help="also the transformers runtime (int8) and the fp32 base, same settings")
+    parser.add_argument("--runtime", choices=["auto", "lean", "transformers"], default="auto", help="the agent's model.runtime")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--quantize", default="int8", help=argparse.SUPPRESS)
     parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--cache-root", help=argparse.SUPPRESS)
@@ -160,19 +195,43 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e6,
         "cache_mb": sum(p.stat().st_size for p in cache_root.rglob("*") if p.is_file()) / 1e6,
     }
-    rows = []
+    settings = [(args.runtime, "int8", False)]
+    if args.baselines:
+        settings += [("transformers", "int8", False), ("transformers", "none", False)]
+    if args.compare:
+        settings.append((args.runtime, "int8", True))
+    rows, runs = [], []
     for name in profiles:
-        for plain in [False, True] if args.compare else [False]:
+        for runtime, quantize, plain in settings:
             cli = ["--profile", name, "--steps", str(args.steps), "--source", source, "--cache-root", str(cache_root), "--work", str(work)]
-            console.print(f"measuring {name}{' (plain)' if plain else ''} ...")
-            rows.append(_run_child(cli + (["--plain"] if plain else [])))
+            cli += ["--runtime", runtime, "--quantize", quantize] + (["--plain"] if plain else [])
+            got = []
+            for i in range(args.repeat):
+                console.print(
+                    f"measuring {name}, {runtime} runtime, {quantize}{' (plain)' if plain else ''}, run {i + 1}/{args.repeat} ..."
+                )
+                got.append(_run_child(cli))
+            runs += got
+            rows.append(_median(got))
 
     title = f"local training memory and speed ({model_name}, int8 base; lora r=8 on q,v or local embedding rows; {os.cpu_count()} cores)"
     table = Table(title=title)
-    for col in ("profile", "tier", "memory settings", "batch × seq", "threads", "peak RSS MB", "s/step", "tokens/s", "load s", "target"):
-        table.add_column(col, justify="left" if col in ("profile", "tier", "memory settings") else "right")
+    for col in (
+        "profile",
+        "tier",
+        "base",
+        "memory settings",
+        "batch × seq",
+        "peak RSS MB",
+        "USS MB",
+        "s/step",
+        "tokens/s",
+        "held-out loss",
+        "target",
+    ):
+        table.add_column(col, justify="left" if col in ("profile", "tier", "base", "memory settings") else "right")
     for r in rows:
-        target = TARGETS_MB.get(r["profile"]) if not r["plain"] else None
+        target = TARGETS_MB.get(r["profile"]) if not r["plain"] and r["quantize"] == "int8" else None
         if target is None:
             verdict = ""
         else:
@@ -180,13 +239,14 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(
             r["profile"],
             r["tier"],
+            f"{'int8' if r['quantize'] == 'int8' else 'fp32'}, {r['runtime']}",
             settings_label(r),
             f"{r['batch_size']} × {r['seq_len']}",
-            str(r["threads"]),
             f"{r['peak_rss_mb']:.0f}",
+            f"{r['uss_mb']:.0f}",
             f"{r['step_s']:.2f}",
             f"{r['tokens_per_s']:.0f}",
-            f"{r['load_s']:.2f}",
+            f"{r['eval_loss_before']:.3f} → {r['eval_loss_after']:.3f}",
             verdict,
         )
     console.print(table)
@@ -194,8 +254,24 @@ def main(argv: list[str] | None = None) -> int:
         f"first start only: building the int8 cache took {first_start['seconds']:.1f} s in a child process "
         f"with a peak of {first_start['peak_rss_mb']:.0f} MB; the cache is {first_start['cache_mb']:.0f} MB"
     )
-    primary = next(r for r in rows if not r["plain"])
+    primary = rows[0]
+    fp32 = next((r for r in rows if r["profile"] == primary["profile"] and r["quantize"] == "none"), None)
+    other = next(
+        (r for r in rows if r["profile"] == primary["profile"] and r["runtime"] != primary["runtime"] and r["quantize"] == "int8"), None
+    )
     report = {
+        "runtime": primary["runtime"],
+        "uss_mb": primary["uss_mb"],
+        "pss_mb": primary["pss_mb"],
+        "fp32_step_s": fp32["step_s"] if fp32 else None,
+        "int8_not_slower_than_fp32": None if fp32 is None else primary["step_s"] <= fp32["step_s"],
+        "loss_check": None
+        if other is None and fp32 is None
+        else {
+            "eval_loss_after": primary["eval_loss_after"],
+            "transformers_int8_eval_loss_after": other["eval_loss_after"] if other else None,
+            "fp32_eval_loss_after": fp32["eval_loss_after"] if fp32 else None,
+        },
         "profile": primary["profile"],
         "model": model_name,
         "peak_rss_mb": primary["peak_rss_mb"],
