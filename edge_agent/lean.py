@@ -381,9 +381,12 @@ def _config(raw: dict[str, Any]) -> SimpleNamespace:
         raise ModelError(
             f"the lean runtime runs {SUPPORTED} models, this one is {raw.get('model_type')!r}; set model.runtime = 'transformers'"
         )
-    rope = raw.get("rope_scaling")
+    # transformers >= 5 keeps RoPE's settings in rope_parameters; older configs in rope_theta / rope_scaling.
+    params = raw.get("rope_parameters") or {}
+    rope = raw.get("rope_scaling") or params
     if rope and rope.get("rope_type", rope.get("type")) not in (None, "default"):
         raise ModelError(f"the lean runtime supports plain RoPE only, this model has {rope}; set model.runtime = 'transformers'")
+    theta = params.get("rope_theta") or raw.get("rope_theta") or 10000.0
     if raw.get("attention_bias") or raw.get("mlp_bias"):
         raise ModelError("the lean runtime supports Llama layers without biases; set model.runtime = 'transformers'")
     heads = int(raw["num_attention_heads"])
@@ -396,7 +399,7 @@ def _config(raw: dict[str, Any]) -> SimpleNamespace:
         num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
         head_dim=int(raw.get("head_dim") or int(raw["hidden_size"]) // heads),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(raw.get("rope_theta", 10000.0)),
+        rope_theta=float(theta),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         eos_token_id=raw.get("eos_token_id"),
         fedge_eos_token_id=raw.get("fedge_eos_token_id"),

@@ -33,7 +33,7 @@ from edge_agent.state import pid_alive
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 WEIGHTS = "model.safetensors"
 QMAP = "quantization_map.json"
 MANIFEST = "fedge-cache.json"

@@ -41,6 +41,24 @@ def test_lean_fp32_gives_transformers_logits(tiny_model: Path, tmp_path: Path) -
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_lean_follows_the_config_rope_theta_and_grouped_query_attention(tmp_path: Path) -> None:
+    """SmolLM2's shape: RoPE theta 100000 (kept in rope_parameters by newer transformers), 3 KV heads for 9."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=300, hidden_size=144, intermediate_size=256, num_hidden_layers=2, num_attention_heads=9,
+        num_key_value_heads=3, rope_theta=100000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
+    )  # fmt: skip
+    hf = LlamaForCausalLM(cfg).eval()
+    lean.write_lean(hf, tmp_path, quantize=False)
+    lm = lean.load_lean(tmp_path)
+    assert lm.config.rope_theta == 100000.0 and lm.config.num_key_value_heads == 3
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(lm(input_ids=ids).logits, hf(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")])
 def test_lean_lora_has_peft_names_and_gives_its_loss_and_gradients(tiny_model: Path, tmp_path: Path, targets: tuple[str, ...]) -> None:
     hf, lm = _pair(tiny_model, tmp_path, quantize=False)
