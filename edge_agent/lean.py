@@ -175,8 +175,8 @@ class LoRA(torch.nn.Module):
         return self.lora_B(self.lora_A(x)) * self.scaling
 
 
-class QLinear(torch.nn.Module):
-    """A frozen linear layer (int8 weight and row scales, or fp32), with an optional LoRA."""
+class _Frozen(torch.nn.Module):
+    """A frozen table: int8 values and their scales (``weight_scale`` empty: fp32 values)."""
 
     weight_q: torch.Tensor
     weight_scale: torch.Tensor
@@ -185,6 +185,13 @@ class QLinear(torch.nn.Module):
         super().__init__()
         self.register_buffer("weight_q", q, persistent=False)
         self.register_buffer("weight_scale", scale if scale is not None else torch.empty(0), persistent=False)
+
+
+class QLinear(_Frozen):
+    """A frozen linear layer (int8 weight and row scales, or fp32), with an optional LoRA."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor | None) -> None:
+        super().__init__(q, scale)
         self.out_features, self.in_features = q.shape
         self.lora: LoRA | None = None
 
@@ -241,16 +248,8 @@ class DecoderLayer(torch.nn.Module):
         return x + m.down_proj(F.silu(m.gate_proj(h)) * m.up_proj(h))
 
 
-class Embedding(torch.nn.Module):
-    """The frozen input embedding (int8 rows and scales, or fp32); also the tied output head."""
-
-    weight_q: torch.Tensor
-    weight_scale: torch.Tensor
-
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor | None) -> None:
-        super().__init__()
-        self.register_buffer("weight_q", q, persistent=False)
-        self.register_buffer("weight_scale", scale if scale is not None else torch.empty(0), persistent=False)
+class Embedding(_Frozen):
+    """The frozen input embedding (int8 rows and group scales, or fp32); also the tied output head."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(ids, self.weight_q)
