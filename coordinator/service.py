@@ -180,10 +180,9 @@ class CoordinatorService:
     def _serve_once(self) -> None:
         """One turn of the worker: a batch of messages, a round check, a heartbeat."""
         batch = self.link.next_batch(BATCH_MAX, timeout=0.5)
-        if "connected" in batch and self.site is not None:
-            self.link.publish_invites(self.cohorts.open_invitations())
-        elif "connected" in batch:
+        if "connected" in batch:
             self.link.publish_invites(self.cohorts.open_invitations())  # devices act on each one once
+        if "connected" in batch and self.site is None:  # a site never publishes versions: they are the root's
             try:
                 delta = self.store.delta_frame(self.version)
             except STORAGE_ERRORS as exc:
