@@ -119,22 +119,13 @@ def site_ack(fleet: str, site: str) -> str:
     return f"fl/{check_id(fleet, 'fleet')}/sites/{check_id(site, 'site id')}/ack"
 
 
-def site_status(fleet: str, site: str) -> str:
-    """A site aggregator's status at the root: its ``coordinator/status``, remapped by the bridge."""
-    return f"fl/{check_id(fleet, 'fleet')}/sites/{check_id(site, 'site id')}/status"
-
-
 def site_bridge(fleet: str, site: str) -> str:
-    """The site broker's bridge notification at the root: retained ``1`` while connected, ``0`` (its will) after."""
+    """The site broker's bridge notification: retained ``1`` while connected, ``0`` (its will) after."""
     return f"fl/{check_id(fleet, 'fleet')}/sites/{check_id(site, 'site id')}/bridge"
 
 
-def root_status(fleet: str) -> str:
-    """The root's ``coordinator/status`` on a site broker, remapped by the bridge."""
-    return f"fl/{check_id(fleet, 'fleet')}/root/coordinator/status"
-
-
 def all_site_status(fleet: str) -> str:
+    """Every site aggregator's status at the root: its ``coordinator/status``, remapped by the bridge."""
     return f"fl/{check_id(fleet, 'fleet')}/sites/+/status"
 
 
@@ -144,6 +135,27 @@ def all_site_bridges(fleet: str) -> str:
 
 def all_partials(fleet: str) -> str:
     return f"fl/{check_id(fleet, 'fleet')}/sites/+/partial"
+
+
+MAX_SITE_STATUS = 65536
+"""Bytes of a site's status that anyone reading it parses; a larger one is ignored."""
+
+
+def bridge_state(payload: bytes) -> bool | None:
+    """Mosquitto's bridge notification: True for ``1`` (connected), False for ``0``, None for anything else."""
+    return {b"1": True, b"0": False}.get(bytes(payload).strip())
+
+
+def site_status_object(payload: bytes) -> dict[str, Any] | None:
+    """A site's status as a JSON object of at most :data:`MAX_SITE_STATUS` bytes, else None.
+    Its values are the site's word: readers check each field's type before they use it."""
+    if len(payload) > MAX_SITE_STATUS:
+        return None
+    try:
+        obj = json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def parse_site_topic(topic: str) -> tuple[str, str, str]:

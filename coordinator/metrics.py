@@ -77,7 +77,9 @@ class Metrics:
         self.site_rejected = _Labelled(
             Gauge("fedge_site_updates_rejected", "Updates the site aggregator refused, all reasons", site, registry=r), fleet
         )
-        self.site_updates = Counter("fedge_site_updates", "Device updates the root took in the site's partials", site, registry=r)
+        self.site_updates = _Labelled(
+            Counter("fedge_site_updates", "Device updates the root took in the site's partials", site, registry=r), fleet
+        )
         self._fleet = fleet
         self._server: Any = None
 

@@ -81,13 +81,8 @@ class FleetMonitor:
             return
         entry = self.view.sites.setdefault(site, {})
         if leaf == "bridge":
-            entry["bridge"] = {b"1": "up", b"0": "down"}.get(payload.strip(), "?")
-            return
-        try:
-            status = json.loads(payload[:65536]) if len(payload) <= 65536 else None
-        except ValueError:
-            return
-        if isinstance(status, dict):
+            entry["bridge"] = {True: "up", False: "down", None: "?"}[protocol.bridge_state(payload)]
+        elif (status := protocol.site_status_object(payload)) is not None:
             entry.update(status=status, seen=time.time())
 
     def close(self) -> None:

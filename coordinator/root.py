@@ -137,7 +137,7 @@ def handle_partial(svc: CoordinatorService, topic: str, payload: bytes) -> None:
         entry = LedgerEntry(f"{p.partial_id}/{i}", f"site:{site}", p.seq, g.base_version, staleness, 0.0, samples, len(g.frame), None)
         offer_derived(svc, entry, mean)
     svc.metrics.accepted.inc(p.updates)
-    svc.metrics.site_updates.labels(fleet=svc.cfg.fleet, site=site).inc(p.updates)
+    svc.metrics.site_updates.labels(site=site).inc(p.updates)
     svc.outcomes.acks_out.append(PartialAck(site, p.partial_id, "applied", svc.version))
     log.info("partial %s from %s: %d device update(s) in %d group(s)", p.partial_id, site, p.updates, len(p.groups))
 
@@ -152,22 +152,19 @@ def site_seen(svc: CoordinatorService, site: str, leaf: str, payload: bytes) -> 
         return
     now = time.time()
     if leaf == "bridge":
-        state = {b"1": "up", b"0": "down"}.get(bytes(payload).strip())
-        if state is None:
+        up = protocol.bridge_state(payload)
+        if up is None:
             return
         store.db.execute(
             "INSERT INTO sites(site, bridge, bridge_changed) VALUES (?,?,?) "
             "ON CONFLICT(site) DO UPDATE SET bridge=excluded.bridge, bridge_changed=excluded.bridge_changed",
-            (site, state, now),
+            (site, "up" if up else "down", now),
         )
-        svc.metrics.site_bridge.labels(site=site).set(state == "up")
+        svc.metrics.site_bridge.labels(site=site).set(up)
         return
-    try:
-        status = json.loads(bytes(payload)[:65536].decode("utf-8")) if len(payload) <= 65536 else None
-    except (UnicodeDecodeError, ValueError):
-        status = None
-    if not isinstance(status, dict):
-        log.warning("ignored a status from site %s: not a JSON object of at most 64 KiB", site)
+    status = protocol.site_status_object(payload)
+    if status is None:
+        log.warning("ignored a status from site %s: not a JSON object of at most %d bytes", site, protocol.MAX_SITE_STATUS)
         return
     store.db.execute(
         "INSERT INTO sites(site, status, last_seen) VALUES (?,?,?) "

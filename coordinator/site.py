@@ -207,7 +207,7 @@ class Site:
         log.info("following the root: v%d (%s)", v, how)
 
     def _bridge(self, payload: bytes) -> None:
-        up = {b"1": True, b"0": False}.get(bytes(payload).strip())
+        up = protocol.bridge_state(payload)
         if up is None or up == self.bridge_up:
             return
         self.bridge_up = up
@@ -279,9 +279,11 @@ class Site:
         try:
             with svc.store.batch():
                 seq = int(svc.store.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM site_partials").fetchone()[0])
+                by_base: dict[int, list[Accepted]] = {}
+                for u in members:
+                    by_base.setdefault(u.base_version, []).append(u)
                 groups = []
-                for base in bases:
-                    group = [u for u in members if u.base_version == base]
+                for base, group in sorted(by_base.items()):
                     frame = compress_dense({k: v.astype(np.float32) for k, v in weighted_sums(group, svc.shapes).items()}, FrameKind.UPDATE)
                     ids = tuple(u.update_id for u in group)
                     groups.append(Group(base, float(sum(u.num_samples for u in group)), len(group), ids, frame))

@@ -13,6 +13,13 @@ from typing import Any
 from coordinator.store import Store
 
 
+def lag_versions(version: object, following: object) -> int | None:
+    """Root versions a site has not reached, from its status (None when either is unknown or not a number)."""
+    if type(version) is not int or type(following) is not int:
+        return None
+    return max(0, version - following)
+
+
 def _has(store: Store, table: str) -> bool:
     return store.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone() is not None
 
@@ -41,7 +48,7 @@ def root_sites(store: Store, version: int | None, now: float) -> list[dict[str, 
                 "aggregator": status.get("state", "unknown"),
                 "bridge": bridge or "unknown",
                 "following": following,
-                "lag_versions": max(0, version - following) if isinstance(following, int) and version is not None else None,
+                "lag_versions": lag_versions(version, following),
                 "devices_online": status.get("devices_online"),
                 "site_accepted": status.get("accepted"),
                 "site_rejected": status.get("rejected"),

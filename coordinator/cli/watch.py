@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from coordinator.cli.common import add_broker_args, broker_target
+from coordinator.cli.sites_view import lag_versions
 from coordinator.errors import BrokerError
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -138,14 +139,13 @@ def sites_table(sites: dict[str, dict[str, Any]], version: Any, now: float) -> T
     for name, entry in sorted(sites.items()):
         st = entry.get("status", {})
         state = st.get("state", "?")
-        following = st.get("following")
-        lag = "-" if not isinstance(version, int) or not isinstance(following, int) else str(max(0, version - following))
+        lag = lag_versions(version, st.get("following"))
         bridge = entry.get("bridge", "?")
         table.add_row(
             name,
             f"[{'green' if state == 'online' else 'red'}]{state}[/]",
             f"[{'green' if bridge == 'up' else 'red'}]{bridge}[/]",
-            lag,
+            "-" if lag is None else str(lag),
             str(st.get("devices_online", "-")),
             str(st.get("accepted", "-")),
             str(st.get("partials_unacked", "-")),
