@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -80,6 +81,15 @@ class Follower:
 
     def add_snapshot(self, frame: bytes) -> None:
         self._snapshot = frame
+
+    def mark(self) -> tuple[Any, ...]:
+        """Everything the ``add_*`` methods and :meth:`follow` change, to undo them with :meth:`restore`
+        (a holder whose durable record of a version was rolled back must hold the old one again)."""
+        return self.version, self.tensors, self.meta, dict(self.metas), dict(self._deltas), self._snapshot
+
+    def restore(self, mark: tuple[Any, ...]) -> None:
+        self.version, self.tensors, self.meta, metas, deltas, self._snapshot = mark
+        self.metas, self._deltas = dict(metas), dict(deltas)
 
     def forget(self, version: int) -> None:
         """Drop a version's meta and the snapshot (a version the device refused)."""

@@ -251,10 +251,12 @@ class CoordinatorService:
     def _mark(self) -> tuple[Any, ...]:
         """Everything a message's handling may change in memory, to undo it if the handling fails."""
         parts = (self.engine.mark(), self.versions.mark(), self.outcomes.mark(), self.influence.mark(), self.cohorts.mark())
-        return (*parts, self.store._pending_prune)
+        return (*parts, self.site.mark() if self.site is not None else None, self.store._pending_prune)
 
     def _restore(self, mark: tuple[Any, ...]) -> None:
-        engine, versions, outcomes, influence, cohorts, self.store._pending_prune = mark
+        engine, versions, outcomes, influence, cohorts, site, self.store._pending_prune = mark
+        if self.site is not None:
+            self.site.restore(site)
         self.cohorts.restore(*cohorts)
         self.outcomes.restore(outcomes)
         self.engine.restore(engine)

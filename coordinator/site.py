@@ -159,6 +159,15 @@ class Site:
         self.forwarded = 0
         self.problems = 0
 
+    def mark(self) -> tuple[Any, ...]:
+        """What handling a message may change here (with the service's own mark): the follower and the resend state."""
+        return self.follower.mark(), dict(self.sent), dict(self.tries), self.bridge_up, self.root_version
+
+    def restore(self, mark: tuple[Any, ...]) -> None:
+        follower, sent, tries, self.bridge_up, self.root_version = mark
+        self.follower.restore(follower)
+        self.sent, self.tries = dict(sent), dict(tries)
+
     # -- what comes down the bridge ------------------------------------------------------
 
     def handle(self, topic: str, payload: bytes) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import sqlite3
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -196,6 +197,32 @@ def test_a_site_that_cannot_reach_its_root_refuses_updates_as_backlog_once_its_b
     finally:
         acks.close()
         device.close()
+        root.close()
+
+
+def test_a_storage_fault_while_a_site_takes_a_root_version_is_retried_and_the_site_still_reaches_it(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path
+) -> None:
+    root = Root(broker.port)
+    cfg, _ = _site_cfg(tmp_path, broker, tiny_model, root)
+    try:
+        with ThreadedCoordinator(cfg) as svc:
+            real, faults = svc.store.commit_version, []
+
+            def flaky(*args: object, **kwargs: object) -> None:
+                if not faults:  # the first write of the followed version hits a full disk
+                    faults.append(1)
+                    raise sqlite3.OperationalError("database or disk is full (injected)")
+                real(*args, **kwargs)  # type: ignore[arg-type]
+
+            svc.store.commit_version = flaky  # type: ignore[method-assign]
+            v2 = {k: v + np.float32(0.25) for k, v in svc.state.items()}
+            root.publish_version(2, v2, svc.spec.to_dict())
+            wait_until(lambda: svc.version == 2, 30, "the site to reach v2 after the batch's retry")
+            assert faults == [1] and all(np.array_equal(svc.state[k], v2[k]) for k in v2)
+            followed = json.loads(svc.store.get_meta("site_followed") or "null")
+            assert followed["version"] == 2 and svc.store.current_version() == 2
+    finally:
         root.close()
 
 
