@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import resource
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -149,10 +148,7 @@ def _totals(lab: SiteLab) -> dict[str, int]:
     for node in lab.nodes:
         with lab.db(node.state_dir) as db:
             partial_bytes += int(db.execute("SELECT COALESCE(SUM(bytes), 0) FROM site_partials").fetchone()[0])
-            try:
-                devices += int(db.execute("SELECT COUNT(DISTINCT device) FROM ledger").fetchone()[0])
-            except sqlite3.Error:
-                pass
+            devices += int(db.execute("SELECT COUNT(DISTINCT device) FROM ledger").fetchone()[0])
     return {
         "partials": int(partials),
         "root_device_updates": int(updates),

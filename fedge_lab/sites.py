@@ -15,7 +15,6 @@ it reaches the root broker through a :class:`Relay`, so that a test can cut the 
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import sqlite3
@@ -97,11 +96,7 @@ class Relay:
         except OSError:
             pass
         for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
+            _close(s)
 
     def cut(self) -> None:
         """Drop every carried connection and refuse new ones until :meth:`restore`."""
@@ -109,11 +104,7 @@ class Relay:
         with self._lock:
             conns, self._conns = self._conns, []
         for s in conns:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
+            _close(s)
 
     def restore(self) -> None:
         self.down.clear()
@@ -122,6 +113,14 @@ class Relay:
         self.closed = True
         self.cut()
         self.sock.close()
+
+
+def _close(s: socket.socket) -> None:
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by the other direction's pipe
+    s.close()
 
 
 @dataclass
@@ -298,13 +297,21 @@ class SiteLab:
         """A read-only connection to a tier's database (with the WAL: what has committed)."""
         return sqlite3.connect(f"file:{state_dir / 'coordinator.db'}?mode=ro", uri=True, timeout=30)
 
-    def site_partials(self, i: int) -> dict[str, Any]:
-        """A site's partials: unacked count and the update ids its acked and all partials cover."""
+    def site_partials(self, i: int) -> dict[str, int]:
+        """A site's partials waiting for the root's ack, and the updates waiting in its buffer."""
         with self.db(self.nodes[i].state_dir) as db:
             unacked = db.execute("SELECT COUNT(*) FROM site_partials WHERE acked IS NULL").fetchone()[0]
-            covered = {r[0]: r[1] for r in db.execute("SELECT update_id, partial_id FROM partial_updates")}
             buffered = db.execute("SELECT COUNT(*) FROM buffer").fetchone()[0]
-        return {"unacked": int(unacked), "covered": covered, "buffered": int(buffered)}
+        return {"unacked": int(unacked), "buffered": int(buffered)}
+
+    def site_covered(self, i: int) -> dict[str, str]:
+        """The update ids a site's partials cover, and each one's partial."""
+        with self.db(self.nodes[i].state_dir) as db:
+            return {r[0]: r[1] for r in db.execute("SELECT update_id, partial_id FROM partial_updates")}
+
+    def drained(self) -> bool:
+        """Every site has forwarded its buffer and heard the root acknowledge every partial."""
+        return all(p["unacked"] == 0 and p["buffered"] == 0 for p in (self.site_partials(i) for i in range(self.n)))
 
     def root_covered(self) -> dict[str, str]:
         with self.db(self.root_state) as db:
@@ -317,7 +324,7 @@ class SiteLab:
     def status(self) -> dict[str, Any]:
         return {
             "root_version": self.root_version(),
-            "sites": {n.name: {k: v for k, v in self.site_partials(i).items() if k != "covered"} for i, n in enumerate(self.nodes)},
+            "sites": {n.name: self.site_partials(i) for i, n in enumerate(self.nodes)},
         }
 
 
@@ -338,7 +345,3 @@ def wait_until(pred: Any, timeout: float, what: str, every: float = 0.5) -> None
             pass  # the database is being created or is locked for a moment
         time.sleep(every)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def dump(lab: SiteLab) -> str:
-    return json.dumps(lab.status())

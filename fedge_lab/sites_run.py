@@ -77,7 +77,7 @@ def report(lab: SiteLab) -> dict[str, Any]:
     sites = {}
     for i, node in enumerate(lab.nodes):
         p = lab.site_partials(i)
-        forwarded = p["covered"]
+        forwarded = lab.site_covered(i)
         mine = {u: pid for u, pid in root_covered.items() if pid.startswith(f"{node.name}-")}
         sites[node.name] = {
             "updates_forwarded": len(forwarded),
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         for a in agents:
             a.stop()
         wait_until(
-            lambda: all(lab.site_partials(i)["buffered"] == 0 and lab.site_partials(i)["unacked"] == 0 for i in range(lab.n)),
+            lab.drained,
             120,
             "the sites to drain",
         )

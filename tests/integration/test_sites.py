@@ -36,10 +36,6 @@ def sim_model(tmp_path: Path) -> str:
     return str(write_sim_model(tmp_path / "sim-model", 64, 2))
 
 
-def _drained(lab: SiteLab) -> bool:
-    return all(p["unacked"] == 0 and p["buffered"] == 0 for p in (lab.site_partials(i) for i in range(lab.n)))
-
-
 def _check_exactly_once(lab: SiteLab) -> dict[str, Any]:
     """Every update a site acknowledged (its ledger) is covered by exactly one partial the root committed,
     the tiers' records of each partial agree, and every group of every partial is in one root version."""
@@ -121,7 +117,7 @@ def test_kill9_of_a_site_aggregator_and_of_the_root_10_times_each_counts_every_u
         v_before = lab.root_version()
         wait_until(lambda: lab.root_version() > v_before, 90, "the root to make versions after the last restart")
         lab.stop_sims()
-        wait_until(lambda: _drained(lab), 120, f"every site's buffer and partials to drain: {lab.status()}")
+        wait_until(lab.drained, 120, f"every site's buffer and partials to drain: {lab.status()}")
         totals = _check_exactly_once(lab)
         assert all(t["updates"] > 50 and t["partials"] > 5 for t in totals.values()), totals
         _nothing_lost(lab)
@@ -163,7 +159,7 @@ def test_a_bridge_cut_for_30s_delays_updates_and_loses_none_and_the_root_sees_it
         lab.relays[1].restore()
         wait_until(lambda: bridge("site-b") == "up", 60, "site-b's bridge to reconnect")
         lab.stop_sims()
-        wait_until(lambda: _drained(lab), 120, f"every site's partials to be acknowledged: {lab.status()}")
+        wait_until(lab.drained, 120, f"every site's partials to be acknowledged: {lab.status()}")
         _check_exactly_once(lab)
         _nothing_lost(lab)
         assert len({u for u in lab.root_covered() if u.startswith("site-b")}) > len(during)
@@ -221,7 +217,7 @@ def test_devices_in_two_sites_end_bit_identical_to_the_roots_versions(tmp_path: 
 
 def _drained_and_counted(lab: SiteLab, agents: list[Agent]) -> Any:
     sent = sum(a.counters.updates_sent for a in agents)
-    return lambda: _drained(lab) and len(lab.root_covered()) == sent
+    return lambda: lab.drained() and len(lab.root_covered()) == sent
 
 
 def _root_shows_the_cut(lab: SiteLab) -> None:
