@@ -375,7 +375,16 @@ class LeanCausalLM(torch.nn.Module):
 # -- the cache's lean files ---------------------------------------------------------------
 
 
-def _config(raw: dict[str, Any]) -> SimpleNamespace:
+def _config(raw: Any) -> SimpleNamespace:
+    if not isinstance(raw, dict):
+        raise ModelError(f"a lean model config must be a JSON object, not {type(raw).__name__}")
+    try:
+        return _fields(raw)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelError(f"the lean model config lacks or mangles a field ({type(exc).__name__}: {exc})") from None
+
+
+def _fields(raw: dict[str, Any]) -> SimpleNamespace:
     if raw.get("model_type") not in SUPPORTED:
         raise ModelError(
             f"the lean runtime runs {SUPPORTED} models, this one is {raw.get('model_type')!r}; set model.runtime = 'transformers'"
@@ -393,6 +402,7 @@ def _config(raw: dict[str, Any]) -> SimpleNamespace:
         model_type=raw["model_type"],
         vocab_size=int(raw["vocab_size"]),
         hidden_size=int(raw["hidden_size"]),
+        intermediate_size=int(raw["intermediate_size"]),
         num_hidden_layers=int(raw["num_hidden_layers"]),
         num_attention_heads=heads,
         num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
@@ -429,7 +439,8 @@ def write_lean(hf_model: Any, out: Path, quantize: bool = True, eos_token_id: in
 
 
 def load_lean(path: Path) -> LeanCausalLM:
-    """The lean model from a cache directory (weights memory-mapped from the file)."""
+    """The lean model from a cache directory; raises :class:`ModelError` for a file that is damaged,
+    truncated, or holds tensors of other shapes than its config says (the agent's disk is not trusted)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -440,22 +451,44 @@ def load_lean(path: Path) -> LeanCausalLM:
         raise ModelError(f"the lean weights in {path} are unreadable ({exc}); delete the cache to rebuild") from None
     cfg = _config(raw)
 
-    def weight(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def weight(name: str, *shape: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if f"{name}.q" in state:
-            return state[f"{name}.q"], state[f"{name}.scale"]
-        if name in state:
-            return state[name], None
-        raise ModelError(f"the lean weights in {path} lack {name!r}; delete the cache to rebuild")
+            q, scale = state[f"{name}.q"], state.get(f"{name}.scale")
+        elif name in state:
+            q, scale = state[name], None
+        else:
+            raise ModelError(f"the lean weights in {path} lack {name!r}; delete the cache to rebuild")
+        ok = tuple(q.shape) == shape and q.dtype == (torch.int8 if f"{name}.q" in state else torch.float32)
+        if scale is not None:  # one scale per row, or per group of a row
+            ok = ok and scale.dtype == torch.float32 and scale.dim() in (1, 2) and scale.shape[0] == shape[0]
+            ok = ok and (scale.dim() == 1 or shape[1] % scale.shape[1] == 0)
+        elif f"{name}.q" in state:
+            ok = False
+        if not ok:
+            raise ModelError(
+                f"the lean weights in {path} hold {name!r} in another shape or type than the config's {shape}; delete the cache"
+            )
+        return q, scale
 
-    embed = Embedding(*weight("model.embed_tokens.weight"))
+    h, kv, ffn = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, cfg.intermediate_size
+    shapes = {
+        "q_proj": (cfg.num_attention_heads * cfg.head_dim, h),
+        "k_proj": (kv, h),
+        "v_proj": (kv, h),
+        "o_proj": (h, cfg.num_attention_heads * cfg.head_dim),
+        "gate_proj": (ffn, h),
+        "up_proj": (ffn, h),
+        "down_proj": (h, ffn),
+    }
+    embed = Embedding(*weight("model.embed_tokens.weight", cfg.vocab_size, h))
     layers = []
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
-        linears = {n: QLinear(*weight(f"{p}.{PROJECTIONS[n]}.{n}.weight")) for n in PROJECTIONS}
-        norms = (weight(f"{p}.input_layernorm.weight")[0], weight(f"{p}.post_attention_layernorm.weight")[0])
+        linears = {n: QLinear(*weight(f"{p}.{PROJECTIONS[n]}.{n}.weight", *shapes[n])) for n in PROJECTIONS}
+        norms = (weight(f"{p}.input_layernorm.weight", h)[0], weight(f"{p}.post_attention_layernorm.weight", h)[0])
         layers.append(DecoderLayer(cfg, linears, norms))
-    head = Head(embed if cfg.tie_word_embeddings else QLinear(*weight("lm_head.weight")))
-    model = LeanCausalLM(cfg, Backbone(cfg, embed, layers, weight("model.norm.weight")[0]), head)
+    head = Head(embed if cfg.tie_word_embeddings else QLinear(*weight("lm_head.weight", cfg.vocab_size, h)))
+    model = LeanCausalLM(cfg, Backbone(cfg, embed, layers, weight("model.norm.weight", h)[0]), head)
     model.eval()
     return model
 
@@ -474,7 +507,7 @@ class LeanTokenizer:
         self.pad_token_id = eos_token_id
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        return {"input_ids": self._tok.encode(text, add_special_tokens=add_special_tokens).ids}
+        return {"input_ids": self.encode(text, add_special_tokens)}
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)

@@ -62,6 +62,13 @@ def base_fingerprint(config: Any) -> dict[str, Any]:
     return {k: getattr(config, k, None) for k in BASE_FINGERPRINT_KEYS}
 
 
+def check_base(config: Any, spec: TrainableSpec) -> None:
+    """Refuse a fleet that trains another base than the one this device loaded."""
+    fingerprint = base_fingerprint(config)
+    if spec.base and spec.base != fingerprint:
+        raise ModelError(f"fleet trains base {spec.base}, but this device loaded {fingerprint}")
+
+
 def load_base(
     source: str, quantize: str, cache_root: str | Path | None = None, *, in_subprocess: bool = True, runtime: str = "transformers"
 ) -> tuple[torch.nn.Module, Any]:
@@ -126,9 +133,7 @@ def attach_lora(model: torch.nn.Module, spec: TrainableSpec, seed: int = 0) -> t
     """Wrap ``model`` with LoRA adapters as ``spec`` says. Only adapter weights require grad."""
     from peft import LoraConfig, get_peft_model
 
-    fingerprint = base_fingerprint(model.config)
-    if spec.base and spec.base != fingerprint:
-        raise ModelError(f"fleet trains base {spec.base}, but this device loaded {fingerprint}")
+    check_base(model.config, spec)
     torch.manual_seed(seed)
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0, bias="none")
     try:
@@ -242,9 +247,7 @@ def attach_trainable(
     if (lean := lean_model(model)) is not None:
         if spec.embedding or tier != "lora":
             raise LeanUnsupported("the lean runtime trains LoRA without the fleet's embedding table; set model.runtime = 'transformers'")
-        fingerprint = base_fingerprint(lean.config)
-        if spec.base and spec.base != fingerprint:
-            raise ModelError(f"fleet trains base {spec.base}, but this device loaded {fingerprint}")
+        check_base(lean.config, spec)
         lean.attach_lora(spec.r, spec.alpha, list(spec.targets), seed=seed)
         return lean
     peft_model = attach_lora(model, spec, seed=seed)

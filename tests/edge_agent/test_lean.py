@@ -140,6 +140,27 @@ def test_the_fused_int8_head_loss_is_the_cross_entropy_of_its_logits_with_the_sa
     assert float((dense - table).abs().max()) <= float(table.abs().max()) / 127  # within one step of its group's scale
 
 
+def test_damaged_lean_files_are_refused_with_a_model_error_naming_the_cache(tiny_model: Path, tmp_path: Path) -> None:
+    hf, _ = load_base(str(tiny_model), "none")
+    lean.write_lean(hf, tmp_path)
+    weights, config = tmp_path / lean.LEAN_WEIGHTS, tmp_path / lean.LEAN_CONFIG
+    good_w, good_c = weights.read_bytes(), config.read_text()
+    weights.write_bytes(good_w[: len(good_w) // 2])  # truncated (a kill -9 would never leave this: the cache is renamed complete)
+    with pytest.raises(ModelError, match="unreadable"):
+        lean.load_lean(tmp_path)
+    weights.write_bytes(good_w)
+    raw = json.loads(good_c)
+    config.write_text(json.dumps({**raw, "hidden_size": raw["hidden_size"] * 2, "head_dim": None}))  # tensors of other shapes
+    with pytest.raises(ModelError, match="another shape or type"):
+        lean.load_lean(tmp_path)
+    for bad in ("[1, 2]", json.dumps({k: v for k, v in raw.items() if k != "num_attention_heads"}), "not json"):
+        config.write_text(bad)
+        with pytest.raises(ModelError):
+            lean.load_lean(tmp_path)
+    config.write_text(good_c)
+    lean.load_lean(tmp_path)  # and the intact files load
+
+
 def test_the_cache_holds_lean_weights_and_auto_loads_them_with_the_same_tokens(tiny_model: Path, tmp_path: Path) -> None:
     path = modelcache.ensure(str(tiny_model), tmp_path / "cache", in_subprocess=False)
     assert (path / lean.LEAN_WEIGHTS).is_file() and (path / lean.LEAN_CONFIG).is_file()
