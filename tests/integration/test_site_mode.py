@@ -153,12 +153,16 @@ def test_a_site_follows_the_root_forwards_an_exact_signed_partial_and_resends_it
                 again = root.partials.get(timeout=10)
             assert again == raw
             # A forged ack changes nothing; the root's ack stops the resends.
+            problems_before = svc.site.problems + 1  # the forged ack below is counted as a problem
             root.ack(first.partial_id, 4, signer=Ed25519PrivateKey.generate().sign)
             time.sleep(1.0)
             assert first.seq in svc.site.sent
             for seq in list(svc.site.sent):
                 root.ack(f"{SITE}-{seq:012d}", 4)
             wait_until(lambda: not svc.site.sent, 10, "every partial acknowledged")
+            root.ack(first.partial_id, 4)  # a replayed ack of a partial already acknowledged changes nothing
+            time.sleep(1.0)
+            assert not svc.site.sent and svc.site.problems == problems_before
             status = svc.site.status()
             assert status["partials_unacked"] == 0 and status["following"] == 3 and status["root_version"] == 4
             ledger = {r[0]: r[1] for r in svc.store.db.execute("SELECT update_id, applied_version FROM ledger")}
