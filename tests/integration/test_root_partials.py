@@ -3,6 +3,7 @@ as it takes device updates, commits them once, and acknowledges them after the c
 
 from __future__ import annotations
 
+import json
 import queue
 import time
 from dataclasses import replace
@@ -109,5 +110,49 @@ def test_the_root_commits_a_partial_once_weights_its_groups_as_their_updates_and
             assert sorted(r[0] for r in db.execute("SELECT update_id FROM partial_updates")) == ["pi-1-1", "pi-2-1", "pi-3-1", "pi-4-1"]
             rows = [tuple(r) for r in db.execute("SELECT update_id, device, num_samples, applied_version FROM ledger ORDER BY update_id")]
             assert rows == [(f"{p1.partial_id}/0", "site:site-a", 30, 1), (f"{p1.partial_id}/1", "site:site-a", 10, 1)]
+    finally:
+        site.close()
+
+
+def test_the_root_records_a_sites_status_and_bridge_only_from_an_enrolled_site_and_only_when_bounded(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path
+) -> None:
+    cfg = coordinator_config(broker, tmp_path / "root", tiny_model)
+    site = SiteClient(broker.port, "site-a")
+    root = ThreadedCoordinator(cfg)
+    root.service.store.enroll("site-a", site.public_raw)
+
+    def pub(topic: str, payload: bytes) -> None:
+        site.client.publish(topic, payload, qos=1).wait_for_publish(10)
+
+    try:
+        with root as service:
+            site.wait_meta(0)
+            status_a, bridge_a = f"fl/{FLEET}/sites/site-a/status", protocol.site_bridge(FLEET, "site-a")
+            pub(status_a, json.dumps({"state": "online", "following": 0, "devices_online": 3}).encode())
+            pub(bridge_a, b"1")
+            pub(f"fl/{FLEET}/sites/stranger/status", b'{"state": "online"}')  # not enrolled: never recorded
+            pub(protocol.site_bridge(FLEET, "stranger"), b"1")
+
+            def row(s: str) -> tuple[object, ...] | None:
+                r = service.store.db.execute("SELECT status, bridge FROM sites WHERE site=?", (s,)).fetchone()
+                return None if r is None else tuple(r)
+
+            wait_until(lambda: (r := row("site-a")) is not None and r[1] == "up" and r[0] is not None, 20, "site-a's status and bridge")
+            good = row("site-a")
+            # Oversized, not JSON, or not an object: ignored. The root handles messages in order, so
+            # once the bridge message sent after them is recorded, they were refused.
+            for payload in (b"{" + b" " * (protocol.MAX_SITE_STATUS + 1) + b"}", b"\xff\xfe not json", b"[1, 2, 3]"):
+                pub(status_a, payload)
+            pub(bridge_a, b"0")
+            wait_until(lambda: row("site-a")[1] == "down", 20, "the bridge marker")  # type: ignore[index]
+            assert good is not None and row("site-a")[0] == good[0]  # type: ignore[index]
+            # A bridge state other than 0/1: ignored (the status sent after it is the marker).
+            pub(bridge_a, b"maybe")
+            pub(status_a, json.dumps({"state": "online", "following": 0, "devices_online": 4}).encode())
+            wait_until(lambda: '"devices_online": 4' in str(row("site-a")[0]), 20, "the status marker")  # type: ignore[index]
+            assert row("site-a")[1] == "down"  # type: ignore[index]
+            assert row("stranger") is None
+            assert service.rejections.get("handler_error", 0) == 0
     finally:
         site.close()
