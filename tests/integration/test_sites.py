@@ -85,14 +85,28 @@ def _refused(lab: SiteLab) -> dict[str, int]:
     return refused
 
 
-def _nothing_lost(lab: SiteLab) -> None:
-    """Every update a device sent is at the root, or was refused with a reason by its site."""
+def _unaccounted(lab: SiteLab) -> dict[str, tuple[int, int, int]]:
+    """Devices whose sent updates are not all at the root or refused by their site: (sent, at the root, refused)."""
     covered: dict[str, int] = {}
     for uid in lab.root_covered():
         device = uid.rsplit("-", 1)[0]
         covered[device] = covered.get(device, 0) + 1
     sent, refused = _sent_counts(lab), _refused(lab)
-    lost = {d: (n, covered.get(d, 0), refused.get(d, 0)) for d, n in sent.items() if covered.get(d, 0) + refused.get(d, 0) != n}
+    return {d: (n, covered.get(d, 0), refused.get(d, 0)) for d, n in sent.items() if covered.get(d, 0) + refused.get(d, 0) != n}
+
+
+def _settle(lab: SiteLab) -> None:
+    """Until every site is drained and every sent update is accounted for: the last updates the devices
+    sent may still be on their way through a site's broker when the site's buffer is momentarily empty."""
+    try:
+        wait_until(lambda: lab.drained() and not _unaccounted(lab), 120, "the tiers to settle")
+    except TimeoutError:
+        pass  # the assertions that follow say what is missing
+
+
+def _nothing_lost(lab: SiteLab) -> None:
+    """Every update a device sent is at the root, or was refused with a reason by its site."""
+    lost = _unaccounted(lab)
     assert not lost, f"device: (sent, at the root, refused) where they do not add up: {lost}"
 
 
@@ -117,7 +131,8 @@ def test_kill9_of_a_site_aggregator_and_of_the_root_10_times_each_counts_every_u
         v_before = lab.root_version()
         wait_until(lambda: lab.root_version() > v_before, 90, "the root to make versions after the last restart")
         lab.stop_sims()
-        wait_until(lab.drained, 120, f"every site's buffer and partials to drain: {lab.status()}")
+        _settle(lab)
+        assert lab.drained(), f"every site's buffer and partials drain: {lab.status()}"
         totals = _check_exactly_once(lab)
         assert all(t["updates"] > 50 and t["partials"] > 5 for t in totals.values()), totals
         _nothing_lost(lab)
@@ -159,7 +174,8 @@ def test_a_bridge_cut_for_30s_delays_updates_and_loses_none_and_the_root_sees_it
         lab.relays[1].restore()
         wait_until(lambda: bridge("site-b") == "up", 60, "site-b's bridge to reconnect")
         lab.stop_sims()
-        wait_until(lab.drained, 120, f"every site's partials to be acknowledged: {lab.status()}")
+        _settle(lab)
+        assert lab.drained(), f"every site's partials are acknowledged: {lab.status()}"
         _check_exactly_once(lab)
         _nothing_lost(lab)
         assert len({u for u in lab.root_covered() if u.startswith("site-b")}) > len(during)
