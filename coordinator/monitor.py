@@ -70,9 +70,11 @@ class FleetMonitor:
                 continue
             self.view.devices[device] = status
             loss = status.metrics.get("eval_loss")
-            if status.version is not None and loss is not None and (device, status.version) not in self._seen:
-                self._seen.add((device, status.version))
-                self.view.history.append((time.time(), device, status.version, loss))
+            # A device scores some versions only (train.eval_every): the score names its version.
+            scored = status.metrics.get("eval_version", status.version)
+            if isinstance(scored, (int, float)) and loss is not None and (device, int(scored)) not in self._seen:
+                self._seen.add((device, int(scored)))
+                self.view.history.append((time.time(), device, int(scored), loss))
 
     def _site(self, topic: str, payload: bytes) -> None:
         try:

@@ -110,6 +110,8 @@ class Agent:
         self.outbox = Outbox(self.state, self.transport, protocol.device_update(cfg.fleet, cfg.device_id), cfg.ack_timeout_s)
         self.refused_messages = 0
         self._refused_version = -1
+        self._adopted = 0  # global versions adopted since start (train.eval_every counts them)
+        self._scored_version: int | None = None
         self._refused_reason: str | None = None
         self.stop_event = threading.Event()
         self.paused = False
@@ -176,9 +178,12 @@ class Agent:
                     self._flush_outbox()  # updates made while offline, once the broker is back
                 if self.global_model is None or self.paused:
                     self._set_state("paused" if self.paused else "waiting")
+                    if self.paused:
+                        self._score_while_idle()
                     continue
                 if (why := self._uninvited()) is not None:
                     self._wait_reason(why)
+                    self._score_while_idle()
                     continue
                 if self.pending_count >= self.cfg.max_outbox:
                     self._flush_outbox()
@@ -187,6 +192,7 @@ class Agent:
                 reason = blocked_reason(self.cfg.schedule)
                 if reason is not None:
                     self._wait_reason(reason)
+                    self._score_while_idle()
                     self.stop_event.wait(5.0)
                     continue
                 self._blocked = None
@@ -469,13 +475,33 @@ class Agent:
     def _after_adopt(self) -> None:
         assert self.global_model is not None and self._model is not None and self._data is not None
         model_lib.load_global(self._model, self.global_model.tensors)
+        self._adopted += 1
+        every = self.cfg.train.eval_every
+        if every and (self._adopted - 1) % every == 0:
+            self._score()
+        else:
+            log.info("adopted global v%d", self.global_model.version)
+        self._set_state(self._state_name if self._state_name != "waiting" else "idle", force=True)
+
+    def _score(self) -> None:
+        """Evaluate the version held on the fixed held-out blocks (train.eval_blocks), and report it."""
+        assert self.global_model is not None
+        t0 = time.monotonic()
         loss = self._evaluate()
         c = self.counters
         c.eval_loss = loss
         if c.eval_loss_first is None:
             c.eval_loss_first = loss
-        log.info("adopted global v%d, held-out loss %.4f", self.global_model.version, loss)
-        self._set_state(self._state_name if self._state_name != "waiting" else "idle", force=True)
+        self._scored_version = self.global_model.version
+        c.extra["eval_s"] = time.monotonic() - t0
+        c.extra["eval_version"] = self.global_model.version
+        log.info("global v%d: held-out loss %.4f (%d blocks, %.1fs)", self.global_model.version, loss, self.cfg.train.eval_blocks, c.extra["eval_s"])
+
+    def _score_while_idle(self) -> None:
+        """Training waits: score the version held if it has no score yet (train.eval_when_idle)."""
+        if self.cfg.train.eval_when_idle and self.global_model is not None and self._scored_version != self.global_model.version:
+            self._score()
+            self._set_state(self._state_name, force=True)
 
     # -- status ----------------------------------------------------------------------
 

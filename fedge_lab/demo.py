@@ -280,7 +280,11 @@ class Demo:
                 if version != last_version:
                     last_version, stable_since = version, time.monotonic()
                 settled = all(
-                    (s := view.devices.get(d)) is not None and s.state == "paused" and s.version == version and "eval_loss" in s.metrics
+                    (s := view.devices.get(d)) is not None
+                    and s.state == "paused"
+                    and s.version == version
+                    and "eval_loss" in s.metrics
+                    and s.metrics.get("eval_version", version) == version  # scored while paused (train.eval_when_idle)
                     for d in self.domains
                 )
                 if settled and time.monotonic() - stable_since > 3.0:

@@ -16,6 +16,7 @@ from coordinator.gguf_export import GGUFBase, adapter_tensors, from_gguf_rows, t
 from coordinator.initial import initial_state
 from coordinator.store import Store
 
+NOISE = 0.05
 TEXT = "The coordinator aggregates updates asynchronously, weighting each by its staleness.\n" * 3
 
 
@@ -29,8 +30,8 @@ def _smollm2() -> None:
 def _fleet_state(tmp_path: Path, source: str, targets: tuple[str, ...], embedding: bool = False) -> Path:
     spec, v0 = initial_state(ModelSpecConfig(source=source, lora_r=8, lora_alpha=16, targets=targets, embedding=embedding))
     rng = np.random.default_rng(0)
-    # B starts at zero: give it values a few rounds of training would, so that the adapter moves the logits.
-    trained = {k: (v + rng.normal(0, 0.02, v.shape)).astype(np.float32) for k, v in v0.items()}
+    # B starts at zero: give the adapter values that move the logits well beyond the runtimes' own differences.
+    trained = {k: (v + rng.normal(0, NOISE, v.shape)).astype(np.float32) for k, v in v0.items()}
     store = Store(tmp_path / "coord", create=True)
     store.set_meta("spec", json.dumps(spec.to_dict()))
     store.commit_version(0, v0, None, keep=5)
@@ -102,11 +103,17 @@ def _llama_logits(llama_cpp, base: Path, ids: list[int], adapter: Path | None) -
 def test_llama_cpp_applies_the_gguf_adapter_as_torch_applies_the_peft_one(tmp_path: Path) -> None:
     """llama.cpp (base Q4_1 GGUF + adapter.gguf) against fedge's torch model (the same GGUF, dequantized, + PEFT).
 
-    The two bases differ a little (llama.cpp multiplies Q4_1 weights with 8-bit activations;
-    torch dequantizes to fp32), so the tolerance is stated on what the adapter adds: llama.cpp's
-    shift of the logits (with adapter - without) is within 10% (L2, relative) of torch's, and
-    with the adapter the two agree on the next token wherever torch is confident (top-2 margin
-    >= 0.5 logits). A q/k adapter with a wrong row order would fail both by far.
+    The two bases differ (llama.cpp multiplies the Q4_1 weights with 8-bit activations; torch
+    dequantizes to fp32): over these positions their logits differ by ``D = ||c_base - t_base||``
+    (L2; measured 381, 2.3% of the logits). The tolerance is stated against ``D``:
+
+    - the adapter moves torch's logits by at least ``5 D``;
+    - with the adapter, llama.cpp stays within ``1.25 D`` of torch (measured: 0.99 D);
+    - llama.cpp's shift (with adapter - without) is within 20% (relative L2) of torch's
+      (measured: 13%, the activation rounding of the base);
+    - the two agree on the next token wherever torch is confident (top-2 margin >= 0.5).
+
+    Exported without the q/k row reordering, the same adapter lands at 4.0 D and 42%.
     """
     llama_cpp = _llama_cpp()
     _smollm2()
@@ -133,10 +140,13 @@ def test_llama_cpp_applies_the_gguf_adapter_as_torch_applies_the_peft_one(tmp_pa
     c_lora = _llama_logits(llama_cpp, base_gguf, ids, adapter)
 
     t_shift, c_shift = t_lora - t_base, c_lora - c_base
-    assert float(np.abs(t_shift).max()) > 1.0  # the adapter moves the logits well beyond the bases' difference
+    base_gap = float(np.linalg.norm(c_base - t_base))
+    assert float(np.linalg.norm(t_shift)) >= 5 * base_gap
+    gap = float(np.linalg.norm(c_lora - t_lora))
+    assert gap <= 1.25 * base_gap, f"with the adapter, llama.cpp is {gap / base_gap:.2f}x the bases' own difference from torch"
     rel = float(np.linalg.norm(c_shift - t_shift) / np.linalg.norm(t_shift))
-    assert rel <= 0.10, f"llama.cpp's adapter shift differs from torch's by {rel:.3f} (relative L2)"
+    assert rel <= 0.20, f"llama.cpp's adapter shift differs from torch's by {rel:.3f} (relative L2)"
     top2 = np.sort(t_lora, axis=1)[:, -2:]
     confident = (top2[:, 1] - top2[:, 0]) >= 0.5
     agree = t_lora.argmax(1) == c_lora.argmax(1)
-    assert confident.sum() >= len(ids) // 4 and agree[confident].all()
+    assert confident.sum() >= 10 and agree[confident].all()
