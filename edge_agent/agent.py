@@ -495,7 +495,8 @@ class Agent:
         self._scored_version = self.global_model.version
         c.extra["eval_s"] = time.monotonic() - t0
         c.extra["eval_version"] = self.global_model.version
-        log.info("global v%d: held-out loss %.4f (%d blocks, %.1fs)", self.global_model.version, loss, self.cfg.train.eval_blocks, c.extra["eval_s"])
+        blocks, seconds = self.cfg.train.eval_blocks, c.extra["eval_s"]
+        log.info("global v%d: held-out loss %.4f (%d blocks, %.1fs)", self.global_model.version, loss, blocks, seconds)
 
     def _score_while_idle(self) -> None:
         """Training waits: score the version held if it has no score yet (train.eval_when_idle)."""
