@@ -26,10 +26,10 @@ from edge_agent import model as model_lib
 from edge_agent.config import AgentConfig, model_cache_dir
 from edge_agent.data import LocalData, build_blocks, read_texts
 from edge_agent.errors import ConfigError, TransportError
-from edge_agent.memory import release_free_memory
+from edge_agent.memory import peak_rss_mb, release_free_memory
 from edge_agent.outbox import Outbox
 from edge_agent.privacy import dpsgd_epsilon, local_epsilon, privatize
-from edge_agent.schedule import blocked_reason
+from edge_agent.schedule import OwnLoad, blocked_reason
 from edge_agent.sdnotify import Notifier
 from edge_agent.secure import SecureCohorts
 from edge_agent.state import AgentState, write_status
@@ -111,6 +111,7 @@ class Agent:
         self.refused_messages = 0
         self._refused_version = -1
         self._adopted = 0  # global versions adopted since start (train.eval_every counts them)
+        self._own_load = OwnLoad(time.monotonic())
         self._scored_version: int | None = None
         self._refused_reason: str | None = None
         self.stop_event = threading.Event()
@@ -189,7 +190,7 @@ class Agent:
                     self._flush_outbox()
                     self._wait_reason("outbox full: waiting for the broker")
                     continue
-                reason = blocked_reason(self.cfg.schedule)
+                reason = blocked_reason(self.cfg.schedule, own_load=self._own_load.sample(time.monotonic()))
                 if reason is not None:
                     self._wait_reason(reason)
                     self._score_while_idle()
@@ -269,9 +270,12 @@ class Agent:
                 log.warning("cohort %s: the masked update could not be sent: %s", held.invite.cohort, exc)
             self.counters.rounds += 1
             log.info(
-                "round %d: %d steps, loss %.4f, masked for cohort %s",
-                self.counters.rounds,
+                "round %d (on v%d): %d steps in %.1fs (%.2f s/step), loss %.4f, masked for cohort %s",
+                base + 1,
+                base,
                 result.steps,
+                result.seconds,
+                result.seconds / result.steps,
                 result.train_loss,
                 held.invite.cohort,
             )
@@ -306,14 +310,18 @@ class Agent:
         c.extra.update(step_s=result.seconds / result.steps, frame_bytes=len(compressed.frame))
         c.dense_bytes_up += compressed.dense_fp32_bytes
         self._flush_outbox()
+        # The coordinator's numbering: round N builds version N from updates on version N-1.
         log.info(
-            "round %d: %d steps, loss %.4f, update %d B (dense %d B) on v%d",
-            c.rounds,
+            "round %d (on v%d): %d steps in %.1fs (%.2f s/step), loss %.4f, update %d B (dense %d B); %d rounds since start",
+            base + 1,
+            base,
             result.steps,
+            result.seconds,
+            result.seconds / result.steps,
             result.train_loss,
             len(envelope),
             compressed.dense_fp32_bytes,
-            base,
+            c.rounds,
         )
         self._set_state("idle")
         # Wait for the version that includes this update, then restart from it. If it does
@@ -510,6 +518,8 @@ class Agent:
         c = self.counters
         metrics: dict[str, float] = {
             "rss_mb": self._process.memory_info().rss / 2**20,
+            "peak_rss_mb": peak_rss_mb() * 1e6 / 2**20,  # MiB, as rss_mb
+            "own_load": self._own_load.value,
             "cpu_percent": self._process.cpu_percent(),
             "rounds": c.rounds,
             "updates_sent": c.updates_sent,

@@ -19,14 +19,23 @@ from typing import Any
 from edge_agent.errors import AgentError, ConfigError, TransportError
 
 
+class _Waits(Exception):
+    """A check that does not fail the device but means it will not train now (the schedule)."""
+
+
 class _Report:
     def __init__(self) -> None:
         self.failed: AgentError | None = None
+        self.waits: str | None = None
 
     def step(self, what: str, fn: Callable[[], str]) -> bool:
         t0 = time.monotonic()
         try:
             detail = fn()
+        except _Waits as exc:
+            print(f"WAITS {what}: {exc}", flush=True)
+            self.waits = f"{what}: {exc}"
+            return True
         except AgentError as exc:
             print(f"FAIL  {what}: {exc}", flush=True)
             self.failed = self.failed or exc
@@ -108,9 +117,16 @@ def run_checks(config_path: str, *, skip_model: bool = False, broker_timeout: fl
 
     def schedule() -> str:
         from edge_agent.schedule import blocked_reason
+        from edge_agent.state import pid_alive, read_status
 
-        reason = blocked_reason(cfg.schedule)
-        return "training allowed now" if reason is None else f"training waits now: {reason}"
+        # A running agent's own training is not "other load": take out what it last reported.
+        status = read_status(Path(cfg.state_dir)) or {}
+        metrics = status.get("metrics") if pid_alive(status.get("pid")) else None
+        own = metrics.get("own_load", 0.0) if isinstance(metrics, dict) else 0.0
+        reason = blocked_reason(cfg.schedule, own_load=float(own) if isinstance(own, (int, float)) else 0.0)
+        if reason is not None:
+            raise _Waits(f"training would wait now: {reason}")
+        return "training allowed now"
 
     def model() -> str:
         from edge_agent.config import model_cache_dir
@@ -135,7 +151,7 @@ def run_checks(config_path: str, *, skip_model: bool = False, broker_timeout: fl
     if not skip_model:
         report.step("model", model)
     if report.failed is None:
-        print("all checks passed")
+        print("all checks passed" + (f", but training waits ({report.waits})" if report.waits else ""))
         return 0
     return report.failed.exit_code
 
@@ -177,7 +193,7 @@ def show_status(config_path: str, *, as_json: bool = False) -> int:
         print(f"  not training: {doc['blocked']}")
     print(f"  sequence {doc['seq']}, {doc['pending_updates']} updates pending, {doc['rejected_updates']} refused by the broker")
     metrics = doc["metrics"] if isinstance(doc["metrics"], dict) else {}
-    keys = ("rounds", "eval_loss_base", "eval_loss", "train_loss", "rss_mb", "bytes_up")
+    keys = ("rounds", "eval_loss_base", "eval_loss", "eval_version", "train_loss", "step_s", "rss_mb", "peak_rss_mb", "bytes_up")
     shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), int | float))
     if shown:
         print(f"  {shown}")

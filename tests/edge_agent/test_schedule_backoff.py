@@ -1,6 +1,7 @@
 """Training schedule windows and reconnect backoff."""
 
 import datetime as dt
+import math
 import random
 
 import pytest
@@ -40,6 +41,30 @@ def test_blocked_reason_says_why() -> None:
     assert reason is not None and "01:00-02:00" in reason
     reason = blocked_reason(ScheduleConfig(min_free_memory_mb=10**9))
     assert reason is not None and "min_free_memory_mb" in reason
+
+
+def test_own_load_follows_the_cpu_this_process_keeps_busy_as_the_load_average_would() -> None:
+    import os
+    import time
+
+    from edge_agent.schedule import OwnLoad
+
+    t0 = time.monotonic()
+    own = OwnLoad(t0)
+    end = time.process_time() + 0.6
+    while time.process_time() < end:  # one thread busy for 0.6 s of CPU
+        pass
+    value = own.sample(time.monotonic())
+    elapsed = time.monotonic() - t0
+    # busy ~ 0.6 CPU-s / elapsed, averaged with a 60 s time constant from 0
+    expect = 0.6 / elapsed * (1 - math.exp(-elapsed / OwnLoad.TAU_S))
+    assert 0.5 * expect <= value <= 1.5 * expect
+    load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    # Only the load of other processes counts: all of it taken out, nothing blocks.
+    assert blocked_reason(ScheduleConfig(max_load_per_cpu=0.001), own_load=os.getloadavg()[0] + 1) is None
+    if load > 0.01:
+        reason = blocked_reason(ScheduleConfig(max_load_per_cpu=0.001), own_load=0.0)
+        assert reason is not None and "from other processes" in reason
 
 
 def test_backoff_grows_exponentially_with_jitter_and_resets() -> None:

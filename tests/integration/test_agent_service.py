@@ -132,6 +132,7 @@ def test_service_shell_notifies_systemd_and_stops_cleanly_on_sigterm(
     doc = json.loads(status.stdout)
     assert doc["running"] is False and doc["state"] == "stopped" and doc["seq"] >= 1
     assert doc["metrics"]["rounds"] >= 1 and doc["model_cache"]
+    assert doc["metrics"]["peak_rss_mb"] >= doc["metrics"]["rss_mb"] * 0.9 and doc["metrics"]["step_s"] > 0
 
 
 def test_check_says_plainly_what_is_wrong(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, device_data) -> None:  # type: ignore[no-untyped-def]
@@ -152,6 +153,20 @@ def test_check_says_plainly_what_is_wrong(tmp_path: Path, broker: MosquittoBroke
     assert out.returncode == 4, out.stdout + out.stderr  # the first failure: the data directory
     assert "FAIL  local data:" in out.stdout and "no-such-dir" in out.stdout
     assert "FAIL  broker:" in out.stdout
+
+    # A schedule that blocks training now is no failure, but check says so, and why.
+    import datetime as dt
+
+    hour = (dt.datetime.now().hour + 2) % 24
+    raw = agent_config_dict(broker, tiny_model, device_data(2), tmp_path / "state3", "pi-chk")
+    raw["schedule"] = {"window": f"{hour:02d}:00-{(hour + 1) % 24:02d}:00"}
+    closed = write_toml(tmp_path / "closed.toml", raw)
+    out = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "check", "--config", str(closed), "--skip-model"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"WAITS schedule: training would wait now: outside the training window {hour:02d}:00" in out.stdout, out.stdout
+    assert "all checks passed, but training waits (schedule:" in out.stdout
 
 
 def test_agent_survives_repeated_kill_9(tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, device_data) -> None:  # type: ignore[no-untyped-def]

@@ -203,3 +203,33 @@ def test_a_mixed_fleet_of_lora_and_embedding_devices_trains_one_model(
         assert state_digest(a.global_model.tensors) == state_digest(held)
     ledger = list(store.ledger())
     assert sorted({e["device"] for e in ledger}) == ["mix-embedding", "mix-lora"]
+
+
+def test_the_agent_scores_every_nth_version_it_adopts_and_names_the_version_scored(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path, device_data
+) -> None:  # type: ignore[no-untyped-def]
+    raw = agent_config_dict(broker, tiny_model, device_data(0), tmp_path / "agent", "pi-ev", max_rounds=4)
+    raw.setdefault("train", {}).update(eval_every=2, eval_when_idle=False)
+    cfg = parse_config(raw, "test", environ={})
+    with ThreadedCoordinator(coordinator_config(broker, tmp_path / "coord", tiny_model)):
+        agent = Agent(cfg)
+        adopted: list[int] = []
+        scored: list[int] = []
+        after_adopt, score = agent._after_adopt, agent._score
+
+        def spy_adopt() -> None:
+            adopted.append(agent.global_model.version)  # type: ignore[union-attr]
+            after_adopt()
+
+        def spy_score() -> None:
+            scored.append(agent.global_model.version)  # type: ignore[union-attr]
+            score()
+
+        agent._after_adopt = spy_adopt  # type: ignore[method-assign]
+        agent._score = spy_score  # type: ignore[method-assign]
+        thread = _run_agent(agent)
+        thread.join(120)
+        assert not thread.is_alive()
+    assert len(adopted) >= 3
+    assert scored == adopted[::2]  # the first version adopted, then every 2nd
+    assert agent.counters.extra["eval_version"] == scored[-1] and agent.counters.eval_loss is not None
