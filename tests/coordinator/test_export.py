@@ -2,29 +2,17 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from coordinator.config import ModelSpecConfig
 from coordinator.errors import ConfigError
 from coordinator.export import PROBE, export
-from coordinator.initial import initial_state
-from coordinator.store import Store
+from tests.coordinator.fleets import fleet_state
 
 
 def _fleet_state(tmp_path: Path, model: Path, embedding: bool = False) -> Path:
-    import json
-
-    spec, v0 = initial_state(ModelSpecConfig(source=str(model), lora_r=4, lora_alpha=8, embedding=embedding))
-    rng = np.random.default_rng(0)
-    trained = {k: (v + rng.normal(0, 0.05, v.shape)).astype(np.float32) for k, v in v0.items()}
-    store = Store(tmp_path / "coord", create=True)
-    store.set_meta("spec", json.dumps(spec.to_dict()))
-    store.commit_version(0, v0, None, keep=5)
-    store.commit_version(1, trained, None, keep=5)
-    store.close()
-    return tmp_path / "coord"
+    return fleet_state(tmp_path, ModelSpecConfig(source=str(model), lora_r=4, lora_alpha=8, embedding=embedding))
 
 
 def test_adapter_and_merged_model_reproduce_the_global_model(tmp_path: Path, tiny_model: Path) -> None:

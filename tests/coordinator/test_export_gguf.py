@@ -1,6 +1,5 @@
 """The GGUF adapter: its layout, its refusals, and llama.cpp applying it as fedge's torch model does."""
 
-import json
 import os
 from pathlib import Path
 
@@ -13,8 +12,7 @@ from coordinator.config import ModelSpecConfig
 from coordinator.errors import ConfigError
 from coordinator.export import export
 from coordinator.gguf_export import GGUFBase, adapter_tensors, from_gguf_rows, to_gguf_rows
-from coordinator.initial import initial_state
-from coordinator.store import Store
+from tests.coordinator.fleets import fleet_state
 
 NOISE = 0.05
 TEXT = "The coordinator aggregates updates asynchronously, weighting each by its staleness.\n" * 3
@@ -28,16 +26,8 @@ def _smollm2() -> None:
 
 
 def _fleet_state(tmp_path: Path, source: str, targets: tuple[str, ...], embedding: bool = False) -> Path:
-    spec, v0 = initial_state(ModelSpecConfig(source=source, lora_r=8, lora_alpha=16, targets=targets, embedding=embedding))
-    rng = np.random.default_rng(0)
     # B starts at zero: give the adapter values that move the logits well beyond the runtimes' own differences.
-    trained = {k: (v + rng.normal(0, NOISE, v.shape)).astype(np.float32) for k, v in v0.items()}
-    store = Store(tmp_path / "coord", create=True)
-    store.set_meta("spec", json.dumps(spec.to_dict()))
-    store.commit_version(0, v0, None, keep=5)
-    store.commit_version(1, trained, None, keep=5)
-    store.close()
-    return tmp_path / "coord"
+    return fleet_state(tmp_path, ModelSpecConfig(source=source, lora_r=8, lora_alpha=16, targets=targets, embedding=embedding), NOISE)
 
 
 @settings(max_examples=50, deadline=None)
