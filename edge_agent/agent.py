@@ -507,10 +507,15 @@ class Agent:
         log.info("global v%d: held-out loss %.4f (%d blocks, %.1fs)", self.global_model.version, loss, blocks, seconds)
 
     def _score_while_idle(self) -> None:
-        """Training waits: score the version held if it has no score yet (train.eval_when_idle)."""
-        if self.cfg.train.eval_when_idle and self.global_model is not None and self._scored_version != self.global_model.version:
-            self._score()
-            self._set_state(self._state_name, force=True)
+        """Training waits: score the version held if it has no score yet (train.eval_when_idle).
+        Never while a securely aggregated cohort waits for this device's unmasking answer, nor
+        once the agent has done its max_rounds: then the time is not free."""
+        if not self.cfg.train.eval_when_idle or self.global_model is None or self._scored_version == self.global_model.version:
+            return
+        if self.secure.busy(time.monotonic()) or (self.cfg.max_rounds and self.counters.rounds >= self.cfg.max_rounds):
+            return
+        self._score()
+        self._set_state(self._state_name, force=True)
 
     # -- status ----------------------------------------------------------------------
 
