@@ -76,8 +76,8 @@ def read_base(path: Path) -> GGUFBase:
 
     try:
         reader = GGUFReader(str(path))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: not a readable GGUF file ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged file fails in the reader's own ways (struct, numpy, index errors)
+        raise ConfigError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
     arch = str(_field(reader, "general.architecture"))
     if arch not in ARCHITECTURES:
         raise ConfigError(f"GGUF adapters are exported for {ARCHITECTURES} bases; {path.name} is {arch!r}")

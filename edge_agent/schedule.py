@@ -28,8 +28,8 @@ class OwnLoad:
     load: an exponential average (time constant 60 s) of the CPUs it kept busy.
 
     ``schedule.max_load_per_cpu`` is about the rest of the machine: without taking its own
-    training out, an agent that trains with every core would see its own load and stop
-    itself (measured: the laptop profile never trained on an idle 2-core laptop).
+    training out, an agent that trains with every core sees its own load above the limit
+    after its first rounds and stops itself on an otherwise idle machine.
     """
 
     TAU_S = 60.0

@@ -140,3 +140,13 @@ def test_llama_cpp_applies_the_gguf_adapter_as_torch_applies_the_peft_one(tmp_pa
     confident = (top2[:, 1] - top2[:, 0]) >= 0.5
     agree = t_lora.argmax(1) == c_lora.argmax(1)
     assert confident.sum() >= 10 and agree[confident].all()
+
+
+def test_a_damaged_base_gguf_is_refused_with_a_config_error_naming_it(tmp_path: Path) -> None:
+    from coordinator.gguf_export import read_base
+
+    damaged = {"empty.gguf": b"", "text.gguf": b"not a gguf at all" * 10, "magic.gguf": b"GGUF\x03\x00\x00\x00" + b"\xff" * 40}
+    for name, data in damaged.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ConfigError, match=name):
+            read_base(tmp_path / name)
