@@ -168,10 +168,13 @@ def _llamacpp(gguf: Path, adapter: Path | None, threads: int, shared: dict[str, 
     server = make(False)
     vocab = server.n_vocab()
 
+    def last_logits() -> np.ndarray:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(server.ctx, -1), shape=(vocab,))
+
     def forward_last(ids: list[int]) -> np.ndarray:
         server.reset()
         server.eval(ids)
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(server.ctx, -1), shape=(vocab,))
+        return last_logits()
 
     def greedy(ids: list[int], n: int, stop: int | None) -> list[int]:
         logits, out = forward_last(ids), []
@@ -181,7 +184,7 @@ def _llamacpp(gguf: Path, adapter: Path | None, threads: int, shared: dict[str, 
             if stop is not None and nxt == stop:
                 break
             server.eval([nxt])
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(server.ctx, -1), shape=(vocab,))
+            logits = last_logits()
         return out
 
     speed = _speed(forward_last, greedy, shared, new_tokens)

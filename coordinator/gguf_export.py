@@ -82,8 +82,8 @@ def read_base(path: Path) -> GGUFBase:
     if arch not in ARCHITECTURES:
         raise ConfigError(f"GGUF adapters are exported for {ARCHITECTURES} bases; {path.name} is {arch!r}")
     heads = int(_field(reader, f"{arch}.attention.head_count"))
-    kv = reader.fields.get(f"{arch}.attention.head_count_kv")
-    base = GGUFBase(path, arch, heads, int(_field(reader, f"{arch}.attention.head_count_kv")) if kv is not None else heads)
+    kv_key = f"{arch}.attention.head_count_kv"
+    base = GGUFBase(path, arch, heads, int(_field(reader, kv_key)) if kv_key in reader.fields else heads)
     for t in reader.tensors:
         base.shapes[t.name] = tuple(int(d) for d in reversed(list(t.shape)))
     return base

@@ -179,8 +179,7 @@ class Agent:
                     self._flush_outbox()  # updates made while offline, once the broker is back
                 if self.global_model is None or self.paused:
                     self._set_state("paused" if self.paused else "waiting")
-                    if self.paused:
-                        self._score_while_idle()
+                    self._score_while_idle()  # (nothing to score before the first version)
                     continue
                 if (why := self._uninvited()) is not None:
                     self._wait_reason(why)
