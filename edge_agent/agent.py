@@ -24,7 +24,7 @@ from compression.invitations import Invitations
 from compression.protocol import CohortInvite, GlobalMeta, TrainableSpec, UpdateAck, UpdateHeader
 from edge_agent import model as model_lib
 from edge_agent.config import AgentConfig, model_cache_dir
-from edge_agent.data import LocalData, build_blocks, read_texts
+from edge_agent.data import LocalData, build_blocks, describe, read_corpus, token_ids
 from edge_agent.errors import ConfigError, TransportError
 from edge_agent.memory import peak_rss_mb, release_free_memory
 from edge_agent.outbox import Outbox
@@ -141,19 +141,19 @@ class Agent:
     def prepare(self) -> None:
         """Load data and the frozen base; cheap checks first so that bad configs fail fast."""
         torch.set_num_threads(self.cfg.train.threads)
-        texts = read_texts(self.cfg.data_dir)
+        corpus = read_corpus(self.cfg.data_dir)
         t0 = time.monotonic()
         cache = model_cache_dir(self.cfg)
         runtime = self.cfg.model.runtime if self.cfg.train.tier == "lora" else "transformers"
         self._model, tokenizer = model_lib.load_base(self.cfg.model.source, self.cfg.model.quantize, cache, runtime=runtime)
         kind = "lean" if model_lib.lean_model(self._model) is not None else "transformers"
         log.info("loaded base %s (%s, %s runtime) in %.1fs", self.cfg.model.source, self.cfg.model.quantize, kind, time.monotonic() - t0)
-        self._data = build_blocks(texts, tokenizer, self.cfg.train.seq_len, self.cfg.train.heldout_fraction, self.cfg.train.seed)
+        self._data = build_blocks(corpus, tokenizer, self.cfg.train.seq_len, self.cfg.train.heldout_fraction, self.cfg.train.seed)
         # Training needs only the token blocks: the tokenizer (about 30 MB for SmolLM2's) and the
         # corpus's text go before the first step, and their heap pages go back to the OS.
-        del tokenizer, texts
+        del tokenizer, corpus
         release_free_memory()
-        log.info("local data: %d files, %d train blocks, %d held-out", self._data.num_files, len(self._data.train), len(self._data.heldout))
+        log.info("local data: %d files; %s", self._data.num_files, describe(self._data))
         self.counters.eval_loss_base = self._evaluate()
         log.info("held-out loss of the base model: %.4f", self.counters.eval_loss_base)
 
@@ -465,7 +465,7 @@ class Agent:
             raise GlobalRefused(f"the fleet trains LoRA rank {spec.r}, above this device's train.max_lora_r={self.cfg.train.max_lora_r}")
         if self._spec is None:
             assert self._data is not None
-            rows = np.unique(self._data.train) if self.cfg.train.tier == "embedding" else None
+            rows = np.unique(token_ids(self._data.train)) if self.cfg.train.tier == "embedding" else None
             try:
                 self._model = model_lib.attach_trainable(self._model, spec, self.cfg.train.tier, rows=rows, seed=self.cfg.train.seed)
             except model_lib.LeanUnsupported:

@@ -110,10 +110,12 @@ def run_checks(config_path: str, *, skip_model: bool = False, broker_timeout: fl
         return f"{cfg.state_dir} writable; last sequence number {st.seq}, {len(st.pending())} updates pending"
 
     def data() -> str:
-        from edge_agent.data import read_texts
+        from edge_agent.data import KINDS, read_corpus
 
-        texts = read_texts(cfg.data_dir)
-        return f"{len(texts)} files, {sum(len(t) for t in texts) / 1e6:.2f} MB of text in {cfg.data_dir}"
+        corpus = read_corpus(cfg.data_dir)
+        counts = ", ".join(f"{corpus.count(k)} {k}" for k in KINDS if corpus.count(k)) + " records"
+        skipped = f"; {sum(corpus.skipped.values())} skipped, first: {corpus.problems[0]}" if corpus.skipped else ""
+        return f"{corpus.files} files in {cfg.data_dir}: {counts}{skipped}"
 
     def schedule() -> str:
         from edge_agent.schedule import blocked_reason
@@ -130,18 +132,18 @@ def run_checks(config_path: str, *, skip_model: bool = False, broker_timeout: fl
 
     def model() -> str:
         from edge_agent.config import model_cache_dir
-        from edge_agent.data import build_blocks, read_texts
+        from edge_agent.data import build_blocks, describe, read_corpus
         from edge_agent.memory import peak_rss_mb
         from edge_agent.model import load_base
 
         t0 = time.monotonic()
         base, tok = load_base(cfg.model.source, cfg.model.quantize, model_cache_dir(cfg))
         loaded = time.monotonic() - t0
-        blocks = build_blocks(read_texts(cfg.data_dir), tok, cfg.train.seq_len, cfg.train.heldout_fraction, cfg.train.seed)
+        blocks = build_blocks(read_corpus(cfg.data_dir), tok, cfg.train.seq_len, cfg.train.heldout_fraction, cfg.train.seed)
         del base
         return (
-            f"{cfg.model.source} ({cfg.model.quantize}) loaded in {loaded:.1f}s; {len(blocks.train)} train and "
-            f"{len(blocks.heldout)} held-out blocks of {cfg.train.seq_len} tokens; peak RSS {peak_rss_mb():.0f} MB"
+            f"{cfg.model.source} ({cfg.model.quantize}) loaded in {loaded:.1f}s; blocks of {cfg.train.seq_len} tokens: "
+            f"{describe(blocks)}; peak RSS {peak_rss_mb():.0f} MB"
         )
 
     report.step("state directory", state)

@@ -566,6 +566,24 @@ class LeanTokenizer:
             raise ModelError(f"{path / 'tokenizer.json'}: cannot load the tokenizer ({exc})") from None
         self.eos_token_id = eos_token_id
         self.pad_token_id = eos_token_id
+        self.chat_template = _chat_template(path)
+        self._special = _special_tokens(path)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False, add_generation_prompt: bool = False) -> str:
+        """``messages`` rendered with the model's chat template, as transformers renders it
+        (a sandboxed Jinja environment, blocks trimmed)."""
+        if self.chat_template is None:
+            raise ValueError("the tokenizer has no chat template")
+        if tokenize:
+            raise ValueError("the lean tokenizer renders chat templates to text only")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise ValueError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt, **self._special)
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
         return {"input_ids": self.encode(text, add_special_tokens)}
@@ -575,6 +593,39 @@ class LeanTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return str(self._tok.decode(ids, skip_special_tokens=skip_special_tokens))
+
+
+def _tokenizer_config(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _chat_template(path: Path) -> str | None:
+    """The chat template transformers saved beside the tokenizer (``chat_template.jinja``, or
+    the ``chat_template`` of ``tokenizer_config.json``), or ``None``."""
+    try:
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    except OSError:
+        pass
+    template = _tokenizer_config(path).get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
+def _special_tokens(path: Path) -> dict[str, str]:
+    """The special tokens a chat template may name (``bos_token``, ``eos_token``)."""
+    cfg = _tokenizer_config(path)
+    out = {}
+    for key in ("bos_token", "eos_token"):
+        value = cfg.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            out[key] = value
+    return out
 
 
 def load(path: Path) -> tuple[LeanCausalLM, LeanTokenizer]:

@@ -13,6 +13,12 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""The tiny model's chat template: ChatML, as SmolLM2-Instruct's (without its default system turn)."""
+
 
 def build_tiny_model(out_dir: str | Path, texts: Iterable[str], *, vocab_size: int = 512, seed: int = 0) -> Path:
     """Train a BPE tokenizer on ``texts`` and write a random-init tiny Llama to ``out_dir``."""
@@ -32,6 +38,7 @@ def build_tiny_model(out_dir: str | Path, texts: Iterable[str], *, vocab_size: i
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    fast.chat_template = CHATML
     fast.save_pretrained(str(out))
     config = LlamaConfig(
         vocab_size=tok.get_vocab_size(),

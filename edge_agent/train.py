@@ -21,7 +21,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from edge_agent.config import TrainConfig
-from edge_agent.data import LocalData
+from edge_agent.data import LocalData, target_mask, token_ids
 from edge_agent.privacy import DPSGDConfig
 
 log = logging.getLogger(__name__)
@@ -53,32 +53,53 @@ def set_gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
         inner.activation_checkpointing_disable()
 
 
-def _ce_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(head(hidden).float(), labels, reduction="sum")
+def _ce_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, softcap: float) -> torch.Tensor:
+    logits = head(hidden).float()
+    if softcap:  # Gemma 2 caps its final logits: cap * tanh(logits / cap)
+        logits = torch.tanh(logits / softcap) * softcap
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+
+
+def backbone(model: torch.nn.Module) -> Any:
+    """The decoder stack of a causal LM (``model.model`` for Llama, ``model.transformer`` for GPT-2)."""
+    inner = causal_lm(model)
+    return getattr(inner, getattr(inner, "base_model_prefix", "model") or "model")
 
 
 def lm_loss(model: torch.nn.Module, batch: np.ndarray, chunk_tokens: int = 0) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``batch`` (``[B, T]`` token ids).
+    """Mean next-token cross-entropy of ``batch`` (``[B, T]`` token ids) over its targets.
 
-    ``chunk_tokens > 0`` computes the output head and the loss that many positions at a
-    time; under autograd each chunk is checkpointed, so only one chunk's logits are alive.
+    A negative entry ``-(id + 1)`` is token ``id`` as input only: the loss does not predict
+    it (a prompt or a user turn, :mod:`edge_agent.data`), so it adds no gradient. The mean
+    is over the predicted positions. ``chunk_tokens > 0`` computes the output head and the
+    loss that many positions at a time; under autograd each chunk is checkpointed, so only
+    one chunk's logits are alive.
     """
-    ids = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.int64))
-    if chunk_tokens <= 0:
+    arr = np.ascontiguousarray(batch, dtype=np.int64)
+    keep = target_mask(arr)
+    ids = torch.from_numpy(token_ids(arr) if keep is not None else arr)
+    if chunk_tokens <= 0 and keep is None:
         return model(input_ids=ids, labels=ids, use_cache=False).loss
     inner = causal_lm(model)
-    hidden = inner.model(input_ids=ids, use_cache=False).last_hidden_state
+    hidden = backbone(model)(input_ids=ids, use_cache=False).last_hidden_state
     h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
     y = ids[:, 1:].reshape(-1)
+    if keep is not None:
+        rows = torch.from_numpy(np.flatnonzero(keep.reshape(-1)))
+        h, y = h.index_select(0, rows), y.index_select(0, rows)
+        if not len(rows):
+            return hidden.sum() * 0.0  # nothing to predict in this batch: no loss, no gradient
     head = inner.get_output_embeddings()
     if hasattr(head, "loss_sum"):  # the lean runtime's head fuses the loss over vocabulary blocks (edge_agent.lean)
         return head.loss_sum(h, y) / y.numel()  # type: ignore[no-any-return]
+    softcap = float(getattr(inner.config, "final_logit_softcapping", None) or 0.0)
+    chunk = chunk_tokens if chunk_tokens > 0 else y.numel()
     total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, y.numel(), chunk_tokens):
-        if torch.is_grad_enabled():
-            part = checkpoint(_ce_sum, head, h[s : s + chunk_tokens], y[s : s + chunk_tokens], use_reentrant=False)
+    for s in range(0, y.numel(), chunk):
+        if torch.is_grad_enabled() and chunk_tokens > 0:
+            part = checkpoint(_ce_sum, head, h[s : s + chunk], y[s : s + chunk], softcap, use_reentrant=False)
         else:
-            part = _ce_sum(head, h[s : s + chunk_tokens], y[s : s + chunk_tokens])
+            part = _ce_sum(head, h[s : s + chunk], y[s : s + chunk], softcap)
         total = total + part
     return total / y.numel()
 
@@ -195,6 +216,7 @@ def evaluate(model: torch.nn.Module, data: LocalData, max_blocks: int, batch_siz
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
         batch = blocks[i : i + batch_size]
-        total += float(lm_loss(model, batch, chunk_tokens)) * len(batch)
-        count += len(batch)
+        targets = int((batch[:, 1:] >= 0).sum())  # each batch weighs by the positions it predicts
+        total += float(lm_loss(model, batch, chunk_tokens)) * targets
+        count += targets
     return total / max(count, 1)

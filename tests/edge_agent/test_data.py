@@ -28,7 +28,7 @@ def test_reads_txt_md_and_jsonl(tmp_path: Path) -> None:
 def test_missing_or_empty_directory_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         read_texts(tmp_path / "nope")
-    with pytest.raises(DataError, match="no text"):
+    with pytest.raises(DataError, match="no usable records"):
         read_texts(tmp_path)
 
 

@@ -15,6 +15,7 @@ import torch
 
 from compression.protocol import TrainableSpec
 from edge_agent import lean, modelcache
+from edge_agent.data import Record, build_blocks
 from edge_agent.errors import ModelError
 from edge_agent.model import attach_trainable, get_trainable, load_base, set_trainable
 from edge_agent.train import lm_loss, set_gradient_checkpointing
@@ -170,6 +171,20 @@ def test_the_cache_holds_lean_weights_and_auto_loads_them_with_the_same_tokens(t
     text = "def parse(path):\n    with open(path) as fh:\n        return json.load(fh)\n"
     assert tok(text)["input_ids"] == hf_tok(text, add_special_tokens=False)["input_ids"]
     assert tok.eos_token_id == hf_tok.eos_token_id
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    for upto, prompt in ((3, False), (2, True)):
+        assert tok.apply_chat_template(chat[:upto], add_generation_prompt=prompt) == hf_tok.apply_chat_template(
+            chat[:upto], tokenize=False, add_generation_prompt=prompt
+        )
+    # Chat and completion records cut into the same blocks, and the lean model's masked loss is transformers'.
+    records = [Record("chat", messages=tuple((m["role"], m["content"]) for m in chat))] * 6 + [
+        Record("completion", prompt="def f(x):", completion="\n    return x\n")
+    ] * 6
+    blocks, hf_blocks = build_blocks(records, tok, 16, 0.2, 0), build_blocks(records, hf_tok, 16, 0.2, 0)
+    np.testing.assert_array_equal(blocks.train, hf_blocks.train)
+    assert (blocks.train < 0).any() and (blocks.train >= 0).any()
+    with torch.no_grad():
+        torch.testing.assert_close(lm_loss(lm, blocks.train, 8), lm_loss(hf, blocks.train), rtol=2e-4, atol=2e-4)
     with pytest.raises(ModelError, match="needs model.quantize = 'int8'"):
         load_base(str(tiny_model), "none", runtime="lean")
 
