@@ -314,14 +314,18 @@ class UpdateHeader:
     train_loss: float | None = None
     cohort: str = ""
     """The cohort whose invitation this update answers (empty: the fleet does not train in cohorts)."""
+    base_sha256: str = ""
+    """The content hash of the base model the device trained on (:mod:`compression.basehash`);
+    empty from devices that do not declare it."""
 
 
 def header_bytes(header: UpdateHeader) -> bytes:
     """The canonical JSON of a header: what goes on the wire and what is signed. An empty
-    ``cohort`` is left out, so that headers without one are what they always were."""
+    ``cohort`` or ``base_sha256`` is left out, so that headers without one are what they always were."""
     obj = asdict(header)
-    if not obj["cohort"]:
-        del obj["cohort"]
+    for optional in ("cohort", "base_sha256"):
+        if not obj[optional]:
+            del obj[optional]
     return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
 
 
@@ -400,6 +404,7 @@ def decode_signed_envelope(payload: bytes, max_bytes: int = 64 << 20) -> Envelop
         frame_sha256=sha,
         train_loss=_float(obj, "train_loss", what, optional=True),
         cohort=check_id(_str(obj, "cohort", what, 64), "cohort id") if "cohort" in obj else "",
+        base_sha256=_hex64(obj, "base_sha256", what) if "base_sha256" in obj else "",
     )
     frame = bytes(payload[rest:])
     if hashlib.sha256(frame).hexdigest() != sha:
@@ -731,7 +736,15 @@ class TrainableSpec:
     alpha: int = 16
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     base: dict[str, Any] = field(default_factory=dict)
-    """Fingerprint of the base model: model_type, vocab_size, hidden_size, num_hidden_layers."""
+    """Fingerprint of the base model: model_type, vocab_size, hidden_size, num_hidden_layers,
+    and ``sha256``, the content hash of its weights (:mod:`compression.basehash`; fleets made
+    before it have none)."""
+
+    @property
+    def base_sha256(self) -> str:
+        value = self.base.get("sha256")
+        return value if isinstance(value, str) else ""
+
     embedding: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -750,6 +763,8 @@ class TrainableSpec:
         base = obj.get("base", {})
         if not isinstance(base, dict):
             raise ProtocolError(f"{what}: 'base' must be an object")
+        if "sha256" in base:
+            _hex64(base, "sha256", f"{what} base")
         embedding = obj.get("embedding", False)
         if not isinstance(embedding, bool):
             raise ProtocolError(f"{what}: 'embedding' must be true or false, got {embedding!r}")

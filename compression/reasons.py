@@ -21,6 +21,7 @@ class Reason(str, Enum):
     TOO_LARGE = "too_large"
     NON_FINITE = "non_finite"
     SHAPE_MISMATCH = "shape_mismatch"
+    WRONG_BASE = "wrong_base"
     UNSIGNED = "unsigned"
     BAD_SIGNATURE = "bad_signature"
     UNKNOWN_KEY = "unknown_key"
@@ -55,6 +56,7 @@ MEANINGS: dict[Reason, str] = {
     Reason.TOO_LARGE: "the message or a decoded size exceeds a limit",
     Reason.NON_FINITE: "a value (or the step it would make) is NaN or infinite",
     Reason.SHAPE_MISMATCH: "a tensor is not part of the global state, or has another shape",
+    Reason.WRONG_BASE: "the update declares another base model (by the content hash of its weights) than the fleet's",
     Reason.UNSIGNED: "the update carries no signature, and the fleet requires one",
     Reason.BAD_SIGNATURE: "the signature does not verify",
     Reason.UNKNOWN_KEY: "the device has no enrolled key",

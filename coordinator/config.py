@@ -6,6 +6,7 @@ Precedence (last wins): defaults < the TOML file < ``FEDGE_COORD__SECTION__KEY``
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -78,13 +79,19 @@ class ModelSpecConfig:
     lora_alpha: int = 16
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     init_seed: int = 0
+    """Seed of the LoRA A matrices of version 0."""
     embedding: bool = False
     """Also keep an input-embedding delta table, for devices of the ``embedding`` tier (mixed fleets)."""
-    """Seed of the LoRA A matrices of version 0."""
+    base_sha256: str = ""
+    """The content hash of the base's weights (``compression.basehash``) that version 0 records
+    and devices must match. Empty: computed from the source's weight files at ``--init``; set
+    it for a source that holds only a config (``fedge-agent check`` prints a device's)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.lora_r <= 1024:
             raise ConfigError(f"model.lora_r must be in 1..1024, got {self.lora_r}")
+        if self.base_sha256 and not re.fullmatch(r"[0-9a-f]{64}", self.base_sha256):
+            raise ConfigError(f"model.base_sha256 must be 64 lowercase hex digits, got {self.base_sha256[:80]!r}")
         if not self.targets:
             raise ConfigError("model.targets must name at least one module")
 

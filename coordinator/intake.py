@@ -69,7 +69,9 @@ class Intake:
             self._limits = (shapes, FrameLimits.for_shapes(shapes, self.cfg.limits.max_update_bytes))
         return self._limits[1]
 
-    def validate(self, device: str, env: Envelope, size: int, shapes: dict[str, tuple[int, ...]], version: int) -> ValidUpdate:
+    def validate(
+        self, device: str, env: Envelope, size: int, shapes: dict[str, tuple[int, ...]], version: int, base_sha256: str = ""
+    ) -> ValidUpdate:
         """The update, its sample count capped; raises :class:`Rejection`."""
         limits = self.cfg.limits
         valid = validate_envelope(
@@ -85,6 +87,7 @@ class Intake:
             is_duplicate=self.store.is_applied,
             check_identity=self.verifier.check,
             limits=self._frame_limits(shapes),
+            base_sha256=base_sha256,
         )
         if not self.rate.allow(device):
             raise Rejection("rate_limited", f"more than {limits.max_updates_per_minute:g} updates a minute")

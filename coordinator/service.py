@@ -316,7 +316,7 @@ class CoordinatorService:
         ):
             return
         try:
-            valid = self.intake.validate(device, env, len(msg.payload), self.shapes, self.version)
+            valid = self.intake.validate(device, env, len(msg.payload), self.shapes, self.version, self.spec.base_sha256)
             self.cohorts.check(device, valid.header.cohort)
             self.engine.admit(valid.header.device)
             if self.site is not None:

@@ -2,7 +2,7 @@
 
 Each failure raises :class:`~coordinator.errors.Rejection` with a stable reason code:
 ``malformed``, ``malformed_frame``, ``bad_checksum``, ``too_large``, ``non_finite``,
-``device_mismatch``, ``unknown_device``, ``duplicate``, ``future_version``, ``too_stale``,
+``device_mismatch``, ``unknown_device``, ``wrong_base``, ``duplicate``, ``future_version``, ``too_stale``,
 ``shape_mismatch``, ``norm_bound``; the identity check adds ``unsigned``, ``unknown_key``,
 ``bad_signature``, ``replayed`` and ``revoked``. The service adds ``rate_limited`` (it needs a clock).
 """
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from compression import CodecError, FrameKind, FrameLimits, decode_frame, protocol
+from compression.basehash import short
 from compression.frame import SparseTensor, Tensors
 from compression.protocol import UpdateHeader
 from coordinator.errors import Rejection
@@ -68,8 +69,13 @@ def validate_envelope(
     is_duplicate: Callable[[str], bool],
     check_identity: Callable[[protocol.Envelope], bool] | None = None,
     limits: FrameLimits | None = None,
+    base_sha256: str = "",
 ) -> ValidUpdate:
-    """Check a decoded envelope: identity, frame, version, shapes and norm.
+    """Check a decoded envelope: identity, base, frame, version, shapes and norm.
+
+    ``base_sha256`` is the fleet's base (its weights' content hash): an update that declares
+    another one is refused as ``wrong_base``; one that declares none is taken (devices from
+    before the hash).
 
     ``limits`` are the decoder's limits for ``shapes`` and ``max_update_bytes`` when the caller
     keeps them (they cost more to compute than to decode a small frame)."""
@@ -82,6 +88,10 @@ def validate_envelope(
     signed = check_identity(env) if check_identity is not None else False
     if not signed and not is_known_device(header.device):
         raise Rejection("unknown_device", f"device {header.device!r} is not enrolled")
+    if base_sha256 and header.base_sha256 and header.base_sha256 != base_sha256:
+        raise Rejection(
+            "wrong_base", f"trained on base sha256 {short(header.base_sha256)}, but the fleet trains base sha256 {short(base_sha256)}"
+        )
     try:
         # Limits from the global state's shapes: no frame can make the decoder allocate more
         # than a dense copy of the state, whatever its headers claim.

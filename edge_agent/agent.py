@@ -125,6 +125,7 @@ class Agent:
         self._model: torch.nn.Module | None = None
         self._spec: TrainableSpec | None = None
         self._data: LocalData | None = None
+        self._base_sha256 = ""
         self._state_name = "starting"
         self._blocked: str | None = None
         self.pending_count = len(self.state.pending())
@@ -148,6 +149,8 @@ class Agent:
         self._model, tokenizer = model_lib.load_base(self.cfg.model.source, self.cfg.model.quantize, cache, runtime=runtime)
         kind = "lean" if model_lib.lean_model(self._model) is not None else "transformers"
         log.info("loaded base %s (%s, %s runtime) in %.1fs", self.cfg.model.source, self.cfg.model.quantize, kind, time.monotonic() - t0)
+        self._base_sha256 = model_lib.source_sha256(self.cfg.model.source) or ""
+        log.info("base content sha256 %s", self._base_sha256 or "none (no weight files to hash)")
         self._data = build_blocks(corpus, tokenizer, self.cfg.train.seq_len, self.cfg.train.heldout_fraction, self.cfg.train.seed)
         # Training needs only the token blocks: the tokenizer (about 30 MB for SmolLM2's) and the
         # corpus's text go before the first step, and their heap pages go back to the OS.
@@ -296,6 +299,7 @@ class Agent:
             frame_sha256=hashlib.sha256(compressed.frame).hexdigest(),
             train_loss=result.train_loss if np.isfinite(result.train_loss) else None,
             cohort=cohort,
+            base_sha256=self._base_sha256,
         )
         envelope = protocol.encode_envelope(header, compressed.frame, signer=self._signer)
         # One durable commit of the update and of the residual after it (see edge_agent.state).
@@ -461,6 +465,11 @@ class Agent:
         except CodecError as exc:
             raise GlobalRefused(f"unreadable trainable spec: {exc}") from None
         assert self._model is not None
+        if spec.base_sha256 and self._base_sha256 and spec.base_sha256 != self._base_sha256:
+            raise GlobalRefused(
+                f"the fleet trains base sha256 {spec.base_sha256}, but this device loaded {self.cfg.model.source} "
+                f"with sha256 {self._base_sha256}: another base (of the same shape, or the shape check would say so)"
+            )
         if spec.r > self.cfg.train.max_lora_r:
             raise GlobalRefused(f"the fleet trains LoRA rank {spec.r}, above this device's train.max_lora_r={self.cfg.train.max_lora_r}")
         if self._spec is None:

@@ -134,7 +134,7 @@ def run_checks(config_path: str, *, skip_model: bool = False, broker_timeout: fl
         from edge_agent.config import model_cache_dir
         from edge_agent.data import build_blocks, describe, read_corpus
         from edge_agent.memory import peak_rss_mb
-        from edge_agent.model import load_base
+        from edge_agent.model import load_base, source_sha256
 
         t0 = time.monotonic()
         base, tok = load_base(cfg.model.source, cfg.model.quantize, model_cache_dir(cfg))
@@ -143,7 +143,7 @@ def run_checks(config_path: str, *, skip_model: bool = False, broker_timeout: fl
         del base
         return (
             f"{cfg.model.source} ({cfg.model.quantize}) loaded in {loaded:.1f}s; blocks of {cfg.train.seq_len} tokens: "
-            f"{describe(blocks)}; peak RSS {peak_rss_mb():.0f} MB"
+            f"{describe(blocks)}; base sha256 {source_sha256(cfg.model.source) or 'none'}; peak RSS {peak_rss_mb():.0f} MB"
         )
 
     report.step("state directory", state)

@@ -313,7 +313,8 @@ def describe(data: LocalData) -> str:
     for kind, st in data.stats.items():
         skipped = f" ({st.skipped} skipped)" if st.skipped else ""
         targets = f", {st.target_tokens:,} of them targets" if st.target_tokens != st.tokens else ""
-        parts.append(f"{kind}: {st.records:,} records{skipped}, {st.tokens:,} tokens{targets}, {st.train_blocks} train / {st.heldout_blocks} held-out blocks")
+        blocks = f"{st.train_blocks} train / {st.heldout_blocks} held-out blocks"
+        parts.append(f"{kind}: {st.records:,} records{skipped}, {st.tokens:,} tokens{targets}, {blocks}")
     return "; ".join(parts)
 
 

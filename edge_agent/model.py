@@ -63,10 +63,20 @@ def base_fingerprint(config: Any) -> dict[str, Any]:
 
 
 def check_base(config: Any, spec: TrainableSpec) -> None:
-    """Refuse a fleet that trains another base than the one this device loaded."""
+    """Refuse a fleet that trains a base of another shape than the one this device loaded
+    (its content hash is checked by the agent, which knows its source: :func:`source_sha256`)."""
     fingerprint = base_fingerprint(config)
-    if spec.base and spec.base != fingerprint:
-        raise ModelError(f"fleet trains base {spec.base}, but this device loaded {fingerprint}")
+    declared = {k: spec.base.get(k) for k in BASE_FINGERPRINT_KEYS}
+    if spec.base and declared != fingerprint:
+        raise ModelError(f"fleet trains base {declared}, but this device loaded {fingerprint}")
+
+
+def source_sha256(source: str) -> str | None:
+    """The content hash of the base weights that ``source`` names (:mod:`compression.basehash`)."""
+    from compression.basehash import base_sha256
+
+    directory, gguf = resolve_source(source)
+    return base_sha256(directory / gguf if gguf else directory)
 
 
 def load_base(

@@ -15,7 +15,7 @@ CASES = sorted(p.stem for p in GOLDEN.glob("*.bin"))
 def test_golden_vectors_exist() -> None:
     assert {"update_v1_fp32", "update_v1_fp16", "update_v1_int8", "snapshot_v1_fp32", "envelope_v1"} <= set(CASES)
     assert {"update_v2_int8_bitpack", "update_v2_fp16_varint", "update_v2_sign_bitpack", "update_v3_int4_varint"} <= set(CASES)
-    assert {"envelope_v2_signed"} <= set(CASES)
+    assert {"envelope_v2_signed", "envelope_v2_signed_base"} <= set(CASES)
     assert {"update_v2_sign_varint_rotating", "update_v2_int8_varint_support"} <= set(CASES)
 
 
@@ -24,6 +24,16 @@ def test_the_signed_golden_envelope_still_verifies() -> None:
 
     env = protocol.decode_signed_envelope((GOLDEN / "envelope_v2_signed.bin").read_bytes())
     assert env.signature is not None
+    Ed25519PrivateKey.from_private_bytes(bytes(range(32))).public_key().verify(env.signature, env.signed)
+
+
+def test_the_golden_envelope_with_a_base_hash_still_verifies_and_names_its_base() -> None:
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    env = protocol.decode_signed_envelope((GOLDEN / "envelope_v2_signed_base.bin").read_bytes())
+    assert env.header.base_sha256 == hashlib.sha256(b"base weights").hexdigest() and env.signature is not None
     Ed25519PrivateKey.from_private_bytes(bytes(range(32))).public_key().verify(env.signature, env.signed)
 
 

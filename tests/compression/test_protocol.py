@@ -47,6 +47,44 @@ def test_envelope_round_trip() -> None:
     assert got == frame and header == _header(frame)
 
 
+def test_the_base_hash_round_trips_and_a_header_without_one_is_what_it_always_was() -> None:
+    frame = b"frame"
+    with_base = _header(frame, base_sha256="0f" * 32)
+    header, _ = protocol.decode_envelope(protocol.encode_envelope(with_base, frame))
+    assert header.base_sha256 == "0f" * 32
+    assert b"base_sha256" not in protocol.header_bytes(_header(frame)) and b"cohort" not in protocol.header_bytes(_header(frame))
+    head = json.loads(protocol.header_bytes(with_base))
+    for bad in ("0F" * 32, "ab", 7):
+        raw = json.dumps({**head, "base_sha256": bad}).encode()
+        with pytest.raises(ProtocolError, match="base_sha256"):
+            protocol.decode_envelope(protocol.ENVELOPE_MAGIC + len(raw).to_bytes(4, "little") + raw + frame)
+
+
+def test_a_spec_with_a_malformed_base_hash_is_refused() -> None:
+    spec = TrainableSpec(base={"model_type": "llama", "sha256": "ab" * 32})
+    assert TrainableSpec.from_dict(spec.to_dict()).base_sha256 == "ab" * 32
+    assert TrainableSpec().base_sha256 == ""
+    with pytest.raises(ProtocolError, match="sha256"):
+        TrainableSpec.from_dict({**spec.to_dict(), "base": {"sha256": "x" * 64}})
+
+
+def test_the_base_hash_covers_a_gguf_file_or_a_directory_s_weight_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from compression.basehash import base_sha256
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF weights")
+    assert base_sha256(tmp_path / "m.gguf") == hashlib.sha256(b"GGUF weights").hexdigest()
+    d = tmp_path / "dir"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    assert base_sha256(d) is None  # a config alone has no weights to hash
+    (d / "model-00001.safetensors").write_bytes(b"one")
+    first = base_sha256(d)
+    (d / "tokenizer.json").write_text("{}")  # not a weight file
+    assert base_sha256(d) == first
+    (d / "model-00001.safetensors").write_bytes(b"One")
+    assert base_sha256(d) != first
+
+
 def test_envelope_detects_a_swapped_frame() -> None:
     env = protocol.encode_envelope(_header(b"one"), b"one")
     with pytest.raises(ProtocolError, match="frame_sha256"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,9 @@ def cases() -> dict[str, tuple[bytes, dict[str, list]]]:
 
     key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
     out["envelope_v2_signed"] = (protocol.encode_envelope(header, out["update_v1_int8"][0], signer=key.sign), {})
+    # The header declares the base it trained on (the content hash of its weights).
+    with_base = replace(header, base_sha256=hashlib.sha256(b"base weights").hexdigest())
+    out["envelope_v2_signed_base"] = (protocol.encode_envelope(with_base, out["update_v1_int8"][0], signer=key.sign), {})
     # A site's partial aggregate: two groups by base version, each a lossless weighted sum.
     from compression import compress_dense
     from compression.partial import Group, Partial

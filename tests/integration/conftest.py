@@ -115,7 +115,7 @@ class DeviceClient:
     def global_state(self, meta: GlobalMeta) -> dict[str, np.ndarray]:
         return decode_frame(self.snapshots[meta.snapshot_sha256]).dense()
 
-    def update_payload(self, base: GlobalMeta, scale: float = 0.01, uid: str | None = None) -> bytes:
+    def update_payload(self, base: GlobalMeta, scale: float = 0.01, uid: str | None = None, base_sha256: str = "") -> bytes:
         state = self.global_state(base)
         delta = {k: np.full_like(v, scale) for k, v in state.items()}
         frame = compress_update(delta, CodecConfig(topk_fraction=1.0, values="fp32")).frame
@@ -128,6 +128,7 @@ class DeviceClient:
             num_samples=4,
             timestamp=0.0,
             frame_sha256=hashlib.sha256(frame).hexdigest(),
+            base_sha256=base_sha256,
         )
         return protocol.encode_envelope(header, frame)
 
