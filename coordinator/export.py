@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 PROBE = "def parse(self, text):\n    return self.grammar.match(text)\n"
 
 
+ONNX_ARCHS = ("llama",)
+"""What ``edge_agent.onnx_export`` builds a KV-cache graph for (it refuses anything else too)."""
+
+
 def _base_location(source: str) -> tuple[Path, str | None]:
     """The base's directory, and its GGUF file's name where the base is one."""
     import importlib.util
@@ -162,6 +166,13 @@ def export(
 
     # Check: the adapter as PEFT loads it reproduces the global state exactly.
     base, tokenizer = _load_base(source)
+    arch = getattr(base.config, "model_type", None)
+    if onnx and arch not in ONNX_ARCHS:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(
+            f"ONNX export supports {', '.join(ONNX_ARCHS)} models and this fleet's base is {arch!r}: "
+            "export the adapter (--format peft) or the merged model (--merged) instead"
+        )
     peft_model = PeftModel.from_pretrained(base, str(tmp))
     from peft import get_peft_model_state_dict
 

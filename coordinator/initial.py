@@ -79,7 +79,11 @@ def initial_state(cfg: ModelSpecConfig) -> tuple[TrainableSpec, dict[str, np.nda
     try:
         peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.targets)))
     except ValueError as exc:
-        raise ConfigError(f"model.targets {list(cfg.targets)}: {exc}") from None
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as USUAL
+
+        usual = USUAL.get(getattr(config, "model_type", ""))
+        hint = f"; a {config.model_type} model's usual targets are {usual}" if usual else ""
+        raise ConfigError(f"model.targets {list(cfg.targets)}: {exc}{hint}") from None
     shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model).items()}
     gen = torch.Generator().manual_seed(cfg.init_seed)
     tensors: dict[str, np.ndarray] = {}

@@ -120,11 +120,33 @@ def load_base(
     return model, tokenizer
 
 
+def conv1d_as_linear(model: torch.nn.Module) -> int:
+    """Replace GPT-2's ``Conv1D`` layers (weight ``[in, out]``) by the ``nn.Linear`` they are
+    (weight ``[out, in]``), so that quanto quantizes them too; LoRA's factors have the same
+    shapes on either, so adapters move between them unchanged. Returns how many it replaced."""
+    from transformers.pytorch_utils import Conv1D
+
+    n = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, Conv1D):
+            continue
+        w = module.weight
+        linear = torch.nn.Linear(w.shape[0], w.shape[1], bias=module.bias is not None, device=w.device, dtype=w.dtype)
+        linear.weight = torch.nn.Parameter(w.detach().t().contiguous(), requires_grad=False)
+        if module.bias is not None:
+            linear.bias = torch.nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+        n += 1
+    return n
+
+
 def quantize_int8(model: torch.nn.Module) -> None:
     """quanto's int8 weights for every linear layer but the (tied) head, frozen."""
     from optimum.quanto import freeze, qint8
     from optimum.quanto import quantize as quanto_quantize
 
+    conv1d_as_linear(model)
     # The output head is tied to the input embedding; quantizing it would untie them.
     quanto_quantize(model, weights=qint8, exclude=["lm_head"])
     freeze(model)

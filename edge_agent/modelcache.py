@@ -189,8 +189,11 @@ def load(path: Path) -> tuple[Any, Any]:
         state = load_file(str(path / WEIGHTS))
     except (OSError, ValueError, SafetensorError) as exc:
         raise ModelError(f"int8 cache {path} is unreadable ({exc}); delete it to rebuild") from None
+    from edge_agent.model import conv1d_as_linear
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        conv1d_as_linear(model)  # as quantize_int8 did before the cache was written
     requantize(model, state, qmap, device=torch.device("cpu"))
     expected = set(model.state_dict())
     if manifest.get("tied"):
@@ -200,18 +203,34 @@ def load(path: Path) -> tuple[Any, Any]:
         raise ModelError(f"int8 cache {path} lacks {missing[:3]}; delete it to rebuild")
     if manifest.get("tied"):
         model.tie_weights()
-    # Non-persistent buffers (rotary inverse frequencies) are not in the file, and the meta
-    # device left them uninitialized: rebuild every rotary embedding from the config.
-    for name, module in list(model.named_modules()):
-        if name.endswith("rotary_emb"):
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=config))
+    _restore_buffers(model, config, path)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _restore_buffers(model: Any, config: Any, path: Path) -> None:
+    """Non-persistent buffers are not in the file, and the meta device left them uninitialized:
+    rotary embeddings are rebuilt from the config, a scaled embedding's scale (Gemma) is set
+    from its constructor's value. Any other such buffer is an architecture the cache cannot
+    restore: refused, never left holding garbage."""
+    import torch
+
+    rebuilt: set[str] = set()
+    for name, module in list(model.named_modules()):
+        if name.endswith("rotary_emb"):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=config))
+            rebuilt.add(name)
+        elif hasattr(module, "scalar_embed_scale") and isinstance(getattr(module, "embed_scale", None), torch.Tensor):
+            module.embed_scale = torch.tensor(float(module.scalar_embed_scale))
+            rebuilt.add(name)
+    left = [key for key, _ in model.named_non_persistent_buffers() if key.rsplit(".", 1)[0] not in rebuilt]
+    if left:
+        raise ModelError(f"int8 cache {path}: cannot restore the buffers {left[:3]} of this architecture; set model.quantize = 'none'")
 
 
 def main(argv: list[str] | None = None) -> int:
