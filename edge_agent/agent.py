@@ -21,13 +21,14 @@ import torch
 from compression import CodecError, compress_update, protocol
 from compression.follower import Follower
 from compression.invitations import Invitations
-from compression.protocol import CohortInvite, GlobalMeta, TrainableSpec, UpdateAck, UpdateHeader
+from compression.protocol import EMBED_DELTA, CohortInvite, GlobalMeta, TrainableSpec, UpdateAck, UpdateHeader
 from edge_agent import model as model_lib
 from edge_agent.config import AgentConfig, model_cache_dir
 from edge_agent.data import LocalData, build_blocks, describe, read_corpus, token_ids
 from edge_agent.errors import ConfigError, TransportError
 from edge_agent.memory import peak_rss_mb, release_free_memory
 from edge_agent.outbox import Outbox
+from edge_agent.personal import PersonalAdapter
 from edge_agent.privacy import dpsgd_epsilon, local_epsilon, privatize
 from edge_agent.schedule import OwnLoad, blocked_reason
 from edge_agent.sdnotify import Notifier
@@ -54,6 +55,11 @@ def fleet_verifier(public_hex: str) -> protocol.Verifier:
     from compression.keys import ed25519_verifier
 
     return ed25519_verifier(bytes.fromhex(public_hex))
+
+
+def _adapters(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The LoRA adapters of a global state (without a mixed fleet's embedding table)."""
+    return {k: v for k, v in tensors.items() if k != EMBED_DELTA}
 
 
 class GlobalRefused(Exception):
@@ -126,12 +132,15 @@ class Agent:
         self._spec: TrainableSpec | None = None
         self._data: LocalData | None = None
         self._base_sha256 = ""
+        self._personal = PersonalAdapter(cfg.state_dir, cfg.train) if cfg.train.personal != "off" else None
         self._state_name = "starting"
         self._blocked: str | None = None
         self.pending_count = len(self.state.pending())
         self._last_heartbeat = 0.0
         device_key = int.from_bytes(hashlib.sha256(cfg.device_id.encode()).digest()[:4], "little")
         self._rng = np.random.default_rng([cfg.train.seed, device_key])
+        # Its own stream: what the fleet receives is the same whether a personal adapter trains or not.
+        self._personal_rng = np.random.default_rng([cfg.train.seed, device_key, 1])
         self._process = psutil.Process()
 
     # -- lifecycle -------------------------------------------------------------------
@@ -326,6 +335,10 @@ class Agent:
             compressed.dense_fp32_bytes,
             c.rounds,
         )
+        if self._personal is not None:
+            self._set_state("training")  # the personal adapter (Ditto), while the coordinator aggregates
+            p = self._personal.train(self._model, self._data, _adapters(g.tensors), self._personal_rng, should_stop)
+            log.info("personal adapter: %d steps in %.1fs, loss %.4f (it stays on this device)", p.steps, p.seconds, p.train_loss)
         self._set_state("idle")
         # Wait for the version that includes this update, then restart from it. If it does
         # not come in time, restart from the same global: the residual keeps what was unsent.
@@ -513,6 +526,11 @@ class Agent:
         c.extra["eval_version"] = self.global_model.version
         blocks, seconds = self.cfg.train.eval_blocks, c.extra["eval_s"]
         log.info("global v%d: held-out loss %.4f (%d blocks, %.1fs)", self.global_model.version, loss, blocks, seconds)
+        if self._personal is not None and self._model is not None and self._data is not None:
+            personal = self._personal.evaluate(self._model, self._data, _adapters(self.global_model.tensors))
+            if personal is not None:
+                c.extra["eval_loss_personal"] = personal
+                log.info("personal adapter: held-out loss %.4f", personal)
 
     def _score_while_idle(self) -> None:
         """Training waits: score the version held if it has no score yet (train.eval_when_idle).

@@ -119,8 +119,25 @@ class TrainConfig:
     """What the device reports as its sample count, by which the coordinator weights its update:
     ``steps`` (the samples this round trained on: steps x batch) or ``dataset`` (its training
     blocks, as Flower weights clients by dataset size)."""
+    personal: Literal["off", "ditto"] = "off"
+    """Keep a personal adapter beside the global one (``ditto``: Ditto, Li et al. 2021). After
+    each round's update it trains on this device's data with the proximal term
+    ``personal_lambda / 2 * ||v - w_global||^2``; it never leaves the device
+    (``<state_dir>/personal.safetensors``), and its held-out loss is reported as
+    ``eval_loss_personal``. LoRA tier only."""
+    personal_lambda: float = 0.1
+    personal_steps: int = 0
+    """Steps of the personal adapter after each round (0: ``local_steps``)."""
 
     def __post_init__(self) -> None:
+        if self.personal not in ("off", "ditto"):
+            raise ConfigError(f"train.personal must be 'off' or 'ditto', got {self.personal!r}")
+        if self.personal != "off" and self.tier != "lora":
+            raise ConfigError("train.personal keeps a personal LoRA adapter: it needs train.tier = 'lora'")
+        if not 0.0 <= self.personal_lambda <= 10.0:
+            raise ConfigError(f"train.personal_lambda must be in [0, 10], got {self.personal_lambda}")
+        if not 0 <= self.personal_steps <= 10_000:
+            raise ConfigError(f"train.personal_steps must be in 0..10000 (0: local_steps), got {self.personal_steps}")
         if self.sample_weight not in ("steps", "dataset"):
             raise ConfigError(f"train.sample_weight must be 'steps' or 'dataset', got {self.sample_weight!r}")
         if not 1.0 <= self.slowdown <= 1000.0:

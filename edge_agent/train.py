@@ -157,12 +157,14 @@ def train_round(
     rng: np.random.Generator,
     should_stop: Callable[[], bool] = lambda: False,
     dp_sgd: DPSGDConfig | None = None,
+    anchors: list[torch.Tensor] | None = None,
 ) -> RoundResult:
     """Run ``cfg.local_steps`` AdamW steps on the adapter; stops early when ``should_stop()``.
 
     With ``cfg.fedprox_mu > 0`` the loss gets FedProx's proximal term
     ``mu / 2 * ||w - w_global||^2`` over the trainable tensors, ``w_global`` being their
-    values when the round starts; the reported train loss excludes it. With ``dp_sgd``
+    values when the round starts (or ``anchors``, in the order of the trainable parameters:
+    Ditto's personal adapter is pulled toward the global one); the reported train loss excludes it. With ``dp_sgd``
     enabled, each step is a DP-SGD step (:class:`~edge_agent.privacy.DPSGDConfig`) on a batch
     drawn without replacement; the proximal term's gradient, which holds no example, is added
     after the noise.
@@ -171,7 +173,9 @@ def train_round(
     if not params:
         raise RuntimeError("the model has no trainable parameters")
     set_gradient_checkpointing(model, cfg.gradient_checkpointing)
-    anchors = [p.detach().clone() for p in params] if cfg.fedprox_mu > 0 else []
+    if anchors is not None and [a.shape for a in anchors] != [p.shape for p in params]:
+        raise ValueError("anchors do not match the trainable parameters")
+    anchors = (anchors if anchors is not None else [p.detach().clone() for p in params]) if cfg.fedprox_mu > 0 else []
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     model.train()
     losses: list[float] = []
