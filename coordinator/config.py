@@ -97,6 +97,37 @@ class ModelSpecConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Server-side evaluation (``[eval]``): score global versions on held-out text at the
+    coordinator, in a child process (``edge_agent.scorer``), so that the coordinator's own
+    process stays as light as without it. Off unless ``data_dir`` is set."""
+
+    data_dir: str = ""
+    """Held-out text in the agents' formats (.txt, .md, .jsonl); relative to the config file."""
+    every: int = 1
+    """Score every Nth version (the newest one waiting is scored; older ones waiting are skipped)."""
+    blocks: int = 32
+    """Blocks of ``seq_len`` tokens scored (the same ones every time)."""
+    seq_len: int = 128
+    batch_size: int = 4
+    threads: int = 1
+    quantize: Literal["int8", "none"] = "int8"
+    """The base the scorer loads: int8 (as the devices train it, from a model cache in
+    ``<state_dir>/eval/model-cache``) or fp32."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.data_dir)
+
+    def __post_init__(self) -> None:
+        for key in ("every", "blocks", "seq_len", "batch_size", "threads"):
+            if not 1 <= getattr(self, key) <= 100_000:
+                raise ConfigError(f"eval.{key} must be in 1..100000, got {getattr(self, key)}")
+        if self.quantize not in ("int8", "none"):
+            raise ConfigError(f"eval.quantize must be 'int8' or 'none', got {self.quantize!r}")
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     """What an update may be."""
 
@@ -165,6 +196,8 @@ class CoordinatorConfig:
     """Run as a site aggregator of a root (``docs/sites.md``): follow its versions, forward partials."""
     downlink: CodecConfig = field(default_factory=lambda: DEFAULT_DOWNLINK)
     """Codec of the global deltas published each version (with error feedback at the coordinator)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Score global versions on held-out text in a child process (off unless ``eval.data_dir``)."""
     keep_versions: int = 20
     """Snapshot files kept on disk; older versions keep their ledger rows."""
     snapshot_zstd_level: int = 1
@@ -255,9 +288,11 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         source = str((base / source).resolve())
     b = cfg.broker
     tls = {k: None if getattr(b, k) is None else str((base / str(getattr(b, k))).resolve()) for k in ("cafile", "certfile", "keyfile")}
+    evaluation = replace(cfg.eval, data_dir=str((base / cfg.eval.data_dir).resolve())) if cfg.eval.enabled else cfg.eval
     return replace(
         cfg,
         state_dir=str((base / cfg.state_dir).resolve()),
         model=replace(cfg.model, source=source),
+        eval=evaluation,
         broker=replace(b, **tls),  # type: ignore[arg-type]
     )

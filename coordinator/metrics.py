@@ -57,6 +57,12 @@ class Metrics:
         self.cohort_in_flight = Gauge(
             "fedge_cohort_devices_in_flight", "Devices invited to a cohort that have not reported", ["fleet"], registry=r
         ).labels(**labels)
+        self.server_eval_loss = Gauge(
+            "fedge_server_eval_loss", "Held-out loss of the last version scored at the coordinator ([eval])", ["fleet"], registry=r
+        ).labels(**labels)
+        self.server_eval_version = Gauge(
+            "fedge_server_eval_version", "The global version that fedge_server_eval_loss is for", ["fleet"], registry=r
+        ).labels(**labels)
         self.cohorts_opened = Gauge("fedge_cohorts_opened", "Cohorts opened since the fleet began", ["fleet"], registry=r).labels(**labels)
         self.cohort_dropouts = Gauge(
             "fedge_cohort_dropouts", "Cohort members that did not report by the deadline", ["fleet"], registry=r

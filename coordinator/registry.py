@@ -117,6 +117,33 @@ class FleetRecords:
     def participations(self) -> dict[str, int]:
         return {r["device"]: int(r["participations"]) for r in self.db.execute("SELECT device, participations FROM dp_participation")}
 
+    # -- server-side evaluation ([eval]) ---------------------------------------------------
+
+    def record_eval(self, version: int, loss: float, blocks: int, seconds: float) -> None:
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO evals(version, loss, blocks, seconds, scored) VALUES (?,?,?,?,?) ON CONFLICT(version) DO UPDATE SET "
+                "loss=excluded.loss, blocks=excluded.blocks, seconds=excluded.seconds, scored=excluded.scored",
+                (version, loss, blocks, seconds, time.time()),
+            )
+
+    def _has_evals(self) -> bool:
+        """A database from before ``[eval]`` opened read-only has no such table (yet)."""
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='evals'").fetchone() is not None
+
+    def evals(self, since: int = 0) -> dict[int, dict[str, Any]]:
+        """Server-side scores by version, from ``since`` on."""
+        if not self._has_evals():
+            return {}
+        rows = self.db.execute("SELECT version, loss, blocks, seconds, scored FROM evals WHERE version >= ? ORDER BY version", (since,))
+        return {int(r["version"]): dict(r) for r in rows}
+
+    def last_eval(self) -> dict[str, Any] | None:
+        if not self._has_evals():
+            return None
+        row = self.db.execute("SELECT version, loss, blocks, seconds, scored FROM evals ORDER BY version DESC LIMIT 1").fetchone()
+        return None if row is None else dict(row)
+
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return None if row is None else str(row["value"])

@@ -123,6 +123,13 @@ CREATE TABLE IF NOT EXISTS sites (
 );
 -- state: invited, then reported or dropped; abandoned: a secure cohort open when the coordinator restarted
 -- (coordinator.cohorts); cohorts.secure (added by a migration): 1 when securely aggregated
+CREATE TABLE IF NOT EXISTS evals (
+    version INTEGER PRIMARY KEY,
+    loss REAL NOT NULL,
+    blocks INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    scored REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS cohort_members (
     cohort TEXT NOT NULL,
     device TEXT NOT NULL,

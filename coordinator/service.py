@@ -35,6 +35,7 @@ from coordinator.cohorts import open_cohorts
 from coordinator.config import CoordinatorConfig
 from coordinator.engine import Accepted, Engine, Step
 from coordinator.errors import ConfigError, Rejection, StoreError
+from coordinator.evaluation import open_evaluation
 from coordinator.identity import fleet_key
 from coordinator.influence import InfluenceTracker, state_norm
 from coordinator.initial import open_fleet
@@ -111,6 +112,9 @@ class CoordinatorService:
         self.secure = open_secure(self)
         self.cohorts = open_cohorts(cfg, self.store.db, self.metrics, self.secure, self.engine)
         self.outcomes = Outcomes(self.store, self.metrics, self.intake.ackable)
+        self.evaluation = open_evaluation(cfg, self.store, self.spec, self.metrics)  # [eval]: scores versions in a child
+        if self.evaluation is not None:
+            self.evaluation.offer(self.version, self.versions.state, force=True)  # where the fleet starts (or resumes)
         self.metrics.version.set(self.version)
         self.metrics.buffered.set(len(self.buffer))
         self.metrics.epsilon_max.set(self.fleet_epsilon())
@@ -173,6 +177,8 @@ class CoordinatorService:
                 self._serve_once()
         finally:
             self._publish_status("offline")
+            if self.evaluation is not None:
+                self.evaluation.close()
             self.link.close()
             self.metrics.close()
             self.store.close()
@@ -197,6 +203,8 @@ class CoordinatorService:
         else:
             self._maybe_close_round()
         secure_turn(self)
+        if self.evaluation is not None:
+            self.evaluation.poll()
         self.cohorts.tick(time.time(), self.presence.ready, self.version, self.store.batch, self.link.publish_invites)
         if time.monotonic() - self._last_status >= self.cfg.heartbeat_s:
             self._publish_status("online")
@@ -243,6 +251,8 @@ class CoordinatorService:
         """Publish what the last commit made: new versions, then the devices' acks."""
         for v in self.versions.take_pending():
             self.link.publish_version(self.spec, v.version, v.state, v.delta_frame)
+            if self.evaluation is not None:
+                self.evaluation.offer(v.version, v.state)
         for ack in self.outcomes.take_acks():
             self.link.publish_ack(ack)
 
@@ -361,6 +371,8 @@ class CoordinatorService:
         if self.cfg.dp.enabled:
             extra.update(dp_epsilon=round(self.fleet_epsilon(), 4), dp_delta=self.cfg.dp.delta)
         extra.update(self.cohorts.status())
+        if self.evaluation is not None:
+            extra.update(self.evaluation.status())
         if self.site is not None:
             extra.update(self.site.status())
         self.link.publish_status(self.outcomes.status(state, self.version, extra), wait=state == "offline")

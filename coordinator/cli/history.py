@@ -1,4 +1,5 @@
-"""``fedge-coordinator history``: each global version with the updates it took, and a staleness histogram."""
+"""``fedge-coordinator history``: each global version with the updates it took (and its server-side score
+under ``[eval]``), and a staleness histogram."""
 
 from __future__ import annotations
 
@@ -34,8 +35,17 @@ def collect(path: str, last: int) -> dict[str, Any]:
             by_version[e["applied_version"]].append({k: e[k] for k in e.keys() if k != "applied_version"})
         rows = store.db.execute("SELECT staleness, COUNT(*) AS n FROM ledger GROUP BY staleness")
         histogram = {int(r["staleness"]): int(r["n"]) for r in rows}
+        scores = store.evals(lo)
         return {
-            "versions": [{"version": v["version"], "created": v["created"], "updates": by_version.get(v["version"], [])} for v in versions],
+            "versions": [
+                {
+                    "version": v["version"],
+                    "created": v["created"],
+                    "updates": by_version.get(v["version"], []),
+                    "server_eval_loss": scores[v["version"]]["loss"] if v["version"] in scores else None,
+                }
+                for v in versions
+            ],
             "staleness_histogram": dict(sorted(histogram.items())),
         }
     finally:
@@ -51,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         ups = v["updates"]
         desc = ", ".join(f"{u['device']}#{u['seq']} (τ={u['staleness']}, w={u['weight']:.3f})" for u in ups[:6])
         more = f" and {len(ups) - 6} more" if len(ups) > 6 else ""
-        print(f"v{v['version']:<6} {len(ups):3d} update(s): {desc or 'initial state'}{more}")
+        score = f"  [held-out {v['server_eval_loss']:.4f}]" if v["server_eval_loss"] is not None else ""
+        print(f"v{v['version']:<6} {len(ups):3d} update(s): {desc or 'initial state'}{more}{score}")
     hist = doc["staleness_histogram"]
     if hist:
         peak = max(hist.values())

@@ -51,6 +51,7 @@ def collect(path: str) -> dict[str, Any]:
             "devices": len(devices),
             "devices_online": sum(1 for d in devices if d["state"] not in ("offline", "unknown")),
             "spec": json.loads(spec) if spec else None,
+            "server_eval": store.last_eval(),
             "sites": root_sites(store, version, now),
             "site": site_self(store),
         }
@@ -101,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if doc["rejections"]:
         print("rejections: " + ", ".join(f"{k} {v}" for k, v in sorted(doc["rejections"].items())))
     print(f"devices: {doc['devices_online']} online of {doc['devices']}")
+    if ev := doc["server_eval"]:
+        print(f"server-side evaluation: held-out loss {ev['loss']:.4f} at v{ev['version']} ({ev['blocks']} blocks)")
     if doc["dp"]:
         dp = doc["dp"]
         if dp.get("amplified"):

@@ -85,6 +85,11 @@ def render(view: Any, progress: Progress, fleet: str, where: str) -> Group:
     head.append(f"   devices {online}/{len(view.devices)} online")
     curve = progress.loss_curve()
     loss_line = Text(f"mean held-out loss by version: {sparkline(curve)} {curve[-1]:.4f}" if curve else "mean held-out loss: -")
+    server = c.get("server_eval")
+    if isinstance(server, dict) and isinstance(server.get("loss"), int | float):
+        loss_line.append(f"   server-side held-out loss {server['loss']:.4f} at v{server.get('version', '?')}", style="bold")
+    elif c.get("server_eval_error"):
+        loss_line.append(f"   server-side evaluation off: {str(c['server_eval_error'])[:80]}", style="red")
     rejections = c.get("rejections") or {}
     rej_line = Text("rejections: " + (", ".join(f"{k} {v}" for k, v in sorted(rejections.items())) or "none"))
     table = Table(expand=False)
