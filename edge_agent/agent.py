@@ -163,9 +163,13 @@ class Agent:
         self._data = build_blocks(corpus, tokenizer, self.cfg.train.seq_len, self.cfg.train.heldout_fraction, self.cfg.train.seed)
         # Training needs only the token blocks: the tokenizer (about 30 MB for SmolLM2's) and the
         # corpus's text go before the first step, and their heap pages go back to the OS.
+        skipped = sum(corpus.skipped.values())
         del tokenizer, corpus
         release_free_memory()
         log.info("local data: %d files; %s", self._data.num_files, describe(self._data))
+        if skipped:
+            self.counters.extra["data_skipped"] = skipped
+            log.warning("local data: %d malformed records or files skipped (see the warnings above)", skipped)
         self.counters.eval_loss_base = self._evaluate()
         log.info("held-out loss of the base model: %.4f", self.counters.eval_loss_base)
 
