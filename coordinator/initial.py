@@ -53,16 +53,19 @@ def _load_model_config(source: str) -> Any:
     return AutoConfig.from_pretrained(str(path))
 
 
-def base_content_hash(cfg: ModelSpecConfig) -> str:
-    """The base's content hash for the fleet spec: the configured one, or its weight files'."""
+def base_content_hash(cfg: ModelSpecConfig) -> str | None:
+    """The base's content hash for the fleet spec: the configured one, or its weight files'.
+    A source with a config only (a coordinator that never holds the weights) gives none: the
+    fleet then checks devices by the base's shape alone, and says so."""
     if cfg.base_sha256:
         return cfg.base_sha256
-    path = _source_path(cfg.source)
-    digest = base_sha256(path)
+    digest = base_sha256(_source_path(cfg.source))
     if digest is None:
-        raise ConfigError(
-            f"model.source {cfg.source!r} holds no weight files to hash ({', '.join(WEIGHT_PATTERNS)}); set model.base_sha256 "
-            "to the base's content hash (`fedge-agent check` prints it on a device)"
+        log.warning(
+            "model.source %r holds no weight files to hash (%s): devices are checked by the base's shape only; "
+            "set model.base_sha256 to the base's content hash (`fedge-agent check` prints it on a device)",
+            cfg.source,
+            ", ".join(WEIGHT_PATTERNS),
         )
     return digest
 
@@ -98,7 +101,9 @@ def initial_state(cfg: ModelSpecConfig) -> tuple[TrainableSpec, dict[str, np.nda
     if cfg.embedding:
         # Zero: version 0 is the base model; embedding-tier devices fill the rows they see.
         tensors[EMBED_DELTA] = np.zeros((config.vocab_size, config.hidden_size), dtype=np.float32)
-    fingerprint = {k: getattr(config, k, None) for k in BASE_FINGERPRINT_KEYS} | {"sha256": base_content_hash(cfg)}
+    fingerprint: dict[str, Any] = {k: getattr(config, k, None) for k in BASE_FINGERPRINT_KEYS}
+    if digest := base_content_hash(cfg):
+        fingerprint["sha256"] = digest
     spec = TrainableSpec(
         tier="lora", r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.targets), base=fingerprint, embedding=cfg.embedding
     )

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -164,4 +165,27 @@ def agent_config_dict(broker: Broker, model: Path, data: Path, state: Path, devi
     }
 
 
-__all__ = ["DeviceClient", "ThreadedCoordinator", "agent_config_dict", "coordinator_config", "coordinator_toml", "replace"]
+def run_agent_to_end(cfg: Any, service: CoordinatorService, versions: int, timeout: float = 180.0) -> Any:
+    """Run an agent (its config has ``max_rounds``) in a thread until it ends, then wait until the
+    coordinator holds ``versions`` versions; returns the agent."""
+    from edge_agent.agent import Agent
+    from tests.conftest import wait_until
+
+    agent = Agent(cfg)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "the agent did not finish its rounds"
+    wait_until(lambda: service.version >= versions, 30, f"{versions} versions")
+    return agent
+
+
+__all__ = [
+    "DeviceClient",
+    "ThreadedCoordinator",
+    "agent_config_dict",
+    "coordinator_config",
+    "coordinator_toml",
+    "replace",
+    "run_agent_to_end",
+]

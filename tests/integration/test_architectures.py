@@ -5,7 +5,6 @@ ONNX where the exporter supports the architecture (a clear error otherwise)."""
 
 from __future__ import annotations
 
-import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,13 +14,12 @@ import pytest
 from compression import state_digest
 from coordinator.errors import ConfigError
 from coordinator.export import ONNX_ARCHS, export
-from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from edge_agent.tiny import ARCHS, LORA_TARGETS, build_tiny_model
 from fedge_lab.broker import MosquittoBroker
 from fedge_lab.corpus import pydoc_domains
 from tests.conftest import wait_until
-from tests.integration.conftest import ThreadedCoordinator, agent_config_dict, coordinator_config
+from tests.integration.conftest import ThreadedCoordinator, agent_config_dict, coordinator_config, run_agent_to_end
 
 pytestmark = pytest.mark.broker
 
@@ -37,12 +35,7 @@ def test_an_architecture_trains_aggregates_follows_and_exports(arch: str, tmp_pa
     )
     with ThreadedCoordinator(cfg) as service:
         assert service.spec.base["model_type"] == arch and service.spec.targets == LORA_TARGETS[arch]
-        agent = Agent(agent_cfg)
-        thread = threading.Thread(target=agent.run, daemon=True)
-        thread.start()
-        thread.join(180)
-        assert not thread.is_alive()
-        wait_until(lambda: service.version >= 2, 30, "two versions")
+        agent = run_agent_to_end(agent_cfg, service, versions=2)
         assert agent.counters.updates_sent == 2
         # The agent followed the compressed deltas to exactly the coordinator's state.
         wait_until(lambda: agent.global_model is not None and agent.global_model.version == service.version, 10, "the last version")

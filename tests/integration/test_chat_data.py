@@ -6,18 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from fedge_lab.broker import MosquittoBroker
 from fedge_lab.corpus import pydoc_domains
-from tests.conftest import wait_until
-from tests.integration.conftest import ThreadedCoordinator, agent_config_dict, coordinator_config, write_toml
+from tests.integration.conftest import ThreadedCoordinator, agent_config_dict, coordinator_config, run_agent_to_end, write_toml
 
 pytestmark = pytest.mark.broker
 
@@ -59,12 +56,7 @@ def test_an_agent_trains_on_chat_and_completion_data_and_its_loss_counts_targets
     data = _chat_data(tmp_path / "data")
     cfg = parse_config(agent_config_dict(broker, tiny_model, data, tmp_path / "agent", "pi-chat", max_rounds=2), "test", environ={})
     with ThreadedCoordinator(coordinator_config(broker, tmp_path / "coord", tiny_model)) as service:
-        agent = Agent(cfg)
-        thread = threading.Thread(target=agent.run, daemon=True)
-        thread.start()
-        thread.join(180)
-        assert not thread.is_alive()
-        wait_until(lambda: service.version >= 2, 30, "two versions")
+        agent = run_agent_to_end(cfg, service, versions=2)
         assert agent.counters.updates_sent == 2
     local = agent._data
     assert local is not None and set(local.stats) == {"chat", "completion"}

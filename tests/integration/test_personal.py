@@ -3,7 +3,6 @@ keeps one or not (its weights never leave), and the device reports the personal 
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from edge_agent.personal import PERSONAL
 from fedge_lab.broker import MosquittoBroker
-from tests.conftest import wait_until
-from tests.integration.conftest import ThreadedCoordinator, agent_config_dict, coordinator_config
+from tests.integration.conftest import ThreadedCoordinator, agent_config_dict, coordinator_config, run_agent_to_end
 
 pytestmark = pytest.mark.broker
 
@@ -25,12 +23,7 @@ def _run(tmp_path: Path, broker: MosquittoBroker, model: Path, data: Path, perso
     raw["train"] = {**raw["train"], "personal": personal, "eval_every": 1}
     cfg = parse_config(raw, "test", environ={})
     with ThreadedCoordinator(coordinator_config(broker, tmp_path / "coord", model)) as service:
-        agent = Agent(cfg)
-        thread = threading.Thread(target=agent.run, daemon=True)
-        thread.start()
-        thread.join(180)
-        assert not thread.is_alive()
-        wait_until(lambda: service.version >= 2, 30, "two versions")
+        agent = run_agent_to_end(cfg, service, versions=2)
         return state_digest(service.state), agent
 
 
