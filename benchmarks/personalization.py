@@ -1,7 +1,7 @@
 """Personal adapters (Ditto) against the global and the local-only model, each on the device's own held-out text.
 
-    python -m benchmarks.personalization [--devices 5] [--ticks 10] [--local-steps 3] [--lambdas 0.01 0.1 1]
-                                         [--model auto|smollm2|tiny] [--json]
+    python -m benchmarks.personalization [--devices 5] [--ticks 10] [--local-steps 3]
+                                         [--variants finetune:0.1 ditto:0.1 ditto:1] [--model auto|smollm2|tiny] [--json]
 
 Non-IID split: device ``i`` holds domain ``i`` of the pydoc corpus. For every device, three
 models are scored on its own held-out blocks, tick by tick where the run has ticks:
@@ -10,13 +10,15 @@ models are scored on its own held-out blocks, tick by tick where the run has tic
   (:func:`benchmarks.fedsim.run_federated`, the daemons' code);
 * **local-only**: the device trains alone from version 0 with the compute it spends in the
   federated run (``ticks x local_steps`` steps);
-* **personal**: the agent's own Ditto adapter (:class:`edge_agent.personal.PersonalAdapter`,
-  ``train.personal = "ditto"``): after each of the device's rounds, ``local_steps`` steps on
-  its data pulled toward the global version it trained from, with each ``lambda`` of
-  ``--lambdas``. The agent's default (``train.personal_lambda``) decides the verdict.
+* **personal**: the agent's own personal adapter (:class:`edge_agent.personal.PersonalAdapter`),
+  one per ``METHOD:LAMBDA`` of ``--variants``: after each of the device's rounds,
+  ``local_steps`` steps on its data pulled toward the global version it trained from, carried
+  on from round to round (``ditto``) or started from that version every round (``finetune``).
 
-``personal_beats_both_on_every_device`` is true when the default lambda's personal model has a
-lower final held-out loss than both the global and the local-only model on every device.
+``personal_beats_both_on_every_device`` is true when the recommended variant
+(:data:`RECOMMENDED`, what ``docs/agent.md`` recommends) has a lower final held-out loss
+than both the global and the local-only model on every device; ``beats_both_by_variant``
+gives the same for each variant.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from edge_agent.model import set_trainable
 from edge_agent.personal import PersonalAdapter
 from edge_agent.train import evaluate
 
-DEFAULT_LAMBDA = TrainConfig().personal_lambda
+RECOMMENDED = f"finetune:{TrainConfig().personal_lambda:g}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,14 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=5)
     parser.add_argument("--ticks", type=int, default=10, help="federated ticks (each device trains one round per tick)")
     parser.add_argument("--local-steps", type=int, default=3)
-    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.01, DEFAULT_LAMBDA, 1.0])
+    parser.add_argument("--variants", nargs="+", default=[RECOMMENDED, "ditto:0.1", "ditto:1"], metavar="METHOD:LAMBDA")
     parser.add_argument("--eval-blocks", type=int, default=8, help="held-out blocks per device")
     parser.add_argument("--model", choices=["auto", "smollm2", "tiny"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if DEFAULT_LAMBDA not in args.lambdas:
-        args.lambdas.append(DEFAULT_LAMBDA)
+    if RECOMMENDED not in args.variants:
+        args.variants.insert(0, RECOMMENDED)
+    try:
+        variants = {v: replace(TrainConfig(), personal=v.split(":")[0], personal_lambda=float(v.split(":")[1])) for v in args.variants}
+    except (IndexError, ValueError) as exc:
+        parser.error(f"--variants: expected METHOD:LAMBDA such as ditto:0.1 ({exc})")
     console = Console(stderr=True, width=140)
     t0 = time.monotonic()
     sim, datas, train = buffered_setup(args.model, args.devices, args.local_steps, console)
@@ -71,33 +77,36 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate(sim.model, datas[i], blocks, batch)
 
     state_root = Path(tempfile.mkdtemp(prefix="fedge-personal-"))
-    personal_cfg = replace(train, personal="ditto", eval_blocks=blocks)
     adapters = {
-        lam: [PersonalAdapter(state_root / f"lambda-{lam:g}" / f"device-{i}", replace(personal_cfg, personal_lambda=lam)) for i in range(n)]
-        for lam in args.lambdas
+        v: [
+            PersonalAdapter(
+                state_root / v.replace(":", "-") / f"device-{i}",
+                replace(train, personal=c.personal, personal_lambda=c.personal_lambda, eval_blocks=blocks),
+            )
+            for i in range(n)
+        ]
+        for v, c in variants.items()
     }
-    rngs = {lam: [np.random.default_rng([args.seed, 7, i]) for i in range(n)] for lam in args.lambdas}
-    by_tick: dict[str, list[list[float]]] = {"global": [], **{f"personal {lam:g}": [] for lam in args.lambdas}}
+    rngs = {v: [np.random.default_rng([args.seed, 7, i]) for i in range(n)] for v in variants}
+    by_tick: dict[str, list[list[float]]] = {"global": [], **{f"personal {v}": [] for v in variants}}
     trained_on: dict[int, dict[str, np.ndarray]] = {}
 
     def after_device(i: int, state: dict[str, np.ndarray]) -> None:
         trained_on[i] = state
-        for lam in args.lambdas:
-            adapters[lam][i].train(sim.model, datas[i], state, rngs[lam][i])
+        for v in variants:
+            adapters[v][i].train(sim.model, datas[i], state, rngs[v][i])
 
     def after_tick(tick: int, state: dict[str, np.ndarray]) -> None:
         by_tick["global"].append([own_loss(i, state) for i in range(n)])
-        for lam in args.lambdas:
-            by_tick[f"personal {lam:g}"].append(
-                [adapters[lam][i].evaluate(sim.model, datas[i], trained_on[i]) or float("nan") for i in range(n)]
-            )
+        for v in variants:
+            scores = [adapters[v][i].evaluate(sim.model, datas[i], trained_on[i]) for i in range(n)]
+            by_tick[f"personal {v}"].append([float("nan") if x is None else x for x in scores])
         line = ", ".join(f"{k} {np.mean(v[-1]):.4f}" for k, v in by_tick.items())
         console.print(f"  tick {tick + 1}/{args.ticks}: mean own held-out loss: {line}")
-        return None
 
     console.print(
         f"model {sim.name}, {n} devices (non-IID pydoc domains), {args.ticks} ticks x {args.local_steps} steps, "
-        f"Ditto lambdas {args.lambdas} (default {DEFAULT_LAMBDA:g})"
+        f"personal variants {list(variants)} (recommended {RECOMMENDED})"
     )
     base = [own_loss(i, sim.v0) for i in range(n)]
     fed = run_federated(
@@ -115,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     local = [own_loss(i, train_alone(sim, datas[i], train, args.ticks, seed=args.seed * 1000 + i)) for i in range(n)]
     final = {"base": base, "global": by_tick["global"][-1], "local-only": local}
-    for lam in args.lambdas:
-        final[f"personal {lam:g}"] = by_tick[f"personal {lam:g}"][-1]
+    for v in variants:
+        final[f"personal {v}"] = by_tick[f"personal {v}"][-1]
 
     table = Table(title=f"final held-out loss on each device's own data ({sim.name}; lower is better)")
     table.add_column("model")
@@ -126,28 +135,23 @@ def main(argv: list[str] | None = None) -> int:
     for label, losses in final.items():
         table.add_row(label, *[f"{x:.4f}" for x in losses], f"[bold]{np.mean(losses):.4f}[/bold]")
     console.print(table)
-    verdicts = {
-        f"{lam:g}": all(p < min(g, lo) for p, g, lo in zip(final[f"personal {lam:g}"], final["global"], local, strict=True))
-        for lam in args.lambdas
-    }
-    beats = verdicts[f"{DEFAULT_LAMBDA:g}"]
-    console.print(
-        f"default lambda {DEFAULT_LAMBDA:g}: "
-        + (
-            "personal beats both the global and the local-only model on every device"
-            if beats
-            else "[red]personal does NOT beat both on every device[/red]"
-        )
-    )
+
+    def beats_both(v: str) -> bool:
+        return all(p < min(g, lo) for p, g, lo in zip(final[f"personal {v}"], final["global"], local, strict=True))
+
+    verdicts = {v: beats_both(v) for v in variants}
+    beats = verdicts[RECOMMENDED]
+    verdict = "beats both the global and the local-only model" if beats else "[red]does NOT beat both[/red]"
+    console.print(f"{RECOMMENDED}: the personal model {verdict} on every device")
     report: dict[str, Any] = {
         "model": sim.name,
         "devices": n,
         "ticks": args.ticks,
         "local_steps": args.local_steps,
-        "default_lambda": DEFAULT_LAMBDA,
+        "recommended": RECOMMENDED,
         "final": final,
         "by_tick": by_tick,
-        "beats_both_by_lambda": verdicts,
+        "beats_both_by_variant": verdicts,
         "personal_beats_both_on_every_device": beats,
         "federated_bytes_up": fed.bytes_up,
         "seconds": round(time.monotonic() - t0, 1),

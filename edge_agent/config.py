@@ -119,19 +119,20 @@ class TrainConfig:
     """What the device reports as its sample count, by which the coordinator weights its update:
     ``steps`` (the samples this round trained on: steps x batch) or ``dataset`` (its training
     blocks, as Flower weights clients by dataset size)."""
-    personal: Literal["off", "ditto"] = "off"
-    """Keep a personal adapter beside the global one (``ditto``: Ditto, Li et al. 2021). After
-    each round's update it trains on this device's data with the proximal term
-    ``personal_lambda / 2 * ||v - w_global||^2``; it never leaves the device
-    (``<state_dir>/personal.safetensors``), and its held-out loss is reported as
+    personal: Literal["off", "ditto", "finetune"] = "off"
+    """Keep a personal adapter ``v`` beside the global one ``w``. After each round's update it
+    trains on this device's data with the proximal term ``personal_lambda / 2 * ||v - w||^2``:
+    ``ditto`` (Ditto, Li et al. 2021) carries ``v`` on from round to round, ``finetune`` starts it
+    from ``w`` every round (the global model fine-tuned on the device's data). It never leaves
+    the device (``<state_dir>/personal.safetensors``), and its held-out loss is reported as
     ``eval_loss_personal``. LoRA tier only."""
     personal_lambda: float = 0.1
     personal_steps: int = 0
     """Steps of the personal adapter after each round (0: ``local_steps``)."""
 
     def __post_init__(self) -> None:
-        if self.personal not in ("off", "ditto"):
-            raise ConfigError(f"train.personal must be 'off' or 'ditto', got {self.personal!r}")
+        if self.personal not in ("off", "ditto", "finetune"):
+            raise ConfigError(f"train.personal must be 'off', 'ditto' or 'finetune', got {self.personal!r}")
         if self.personal != "off" and self.tier != "lora":
             raise ConfigError("train.personal keeps a personal LoRA adapter: it needs train.tier = 'lora'")
         if not 0.0 <= self.personal_lambda <= 10.0:

@@ -1,12 +1,18 @@
-"""A personal adapter beside the global one: Ditto (Li et al., "Ditto: Fair and Robust Federated
-Learning Through Personalization", ICML 2021).
+"""A personal adapter beside the global one.
 
 The device trains the global adapter ``w`` as always and sends its update. It also keeps its
 own adapter ``v`` of the same shape: after each round, ``v`` takes ``steps`` AdamW steps on the
 device's data against ``f_i(v) + lambda / 2 * ||v - w||^2``, ``w`` being the global version the
-round started from. ``lambda`` sets how far a device may drift from the fleet: 0 is local-only
-training, a large one is the global model. ``v`` never leaves the device: it is not in any
-update, and it lives in ``<state_dir>/personal.safetensors`` (written atomically).
+round started from. Two ways to carry ``v``:
+
+- ``ditto`` (Li et al., "Ditto: Fair and Robust Federated Learning Through Personalization",
+  ICML 2021): ``v`` goes on from round to round; ``lambda`` sets how far it may drift from the
+  fleet (0 is local-only training, a large one is the global model);
+- ``finetune``: ``v`` starts from ``w`` every round, so it is the fleet's newest model adapted
+  to the device's data.
+
+``v`` never leaves the device: it is not in any update, and it lives in
+``<state_dir>/personal.safetensors`` (written atomically).
 
 A damaged file, or one of other tensors than the fleet's (the fleet's spec changed), is moved
 aside (``personal.safetensors.bad``), never deleted, and ``v`` starts again from ``w``.
@@ -67,9 +73,12 @@ class PersonalAdapter:
         log.warning("personal adapter %s %s: moved to %s; it starts again from the global adapter", self.path, why, bad.name)
         os.replace(self.path, bad)
 
-    def start(self, global_tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def start(self, global_tensors: dict[str, np.ndarray], training: bool = False) -> dict[str, np.ndarray]:
         """``v`` for a round on ``global_tensors``: the stored one, or ``w`` itself the first time
-        (or when the stored one has other tensors than the fleet's)."""
+        (or when the stored one has other tensors than the fleet's); ``finetune`` trains from
+        ``w`` every round."""
+        if training and self.cfg.personal == "finetune":
+            return {k: v.copy() for k, v in global_tensors.items()}
         if self.tensors is not None:
             shapes = {k: v.shape for k, v in global_tensors.items()}
             if {k: v.shape for k, v in self.tensors.items()} == shapes:
@@ -90,7 +99,7 @@ class PersonalAdapter:
         it, and leave ``model`` holding ``w`` again."""
         set_trainable(model, global_tensors)
         anchors = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-        set_trainable(model, self.start(global_tensors))
+        set_trainable(model, self.start(global_tensors, training=True))
         cfg = replace(self.cfg, local_steps=self.cfg.personal_steps or self.cfg.local_steps, fedprox_mu=self.cfg.personal_lambda)
         try:
             result = train_round(model, data, cfg, rng, should_stop=should_stop, anchors=anchors)

@@ -79,5 +79,18 @@ def test_personal_needs_the_lora_tier_and_a_sane_lambda() -> None:
         TrainConfig(personal="ditto", tier="embedding")
     with pytest.raises(ConfigError, match="personal_lambda"):
         TrainConfig(personal="ditto", personal_lambda=-1)
-    with pytest.raises(ConfigError, match="'off' or 'ditto'"):
+    with pytest.raises(ConfigError, match="'off', 'ditto' or 'finetune'"):
         TrainConfig(personal="fedrep")  # type: ignore[arg-type]
+
+
+def test_finetune_starts_from_the_global_every_round_and_ditto_carries_on(tmp_path: Path, setup) -> None:  # type: ignore[no-untyped-def]
+    model, data, w = setup
+    runs = {}
+    for method in ("finetune", "ditto"):
+        p = PersonalAdapter(tmp_path / method, replace(CFG, personal=method))
+        p.train(model, data, w, np.random.default_rng(0))
+        first = p.tensors
+        p.train(model, data, w, np.random.default_rng(0))
+        runs[method] = _distance(p.tensors, first)  # type: ignore[arg-type]
+    assert runs["finetune"] == 0.0  # the same w and batches: the same adapter again
+    assert runs["ditto"] > 0.0  # a second round from where the first ended
