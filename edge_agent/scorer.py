@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except AgentError as exc:
         log.error("%s", exc)
         return exc.exit_code
+    except ImportError as exc:
+        log.error("scoring needs the agent's packages on this machine (pip install 'fedge[coordinator,agent]'): %s", exc)
+        return ExitCode.MODEL
     except (CodecError, ValueError) as exc:  # the spec argument
         log.error("--spec: %s", exc)
         return ExitCode.CONFIG
