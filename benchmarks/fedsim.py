@@ -127,14 +127,12 @@ def run_federated(
     seed: int = 0,
     progress: Any = None,
     after_tick: Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray] | None] | None = None,
-    after_device: Callable[[int, dict[str, np.ndarray]], None] | None = None,
 ) -> RunResult:
     """FedAsync over ``ticks``; ``None`` codecs mean uncompressed fp32 in that direction.
 
-    ``after_device(i, state)`` runs after device ``i`` made its update from ``state`` (a
-    personal adapter trains there). ``after_tick(t, state)``, after tick ``t`` is scored, may
-    return a new global state that stands for the same model in new coordinates (a Fed-SB
-    refresh): the residuals, which were in the old ones, start again from zero."""
+    ``after_tick(t, state)``, after tick ``t`` is scored, may return a new global state that
+    stands for the same model in new coordinates (a Fed-SB refresh): the residuals, which were
+    in the old ones, start again from zero."""
     t0 = time.monotonic()
     io, devices = _fleet(sim, datas, seed)
     coord = SimCoordinator(strategy, sim.v0, downlink)
@@ -142,11 +140,9 @@ def run_federated(
     for tick in range(ticks):
         base, state = coord.version, coord.state
         ups = []
-        for i, dev in enumerate(devices):
+        for dev in devices:
             ups.append(dev.train(io, state, base, train, uplink))
             _record(result, ups[-1])
-            if after_device is not None:
-                after_device(i, state)
             if progress is not None:
                 progress()
         for up in ups:

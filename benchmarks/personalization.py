@@ -11,9 +11,10 @@ models are scored on its own held-out blocks, tick by tick where the run has tic
 * **local-only**: the device trains alone from version 0 with the compute it spends in the
   federated run (``ticks x local_steps`` steps);
 * **personal**: the agent's own personal adapter (:class:`edge_agent.personal.PersonalAdapter`),
-  one per ``METHOD:LAMBDA`` of ``--variants``: after each of the device's rounds,
-  ``local_steps`` steps on its data pulled toward the global version it trained from, carried
-  on from round to round (``ditto``) or started from that version every round (``finetune``).
+  one per ``METHOD:LAMBDA`` of ``--variants``: when the device adopts the version a tick made
+  (once per round of its own, as the agent does), ``local_steps`` steps on its data pulled
+  toward that version, carried on from round to round (``ditto``) or started from that version
+  every time (``finetune``); it is scored against that same version.
 
 ``personal_beats_both_on_every_device`` is true when the recommended variant
 (:data:`RECOMMENDED`, what ``docs/agent.md`` recommends) has a lower final held-out loss
@@ -89,17 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     rngs = {v: [np.random.default_rng([args.seed, 7, i]) for i in range(n)] for v in variants}
     by_tick: dict[str, list[list[float]]] = {"global": [], **{f"personal {v}": [] for v in variants}}
-    trained_on: dict[int, dict[str, np.ndarray]] = {}
-
-    def after_device(i: int, state: dict[str, np.ndarray]) -> None:
-        trained_on[i] = state
-        for v in variants:
-            adapters[v][i].train(sim.model, datas[i], state, rngs[v][i])
 
     def after_tick(tick: int, state: dict[str, np.ndarray]) -> None:
+        # Each device adopts the new version and trains its personal adapter on it, as the agent
+        # does once per round of its own; both are then scored on its own held-out text.
         by_tick["global"].append([own_loss(i, state) for i in range(n)])
         for v in variants:
-            scores = [adapters[v][i].evaluate(sim.model, datas[i], trained_on[i]) for i in range(n)]
+            scores = []
+            for i in range(n):
+                adapters[v][i].train(sim.model, datas[i], state, rngs[v][i])
+                scores.append(adapters[v][i].evaluate(sim.model, datas[i], state))
             by_tick[f"personal {v}"].append([float("nan") if x is None else x for x in scores])
         line = ", ".join(f"{k} {np.mean(v[-1]):.4f}" for k, v in by_tick.items())
         console.print(f"  tick {tick + 1}/{args.ticks}: mean own held-out loss: {line}")
@@ -120,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
         strategy=FedAsyncConfig(),
         seed=args.seed,
         after_tick=after_tick,
-        after_device=after_device,
     )
     local = [own_loss(i, train_alone(sim, datas[i], train, args.ticks, seed=args.seed * 1000 + i)) for i in range(n)]
     final = {"base": base, "global": by_tick["global"][-1], "local-only": local}

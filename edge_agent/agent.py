@@ -133,6 +133,7 @@ class Agent:
         self._data: LocalData | None = None
         self._base_sha256 = ""
         self._personal = PersonalAdapter(cfg.state_dir, cfg.train) if cfg.train.personal != "off" else None
+        self._personal_due = False
         self._state_name = "starting"
         self._blocked: str | None = None
         self.pending_count = len(self.state.pending())
@@ -339,10 +340,7 @@ class Agent:
             compressed.dense_fp32_bytes,
             c.rounds,
         )
-        if self._personal is not None:
-            self._set_state("training")  # the personal adapter (Ditto), while the coordinator aggregates
-            p = self._personal.train(self._model, self._data, _adapters(g.tensors), self._personal_rng, should_stop)
-            log.info("personal adapter: %d steps in %.1fs, loss %.4f (it stays on this device)", p.steps, p.seconds, p.train_loss)
+        self._personal_due = self._personal is not None  # trained on the next version adopted
         self._set_state("idle")
         # Wait for the version that includes this update, then restart from it. If it does
         # not come in time, restart from the same global: the residual keeps what was unsent.
@@ -509,12 +507,36 @@ class Agent:
         assert self.global_model is not None and self._model is not None and self._data is not None
         model_lib.load_global(self._model, self.global_model.tensors)
         self._adopted += 1
+        if self._personal is not None and self._personal_due:
+            self._train_personal()
         every = self.cfg.train.eval_every
         if every and (self._adopted - 1) % every == 0:
             self._score()
         else:
             log.info("adopted global v%d", self.global_model.version)
         self._set_state(self._state_name if self._state_name != "waiting" else "idle", force=True)
+
+    def _train_personal(self) -> None:
+        """The personal adapter's round, on the version just adopted: once per round of this
+        device's own, so a fast fleet does not multiply the cost. Its score is taken at once,
+        against the same version."""
+        assert self._personal is not None and self.global_model is not None and self._model is not None and self._data is not None
+        self._personal_due = False
+        before = self._state_name
+        self._set_state("training")
+        w = _adapters(self.global_model.tensors)
+        p = self._personal.train(self._model, self._data, w, self._personal_rng, lambda: self.stop_event.is_set())
+        loss = self._personal.evaluate(self._model, self._data, w)
+        if loss is not None:
+            self.counters.extra.update(eval_loss_personal=loss, eval_personal_version=self.global_model.version)
+        log.info(
+            "personal adapter on v%d: %d steps in %.1fs, held-out loss %s (it stays on this device)",
+            self.global_model.version,
+            p.steps,
+            p.seconds,
+            f"{loss:.4f}" if loss is not None else "-",
+        )
+        self._set_state(before)
 
     def _score(self) -> None:
         """Evaluate the version held on the fixed held-out blocks (train.eval_blocks), and report it."""
@@ -530,11 +552,6 @@ class Agent:
         c.extra["eval_version"] = self.global_model.version
         blocks, seconds = self.cfg.train.eval_blocks, c.extra["eval_s"]
         log.info("global v%d: held-out loss %.4f (%d blocks, %.1fs)", self.global_model.version, loss, blocks, seconds)
-        if self._personal is not None and self._model is not None and self._data is not None:
-            personal = self._personal.evaluate(self._model, self._data, _adapters(self.global_model.tensors))
-            if personal is not None:
-                c.extra["eval_loss_personal"] = personal
-                log.info("personal adapter: held-out loss %.4f", personal)
 
     def _score_while_idle(self) -> None:
         """Training waits: score the version held if it has no score yet (train.eval_when_idle).

@@ -120,8 +120,9 @@ class TrainConfig:
     ``steps`` (the samples this round trained on: steps x batch) or ``dataset`` (its training
     blocks, as Flower weights clients by dataset size)."""
     personal: Literal["off", "ditto", "finetune"] = "off"
-    """Keep a personal adapter ``v`` beside the global one ``w``. After each round's update it
-    trains on this device's data with the proximal term ``personal_lambda / 2 * ||v - w||^2``:
+    """Keep a personal adapter ``v`` beside the global one ``w``. On the first version adopted
+    after each round it trains on this device's data with the proximal term
+    ``personal_lambda / 2 * ||v - w||^2``, ``w`` being that version:
     ``ditto`` (Ditto, Li et al. 2021) carries ``v`` on from round to round, ``finetune`` starts it
     from ``w`` every round (the global model fine-tuned on the device's data). It never leaves
     the device (``<state_dir>/personal.safetensors``), and its held-out loss is reported as
