@@ -1,9 +1,9 @@
 """A personal adapter beside the global one.
 
 The device trains the global adapter ``w`` as always and sends its update. It also keeps its
-own adapter ``v`` of the same shape: after each round, ``v`` takes ``steps`` AdamW steps on the
-device's data against ``f_i(v) + lambda / 2 * ||v - w||^2``, ``w`` being the global version the
-round started from. Two ways to carry ``v``:
+own adapter ``v`` of the same shape: on the first version ``w`` it adopts after each of its
+rounds, ``v`` takes ``steps`` AdamW steps on the device's data against
+``f_i(v) + lambda / 2 * ||v - w||^2``. Two ways to carry ``v``:
 
 - ``ditto`` (Li et al., "Ditto: Fair and Robust Federated Learning Through Personalization",
   ICML 2021): ``v`` goes on from round to round; ``lambda`` sets how far it may drift from the
