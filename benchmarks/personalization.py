@@ -1,7 +1,7 @@
 """Personal adapters (Ditto) against the global and the local-only model, each on the device's own held-out text.
 
     python -m benchmarks.personalization [--devices 5] [--ticks 10] [--local-steps 3]
-                                         [--variants finetune:0.1 ditto:0.1 ditto:1] [--model auto|smollm2|tiny] [--json]
+                                         [--variants finetune:0.1:0.001 ditto:1:0.001] [--model auto|smollm2|tiny] [--json]
 
 Non-IID split: device ``i`` holds domain ``i`` of the pydoc corpus. For every device, three
 models are scored on its own held-out blocks, tick by tick where the run has ticks:
@@ -43,11 +43,19 @@ from compression import CodecConfig
 from coordinator.config import DEFAULT_DOWNLINK
 from coordinator.strategy import FedAsyncConfig
 from edge_agent.config import TrainConfig
+from edge_agent.errors import ConfigError
 from edge_agent.model import set_trainable
 from edge_agent.personal import PersonalAdapter
 from edge_agent.train import evaluate
 
-RECOMMENDED = f"finetune:{TrainConfig().personal_lambda:g}"
+RECOMMENDED = f"finetune:{TrainConfig().personal_lambda:g}:0.001"
+"""What docs/agent.md recommends: ``train.personal = "finetune"``, ``personal_lr = 0.001`` (a third of the fleet's)."""
+
+
+def _variant(text: str) -> TrainConfig:
+    """``METHOD:LAMBDA[:LR]``: a personal adapter's settings (LR 0 or absent: the devices' rate)."""
+    method, lam, *lr = text.split(":")
+    return replace(TrainConfig(), personal=method, personal_lambda=float(lam), personal_lr=float(lr[0]) if lr else 0.0)  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=5)
     parser.add_argument("--ticks", type=int, default=10, help="federated ticks (each device trains one round per tick)")
     parser.add_argument("--local-steps", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", default=[RECOMMENDED, "ditto:0.1", "ditto:1"], metavar="METHOD:LAMBDA")
+    parser.add_argument("--variants", nargs="+", default=[RECOMMENDED, "ditto:1:0.001"], metavar="METHOD:LAMBDA[:LR]")
     parser.add_argument("--eval-blocks", type=int, default=8, help="held-out blocks per device")
     parser.add_argument("--model", choices=["auto", "smollm2", "tiny"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -64,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     if RECOMMENDED not in args.variants:
         args.variants.insert(0, RECOMMENDED)
     try:
-        variants = {v: replace(TrainConfig(), personal=v.split(":")[0], personal_lambda=float(v.split(":")[1])) for v in args.variants}
-    except (IndexError, ValueError) as exc:
-        parser.error(f"--variants: expected METHOD:LAMBDA such as ditto:0.1 ({exc})")
+        variants = {v: _variant(v) for v in args.variants}
+    except (IndexError, ValueError, ConfigError) as exc:
+        parser.error(f"--variants: expected METHOD:LAMBDA[:LR] such as ditto:0.1 or finetune:0.1:0.001 ({exc})")
     console = Console(stderr=True, width=140)
     t0 = time.monotonic()
     sim, datas, train = buffered_setup(args.model, args.devices, args.local_steps, console)
@@ -82,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         v: [
             PersonalAdapter(
                 state_root / v.replace(":", "-") / f"device-{i}",
-                replace(train, personal=c.personal, personal_lambda=c.personal_lambda, eval_blocks=blocks),
+                replace(train, personal=c.personal, personal_lambda=c.personal_lambda, personal_lr=c.personal_lr, eval_blocks=blocks),
             )
             for i in range(n)
         ]

@@ -130,6 +130,9 @@ class TrainConfig:
     personal_lambda: float = 0.1
     personal_steps: int = 0
     """Steps of the personal adapter after each round (0: ``local_steps``)."""
+    personal_lr: float = 0.0
+    """Its AdamW learning rate (0: ``lr``). A few steps at the fleet's rate overshoot once the
+    global model is good; a third of it adapts without undoing what the fleet learned."""
 
     def __post_init__(self) -> None:
         if self.personal not in ("off", "ditto", "finetune"):
@@ -138,6 +141,8 @@ class TrainConfig:
             raise ConfigError("train.personal keeps a personal LoRA adapter: it needs train.tier = 'lora'")
         if not 0.0 <= self.personal_lambda <= 10.0:
             raise ConfigError(f"train.personal_lambda must be in [0, 10], got {self.personal_lambda}")
+        if not 0.0 <= self.personal_lr < 1.0:
+            raise ConfigError(f"train.personal_lr must be in [0, 1) (0: train.lr), got {self.personal_lr}")
         if not 0 <= self.personal_steps <= 10_000:
             raise ConfigError(f"train.personal_steps must be in 0..10000 (0: local_steps), got {self.personal_steps}")
         if self.sample_weight not in ("steps", "dataset"):

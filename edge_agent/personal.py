@@ -100,7 +100,8 @@ class PersonalAdapter:
         set_trainable(model, global_tensors)
         anchors = [p.detach().clone() for p in model.parameters() if p.requires_grad]
         set_trainable(model, self.start(global_tensors, training=True))
-        cfg = replace(self.cfg, local_steps=self.cfg.personal_steps or self.cfg.local_steps, fedprox_mu=self.cfg.personal_lambda)
+        c = self.cfg
+        cfg = replace(c, local_steps=c.personal_steps or c.local_steps, lr=c.personal_lr or c.lr, fedprox_mu=c.personal_lambda)
         try:
             result = train_round(model, data, cfg, rng, should_stop=should_stop, anchors=anchors)
             if result.steps:
