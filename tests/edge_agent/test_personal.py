@@ -79,6 +79,8 @@ def test_personal_needs_the_lora_tier_and_a_sane_lambda() -> None:
         TrainConfig(personal="ditto", tier="embedding")
     with pytest.raises(ConfigError, match="personal_lambda"):
         TrainConfig(personal="ditto", personal_lambda=-1)
+    with pytest.raises(ConfigError, match="personal_lr"):
+        TrainConfig(personal="finetune", personal_lr=2.0)
     with pytest.raises(ConfigError, match="'off', 'ditto' or 'finetune'"):
         TrainConfig(personal="fedrep")  # type: ignore[arg-type]
 
