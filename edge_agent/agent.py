@@ -525,8 +525,24 @@ class Agent:
         before = self._state_name
         self._set_state("training")
         w = _adapters(self.global_model.tensors)
-        p = self._personal.train(self._model, self._data, w, self._personal_rng, lambda: self.stop_event.is_set())
-        loss = self._personal.evaluate(self._model, self._data, w)
+
+        def should_stop() -> bool:
+            self.notifier.alive()
+            return self.stop_event.is_set()
+
+        try:
+            p = self._personal.train(self._model, self._data, w, self._personal_rng, should_stop)
+            loss = self._personal.evaluate(self._model, self._data, w)
+        except Exception as exc:  # noqa: BLE001 - the personal adapter failing never refuses the fleet's version
+            log.error(
+                "personal adapter: its round on v%d failed (%s: %s); the fleet's training goes on",
+                self.global_model.version,
+                type(exc).__name__,
+                exc,
+            )
+            model_lib.load_global(self._model, self.global_model.tensors)
+            self._set_state(before)
+            return
         if loss is not None:
             self.counters.extra.update(eval_loss_personal=loss, eval_personal_version=self.global_model.version)
         log.info(
