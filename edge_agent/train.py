@@ -77,7 +77,8 @@ def lm_loss(model: torch.nn.Module, batch: np.ndarray, chunk_tokens: int = 0) ->
     """
     arr = np.ascontiguousarray(batch, dtype=np.int64)
     keep = target_mask(arr)
-    ids = torch.from_numpy(token_ids(arr) if keep is not None else arr)
+    # A block may start with an input-only token and predict every later one: its ids still need decoding.
+    ids = torch.from_numpy(token_ids(arr) if (arr < 0).any() else arr)
     if chunk_tokens <= 0 and keep is None:
         return model(input_ids=ids, labels=ids, use_cache=False).loss
     inner = causal_lm(model)

@@ -169,3 +169,18 @@ def test_prompt_tokens_get_zero_gradient(tiny_model: Path) -> None:
     torch.testing.assert_close(masked, by_hand, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(chunked, by_hand, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(masked, unmasked, rtol=1e-2, atol=1e-4)
+
+
+def test_a_batch_whose_only_input_only_token_is_the_first_still_decodes_its_ids(tiny_model: Path) -> None:
+    """The first token of a block is never a target, so a block that starts inside a prompt
+    and predicts the rest has no mask, but still holds an encoded (negative) id."""
+    from edge_agent.model import load_base
+
+    model, _ = load_base(str(tiny_model), "none")
+    plain = np.random.default_rng(0).integers(0, 500, size=(2, 16))
+    encoded = plain.copy()
+    encoded[:, 0] = -encoded[:, 0] - 1
+    assert target_mask(encoded) is None
+    with torch.no_grad():
+        torch.testing.assert_close(lm_loss(model, encoded), lm_loss(model, plain))
+        torch.testing.assert_close(lm_loss(model, encoded, chunk_tokens=5), lm_loss(model, plain, chunk_tokens=5))
