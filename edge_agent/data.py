@@ -3,7 +3,7 @@
 The text never leaves this module as text: the rest of the agent sees token ids only,
 and only parameter deltas are ever published.
 
-Three kinds of record (``docs/agent.md#data``):
+Three kinds of record (``docs/agent.md#local-data``):
 
 - ``text``: a ``.txt`` or ``.md`` file, or a ``.jsonl`` line ``{"text": ...}``; every token
   is a training target;
@@ -288,19 +288,20 @@ def build_blocks(records: list[str] | list[Record] | Corpus, tokenizer: Any, seq
             if eos is not None and kind != "chat":  # a chat template closes every turn itself
                 ids.append(eos)
             used += 1
-        n_blocks = len(ids) // block
+        stream = np.asarray(ids, dtype=np.int64)
+        n_blocks = len(stream) // block
         if used and n_blocks < 2:
-            log.warning("%d %s records hold %d tokens, fewer than two blocks of %d: not used", used, kind, len(ids), block)
+            log.warning("%d %s records hold %d tokens, fewer than two blocks of %d: not used", used, kind, len(stream), block)
         if not used and not corpus.skipped.get(kind):
             continue
         kind_train = kind_held = np.zeros((0, block), dtype=np.int64)
         if n_blocks >= 2:
-            blocks = np.asarray(ids[: n_blocks * block], dtype=np.int64).reshape(n_blocks, block)
+            blocks = stream[: n_blocks * block].reshape(n_blocks, block)
             kind_train, kind_held = _split(blocks, heldout_fraction, seed)
             train.append(kind_train)
             held.append(kind_held)
-        targets = sum(1 for t in ids if t >= 0)
-        stats[kind] = KindStats(used, corpus.skipped.get(kind, 0), len(ids), targets, len(kind_train), len(kind_held))
+        targets = int(np.count_nonzero(stream >= 0))
+        stats[kind] = KindStats(used, corpus.skipped.get(kind, 0), len(stream), targets, len(kind_train), len(kind_held))
     if not train:
         total = sum(s.tokens for s in stats.values())
         raise DataError(f"local data has {total} tokens; at least {2 * block} of one kind of record are needed for seq_len {seq_len}")

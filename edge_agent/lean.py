@@ -566,24 +566,28 @@ class LeanTokenizer:
             raise ModelError(f"{path / 'tokenizer.json'}: cannot load the tokenizer ({exc})") from None
         self.eos_token_id = eos_token_id
         self.pad_token_id = eos_token_id
-        self.chat_template = _chat_template(path)
-        self._special = _special_tokens(path)
+        config = _tokenizer_config(path)
+        self.chat_template = _chat_template(path, config)
+        self._special = _special_tokens(config)
+        self._template: Any = None
 
     def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False, add_generation_prompt: bool = False) -> str:
         """``messages`` rendered with the model's chat template, as transformers renders it
-        (a sandboxed Jinja environment, blocks trimmed)."""
+        (a sandboxed Jinja environment, blocks trimmed); the template is compiled once."""
         if self.chat_template is None:
             raise ValueError("the tokenizer has no chat template")
         if tokenize:
             raise ValueError("the lean tokenizer renders chat templates to text only")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(message: str) -> None:
-            raise ValueError(message)
+            def raise_exception(message: str) -> None:
+                raise ValueError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt, **self._special)
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        return str(self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self._special))
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
         return {"input_ids": self.encode(text, add_special_tokens)}
@@ -603,25 +607,24 @@ def _tokenizer_config(path: Path) -> dict[str, Any]:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def _chat_template(path: Path) -> str | None:
+def _chat_template(path: Path, config: dict[str, Any]) -> str | None:
     """The chat template transformers saved beside the tokenizer (``chat_template.jinja``, or
     the ``chat_template`` of ``tokenizer_config.json``), or ``None``."""
     try:
         return (path / "chat_template.jinja").read_text(encoding="utf-8")
     except OSError:
         pass
-    template = _tokenizer_config(path).get("chat_template")
+    template = config.get("chat_template")
     if isinstance(template, list):  # named templates: the default one
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
     return template if isinstance(template, str) else None
 
 
-def _special_tokens(path: Path) -> dict[str, str]:
+def _special_tokens(config: dict[str, Any]) -> dict[str, str]:
     """The special tokens a chat template may name (``bos_token``, ``eos_token``)."""
-    cfg = _tokenizer_config(path)
     out = {}
     for key in ("bos_token", "eos_token"):
-        value = cfg.get(key)
+        value = config.get(key)
         value = value.get("content") if isinstance(value, dict) else value
         if isinstance(value, str):
             out[key] = value
