@@ -497,12 +497,18 @@ def _decode_body(body: bytes, limits: FrameLimits, version: int) -> tuple[Tensor
     (count,) = r.unpack("<I", "tensor count")
     if count > limits.max_tensors:
         raise LimitError(f"frame declares {count} tensors, above the limit of {limits.max_tensors}")
+    for layout in tuple(_KNOWN):
+        parts = layout.walk(body, count, version, limits)
+        if parts is not None:
+            packed, sq = layout.decode(*parts)
+            return Tensors(None, packed, list(layout.names)), sq
     decoded: dict[str, SparseTensor] = {}
     order: list[str] = []
     batch = _VarintBatch()
     total_numel = 0
     sumsq = 0.0
     for i in range(count):
+        at = r.pos
         head = _read_header(r, i, limits, version)
         total_numel += head.numel
         if total_numel > limits.max_total_numel:
@@ -511,7 +517,7 @@ def _decode_body(body: bytes, limits: FrameLimits, version: int) -> tuple[Tensor
             raise FrameError(f"tensor {head.name!r} appears twice")
         order.append(head.name)
         if head.layout == IndexCoding.VARINT and head.vtype in _BATCHED and head.nnz:
-            batch.add(r, head)  # the default codec's records: decoded together below
+            batch.add(r, head, body[at : r.pos])  # the default codec's records: decoded together below
         else:
             decoded[head.name], sq = _read_payload(r, head)
             sumsq += sq
@@ -519,7 +525,15 @@ def _decode_body(body: bytes, limits: FrameLimits, version: int) -> tuple[Tensor
         raise FrameError(f"{len(body) - r.pos} trailing bytes after the last tensor")
     if not batch.names:
         return Tensors({name: decoded[name] for name in order}), sumsq
-    packed, sq = batch.decode()
+    layout = _Layout(batch.heads, None if decoded else batch.head_bytes, version, total_numel)
+    packed, sq = layout.decode(
+        b"".join(batch.idx),
+        np.array([len(b) for b in batch.idx], dtype=np.int64),
+        np.concatenate(batch.scales),
+        np.frombuffer(b"".join(batch.codes), dtype=np.uint8),
+    )
+    if layout.head_bytes is not None and layout.total <= _MAX_KNOWN_VALUES:
+        _KNOWN[:] = [layout, *_KNOWN[: _MAX_KNOWN - 1]]  # a frame of this table decodes the short way next
     return Tensors(decoded, packed, order), sumsq + sq
 
 
@@ -631,18 +645,19 @@ def _read_payload(r: _Reader, head: _Header) -> tuple[SparseTensor, float]:
 
 
 class _VarintBatch:
-    """Records with varint indices and int8/int4 values (the default codec), decoded with
-    one vectorized pass over all of them instead of a dozen numpy calls per record."""
+    """The records of one frame with varint indices and int8/int4 values (the default codec),
+    collected as the record table is read, to be decoded together by a :class:`_Layout`."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
         self.seen: set[str] = set()
         self.heads: list[_Header] = []
+        self.head_bytes: list[bytes] = []
         self.idx: list[bytes] = []
         self.scales: list[np.ndarray] = []
         self.codes: list[bytes] = []
 
-    def add(self, r: _Reader, head: _Header) -> None:
+    def add(self, r: _Reader, head: _Header, head_bytes: bytes) -> None:
         name, nnz, buf, pos = head.name, head.nnz, r.buf, r.pos
         if pos + 4 > len(buf):
             r.take(4, "indices of", name)
@@ -664,84 +679,158 @@ class _VarintBatch:
         self.names.append(name)
         self.seen.add(name)
         self.heads.append(head)
+        self.head_bytes.append(head_bytes)
+
+
+_KNOWN: list[_Layout] = []
+"""Record tables of frames decoded lately, newest first: a fleet's updates all carry the same
+one, so after the first frame the record headers are compared as bytes, not parsed."""
+_MAX_KNOWN = 4
+_MAX_KNOWN_VALUES = 1 << 20
+"""Only tables of at most this many values are kept (each costs about 14 bytes a value)."""
+
+
+def _starts(counts: np.ndarray) -> np.ndarray:
+    return np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+
+
+class _Layout:
+    """A record table of varint-index, int8/int4-value records (every record of a default-codec
+    frame) and all that follows from it alone: where each value's index, scale and code sit.
+
+    :meth:`decode` checks and decodes one frame's index, scale and code bytes with a few
+    whole-array operations. :meth:`walk` finds those bytes in a body that repeats a known table
+    (``head_bytes``), comparing each record's header with the table's as bytes; on any
+    difference it gives up and the frame is read the long way, which names what is wrong."""
+
+    def __init__(self, heads: list[_Header], head_bytes: list[bytes] | None, version: int, total_numel: int) -> None:
+        self.names = tuple(h.name for h in heads)
+        self.shapes = tuple(h.shape for h in heads)
+        self.head_bytes = head_bytes
+        self.version = version
+        self.total_numel = total_numel
+        self.max_numel = max(h.numel for h in heads)
+        nnz = np.array([h.nnz for h in heads], dtype=np.int64)
+        blocks = np.array([h.block for h in heads], dtype=np.int64)
+        is4 = np.array([h.vtype is ValueType.INT4 for h in heads])
+        self.nnz, self.total = nnz, int(nnz.sum())
+        self.starts = _starts(nnz)
+        self.bounds = np.concatenate((self.starts, [self.total]))
+        self.rec_of = np.repeat(np.arange(len(heads), dtype=np.int32), nnz)
+        local = np.arange(self.total, dtype=np.int64) - self.starts[self.rec_of]
+        self.last = self.starts + nnz - 1
+        self.numel = np.array([h.numel for h in heads], dtype=np.int64)
+        self.n_scales = -(-nnz // blocks)
+        n_codes = np.where(is4, (nnz + 1) // 2, nnz)
+        self.scale_of = (_starts(self.n_scales)[self.rec_of] + local // blocks[self.rec_of]).astype(np.int32)
+        self.scale_rec = np.repeat(np.arange(len(heads), dtype=np.int32), self.n_scales)
+        code_start = _starts(n_codes)
+        is4v = is4[self.rec_of]
+        self.code_byte = (code_start[self.rec_of] + np.where(is4v, local // 2, local)).astype(np.int32)
+        self.shift = np.where(is4v, 4 * (local % 2), 0).astype(np.uint8)
+        self.is4v = None if is4.all() else is4v
+        self.any4 = bool(is4.any())
+        odd = is4 & (nnz % 2 == 1)
+        self.pad_rec = np.flatnonzero(odd)
+        self.pad_byte = (code_start + n_codes - 1)[odd]
+        if head_bytes is not None:
+            tails, most = (4 * self.n_scales + n_codes).tolist(), (5 * nnz).tolist()
+            self._walk = [(h, len(h), t, m) for h, t, m in zip(head_bytes, tails, most, strict=True)]
+            self._scale_at = np.repeat(np.arange(len(heads)), 4 * self.n_scales)
+            self._scale_local = np.arange(4 * int(self.n_scales.sum())) - _starts(4 * self.n_scales)[self._scale_at]
+            self._code_at = np.repeat(np.arange(len(heads)), n_codes)
+            self._code_local = np.arange(int(n_codes.sum())) - code_start[self._code_at]
+        for a in vars(self).values():
+            if isinstance(a, np.ndarray):
+                a.flags.writeable = False
 
     def _fail(self, per_record_bad: np.ndarray, message: str, cls: type[FrameError] = FrameError) -> None:
         bad = np.flatnonzero(per_record_bad)
         if bad.size:
             raise cls(message.format(name=self.names[int(bad[0])]))
 
-    def decode(self) -> tuple[Packed, float]:
-        heads = self.heads
-        nnz = np.array([h.nnz for h in heads], dtype=np.int64)
-        starts = np.concatenate(([0], np.cumsum(nnz)[:-1]))
-        total = int(nnz.sum())
+    def walk(self, body: bytes, count: int, version: int, limits: FrameLimits) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray] | None:
+        """This frame's index bytes, their length in each record, its scales and codes, if its
+        record table is exactly this one; otherwise ``None``."""
+        if (
+            count != len(self.names)
+            or version != self.version
+            or self.max_numel > limits.max_numel
+            or self.total_numel > limits.max_total_numel
+            or not body.startswith(self._walk[0][0], 4)
+        ):
+            return None
+        pos, end, u32, same = 4, len(body) - 4, _U32.unpack_from, body.startswith
+        offsets: list[int] = []
+        lengths: list[int] = []
+        for head, size, tail, most in self._walk:
+            if not same(head, pos):
+                return None
+            pos += size
+            if pos > end:
+                return None
+            (length,) = u32(body, pos)
+            if length > most:
+                return None
+            pos += 4
+            offsets.append(pos)
+            lengths.append(length)
+            pos += length + tail
+        end += 4
+        if pos != end:  # every record's bytes lie inside the body, and nothing follows them
+            return None
+        raw = np.frombuffer(body, dtype=np.uint8)
+        after = np.array(offsets, dtype=np.int64) + lengths
+        scales = raw[after[self._scale_at] + self._scale_local].view("<f4")
+        codes = raw[(after + 4 * self.n_scales)[self._code_at] + self._code_local]
+        idx = b"".join([body[a : a + n] for a, n in zip(offsets, lengths, strict=True)])
+        return idx, np.array(lengths, dtype=np.int64), scales, codes
+
+    def decode(self, idx: bytes, lengths: np.ndarray, scales: np.ndarray, codes: np.ndarray) -> tuple[Packed, float]:
+        """Check and decode one frame's records: ``idx`` is every record's varint bytes end to end
+        (``lengths`` of them each), ``scales`` and ``codes`` likewise."""
+        nnz, starts, rec_of = self.nnz, self.starts, self.rec_of
         # Indices: one varint stream, cut at record boundaries.
-        raw = np.frombuffer(b"".join(self.idx), dtype=np.uint8)
-        lengths = np.array([len(b) for b in self.idx], dtype=np.int64)
+        raw = np.frombuffer(idx, dtype=np.uint8)
         byte_end = np.cumsum(lengths)
         terminal = raw < 0x80
         term_cum = np.concatenate(([0], np.cumsum(terminal)))
         per_record = term_cum[byte_end] - term_cum[byte_end - lengths]
-        ends_ok = terminal[byte_end - 1] if raw.size else np.zeros(len(heads), bool)
+        ends_ok = terminal[byte_end - 1] if raw.size else np.zeros(len(nnz), bool)
         self._fail((per_record != nnz) | ~ends_ok, "indices of {name!r}: varint indices do not hold exactly the declared count")
-        gaps = varint_decode(raw.tobytes(), total, "varint indices")
+        gaps = varint_decode(idx, self.total, "varint indices")
         # Strictly increasing within each record: every gap but a record's first is >= 1.
         zero = gaps == 0
         zero[starts] = False
         if zero.any():
             rec = np.searchsorted(starts, np.flatnonzero(zero)[0], side="right") - 1
             raise FrameError(f"tensor {self.names[int(rec)]!r}: indices are not strictly increasing")
-        cum = np.cumsum(gaps.astype(np.int64))
-        base = np.concatenate(([0], cum[starts[1:] - 1])) if len(heads) > 1 else np.zeros(1, np.int64)
-        rec_of = np.repeat(np.arange(len(heads)), nnz)
+        cum = np.cumsum(gaps, dtype=np.int64)
+        base = np.concatenate(([0], cum[starts[1:] - 1]))
         indices = cum - base[rec_of]
-        last = indices[starts + nnz - 1]
-        numel = np.array([h.numel for h in heads], dtype=np.int64)
-        self._fail(last >= numel, "tensor {name!r}: index out of range")
-        # Scales: finite and non-negative.
-        scales = np.concatenate(self.scales)
+        self._fail(indices[self.last] >= self.numel, "tensor {name!r}: index out of range")
+        # Scales: finite and non-negative (NaN fails both comparisons, +inf the upper bound).
         if scales.size and not (scales.min() >= 0 and scales.max() <= _F32_MAX):
-            bad = np.array([bool(s.size and not (s.min() >= 0 and s.max() <= _F32_MAX)) for s in self.scales])
-            self._fail(bad, "tensor {name!r}: scales must be finite and non-negative")
-        # Codes: int8 as is; int4 nibbles unpacked for all records at once. A record with an
-        # odd count pads its last byte with a nibble that must be 0.
-        codes = np.empty(total, dtype=np.int8)
-        is4 = np.array([h.vtype is ValueType.INT4 for h in heads])
-        for want4 in (False, True):
-            sel = np.flatnonzero(is4 == want4)
-            if not sel.size:
-                continue
-            raw_codes = np.frombuffer(b"".join(self.codes[int(k)] for k in sel), dtype=np.uint8)
-            rec = np.repeat(sel, nnz[sel])
-            local_sel = np.arange(rec.size, dtype=np.int64) - np.repeat(np.concatenate(([0], np.cumsum(nnz[sel])[:-1])), nnz[sel])
-            dest = starts[rec] + local_sel
-            if not want4:
-                codes[dest] = raw_codes.view(np.int8)
-                continue
-            nib = np.empty(raw_codes.size * 2, dtype=np.uint8)
-            nib[0::2] = raw_codes & 0xF
-            nib[1::2] = raw_codes >> 4
-            nbytes = (nnz[sel] + 1) // 2
-            byte_start = np.concatenate(([0], np.cumsum(nbytes)[:-1]))
-            odd = nnz[sel] % 2 == 1
-            pads = nib[2 * byte_start[odd] + nnz[sel][odd]]
-            bad_pad = np.zeros(len(heads), dtype=bool)
-            bad_pad[sel[odd]] = pads != 0
+            bad = ~((scales >= 0) & (scales <= _F32_MAX))
+            self._fail(np.bincount(self.scale_rec[bad], minlength=len(nnz)), "tensor {name!r}: scales must be finite and non-negative")
+        # Codes: int8 as is; int4 nibbles, low one first. A record with an odd count pads its
+        # last byte with a high nibble that must be 0.
+        if self.pad_rec.size:
+            bad_pad = np.zeros(len(nnz), dtype=bool)
+            bad_pad[self.pad_rec] = (codes[self.pad_byte] >> 4) != 0
             self._fail(bad_pad, "tensor {name!r}: int4 values: the padding nibble is not 0")
-            signed = nib[2 * np.repeat(byte_start, nnz[sel]) + local_sel].astype(np.int8)
-            codes[dest] = np.where(signed > 7, signed - 16, signed)
-        blocks = np.array([h.block for h in heads], dtype=np.int64)
-        scale_counts = np.array([s.size for s in self.scales], dtype=np.int64)
-        scale_start = np.concatenate(([0], np.cumsum(scale_counts)[:-1]))
-        local = np.arange(total, dtype=np.int64) - starts[rec_of]
-        values = codes.astype(np.float32) * scales[scale_start[rec_of] + local // blocks[rec_of]]
+        picked = codes[self.code_byte]
+        if self.any4:
+            nibbles = (((picked >> self.shift) & 0xF) ^ 8).view(np.int8) - np.int8(8)  # 0..15 -> 0..7, -8..-1
+            signed = nibbles if self.is4v is None else np.where(self.is4v, nibbles, picked.view(np.int8))
+        else:
+            signed = picked.view(np.int8)
+        values = signed.astype(np.float32) * scales[self.scale_of]
         sumsq = _sumsq(values)
         if not np.isfinite(sumsq):
             sums = [values[int(a) : int(a) + int(n)].sum(dtype=np.float64) for a, n in zip(starts, nnz, strict=True)]
-            bad = ~np.isfinite(np.array(sums))
-            self._fail(bad, "tensor {name!r}: values are not all finite", NonFiniteError)
-        bounds = np.concatenate((starts, [total]))
-        return Packed(tuple(self.names), tuple(h.shape for h in heads), bounds, indices, values), sumsq
+            self._fail(~np.isfinite(np.array(sums)), "tensor {name!r}: values are not all finite", NonFiniteError)
+        return Packed(self.names, self.shapes, self.bounds, indices, values), sumsq
 
 
 def _read_gaps(r: _Reader, coding: IndexCoding, nnz: int, name: str) -> np.ndarray:

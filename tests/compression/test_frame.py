@@ -421,3 +421,76 @@ def test_frames_may_not_declare_more_elements_than_the_limits_hold() -> None:
     frame = encode_frame(FrameKind.UPDATE, {"w": SparseTensor((1 << 20,), np.ones(1, np.float32), np.array([5]))})
     with pytest.raises(LimitError, match="elements"):
         decode_frame(frame, FrameLimits(max_total_numel=1 << 10))
+
+
+def _outcome(frame: bytes, limits: FrameLimits = FrameLimits()) -> object:
+    """What decoding gives: the exception's type and text, or every tensor's fields."""
+    try:
+        got = decode_frame(frame, limits)
+    except CodecError as exc:
+        return type(exc), str(exc)
+    return [(n, t.shape, t.indices.tolist() if t.indices is not None else None, t.values.tolist()) for n, t in got.tensors.items()]
+
+
+def _default_codec_frame(seed: int, vtype: ValueType = ValueType.INT4, block: int = 8, values_seed: int = 0) -> bytes:
+    """A frame of three top-k tensors; ``seed`` sets the record table (how many values each), ``values_seed`` the rest."""
+    counts = np.random.default_rng(seed).integers(1, 40, size=3)
+    rng = np.random.default_rng([seed, values_seed])
+    tensors = {}
+    for k, (n, nnz) in enumerate(zip((97, 64, 3001), counts, strict=True)):
+        idx = np.sort(rng.choice(n, size=int(nnz), replace=False))
+        tensors[f"layer.{k}.lora_A.weight"] = SparseTensor((n,), rng.normal(size=idx.size).astype(np.float32), idx)
+    return encode_frame(FrameKind.UPDATE, tensors, values=vtype, int8_block=block, index_coding=IndexCoding.VARINT)
+
+
+@given(st.data())
+def test_a_frame_of_a_known_record_table_decodes_exactly_as_a_first_one(data: st.DataObject) -> None:
+    """The short way (record headers compared as bytes with a table seen before) gives the same
+    tensors, or the same error, as the long way, for valid and damaged bodies alike."""
+    import zstandard
+
+    from compression import frame as frame_mod
+
+    vtype = data.draw(st.sampled_from([ValueType.INT8, ValueType.INT4]))
+    valid = _default_codec_frame(data.draw(st.integers(0, 50)), vtype)
+    body = bytearray(zstandard.ZstdDecompressor().decompress(valid[16:-4]))
+    for _ in range(data.draw(st.integers(0, 3))):
+        body[data.draw(st.integers(0, len(body) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+    damaged = _reframe(bytes(body), version=valid[4])
+    frame_mod._KNOWN.clear()
+    first = _outcome(damaged)
+    _outcome(valid)  # now its table is known
+    assert frame_mod._KNOWN
+    assert _outcome(damaged) == first
+
+
+def test_a_known_record_table_is_used_and_still_obeys_the_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from compression import frame as frame_mod
+
+    frame_mod._KNOWN.clear()
+    a, b = _default_codec_frame(1), _default_codec_frame(1, block=4)
+    expected = _outcome(a)
+    with monkeypatch.context() as m:  # the short way reads no record header
+        m.setattr(frame_mod, "_read_header", lambda *a: pytest.fail("a known table's headers were parsed"))
+        assert _outcome(a) == expected
+        other = _outcome(_default_codec_frame(1, values_seed=1))
+        assert isinstance(other, list) and other != expected
+    # Another table (another block size): the long way, then known too.
+    assert _outcome(b) != expected and len(frame_mod._KNOWN) == 2
+    # Limits tighter than those the table was first read under still refuse the frame.
+    tight = FrameLimits(max_numel=100)
+    assert _outcome(a, tight)[0] is LimitError  # type: ignore[index]
+    assert _outcome(a, FrameLimits(max_total_numel=1000))[0] is LimitError  # type: ignore[index]
+
+
+def test_the_known_record_tables_are_bounded() -> None:
+    from compression import frame as frame_mod
+
+    frame_mod._KNOWN.clear()
+    for block in range(1, 12):
+        decode_frame(_default_codec_frame(3, block=block))
+    assert len(frame_mod._KNOWN) == frame_mod._MAX_KNOWN
+    big = SparseTensor((1 << 21,), np.ones(frame_mod._MAX_KNOWN_VALUES + 1, np.float32), np.arange(frame_mod._MAX_KNOWN_VALUES + 1))
+    frame_mod._KNOWN.clear()
+    decode_frame(encode_frame(FrameKind.UPDATE, {"big": big}, values=ValueType.INT8, index_coding=IndexCoding.VARINT))
+    assert not frame_mod._KNOWN  # too large a table to keep
