@@ -4,8 +4,9 @@ Feed a :class:`Follower` what arrives on the three retained global topics (alrea
 and, on a device, verified metas; raw delta and snapshot frames). :meth:`Follower.follow`
 then decides, for the newest meta it knows:
 
-- apply the chain of global deltas from the version held, one version at a time, each
-  checked against its meta's state digest;
+- apply the chain of global deltas from the version held, each checked against its meta's
+  state digest (a delta may span several versions: the coordinator publishes the versions
+  one batch of updates made as one delta from the last version it published);
 - or, when the chain is broken (a delta missing or unusable, or nothing held yet), take
   the snapshot the newest meta names, checked against its digest;
 - or wait, when neither has arrived yet; :attr:`FollowResult.behind` then says the
@@ -129,8 +130,9 @@ class Follower:
     def _follow_deltas(self, problems: list[str]) -> int:
         applied = 0
         while self.version is not None:
-            meta = self.metas.get(self.version + 1)
-            if meta is None or meta.delta_sha256 is None or meta.delta_base_version != self.version:
+            held = self.version
+            meta = next((m for v, m in sorted(self.metas.items()) if v > held and m.delta_base_version == held and m.delta_sha256), None)
+            if meta is None or meta.delta_sha256 is None:
                 return applied
             frame_bytes = self._deltas.get(meta.delta_sha256)
             if frame_bytes is None:

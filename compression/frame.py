@@ -35,6 +35,7 @@ from compression.indices import (
     varint_bytes,
     varint_decode,
     varint_encode,
+    varint_values,
 )
 from compression.quantize import ValueType, code_bytes, dequantize_values, quantize_values
 from compression.reasons import Reason
@@ -56,6 +57,7 @@ _SHAPE_FMT = {n: f"<{n}I" for n in range(1, 9)}
 _F32_MAX = float(np.finfo(np.float32).max)
 _HEADER = struct.Struct("<4sBBHII")
 _U32 = struct.Struct("<I")
+_U32X2 = struct.Struct("<II")
 _CRC = struct.Struct("<I")
 MAX_NAME_BYTES = 255
 MAX_NDIM = 8
@@ -527,13 +529,15 @@ def _decode_body(body: bytes, limits: FrameLimits, version: int) -> tuple[Tensor
         return Tensors({name: decoded[name] for name in order}), sumsq
     layout = _Layout(batch.heads, None if decoded else batch.head_bytes, version, total_numel)
     packed, sq = layout.decode(
+        np.array([h.nnz for h in batch.heads], dtype=np.int64),
         b"".join(batch.idx),
         np.array([len(b) for b in batch.idx], dtype=np.int64),
         np.concatenate(batch.scales),
         np.frombuffer(b"".join(batch.codes), dtype=np.uint8),
     )
-    if layout.head_bytes is not None and layout.total <= _MAX_KNOWN_VALUES:
-        _KNOWN[:] = [layout, *_KNOWN[: _MAX_KNOWN - 1]]  # a frame of this table decodes the short way next
+    if layout.head_bytes is not None:  # a frame of this table decodes the short way next
+        others = [k for k in _KNOWN if k.head_bytes != layout.head_bytes or k.version != version]
+        _KNOWN[:] = [layout, *others[: _MAX_KNOWN - 1]]
     return Tensors(decoded, packed, order), sumsq + sq
 
 
@@ -684,10 +688,9 @@ class _VarintBatch:
 
 _KNOWN: list[_Layout] = []
 """Record tables of frames decoded lately, newest first: a fleet's updates all carry the same
-one, so after the first frame the record headers are compared as bytes, not parsed."""
+one (but for the value counts), so after the first frame the record headers are compared as
+bytes, not parsed. A table costs a few dozen bytes a record."""
 _MAX_KNOWN = 4
-_MAX_KNOWN_VALUES = 1 << 20
-"""Only tables of at most this many values are kept (each costs about 14 bytes a value)."""
 
 
 def _starts(counts: np.ndarray) -> np.ndarray:
@@ -696,62 +699,48 @@ def _starts(counts: np.ndarray) -> np.ndarray:
 
 class _Layout:
     """A record table of varint-index, int8/int4-value records (every record of a default-codec
-    frame) and all that follows from it alone: where each value's index, scale and code sit.
+    frame): each record's name, shape and encoding, and what follows from them alone.
 
-    :meth:`decode` checks and decodes one frame's index, scale and code bytes with a few
-    whole-array operations. :meth:`walk` finds those bytes in a body that repeats a known table
-    (``head_bytes``), comparing each record's header with the table's as bytes; on any
-    difference it gives up and the frame is read the long way, which names what is wrong."""
+    :meth:`decode` checks and decodes one frame's records with a few whole-array operations.
+    :meth:`walk` finds them in a body whose records repeat a known table (``head_bytes``: each
+    record's header but its value count, which top-k over all tensors sets anew in every
+    update), comparing each header with the table's as bytes; on any difference it gives up,
+    and the frame is read the long way, which names what is wrong."""
 
     def __init__(self, heads: list[_Header], head_bytes: list[bytes] | None, version: int, total_numel: int) -> None:
         self.names = tuple(h.name for h in heads)
         self.shapes = tuple(h.shape for h in heads)
-        self.head_bytes = head_bytes
         self.version = version
         self.total_numel = total_numel
         self.max_numel = max(h.numel for h in heads)
-        nnz = np.array([h.nnz for h in heads], dtype=np.int64)
-        blocks = np.array([h.block for h in heads], dtype=np.int64)
-        is4 = np.array([h.vtype is ValueType.INT4 for h in heads])
-        self.nnz, self.total = nnz, int(nnz.sum())
-        self.starts = _starts(nnz)
-        self.bounds = np.concatenate((self.starts, [self.total]))
-        self.rec_of = np.repeat(np.arange(len(heads), dtype=np.int32), nnz)
-        local = np.arange(self.total, dtype=np.int64) - self.starts[self.rec_of]
-        self.last = self.starts + nnz - 1
         self.numel = np.array([h.numel for h in heads], dtype=np.int64)
-        self.n_scales = -(-nnz // blocks)
-        n_codes = np.where(is4, (nnz + 1) // 2, nnz)
-        self.scale_of = (_starts(self.n_scales)[self.rec_of] + local // blocks[self.rec_of]).astype(np.int32)
-        self.scale_rec = np.repeat(np.arange(len(heads), dtype=np.int32), self.n_scales)
-        code_start = _starts(n_codes)
-        is4v = is4[self.rec_of]
-        self.code_byte = (code_start[self.rec_of] + np.where(is4v, local // 2, local)).astype(np.int32)
-        self.shift = np.where(is4v, 4 * (local % 2), 0).astype(np.uint8)
-        self.is4v = None if is4.all() else is4v
-        self.any4 = bool(is4.any())
-        odd = is4 & (nnz % 2 == 1)
-        self.pad_rec = np.flatnonzero(odd)
-        self.pad_byte = (code_start + n_codes - 1)[odd]
-        if head_bytes is not None:
-            tails, most = (4 * self.n_scales + n_codes).tolist(), (5 * nnz).tolist()
-            self._walk = [(h, len(h), t, m) for h, t, m in zip(head_bytes, tails, most, strict=True)]
-            self._scale_at = np.repeat(np.arange(len(heads)), 4 * self.n_scales)
-            self._scale_local = np.arange(4 * int(self.n_scales.sum())) - _starts(4 * self.n_scales)[self._scale_at]
-            self._code_at = np.repeat(np.arange(len(heads)), n_codes)
-            self._code_local = np.arange(int(n_codes.sum())) - code_start[self._code_at]
-        for a in vars(self).values():
+        self.records = np.arange(len(heads), dtype=np.int64)
+        blocks = {h.block for h in heads}
+        self.block: int | np.ndarray = blocks.pop() if len(blocks) == 1 else np.array([h.block for h in heads], dtype=np.int64)
+        is4 = np.array([h.vtype is ValueType.INT4 for h in heads])
+        self.is4: np.ndarray | None = None if is4.all() or not is4.any() else is4
+        self.all4 = bool(is4.all())
+        for a in (self.numel, self.records, self.block, is4):
             if isinstance(a, np.ndarray):
                 a.flags.writeable = False
+        # The walk's table: each header but its last field (the value count), with where that
+        # field is, and the record's block size and value type.
+        self.head_bytes = None if head_bytes is None else [b[:-4] for b in head_bytes]
+        if self.head_bytes is not None:
+            self._walk = [
+                (b, len(b), h.numel, h.block, h.vtype is ValueType.INT4) for b, h in zip(self.head_bytes, heads, strict=True)
+            ]
 
     def _fail(self, per_record_bad: np.ndarray, message: str, cls: type[FrameError] = FrameError) -> None:
         bad = np.flatnonzero(per_record_bad)
         if bad.size:
             raise cls(message.format(name=self.names[int(bad[0])]))
 
-    def walk(self, body: bytes, count: int, version: int, limits: FrameLimits) -> tuple[bytes, np.ndarray, np.ndarray, np.ndarray] | None:
-        """This frame's index bytes, their length in each record, its scales and codes, if its
-        record table is exactly this one; otherwise ``None``."""
+    def walk(
+        self, body: bytes, count: int, version: int, limits: FrameLimits
+    ) -> tuple[np.ndarray, bytes, np.ndarray, np.ndarray, np.ndarray] | None:
+        """This frame's value counts, index bytes and their length in each record, scales and
+        codes, if its record table is this one; otherwise ``None``."""
         if (
             count != len(self.names)
             or version != self.version
@@ -760,45 +749,47 @@ class _Layout:
             or not body.startswith(self._walk[0][0], 4)
         ):
             return None
-        pos, end, u32, same = 4, len(body) - 4, _U32.unpack_from, body.startswith
-        offsets: list[int] = []
-        lengths: list[int] = []
-        for head, size, tail, most in self._walk:
+        pos, end, two, same = 4, len(body) - 8, _U32X2.unpack_from, body.startswith
+        spans: list[tuple[int, int, int, int, int]] = []
+        for head, size, numel, block, int4 in self._walk:
             if not same(head, pos):
                 return None
             pos += size
             if pos > end:
                 return None
-            (length,) = u32(body, pos)
-            if length > most:
+            nnz, length = two(body, pos)
+            if not 0 < nnz <= numel or length > 5 * nnz:
                 return None
-            pos += 4
-            offsets.append(pos)
-            lengths.append(length)
-            pos += length + tail
-        end += 4
-        if pos != end:  # every record's bytes lie inside the body, and nothing follows them
+            n_scales = 4 * (-(-nnz // block))
+            n_codes = (nnz + 1) >> 1 if int4 else nnz
+            spans.append((pos + 8, length, n_scales, n_codes, nnz))
+            pos += 8 + length + n_scales + n_codes
+        if pos != end + 8:  # every record's bytes lie inside the body, and nothing follows them
             return None
-        raw = np.frombuffer(body, dtype=np.uint8)
-        after = np.array(offsets, dtype=np.int64) + lengths
-        scales = raw[after[self._scale_at] + self._scale_local].view("<f4")
-        codes = raw[(after + 4 * self.n_scales)[self._code_at] + self._code_local]
-        idx = b"".join([body[a : a + n] for a, n in zip(offsets, lengths, strict=True)])
-        return idx, np.array(lengths, dtype=np.int64), scales, codes
+        idx = b"".join([body[a : a + n] for a, n, _, _, _ in spans])
+        scale_bytes = b"".join([body[a + n : a + n + k] for a, n, k, _, _ in spans])
+        code_bytes = b"".join([body[a + n + k : a + n + k + c] for a, n, k, c, _ in spans])
+        counts = np.array(spans, dtype=np.int64)
+        return counts[:, 4], idx, counts[:, 1], np.frombuffer(scale_bytes, dtype="<f4"), np.frombuffer(code_bytes, dtype=np.uint8)
 
-    def decode(self, idx: bytes, lengths: np.ndarray, scales: np.ndarray, codes: np.ndarray) -> tuple[Packed, float]:
-        """Check and decode one frame's records: ``idx`` is every record's varint bytes end to end
-        (``lengths`` of them each), ``scales`` and ``codes`` likewise."""
-        nnz, starts, rec_of = self.nnz, self.starts, self.rec_of
-        # Indices: one varint stream, cut at record boundaries.
+    def decode(self, nnz: np.ndarray, idx: bytes, lengths: np.ndarray, scales: np.ndarray, codes: np.ndarray) -> tuple[Packed, float]:
+        """Check and decode one frame's records: ``nnz`` values each, ``idx`` every record's
+        varint bytes end to end (``lengths`` of them each), ``scales`` and ``codes`` likewise."""
+        total = int(nnz.sum())
+        starts = _starts(nnz)
+        # Indices: one varint stream. Record r holds exactly nnz[r] of them when the value that
+        # ends the first nnz[0] + .. + nnz[r] ends exactly at the record's last byte.
         raw = np.frombuffer(idx, dtype=np.uint8)
         byte_end = np.cumsum(lengths)
-        terminal = raw < 0x80
-        term_cum = np.concatenate(([0], np.cumsum(terminal)))
-        per_record = term_cum[byte_end] - term_cum[byte_end - lengths]
-        ends_ok = terminal[byte_end - 1] if raw.size else np.zeros(len(nnz), bool)
-        self._fail((per_record != nnz) | ~ends_ok, "indices of {name!r}: varint indices do not hold exactly the declared count")
-        gaps = varint_decode(idx, self.total, "varint indices")
+        ends = np.flatnonzero(raw < 0x80)
+        if ends.size != total or np.any(ends[starts + nnz - 1] != byte_end - 1):
+            terminal = raw < 0x80
+            term_cum = np.concatenate(([0], np.cumsum(terminal)))
+            per_record = term_cum[byte_end] - term_cum[byte_end - lengths]
+            ends_ok = terminal[byte_end - 1] if raw.size else np.zeros(len(nnz), bool)
+            self._fail((per_record != nnz) | ~ends_ok, "indices of {name!r}: varint indices do not hold exactly the declared count")
+            raise FrameError("varint indices do not hold exactly the declared counts")
+        gaps = varint_values(raw, ends, "varint indices")
         # Strictly increasing within each record: every gap but a record's first is >= 1.
         zero = gaps == 0
         zero[starts] = False
@@ -806,31 +797,51 @@ class _Layout:
             rec = np.searchsorted(starts, np.flatnonzero(zero)[0], side="right") - 1
             raise FrameError(f"tensor {self.names[int(rec)]!r}: indices are not strictly increasing")
         cum = np.cumsum(gaps, dtype=np.int64)
-        base = np.concatenate(([0], cum[starts[1:] - 1]))
-        indices = cum - base[rec_of]
-        self._fail(indices[self.last] >= self.numel, "tensor {name!r}: index out of range")
-        # Scales: finite and non-negative (NaN fails both comparisons, +inf the upper bound).
+        indices = cum - np.repeat(np.concatenate(([0], cum[starts[1:] - 1])), nnz)
+        self._fail(indices[starts + nnz - 1] >= self.numel, "tensor {name!r}: index out of range")
+        # Scales: finite and non-negative (NaN fails both comparisons, +inf the upper bound). A
+        # record's scale covers `block` values, its last one what is left.
+        n_scales = -(-nnz // self.block)
         if scales.size and not (scales.min() >= 0 and scales.max() <= _F32_MAX):
-            bad = ~((scales >= 0) & (scales <= _F32_MAX))
-            self._fail(np.bincount(self.scale_rec[bad], minlength=len(nnz)), "tensor {name!r}: scales must be finite and non-negative")
-        # Codes: int8 as is; int4 nibbles, low one first. A record with an odd count pads its
-        # last byte with a high nibble that must be 0.
-        if self.pad_rec.size:
+            bad = np.repeat(self.records, n_scales)[~((scales >= 0) & (scales <= _F32_MAX))]
+            self._fail(np.bincount(bad, minlength=len(nnz)), "tensor {name!r}: scales must be finite and non-negative")
+        covers = np.repeat(np.broadcast_to(self.block, nnz.shape), n_scales)
+        covers[np.cumsum(n_scales) - 1] = nnz - (n_scales - 1) * self.block
+        # Codes: int8 as is; int4 two a byte, low nibble first, and a record with an odd count
+        # pads its last byte with a high nibble that must be 0.
+        if self.all4 or self.is4 is not None:
+            is4 = self.all4 if self.is4 is None else self.is4
+            n_codes = np.where(is4, (nnz + 1) // 2, nnz)
+            code_end = np.cumsum(n_codes)
+            odd = np.flatnonzero(is4 & (nnz % 2 == 1))
             bad_pad = np.zeros(len(nnz), dtype=bool)
-            bad_pad[self.pad_rec] = (codes[self.pad_byte] >> 4) != 0
+            bad_pad[odd] = (codes[code_end[odd] - 1] >> 4) != 0
             self._fail(bad_pad, "tensor {name!r}: int4 values: the padding nibble is not 0")
-        picked = codes[self.code_byte]
-        if self.any4:
-            nibbles = (((picked >> self.shift) & 0xF) ^ 8).view(np.int8) - np.int8(8)  # 0..15 -> 0..7, -8..-1
-            signed = nibbles if self.is4v is None else np.where(self.is4v, nibbles, picked.view(np.int8))
+        if self.all4:
+            nibbles = np.empty(2 * codes.size, dtype=np.uint8)
+            nibbles[0::2] = codes & 0xF
+            nibbles[1::2] = codes >> 4
+            if odd.size:
+                keep = np.ones(nibbles.size, dtype=bool)
+                keep[2 * code_end[odd] - 1] = False
+                nibbles = nibbles[keep]
+            signed = (nibbles ^ 8).view(np.int8) - np.int8(8)  # 0..15 -> 0..7, -8..-1
+        elif self.is4 is None:
+            signed = codes.view(np.int8)
         else:
-            signed = picked.view(np.int8)
-        values = signed.astype(np.float32) * scales[self.scale_of]
+            rec_of = np.repeat(self.records, nnz)
+            local = np.arange(total, dtype=np.int64) - starts[rec_of]
+            is4v = self.is4[rec_of]
+            picked = codes[(code_end - n_codes)[rec_of] + np.where(is4v, local >> 1, local)]
+            nibbles = (((picked >> np.where(is4v, (local & 1) << 2, 0).astype(np.uint8)) & 0xF) ^ 8).view(np.int8) - np.int8(8)
+            signed = np.where(is4v, nibbles, picked.view(np.int8))
+        values = signed.astype(np.float32) * np.repeat(scales, covers)
         sumsq = _sumsq(values)
         if not np.isfinite(sumsq):
             sums = [values[int(a) : int(a) + int(n)].sum(dtype=np.float64) for a, n in zip(starts, nnz, strict=True)]
             self._fail(~np.isfinite(np.array(sums)), "tensor {name!r}: values are not all finite", NonFiniteError)
-        return Packed(self.names, self.shapes, self.bounds, indices, values), sumsq
+        bounds = np.concatenate((starts, [total]))
+        return Packed(self.names, self.shapes, bounds, indices, values), sumsq
 
 
 def _read_gaps(r: _Reader, coding: IndexCoding, nnz: int, name: str) -> np.ndarray:

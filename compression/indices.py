@@ -118,6 +118,13 @@ def varint_decode(buf: bytes, n: int, what: str) -> np.ndarray:
     ends = np.flatnonzero(b < 0x80)
     if ends.size != n or (n and ends[-1] != b.size - 1) or (not n and b.size):
         raise FrameError(f"{what}: varint indices do not hold exactly {n} values in {b.size} bytes")
+    return varint_values(b, ends, what)
+
+
+def varint_values(b: np.ndarray, ends: np.ndarray, what: str) -> np.ndarray:
+    """The LEB128 values of the bytes ``b``, whose values end at the bytes ``ends`` (those below
+    0x80; the caller has checked that the last byte is one)."""
+    n = ends.size
     if not n:
         return np.zeros(0, dtype=np.uint32)
     starts = np.concatenate(([0], ends[:-1] + 1))

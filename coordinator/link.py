@@ -113,14 +113,16 @@ class Link:
                 break
         return batch
 
-    def publish_version(self, spec: TrainableSpec, version: int, state: dict[str, np.ndarray], delta_frame: bytes | None) -> None:
-        """Publish a version retained: delta, snapshot, then meta (the meta names both)."""
+    def publish_version(
+        self, spec: TrainableSpec, version: int, state: dict[str, np.ndarray], delta_base: int | None, delta_frame: bytes | None
+    ) -> None:
+        """Publish a version retained: delta (from ``delta_base``), snapshot, then meta (the meta names both)."""
         snapshot = compress_dense(state, FrameKind.SNAPSHOT, self.cfg.snapshot_zstd_level)
         fleet = self.cfg.fleet
         delta_fields: dict[str, object] = {}
-        if delta_frame is not None and version > 0:
+        if delta_frame is not None and delta_base is not None and 0 <= delta_base < version:
             delta_fields = {
-                "delta_base_version": version - 1,
+                "delta_base_version": delta_base,
                 "delta_sha256": hashlib.sha256(delta_frame).hexdigest(),
                 "delta_bytes": len(delta_frame),
             }

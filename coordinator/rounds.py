@@ -57,7 +57,7 @@ def commit_step(svc: CoordinatorService, step: Step) -> bool:
     in which case its buffered updates are dropped and counted."""
     entries = [replace(u.ref.entry, staleness=tau, weight=w) for u, w, tau in zip(step.updates, step.weights, step.staleness, strict=True)]
     try:
-        down_frame = svc.versions.commit(step, entries)  # see Versions.commit
+        down_bytes = svc.versions.commit(step, entries)  # see Versions.commit
     except Rejection as rej:
         svc.engine.drop(step)
         dropped = svc.store.drop_buffer(rej.reason)
@@ -66,12 +66,14 @@ def commit_step(svc: CoordinatorService, step: Step) -> bool:
             svc.outcomes.reject(None, rej, dropped, record=False)
         return False
     svc.engine.commit(step, time.monotonic(), svc._online_count())
-    svc.influence.global_norm = state_norm(svc.versions.state)
+    if down_bytes is not None:  # else the state moves when the merging batch ends (CoordinatorService._process)
+        svc.influence.global_norm = state_norm(svc.versions.state)
     svc.outcomes.counts["accepted"] += len(entries)
     svc.metrics.applied.inc(len(entries))
     svc.outcomes.counts["versions"] += 1
     if step.participants:
         svc.metrics.epsilon_max.set(svc.fleet_epsilon())
     devices = ",".join(sorted({e.device for e in entries}))
-    log.info("v%d from %d update(s) (%s), downlink %d B", step.version, len(entries), devices, len(down_frame))
+    down = "" if down_bytes is None else f", downlink {down_bytes} B"
+    log.info("v%d from %d update(s) (%s)%s", step.version, len(entries), devices, down)
     return True

@@ -55,8 +55,11 @@ from coordinator.versions import Versions
 
 log = logging.getLogger(__name__)
 
-BATCH_MAX = 64
-"""Queued messages handled in one transaction (one fsync)."""
+BATCH_MAX = 256
+"""Queued messages handled in one transaction (one fsync), whose versions are published as one
+(:meth:`~coordinator.versions.Versions.merging`). The broker's ``max_inflight_messages``
+should be above it (``devices/mosquitto/mosquitto.conf``: 1,000), so that the next batch
+arrives while one is committed."""
 STORAGE_RETRY_MAX_S = 60.0
 """Longest wait between retries of a batch that hit a storage fault."""
 STORAGE_ERRORS = (StoreError, sqlite3.Error, OSError)
@@ -77,7 +80,7 @@ class CoordinatorService:
             raise ConfigError(str(exc)) from None
         try:
             self.spec, version, state, downlink, strategy_state = open_fleet(self.store, cfg, init)
-            self.versions = Versions(cfg, self.store, state, downlink)
+            self.versions = Versions(cfg, self.store, state, downlink, version)
             self._signer = (load_signing_key(cfg.site.signing_key) if cfg.site.enabled else fleet_key(cfg.state_dir, create=False)).sign
             # Accepted before a restart, not yet aggregated; decoded (sparse) once, here or on arrival.
             buffered = [accepted(b, decode_frame(b.frame).tensors) for b in self.store.buffered()]
@@ -194,7 +197,7 @@ class CoordinatorService:
             except STORAGE_ERRORS as exc:
                 log.error("cannot read the last delta to republish it (%s); publishing the snapshot only", exc)
                 delta = None
-            self.link.publish_version(self.spec, self.version, self.versions.state, delta)
+            self.link.publish_version(self.spec, self.version, self.versions.state, *(delta or (None, None)))
         messages = [m for m in batch if isinstance(m, Message)]
         if messages:
             self._process(messages)
@@ -218,13 +221,18 @@ class CoordinatorService:
         service stops (then the broker redelivers it to the next start).
         """
         delay = 1.0
+        merge = True
         while True:
             mark = self._mark()
             try:
-                with self.store.batch():
+                with self.store.batch(), self.versions.merging(merge):
                     for msg in messages:
                         self._handle_guarded(msg)
                 break
+            except Rejection as rej:  # the batch's versions, merged, would overflow: made one by one, the culprit is refused
+                self._restore(mark)
+                log.warning("the batch's versions, merged, are refused (%s); making them one by one", rej)
+                merge = False
             except STORAGE_ERRORS as exc:
                 self._restore(mark)
                 self._degraded = f"storage error: {exc}"
@@ -235,6 +243,8 @@ class CoordinatorService:
         if self._degraded:
             log.info("storage works again")
             self._degraded = None
+        if self.versions.pending:
+            self.influence.global_norm = state_norm(self.versions.state)
         self._after_commit()
         now = time.monotonic()
         for msg in messages:
@@ -250,7 +260,7 @@ class CoordinatorService:
     def _after_commit(self) -> None:
         """Publish what the last commit made: new versions, then the devices' acks."""
         for v in self.versions.take_pending():
-            self.link.publish_version(self.spec, v.version, v.state, v.delta_frame)
+            self.link.publish_version(self.spec, v.version, v.state, v.base, v.delta_frame)
             if self.evaluation is not None:
                 self.evaluation.offer(v.version, v.state)
         for ack in self.outcomes.take_acks():

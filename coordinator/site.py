@@ -209,7 +209,7 @@ class Site:
         db.execute("DELETE FROM versions WHERE version >= ?", (v,))  # a copy taken again (the root is the source)
         svc.store.commit_version(v, tensors, None, svc.cfg.keep_versions)
         svc.store.set_meta("site_followed", json.dumps({"version": v, "state_sha256": state_digest(tensors)}))
-        svc.versions.state = dict(tensors)
+        svc.versions.state, svc.versions.version = dict(tensors), v
         svc.engine.version = v
         svc.metrics.version.set(v)
         how = "snapshot" if res.via_snapshot else f"{res.deltas_applied} delta(s)"

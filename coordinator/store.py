@@ -177,10 +177,21 @@ class Store(FleetRecords):
             parts[prefix][k[len(prefix) :]] = v.astype(np.float32)
         return parts[""], parts[RESIDUAL_PREFIX], parts[STRATEGY_PREFIX]
 
-    def delta_frame(self, version: int) -> bytes | None:
-        """The global-delta frame published for ``version`` (None for version 0 or pruned ones)."""
+    def delta_frame(self, version: int) -> tuple[int, bytes] | None:
+        """The global-delta frame published for ``version`` and the version it applies to (the last
+        one before it with a state of its own); None for version 0 or pruned ones."""
         row = self.db.execute("SELECT delta_frame FROM versions WHERE version=?", (version,)).fetchone()
-        return None if row is None or row["delta_frame"] is None else bytes(row["delta_frame"])
+        if row is None or row["delta_frame"] is None:
+            return None
+        base = self.db.execute("SELECT MAX(version) FROM versions WHERE version<? AND sha256!=''", (version,)).fetchone()[0]
+        return None if base is None else (int(base), bytes(row["delta_frame"]))
+
+    def merged_version(self, version: int, update_id: str | None) -> None:
+        """Record ``version`` as made inside a batch whose last version carries its step: it has
+        ledger rows but no state of its own (an empty sha256), and it was never published."""
+        self.db.execute(
+            "INSERT INTO versions(version, created, sha256, update_id, delta_frame) VALUES (?,?,'',?,NULL)", (version, time.time(), update_id)
+        )
 
     def commit_version(
         self,
@@ -192,8 +203,10 @@ class Store(FleetRecords):
         residual: dict[str, np.ndarray] | None = None,
         delta_frame: bytes | None = None,
         strategy_state: dict[str, np.ndarray] | None = None,
+        update_id: str | None = None,
     ) -> None:
-        """Durably record ``version`` and the updates that made it (taken out of the buffer).
+        """Durably record ``version`` and the updates that made it (taken out of the buffer);
+        ``update_id`` names the update that completed it (by default the last of ``entry``).
 
         Inside :meth:`batch` the rows join the batch's transaction, whose commit is then
         the commit point."""
@@ -207,10 +220,14 @@ class Store(FleetRecords):
         with self._tx():
             self.db.execute(
                 "INSERT INTO versions(version, created, sha256, update_id, delta_frame) VALUES (?,?,?,?,?)",
-                (version, now, hashlib.sha256(data).hexdigest(), entries[-1].update_id if entries else None, delta_frame),
+                (version, now, hashlib.sha256(data).hexdigest(), update_id or (entries[-1].update_id if entries else None), delta_frame),
             )
             self.record_ledger(entries, version, now)
-            self.db.execute("UPDATE versions SET delta_frame=NULL WHERE version<=? AND delta_frame IS NOT NULL", (version - keep,))
+            oldest = self.db.execute(  # the oldest of the last `keep` versions that have a state (and a delta) of their own
+                "SELECT version FROM versions WHERE sha256!='' ORDER BY version DESC LIMIT 1 OFFSET ?", (keep - 1,)
+            ).fetchone()
+            if oldest is not None:
+                self.db.execute("UPDATE versions SET delta_frame=NULL WHERE version<? AND delta_frame IS NOT NULL", (oldest[0],))
         # Files of older versions go only once this version is committed: inside a batch, the
         # last committed version may be one that a later, uncommitted version would prune.
         self._pending_prune = (version, keep)
@@ -254,13 +271,16 @@ class Store(FleetRecords):
             self._prune(version, keep)
 
     def _prune(self, version: int, keep: int) -> None:
+        files: dict[int, Path] = {}
         for path in self.versions_dir.glob("v*.safetensors"):
             try:
-                v = int(path.stem[1:])
+                files[int(path.stem[1:])] = path
             except ValueError:
                 continue
-            if v <= version - keep or v > version:
-                path.unlink(missing_ok=True)  # older than the window, or an orphan of a crash
+        kept = sorted(v for v in files if v <= version)[-keep:]
+        for v, path in files.items():
+            if v not in kept:
+                path.unlink(missing_ok=True)  # older than the last `keep` files, or an orphan of a crash
 
     def _tx(self) -> _Transaction:
         return _Transaction(self)

@@ -264,6 +264,7 @@ def _summed(updates: Sequence[WeightedUpdate], weights: Sequence[float], names: 
         total += math.prod(shapes[n])
     dense = np.zeros(total, dtype=np.float64)
     sparse_idx, sparse_val = [], []
+    has_dense = False
     layouts: dict[tuple[Any, ...], np.ndarray] = {}
     for u, w in zip(updates, weights, strict=True):
         packed = u.delta.packed if isinstance(u.delta, Tensors) else None
@@ -290,8 +291,10 @@ def _summed(updates: Sequence[WeightedUpdate], weights: Sequence[float], names: 
                 values = d.values if isinstance(d, SparseTensor) else np.asarray(d, dtype=np.float32)
                 flat = values.reshape(-1)
                 dense[off : off + flat.size] += w * flat.astype(np.float64)
+                has_dense = True
     if sparse_idx:
-        dense += np.bincount(np.concatenate(sparse_idx), weights=np.concatenate(sparse_val), minlength=total)
+        summed = np.bincount(np.concatenate(sparse_idx), weights=np.concatenate(sparse_val), minlength=total)
+        dense = dense + summed if has_dense else summed
     flat32 = dense.astype(np.float32)
     ends = dict(zip(names, [*list(offsets.values())[1:], total], strict=True))
     return {n: flat32[offsets[n] : ends[n]].reshape(shapes[n]) for n in names}

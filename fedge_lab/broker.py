@@ -31,7 +31,7 @@ log_type notice
 # The default of 1000 silently drops messages to a slow subscriber; bound bytes instead.
 max_queued_messages 100000
 max_queued_bytes 1073741824
-max_inflight_messages 100
+max_inflight_messages 1000
 """
 
 

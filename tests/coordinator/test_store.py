@@ -85,8 +85,30 @@ def test_residual_and_delta_frame_are_stored_with_the_version(tmp_path: Path) ->
     state, residual = Store(tmp_path, create=True).load_version(3)
     np.testing.assert_array_equal(residual["w"], [-3, -3])
     assert set(state) == {"w"}
-    assert store.delta_frame(3) == b"frame3" and store.delta_frame(2) == b"frame2"
+    assert store.delta_frame(3) == (2, b"frame3") and store.delta_frame(2) == (1, b"frame2")
     assert store.delta_frame(1) is None and store.delta_frame(0) is None  # pruned with the snapshot window
+
+
+def test_versions_merged_into_a_later_one_keep_their_rows_and_no_state(tmp_path: Path) -> None:
+    """A batch's versions go out as one delta: the ones before its last have ledger rows and an
+    empty sha256, the delta applies to the last version with a state, and the window of kept
+    files and deltas counts versions with a state of their own."""
+    store = Store(tmp_path, create=True)
+    store.commit_version(0, {"w": np.zeros(2, np.float32)}, None, keep=2)
+    with store.batch():
+        store.merged_version(1, "u1")
+        store.merged_version(2, "u2")
+        store.commit_version(3, {"w": np.full(2, 3, np.float32)}, None, keep=2, delta_frame=b"frame3")
+    assert store.delta_frame(3) == (0, b"frame3") and store.current_version() == 3
+    with pytest.raises(StoreError, match="version 2 is not stored"):
+        store.load_version(2)
+    store.merged_version(4, "u4")
+    store.commit_version(5, {"w": np.full(2, 5, np.float32)}, None, keep=2, delta_frame=b"frame5")
+    assert store.delta_frame(5) == (3, b"frame5") and store.delta_frame(3) == (0, b"frame3")  # two with a state kept
+    assert sorted(p.name for p in store.versions_dir.glob("v*")) == ["v00000003.safetensors", "v00000005.safetensors"]
+    store.commit_version(6, {"w": np.full(2, 6, np.float32)}, None, keep=2, delta_frame=b"frame6")
+    assert store.delta_frame(3) is None and store.delta_frame(5) == (3, b"frame5")
+    assert sorted(p.name for p in store.versions_dir.glob("v*")) == ["v00000005.safetensors", "v00000006.safetensors"]
 
 
 def test_a_batch_that_never_commits_leaves_the_last_committed_version_loadable(tmp_path: Path) -> None:
