@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -461,13 +462,27 @@ def decode_frame(data: bytes, limits: FrameLimits = FrameLimits()) -> Frame:
 _CHUNK = 1 << 20
 
 
+_ONE_SHOT = 1 << 20
+_LOCAL = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor (one may not be used by two threads at once)."""
+    d = getattr(_LOCAL, "zstd", None)
+    if d is None:
+        d = _LOCAL.zstd = zstandard.ZstdDecompressor()
+    return d
+
+
 def _decompress(comp: bytes, body_len: int) -> bytes:
     """Exactly ``body_len`` bytes out of one zstd frame, never allocating more.
 
     python-zstandard's one-shot ``decompress`` allocates whatever the zstd header declares
     and ignores ``max_output_size`` when a size is declared, so a 411-byte frame can ask
-    for 64 GiB. The declared size must equal the (already bounded) body length, and the
-    stream is read under a hard cap as well, in case the header lies.
+    for 64 GiB. The declared size must equal the (already bounded) body length. A body of up
+    to 1 MiB is then decompressed in one call into a buffer of that size (zstd fails rather
+    than write past it); a larger one is read as a stream under a hard cap, so that a frame
+    whose zstd header lies makes nothing of the declared size.
     """
     try:
         declared = zstandard.frame_content_size(comp)
@@ -477,6 +492,14 @@ def _decompress(comp: bytes, body_len: int) -> bytes:
         raise FrameError("zstd frame does not declare its content size (fedge frames always do)")
     if declared != body_len:
         raise FrameError(f"zstd frame declares {declared} bytes, the frame header says {body_len}")
+    if body_len <= _ONE_SHOT:  # small enough to allocate as declared: in one call (an update's body)
+        try:
+            body = _decompressor().decompress(comp)
+        except zstandard.ZstdError as exc:
+            raise FrameError(f"zstd decompression failed: {exc}") from None
+        if len(body) != body_len:
+            raise FrameError(f"body is {len(body)} bytes after decompression, header says {body_len}")
+        return body
     parts: list[bytes] = []
     got = 0
     try:

@@ -517,11 +517,14 @@ class UpdateAck:
 
     OUTCOMES = ("applied", "buffered", "rejected")
 
+    def _fields(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}  # scalars only: asdict's deep copy costs more (one ack an update)
+
     def to_json(self) -> bytes:
-        return _canonical(asdict(self))
+        return _canonical(self._fields())
 
     def signed(self, signer: Signer) -> UpdateAck:
-        return replace(self, signature=signer(_signed_message(ACK_CONTEXT, asdict(self))).hex())
+        return replace(self, signature=signer(_signed_message(ACK_CONTEXT, self._fields())).hex())
 
     @classmethod
     def from_json(cls, payload: bytes, verify: Verifier | None = None) -> UpdateAck:
