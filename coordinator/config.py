@@ -200,6 +200,8 @@ class CoordinatorConfig:
     """Score global versions on held-out text in a child process (off unless ``eval.data_dir``)."""
     keep_versions: int = 20
     """Snapshot files kept on disk; older versions keep their ledger rows."""
+    decoder_process: bool = True
+    """Decode updates in a child process, ahead of the worker (``coordinator/decoder.py``)."""
     snapshot_zstd_level: int = 1
     """zstd level of the retained snapshot. fp32 weights barely compress: on SmolLM2's LoRA state
     level 1 saves 6% in 1.6 ms, level 3 saves 7% in 3.1 ms, and a snapshot is built every version."""

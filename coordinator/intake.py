@@ -17,6 +17,7 @@ from compression import CodecError, FrameKind, FrameLimits, compress_dense, prot
 from compression.frame import SparseTensor
 from compression.protocol import Envelope
 from coordinator.config import CoordinatorConfig
+from coordinator.decoder import Decoder
 from coordinator.engine import Accepted
 from coordinator.errors import Rejection
 from coordinator.identity import Verifier
@@ -49,6 +50,8 @@ class Intake:
             store, allow_unknown=limits.allow_unknown_devices or bool(limits.devices), require_signatures=limits.require_signatures
         )
         self._limits: tuple[dict[str, tuple[int, ...]], FrameLimits] | None = None
+        self.decoder = Decoder(enabled=cfg.decoder_process)
+        self._envelopes: dict[int, tuple[bytes, Envelope]] = {}
 
     def is_known(self, device: str) -> bool:
         return self.cfg.limits.allow_unknown_devices or device in self.cfg.limits.devices
@@ -58,10 +61,34 @@ class Intake:
         return self.is_known(device) or self.store.identity(device) is not None
 
     def envelope(self, payload: bytes) -> Envelope:
+        early = self._envelopes.pop(id(payload), None)
+        if early is not None and early[0] is payload:
+            return early[1]
         try:
             return protocol.decode_signed_envelope(payload, max_bytes=self.cfg.limits.max_update_bytes)
         except CodecError as exc:
             raise Rejection(exc.reason, str(exc)) from None
+
+    def prefetch(self, payloads: list[bytes], shapes: dict[str, tuple[int, ...]]) -> None:
+        """Read a batch's update envelopes now and hand their frames to the decoder process, which
+        decodes them while the worker handles the batch in order (:class:`~coordinator.decoder.Decoder`)."""
+        self.done()
+        if not self.decoder.enabled:
+            return
+        frames = []
+        for payload in payloads:
+            try:
+                env = self.envelope(payload)
+            except Rejection:
+                continue  # refused when its turn comes
+            self._envelopes[id(payload)] = (payload, env)
+            frames.append(env.frame)
+        self.decoder.submit(frames, self._frame_limits(shapes))
+
+    def done(self) -> None:
+        """The batch is over: forget what was read ahead of it."""
+        self._envelopes.clear()
+        self.decoder.forget()
 
     def _frame_limits(self, shapes: dict[str, tuple[int, ...]]) -> FrameLimits:
         """The decoder's limits for ``shapes``, computed once for each global state's shapes."""
@@ -88,6 +115,7 @@ class Intake:
             check_identity=self.verifier.check,
             limits=self._frame_limits(shapes),
             base_sha256=base_sha256,
+            decode=self.decoder.decode,
         )
         if not self.rate.allow(device):
             raise Rejection("rate_limited", f"more than {limits.max_updates_per_minute:g} updates a minute")

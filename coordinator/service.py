@@ -183,6 +183,7 @@ class CoordinatorService:
             if self.evaluation is not None:
                 self.evaluation.close()
             self.link.close()
+            self.intake.decoder.close()
             self.metrics.close()
             self.store.close()
 
@@ -224,6 +225,7 @@ class CoordinatorService:
         merge = True
         while True:
             mark = self._mark()
+            self.intake.prefetch([m.payload for m in messages if m.topic.endswith("/update")], self.shapes)
             try:
                 with self.store.batch(), self.versions.merging(merge):
                     for msg in messages:
@@ -240,6 +242,7 @@ class CoordinatorService:
                 if self.stop_event.wait(delay):
                     return
                 delay = min(2 * delay, STORAGE_RETRY_MAX_S)
+        self.intake.done()
         if self._degraded:
             log.info("storage works again")
             self._degraded = None

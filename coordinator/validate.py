@@ -17,7 +17,7 @@ import numpy as np
 
 from compression import CodecError, FrameKind, FrameLimits, decode_frame, protocol
 from compression.basehash import short
-from compression.frame import SparseTensor, Tensors
+from compression.frame import Frame, SparseTensor, Tensors
 from compression.protocol import UpdateHeader
 from coordinator.errors import Rejection
 from coordinator.strategy import StrategyConfig
@@ -70,6 +70,7 @@ def validate_envelope(
     check_identity: Callable[[protocol.Envelope], bool] | None = None,
     limits: FrameLimits | None = None,
     base_sha256: str = "",
+    decode: Callable[[bytes, FrameLimits], Frame] = decode_frame,
 ) -> ValidUpdate:
     """Check a decoded envelope: identity, base, frame, version, shapes and norm.
 
@@ -78,7 +79,9 @@ def validate_envelope(
     before the hash).
 
     ``limits`` are the decoder's limits for ``shapes`` and ``max_update_bytes`` when the caller
-    keeps them (they cost more to compute than to decode a small frame)."""
+    keeps them (they cost more to compute than to decode a small frame). ``decode`` is
+    :func:`~compression.frame.decode_frame`, or what gives its result from elsewhere
+    (:class:`coordinator.decoder.Decoder`)."""
     header, frame_bytes = env.header, env.frame
     if header.device != topic_device:
         raise Rejection("device_mismatch", f"update says device {header.device!r} but came on {topic_device!r}'s topic")
@@ -95,7 +98,7 @@ def validate_envelope(
     try:
         # Limits from the global state's shapes: no frame can make the decoder allocate more
         # than a dense copy of the state, whatever its headers claim.
-        frame = decode_frame(frame_bytes, limits or FrameLimits.for_shapes(shapes, max_update_bytes))
+        frame = decode(frame_bytes, limits or FrameLimits.for_shapes(shapes, max_update_bytes))
     except CodecError as exc:
         raise Rejection(exc.reason, str(exc)) from None
     if frame.kind is not FrameKind.UPDATE:

@@ -1,0 +1,316 @@
+"""Update frames decoded in a child process, ahead of the worker that validates them.
+
+The coordinator's worker is one Python thread, and decoding a default-codec update is a third
+of its work. With ``decoder_process = true`` (the default) the service hands each batch's
+frames to a child (``python -m coordinator.decoder``) as the batch is taken, and the worker
+finds them decoded, on the machine's other core, when validation reaches them.
+
+The child runs :func:`~compression.frame.decode_frame`, the same decoder, under the limits the
+worker gives: the result, or the error, is exactly what decoding in-process gives. Nothing
+is pickled: requests and replies are length-prefixed bytes on the child's stdin and stdout.
+Only frames that decode into one packed set of arrays (every record of the default codec)
+come back; any other, and every frame while the child is down, is decoded in-process. A child
+that dies or stops answering is replaced at the next batch, at most once every 30 s.
+
+Request: ``u32 length | u64 id | 5 × u64 limits | frame``. Reply: ``u32 length | u64 id | tag``
+then, for ``K`` (decoded): ``u8 kind | f64 sumsq | u32 records | u32 table | u32 json length |
+json (names and shapes, only the first time a table is sent) | bounds (u64 each) | indices
+(u32 each) | values (f32 each)``; for ``E`` (refused): the error's class and message; for ``U``:
+decode it yourself.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import queue
+import select
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import astuple, dataclass
+from typing import IO, Any
+
+import numpy as np
+
+from compression import errors
+from compression.frame import Frame, FrameKind, FrameLimits, NonFiniteError, Packed, Tensors, decode_frame
+
+log = logging.getLogger(__name__)
+
+_LEN = struct.Struct("<I")
+_REQ = struct.Struct("<Q5Q")
+_ID = struct.Struct("<Qc")
+_RID = struct.Struct("<Q")
+_OK = struct.Struct("<BdIII")
+WAIT_S = 5.0
+"""Longest wait for one reply before the child is given up on."""
+RESTART_S = 30.0
+PIPE_BYTES = 1 << 20
+MAX_REPLY = 1 << 30
+_ERRORS: dict[str, type[errors.CodecError]] = {
+    c.__name__: c for c in (errors.CodecError, errors.FrameError, errors.ChecksumError, errors.LimitError, NonFiniteError)
+}
+
+
+@dataclass(frozen=True)
+class _Reply:
+    frame: Frame | None
+    error: errors.CodecError | None
+
+
+class Decoder:
+    """Frames submitted now, decoded by the child; :meth:`decode` gives each one's result.
+
+    The worker reads the replies itself, when it needs one: a reply thread would wait for the
+    worker's hold on the interpreter at every pipe read. The child's pipes are widened (1 MiB)
+    so that it decodes a dozen frames ahead of the worker."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._down_since = -RESTART_S
+        self._next = 0
+        self._sent: dict[int, tuple[int, bytes, FrameLimits]] = {}
+        """By the frame's id(): the request id, the frame (kept alive) and its limits."""
+        self._replies: dict[int, _Reply] = {}
+        self._forgotten: set[int] = set()
+        self._tables: dict[int, tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]] = {}
+        self._inbuf = bytearray()
+        self._outbox: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
+
+    # -- the worker's side -------------------------------------------------------------
+
+    def submit(self, frames: list[bytes], limits: FrameLimits) -> None:
+        """Send ``frames`` to the child to be decoded under ``limits`` (while the worker does other work)."""
+        if not self.enabled or not frames or not self._running():
+            return
+        head = astuple(limits)
+        requests = []
+        for frame in frames:
+            if id(frame) in self._sent:
+                continue
+            rid = self._next = self._next + 1
+            self._sent[id(frame)] = (rid, frame, limits)
+            requests.append(_LEN.pack(_REQ.size + len(frame)) + _REQ.pack(rid, *head) + frame)
+        self._outbox.put(requests)  # written by the request thread: a pipe write waits for the child
+
+    def decode(self, frame: bytes, limits: FrameLimits) -> Frame:
+        """``decode_frame(frame, limits)``, from the child when it was submitted and the child answers."""
+        sent = self._sent.pop(id(frame), None)
+        if sent is not None and sent[1] is frame and sent[2] == limits:
+            reply = self._wait(sent[0])
+            if reply is not None:
+                if reply.error is not None:
+                    raise reply.error
+                if reply.frame is not None:
+                    return reply.frame
+        return decode_frame(frame, limits)
+
+    def forget(self) -> None:
+        """Drop what was submitted and not asked for (the batch is over): its replies are dropped as they come."""
+        for rid, _, _ in self._sent.values():
+            if self._replies.pop(rid, None) is None:
+                self._forgotten.add(rid)
+        self._sent.clear()
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        self._outbox.put(None)
+        if proc is not None:
+            _stop(proc)
+
+    # -- the child -----------------------------------------------------------------
+
+    def _running(self) -> bool:
+        if self._proc is not None and self._proc.poll() is None:
+            return True
+        if self._proc is not None:
+            self._lost(f"it exited with {self._proc.returncode}")
+        if time.monotonic() - self._down_since < RESTART_S:
+            return False
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "coordinator.decoder"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
+            )
+        except OSError as exc:
+            self._down_since = time.monotonic()
+            log.error("cannot start the decoder process (%s); decoding in the worker", exc)
+            return False
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        for stream in (self._proc.stdin, self._proc.stdout):
+            try:
+                fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:
+                pass  # a smaller pipe only lets the child run less far ahead
+        self._replies.clear()
+        self._forgotten.clear()
+        self._tables.clear()
+        self._inbuf.clear()
+        self._outbox = queue.SimpleQueue()
+        threading.Thread(target=_write, args=(self._proc, self._outbox), name="decoder-requests", daemon=True).start()
+        return True
+
+    def _lost(self, why: str) -> None:
+        proc, self._proc = self._proc, None
+        self._down_since = time.monotonic()
+        self._sent.clear()
+        self._outbox.put(None)
+        if proc is not None:
+            _stop(proc)
+        log.error("the decoder process is lost (%s); decoding in the worker, a new one in %.0f s", why, RESTART_S)
+
+    def _wait(self, rid: int) -> _Reply | None:
+        """Read replies until ``rid``'s; None (and the child given up on) if it never comes."""
+        proc = self._proc
+        if proc is None or proc.stdout is None:
+            return None
+        fd = proc.stdout.fileno()
+        deadline = time.monotonic() + WAIT_S
+        try:
+            while rid not in self._replies:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    self._lost(f"no reply in {WAIT_S:.0f} s")
+                    return None
+                chunk = os.read(fd, PIPE_BYTES)
+                if not chunk:
+                    self._lost("its replies ended")
+                    return None
+                self._take(chunk)
+        except (OSError, ValueError, KeyError, struct.error) as exc:
+            self._lost(f"a reply is unreadable: {exc}")
+            return None
+        return self._replies.pop(rid)
+
+    def _take(self, chunk: bytes) -> None:
+        """The complete replies in what was read so far."""
+        buf = self._inbuf
+        buf += chunk
+        at = 0
+        while len(buf) - at >= _LEN.size:
+            (n,) = _LEN.unpack_from(buf, at)
+            if n > MAX_REPLY:
+                raise ValueError(f"a reply of {n} bytes")
+            if len(buf) - at - _LEN.size < n:
+                break
+            body = bytes(buf[at + _LEN.size : at + _LEN.size + n])
+            at += _LEN.size + n
+            rid, reply = _parse(body, self._tables)
+            if rid in self._forgotten:
+                self._forgotten.discard(rid)
+            else:
+                self._replies[rid] = reply
+        del buf[:at]
+
+
+def _write(proc: subprocess.Popen[bytes], outbox: queue.SimpleQueue[list[bytes] | None]) -> None:
+    """The request thread: what :meth:`Decoder.submit` queued, onto the child's stdin."""
+    stdin = proc.stdin
+    assert stdin is not None
+    try:
+        while (requests := outbox.get()) is not None:
+            stdin.write(b"".join(requests))
+            stdin.flush()
+    except (OSError, ValueError):
+        pass  # the child is gone: the worker sees its replies end
+
+
+def _parse(body: bytes, tables: dict[int, tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]]) -> tuple[int, _Reply]:
+    rid, tag = _ID.unpack_from(body)
+    at = _ID.size
+    if tag == b"U":
+        return rid, _Reply(None, None)
+    if tag == b"E":
+        name, _, message = body[at:].decode("utf-8", "replace").partition("\0")
+        return rid, _Reply(None, _ERRORS.get(name, errors.FrameError)(message))
+    kind, sumsq, n, table, jlen = _OK.unpack_from(body, at)
+    at += _OK.size
+    if jlen:
+        names, shapes = json.loads(body[at : at + jlen])
+        tables[table] = (tuple(names), tuple(tuple(s) for s in shapes))
+        at += jlen
+    names, shapes = tables[table]
+    bounds = np.frombuffer(body, dtype="<u8", count=n + 1, offset=at).astype(np.int64)
+    at += 8 * (n + 1)
+    total = int(bounds[-1])
+    indices = np.frombuffer(body, dtype="<u4", count=total, offset=at).astype(np.int64)
+    values = np.frombuffer(body, dtype="<f4", count=total, offset=at + 4 * total).copy()
+    packed = Packed(names, shapes, bounds, indices, values)
+    return rid, _Reply(Frame(FrameKind(kind), Tensors(None, packed, list(names)), sumsq), None)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    for stream in (proc.stdin, proc.stdout):
+        try:
+            if stream is not None:
+                stream.close()
+        except OSError:
+            pass
+    try:
+        proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _read_message(stream: IO[bytes], limit: int) -> bytes | None:
+    head = stream.read(_LEN.size)
+    if len(head) < _LEN.size:
+        return None
+    (n,) = _LEN.unpack(head)
+    if n > limit:
+        raise ValueError(f"a message of {n} bytes, above {limit}")
+    body = stream.read(n)
+    return body if len(body) == n else None
+
+
+def _reply(frame: bytes, limits: FrameLimits, tables: dict[Any, int]) -> bytes:
+    try:
+        got = decode_frame(frame, limits)
+    except errors.CodecError as exc:
+        return b"E" + f"{type(exc).__name__}\0{exc}".encode()
+    tensors = got.tensors
+    packed = tensors.packed if isinstance(tensors, Tensors) else None
+    if packed is None or int(packed.bounds[-1]) > 0 and int(packed.indices.max()) >= 1 << 32:
+        return b"U"
+    key = (packed.names, packed.shapes)
+    table = tables.get(key)
+    table_json = b""
+    if table is None:
+        table = tables[key] = len(tables)
+        table_json = json.dumps([packed.names, packed.shapes]).encode()
+    head = _OK.pack(int(got.kind), got.sumsq, len(packed.names), table, len(table_json))
+    return b"".join(
+        (
+            b"K",
+            head,
+            table_json,
+            packed.bounds.astype("<u8").tobytes(),
+            packed.indices.astype("<u4").tobytes(),
+            packed.values.astype("<f4").tobytes(),
+        )
+    )
+
+
+def main() -> int:
+    """The child: decode what arrives on stdin until it closes."""
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    tables: dict[Any, int] = {}
+    while True:
+        body = _read_message(stdin, (64 << 20) + _REQ.size)
+        if body is None:
+            return 0
+        rid, *limits = _REQ.unpack_from(body)
+        reply = _RID.pack(rid) + _reply(body[_REQ.size :], FrameLimits(*limits), tables)
+        stdout.write(_LEN.pack(len(reply)) + reply)
+        stdout.flush()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
