@@ -42,13 +42,13 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.mqtt_flood import flood, publish_packet
 from compression import CodecConfig, compress_update, protocol
 from compression.mqtt import loopback, make_client
 from compression.protocol import GlobalMeta, UpdateHeader
 from coordinator.config import ModelSpecConfig
 from coordinator.initial import initial_state
 from coordinator.store import Store
-from benchmarks.mqtt_flood import flood, publish_packet
 from fedge_lab.broker import MosquittoBroker, free_port
 from fedge_lab.demo import LAB_LIMITS, serve_argv, write_toml
 from fedge_lab.processes import Child

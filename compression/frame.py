@@ -750,9 +750,7 @@ class _Layout:
         # field is, and the record's block size and value type.
         self.head_bytes = None if head_bytes is None else [b[:-4] for b in head_bytes]
         if self.head_bytes is not None:
-            self._walk = [
-                (b, len(b), h.numel, h.block, h.vtype is ValueType.INT4) for b, h in zip(self.head_bytes, heads, strict=True)
-            ]
+            self._walk = [(b, len(b), h.numel, h.block, h.vtype is ValueType.INT4) for b, h in zip(self.head_bytes, heads, strict=True)]
 
     def _fail(self, per_record_bad: np.ndarray, message: str, cls: type[FrameError] = FrameError) -> None:
         bad = np.flatnonzero(per_record_bad)

@@ -1,4 +1,4 @@
-"""The fleet's records in the coordinator database: devices, identities, acknowledgements,
+"""The fleet's records in the coordinator database: the ledger, devices, identities, acknowledgements,
 rejections, DP participation and settings. Mixed into :class:`coordinator.store.Store`, whose
 transactions they join."""
 
@@ -8,7 +8,10 @@ import json
 import sqlite3
 import time
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from coordinator.store import LedgerEntry
 
 
 class FleetRecords:
@@ -18,6 +21,36 @@ class FleetRecords:
 
     def _tx(self) -> AbstractContextManager[None]:
         raise NotImplementedError
+
+    def record_ledger(self, entries: list[LedgerEntry], version: int, now: float | None = None) -> None:
+        """The ledger rows of ``entries``, taken out of the buffer, as part of ``version`` (at a site: forwarded at it)."""
+        now = time.time() if now is None else now
+        for e in entries:
+            self.db.execute("DELETE FROM buffer WHERE update_id=?", (e.update_id,))
+            self.db.execute(
+                "INSERT INTO ledger(update_id, device, seq, base_version, applied_version, staleness, weight, num_samples, "
+                "bytes, train_loss, received, norm) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    e.update_id,
+                    e.device,
+                    e.seq,
+                    e.base_version,
+                    version,
+                    e.staleness,
+                    e.weight,
+                    e.num_samples,
+                    e.size,
+                    e.train_loss,
+                    now,
+                    e.norm,
+                ),
+            )
+            self.db.execute(
+                "INSERT INTO devices(device, accepted, bytes_up, last_loss, last_seen) VALUES (?,1,?,?,?) "
+                "ON CONFLICT(device) DO UPDATE SET accepted=accepted+1, bytes_up=bytes_up+excluded.bytes_up, "
+                "last_loss=COALESCE(excluded.last_loss, last_loss), last_seen=excluded.last_seen",
+                (e.device, e.size, e.train_loss, now),
+            )
 
     def record_rejection(self, device: str | None, reason: str, detail: str) -> None:
         now = time.time()

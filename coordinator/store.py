@@ -189,9 +189,8 @@ class Store(FleetRecords):
     def merged_version(self, version: int, update_id: str | None) -> None:
         """Record ``version`` as made inside a batch whose last version carries its step: it has
         ledger rows but no state of its own (an empty sha256), and it was never published."""
-        self.db.execute(
-            "INSERT INTO versions(version, created, sha256, update_id, delta_frame) VALUES (?,?,'',?,NULL)", (version, time.time(), update_id)
-        )
+        row = (version, time.time(), update_id)
+        self.db.execute("INSERT INTO versions(version, created, sha256, update_id, delta_frame) VALUES (?,?,'',?,NULL)", row)
 
     def commit_version(
         self,
@@ -233,36 +232,6 @@ class Store(FleetRecords):
         self._pending_prune = (version, keep)
         if not self.in_batch:
             self._flush_prune()
-
-    def record_ledger(self, entries: list[LedgerEntry], version: int, now: float | None = None) -> None:
-        """The ledger rows of ``entries``, taken out of the buffer, as part of ``version`` (at a site: forwarded at it)."""
-        now = time.time() if now is None else now
-        for e in entries:
-            self.db.execute("DELETE FROM buffer WHERE update_id=?", (e.update_id,))
-            self.db.execute(
-                "INSERT INTO ledger(update_id, device, seq, base_version, applied_version, staleness, weight, num_samples, "
-                "bytes, train_loss, received, norm) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    e.update_id,
-                    e.device,
-                    e.seq,
-                    e.base_version,
-                    version,
-                    e.staleness,
-                    e.weight,
-                    e.num_samples,
-                    e.size,
-                    e.train_loss,
-                    now,
-                    e.norm,
-                ),
-            )
-            self.db.execute(
-                "INSERT INTO devices(device, accepted, bytes_up, last_loss, last_seen) VALUES (?,1,?,?,?) "
-                "ON CONFLICT(device) DO UPDATE SET accepted=accepted+1, bytes_up=bytes_up+excluded.bytes_up, "
-                "last_loss=COALESCE(excluded.last_loss, last_loss), last_seen=excluded.last_seen",
-                (e.device, e.size, e.train_loss, now),
-            )
 
     def _flush_prune(self) -> None:
         if self._pending_prune is not None:

@@ -293,7 +293,7 @@ def _summed(updates: Sequence[WeightedUpdate], weights: Sequence[float], names: 
                 dense[off : off + flat.size] += w * flat.astype(np.float64)
                 has_dense = True
     if sparse_idx:
-        summed = np.bincount(np.concatenate(sparse_idx), weights=np.concatenate(sparse_val), minlength=total)
+        summed: np.ndarray = np.bincount(np.concatenate(sparse_idx), weights=np.concatenate(sparse_val), minlength=total)
         dense = dense + summed if has_dense else summed
     flat32 = dense.astype(np.float32)
     ends = dict(zip(names, [*list(offsets.values())[1:], total], strict=True))

@@ -1,0 +1,132 @@
+"""The decoder process gives exactly what decoding in-process gives, and its loss costs nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from compression import CodecConfig, CodecError, FrameKind, compress_dense, compress_update, decode_frame
+from compression.frame import FrameLimits
+from coordinator import decoder as decoder_mod
+from coordinator.decoder import Decoder
+
+SHAPES = {"a.lora_A.weight": (8, 64), "a.lora_B.weight": (64, 8), "b.lora_A.weight": (8, 64)}
+
+
+def _frames(n: int) -> list[bytes]:
+    rng = np.random.default_rng(n)
+    return [
+        compress_update({k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}, CodecConfig(topk_fraction=0.1)).frame
+        for _ in range(n)
+    ]
+
+
+def _same(a: object, b: object) -> None:
+    ta, tb = a.tensors, b.tensors  # type: ignore[attr-defined]
+    assert a.kind is b.kind and a.sumsq == b.sumsq and list(ta) == list(tb)  # type: ignore[attr-defined]
+    for name in ta:
+        assert ta[name].shape == tb[name].shape
+        np.testing.assert_array_equal(ta[name].indices, tb[name].indices)
+        np.testing.assert_array_equal(ta[name].values, tb[name].values)
+        assert ta[name].values.dtype == tb[name].values.dtype
+        assert (ta[name].indices is None) == (tb[name].indices is None)
+        assert ta[name].indices is None or ta[name].indices.dtype == tb[name].indices.dtype
+
+
+def _outcome(decode: object, frame: bytes, limits: FrameLimits) -> object:
+    try:
+        return decode(frame, limits)  # type: ignore[operator]
+    except CodecError as exc:
+        return type(exc), str(exc)
+
+
+@pytest.fixture
+def dec() -> Decoder:
+    d = Decoder()
+    yield d
+    d.close()
+
+
+def test_the_child_decodes_exactly_as_the_worker_would_valid_damaged_and_other_frames(
+    dec: Decoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    here: list[bytes] = []
+    monkeypatch.setattr(decoder_mod, "decode_frame", lambda f, lim: here.append(f) or decode_frame(f, lim))
+    limits = FrameLimits.for_shapes(SHAPES, 1 << 20)
+    frames = _frames(6)
+    damaged = bytearray(frames[1])
+    damaged[40] ^= 0xFF  # a checksum error
+    snapshot = compress_dense({k: np.ones(s, np.float32) for k, s in SHAPES.items()}, FrameKind.SNAPSHOT)  # not packed: decoded here
+    batch = [*frames, bytes(damaged), snapshot, frames[0][:-7]]
+    dec.submit(batch, limits)
+    for frame in batch:
+        got, want = _outcome(dec.decode, frame, limits), _outcome(decode_frame, frame, limits)
+        if isinstance(want, tuple):
+            assert got == want
+        else:
+            _same(got, want)
+    assert dec._proc is not None and dec._proc.poll() is None
+    assert here == [snapshot]  # only the frame that is not of the default codec was decoded in the worker
+
+
+def test_tighter_limits_than_submitted_are_not_answered_from_the_child(dec: Decoder) -> None:
+    frame = _frames(1)[0]
+    dec.submit([frame], FrameLimits.for_shapes(SHAPES, 1 << 20))
+    with pytest.raises(CodecError, match="above the limit"):
+        dec.decode(frame, FrameLimits(max_numel=10))
+
+
+def test_what_a_batch_did_not_ask_for_is_dropped_and_the_next_batch_is_answered(dec: Decoder) -> None:
+    limits = FrameLimits.for_shapes(SHAPES, 1 << 20)
+    first, second = _frames(4), _frames(3)
+    dec.submit(first, limits)
+    dec.decode(first[0], limits)
+    dec.forget()
+    dec.submit(second, limits)
+    for frame in second:
+        _same(dec.decode(frame, limits), decode_frame(frame, limits))
+    assert not dec._replies and not dec._sent
+
+
+def test_a_killed_child_costs_no_update_and_is_replaced_later(dec: Decoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    limits = FrameLimits.for_shapes(SHAPES, 1 << 20)
+    frames = _frames(3)
+    dec.submit(frames[:1], limits)
+    _same(dec.decode(frames[0], limits), decode_frame(frames[0], limits))
+    assert dec._proc is not None
+    os.kill(dec._proc.pid, signal.SIGKILL)
+    dec._proc.wait()
+    dec.submit(frames[1:], limits)  # it is dead: not sent, decoded in the worker
+    for frame in frames[1:]:
+        _same(dec.decode(frame, limits), decode_frame(frame, limits))
+    assert dec._proc is None
+    monkeypatch.setattr(decoder_mod, "RESTART_S", 0.0)
+    dec.submit(frames, limits)
+    assert dec._proc is not None  # a new child
+    for frame in frames:
+        _same(dec.decode(frame, limits), decode_frame(frame, limits))
+
+
+def test_a_child_that_stops_answering_is_given_up_on(dec: Decoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    limits = FrameLimits.for_shapes(SHAPES, 1 << 20)
+    frame = _frames(1)[0]
+    dec.submit([frame], limits)
+    dec.decode(frame, limits)
+    assert dec._proc is not None
+    os.kill(dec._proc.pid, signal.SIGSTOP)
+    monkeypatch.setattr(decoder_mod, "WAIT_S", 0.5)
+    dec.submit([frame], limits)
+    _same(dec.decode(frame, limits), decode_frame(frame, limits))  # decoded here after 0.5 s
+    assert dec._proc is None  # and the stopped child killed
+
+
+def test_off_decodes_in_the_worker() -> None:
+    d = Decoder(enabled=False)
+    frame = _frames(1)[0]
+    limits = FrameLimits.for_shapes(SHAPES, 1 << 20)
+    d.submit([frame], limits)
+    assert d._proc is None
+    _same(d.decode(frame, limits), decode_frame(frame, limits))
