@@ -122,8 +122,9 @@ class Versions:
             return
         held, last = self.held, self.held[-1]
         step = dict(held[0].step)
-        for h in held[1:]:
-            step = {k: v + h.step[k] for k, v in step.items()}
+        with np.errstate(over="ignore"):  # an overflow is refused by next_version, by name
+            for h in held[1:]:
+                step = {k: v + h.step[k] for k, v in step.items()}
         for h in held[:-1]:
             self.store.merged_version(h.version, h.update_id)
         frame = self._write(last.version, step, [], last.state, last.update_id)

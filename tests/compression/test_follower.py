@@ -145,3 +145,37 @@ def test_any_arrival_order_ends_at_the_newest_version_exactly(order: list[int], 
     f.add_snapshot(chain[-1][2])
     f.follow()
     assert f.version == 2 and state_digest(f.tensors) == chain[-1][0].state_sha256
+
+
+def test_a_delta_that_spans_versions_is_followed() -> None:
+    """The coordinator publishes the versions one batch made as one delta from the last version it
+    published: v3's delta applies to v1, and v2 is never seen."""
+    chain = _chain(1)
+    meta0, _, snap0 = chain[0]
+    rng = np.random.default_rng(7)
+    f = Follower()
+    f.add_meta(meta0)
+    f.add_snapshot(snap0)
+    f.follow()
+    f.add_meta(chain[1][0])
+    f.add_delta(chain[1][1])  # type: ignore[arg-type]
+    assert f.follow().version == 1
+    step = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
+    down = compress_update(step, LOSSLESS, kind=FrameKind.GLOBAL_DELTA)
+    state = apply_delta(f.tensors, down.sent)
+    snap = compress_dense(state, FrameKind.SNAPSHOT)
+    meta3 = GlobalMeta(
+        version=3,
+        snapshot_sha256=hashlib.sha256(snap).hexdigest(),
+        snapshot_bytes=len(snap),
+        created=0.0,
+        state_sha256=state_digest(state),
+        delta_base_version=1,
+        delta_sha256=hashlib.sha256(down.frame).hexdigest(),
+        delta_bytes=len(down.frame),
+    )
+    f.add_meta(meta3)
+    f.add_delta(down.frame)
+    r = f.follow()
+    assert r.version == 3 and r.deltas_applied == 1 and not r.via_snapshot and not r.behind
+    assert state_digest(f.tensors) == meta3.state_sha256

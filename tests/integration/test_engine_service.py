@@ -171,3 +171,42 @@ def test_fedavg_rounds_hold_one_update_per_device_and_the_slow_device_lands(
     assert {e["num_samples"] for e in ledger if e["device"] == "slow"} <= allowed
     rejections = store.rejection_counts()
     assert rejections.get("too_stale", 0) == 0, rejections  # no device's work was wasted as stale
+
+
+def test_updates_queued_while_the_coordinator_was_down_make_versions_published_as_one(
+    tmp_path: Path, broker: MosquittoBroker, tiny_model: Path
+) -> None:
+    """Updates that wait in the coordinator's session arrive as one batch: its versions each keep
+    their ledger rows, one delta from the last published version goes out, and a device that
+    follows the published deltas holds exactly the coordinator's state."""
+    cfg = coordinator_config(broker, tmp_path / "coord", tiny_model)
+    cfg = replace(cfg, strategy=StrategyConfig(kind="fedbuff", buffer_size=2, staleness="constant", max_staleness=100))
+    clients = [DeviceClient(broker.port, f"dev-{i}") for i in range(8)]
+    try:
+        with ThreadedCoordinator(cfg):
+            metas = [c.wait_meta(0) for c in clients]
+        payloads = [c.update_payload(m, scale=0.01 * (i + 1)) for i, (c, m) in enumerate(zip(clients, metas, strict=True))]
+        for c, p in zip(clients, payloads, strict=True):
+            c.publish(p)  # queued in the stopped coordinator's persistent session
+        with ThreadedCoordinator(replace(cfg)) as svc:
+            meta = clients[0].wait_meta(4)
+            wait_until(lambda: svc.version == 4, 30, "version 4")
+            state = dict(svc.state)
+    finally:
+        for c in clients:
+            c.close()
+    store = Store(tmp_path / "coord", readonly=True)
+    try:
+        rows = {r["version"]: r["sha256"] for r in store.db.execute("SELECT version, sha256 FROM versions")}
+        applied = sorted(e["applied_version"] for e in store.ledger())
+        base, delta = store.delta_frame(4)  # type: ignore[misc]
+        base_state, _ = store.load_version(base)
+    finally:
+        store.close()
+    assert applied == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert "" in rows.values() and rows[4] != ""  # at least two versions went out as one
+    assert meta.version == 4 and meta.delta_base_version == base and rows[base] != ""
+    # A device at the version the last delta applies to follows it to the coordinator's exact state.
+    from compression import apply_delta, decode_frame, state_digest
+
+    assert meta.state_sha256 == state_digest(state) == state_digest(apply_delta(base_state, decode_frame(delta).dense()))
