@@ -161,6 +161,7 @@ class Decoder:
         self._sent.clear()
         self._outbox.put(None)
         if proc is not None:
+            proc.kill()  # first: a request write blocked on its full pipe then fails at once
             _stop(proc)
         log.error("the decoder process is lost (%s); decoding in the worker, a new one in %.0f s", why, RESTART_S)
 
