@@ -20,7 +20,9 @@ CPU as the coordinator, and would measure itself. The paced phase publishes thro
   acknowledgement after the durable commit, queueing included (the
   ``fedge_ingest_latency_seconds`` histogram, interpolated as Prometheus'
   ``histogram_quantile`` does);
-- the coordinator's RSS after each phase.
+- the coordinator's RSS after each phase;
+- the CPU seconds that the coordinator (with its decoder process), the broker and this harness
+  used during each phase (``cpu_s``): the machine's two cores are shared by all three.
 """
 
 from __future__ import annotations
@@ -176,6 +178,31 @@ def _ledger(state: Path) -> list[dict[str, Any]]:
         store.close()
 
 
+def _applied(state: Path) -> int:
+    """How many updates the ledger holds: one count, not the rows (the harness shares the CPUs)."""
+    store = Store(state, readonly=True)
+    try:
+        return int(store.db.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
+    finally:
+        store.close()
+
+
+def _cpu_s(procs: dict[str, psutil.Process]) -> dict[str, float]:
+    """CPU seconds (user + system) each process has used so far; the coordinator's decoder child included."""
+    out = {}
+    for name, proc in procs.items():
+        group = [proc, *proc.children()] if name == "coordinator" else [proc]
+        total = 0.0
+        for p in group:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        out[name] = total
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.coordinator_throughput", description=__doc__.split("\n\n")[0])
     parser.add_argument("--updates", type=int, default=2000, help="updates sent in each phase")
@@ -235,22 +262,24 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.2)
         fleet = Fleet(broker.port, frames)
         proc = psutil.Process(coordinator.proc.pid)  # type: ignore[union-attr]
+        assert broker.pid is not None
+        procs = {"coordinator": proc, "broker": psutil.Process(broker.pid), "harness": psutil.Process()}
         sent_total = 0
         plan = [(10, 0.0), (1000, 0.0)] + ([(1000, args.paced_rate)] if args.paced_rate > 0 else [])
         for n_devices, rate in plan:
             devices = [f"sim-{n_devices}-{i:04d}" for i in range(n_devices)]
             fleet.announce(devices)
             n = args.updates - args.updates % args.buffer_size if args.strategy == "fedbuff" else args.updates
-            before = len(_ledger(work / "state"))
+            before = _applied(work / "state")
             latency_before = scrape_latency(metrics_port)
+            cpu_before = _cpu_s(procs)
             t_first = fleet.send(devices, n, rate) if rate > 0 else fleet.flood(devices, n)
             sent_total += n
             done_by = time.monotonic() + 300
-            ledger = _ledger(work / "state")
-            while len(ledger) < before + n and time.monotonic() < done_by:
-                time.sleep(0.5)
-                ledger = _ledger(work / "state")
-            applied = ledger[before:]
+            while _applied(work / "state") < before + n and time.monotonic() < done_by:
+                time.sleep(0.25)
+            cpu = {k: v - cpu_before[k] for k, v in _cpu_s(procs).items()}
+            applied = _ledger(work / "state")[before:]
             if len(applied) < n:
                 raise SystemExit(f"only {len(applied)} of {n} updates were applied within 300 s; see {work / 'coordinator.log'}")
             t_last = max(e["received"] for e in applied)
@@ -266,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                     "p50_ms": 1000 * (histogram_quantile(0.5, delta) or 0.0),
                     "p99_ms": 1000 * (histogram_quantile(0.99, delta) or 0.0),
                     "rss_mb": proc.memory_info().rss / 1e6,
+                    "cpu_s": cpu,
                 }
             )
             load = f"paced at {rate:.0f}/s" if rate else "flood"

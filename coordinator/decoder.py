@@ -9,29 +9,32 @@ The child runs :func:`~compression.frame.decode_frame`, the same decoder, under 
 worker gives: the result, or the error, is exactly what decoding in-process gives. Nothing
 is pickled: requests and replies are length-prefixed bytes on the child's stdin and stdout.
 Only frames that decode into one packed set of arrays (every record of the default codec)
-come back; any other, and every frame while the child is down, is decoded in-process. A child
-that dies or stops answering is replaced at the next batch, at most once every 30 s.
+come back; any other, and every frame while the child is down, is decoded in-process. The child
+is started with the service and used once it says it is ready (its imports take up to a
+second on a cold machine, and no batch waits for them); one that dies or stops answering is
+replaced at the next batch, at most once every 30 s.
 
-Request: ``u32 length | u64 id | 5 × u64 limits | frame``. Reply: ``u32 length | u64 id | tag``
-then, for ``K`` (decoded): ``u8 kind | f64 sumsq | u32 records | u32 table | u32 json length |
-json (names and shapes, only the first time a table is sent) | bounds (u64 each) | indices
-(u32 each) | values (f32 each)``; for ``E`` (refused): the error's class and message; for ``U``:
-decode it yourself.
+Request: ``u32 length | u64 id | 5 × u64 limits | frame``, written by the worker as the pipe
+takes it, never waiting. Reply: ``u32 length | u64 id | tag``. The child's first reply is
+``R`` (ready), with id 0. Then, for ``K`` (decoded): ``u8 kind | f64 sumsq | u32 records |
+u32 table | u32 json length | json (names and shapes, only the first time a table is sent) |
+bounds (u64 each) | indices (u32 each) | values (f32 each)``; for ``E`` (refused): the error's
+class and message; for ``U``: decode it yourself.
 """
 
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import logging
 import os
-import queue
 import select
 import struct
 import subprocess
 import sys
-import threading
 import time
+from collections import deque
 from dataclasses import astuple, dataclass
 from typing import IO, Any
 
@@ -50,6 +53,7 @@ _OK = struct.Struct("<BdIII")
 WAIT_S = 5.0
 """Longest wait for one reply before the child is given up on."""
 RESTART_S = 30.0
+CHILD_ARGV = [sys.executable, "-m", "coordinator.decoder"]
 PIPE_BYTES = 1 << 20
 MAX_REPLY = 1 << 30
 _ERRORS: dict[str, type[errors.CodecError]] = {
@@ -81,23 +85,31 @@ class Decoder:
         self._forgotten: set[int] = set()
         self._tables: dict[int, tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]] = {}
         self._inbuf = bytearray()
-        self._outbox: queue.SimpleQueue[list[bytes] | None] = queue.SimpleQueue()
+        self._unsent: deque[tuple[int, bytes]] = deque()
+        """Requests not yet in the child's pipe, by id; the first one's first ``_off`` bytes are."""
+        self._off = 0
+        self._ready = False
+        self._started = 0.0
 
     # -- the worker's side -------------------------------------------------------------
 
+    def start(self) -> None:
+        """Start the child now (it is otherwise started at the first batch), so that it is ready by then."""
+        if self.enabled:
+            self._running()
+
     def submit(self, frames: list[bytes], limits: FrameLimits) -> None:
         """Send ``frames`` to the child to be decoded under ``limits`` (while the worker does other work)."""
-        if not self.enabled or not frames or not self._running():
+        if not self.enabled or not frames or not self._running() or not self._is_ready():
             return
         head = astuple(limits)
-        requests = []
         for frame in frames:
             if id(frame) in self._sent:
                 continue
             rid = self._next = self._next + 1
             self._sent[id(frame)] = (rid, frame, limits)
-            requests.append(_LEN.pack(_REQ.size + len(frame)) + _REQ.pack(rid, *head) + frame)
-        self._outbox.put(requests)  # written by the request thread: a pipe write waits for the child
+            self._unsent.append((rid, _LEN.pack(_REQ.size + len(frame)) + _REQ.pack(rid, *head) + frame))
+        self._push()
 
     def decode(self, frame: bytes, limits: FrameLimits) -> Frame:
         """``decode_frame(frame, limits)``, from the child when it was submitted and the child answers."""
@@ -113,14 +125,21 @@ class Decoder:
 
     def forget(self) -> None:
         """Drop what was submitted and not asked for (the batch is over): its replies are dropped as they come."""
-        for rid, _, _ in self._sent.values():
+        asked = {rid for rid, _, _ in self._sent.values()}
+        self._sent.clear()
+        never_sent: set[int] = set()
+        if self._unsent:
+            # Requests not yet written are dropped; one partly written is finished (and its reply dropped).
+            first = [self._unsent.popleft()] if self._off else []
+            never_sent = {rid for rid, _ in self._unsent if rid in asked}
+            self._unsent = deque(first + [r for r in self._unsent if r[0] not in asked])
+        for rid in asked - never_sent:
             if self._replies.pop(rid, None) is None:
                 self._forgotten.add(rid)
-        self._sent.clear()
 
     def close(self) -> None:
         proc, self._proc = self._proc, None
-        self._outbox.put(None)
+        self._unsent.clear()
         if proc is not None:
             _stop(proc)
 
@@ -134,9 +153,7 @@ class Decoder:
         if time.monotonic() - self._down_since < RESTART_S:
             return False
         try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "coordinator.decoder"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
-            )
+            self._proc = subprocess.Popen(CHILD_ARGV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         except OSError as exc:
             self._down_since = time.monotonic()
             log.error("cannot start the decoder process (%s); decoding in the worker", exc)
@@ -147,37 +164,88 @@ class Decoder:
                 fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
             except OSError:
                 pass  # a smaller pipe only lets the child run less far ahead
+        os.set_blocking(self._proc.stdin.fileno(), False)  # the worker writes what fits, and never waits
         self._replies.clear()
         self._forgotten.clear()
         self._tables.clear()
         self._inbuf.clear()
-        self._outbox = queue.SimpleQueue()
-        threading.Thread(target=_write, args=(self._proc, self._outbox), name="decoder-requests", daemon=True).start()
+        self._ready = False
+        self._started = time.monotonic()
+        self._unsent.clear()
+        self._off = 0
         return True
 
     def _lost(self, why: str) -> None:
         proc, self._proc = self._proc, None
         self._down_since = time.monotonic()
         self._sent.clear()
-        self._outbox.put(None)
+        self._unsent.clear()
+        self._off = 0
         if proc is not None:
-            proc.kill()  # first: a request write blocked on its full pipe then fails at once
+            proc.kill()
             _stop(proc)
         log.error("the decoder process is lost (%s); decoding in the worker, a new one in %.0f s", why, RESTART_S)
 
-    def _wait(self, rid: int) -> _Reply | None:
-        """Read replies until ``rid``'s; None (and the child given up on) if it never comes."""
+    def _is_ready(self) -> bool:
+        """Whether the child said it is ready; read without waiting, and given up on after ``WAIT_S``."""
+        if not self._ready and self._proc is not None and self._proc.stdout is not None:
+            fd = self._proc.stdout.fileno()
+            try:
+                while not self._ready and select.select([fd], [], [], 0)[0]:
+                    chunk = os.read(fd, PIPE_BYTES)
+                    if not chunk:
+                        self._lost("it exited before it was ready")
+                        return False
+                    self._take(chunk)
+            except (OSError, ValueError, KeyError, struct.error) as exc:
+                self._lost(f"a reply is unreadable: {exc}")
+                return False
+            if not self._ready and time.monotonic() - self._started > WAIT_S:
+                self._lost(f"not ready in {WAIT_S:.0f} s")
+        return self._ready
+
+    def _push(self) -> None:
+        """Write as many of the unsent requests as the child's pipe takes now, without waiting
+        (a request thread would take the interpreter from the worker at every partial write)."""
         proc = self._proc
-        if proc is None or proc.stdout is None:
+        if not self._unsent or proc is None or proc.stdin is None:
+            return
+        bufs = [memoryview(b) for _, b in itertools.islice(self._unsent, 64)]
+        bufs[0] = bufs[0][self._off :]
+        try:
+            n = os.writev(proc.stdin.fileno(), bufs)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._lost(f"its requests cannot be written: {exc}")
+            return
+        for buf in bufs:
+            if n < len(buf):
+                self._off += n
+                return
+            n -= len(buf)
+            self._unsent.popleft()
+            self._off = 0
+
+    def _wait(self, rid: int) -> _Reply | None:
+        """Read replies until ``rid``'s, writing the requests still unsent as the pipe takes
+        them; None (and the child given up on) if it never comes."""
+        proc = self._proc
+        if proc is None or proc.stdout is None or proc.stdin is None:
             return None
-        fd = proc.stdout.fileno()
+        fd, wfd = proc.stdout.fileno(), proc.stdin.fileno()
         deadline = time.monotonic() + WAIT_S
         try:
             while rid not in self._replies:
+                self._push()
+                if self._proc is not proc:
+                    return None
                 left = deadline - time.monotonic()
-                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                if left <= 0:
                     self._lost(f"no reply in {WAIT_S:.0f} s")
                     return None
+                if not select.select([fd], [wfd] if self._unsent else [], [], left)[0]:
+                    continue  # the pipe takes more requests, or the time is up
                 chunk = os.read(fd, PIPE_BYTES)
                 if not chunk:
                     self._lost("its replies ended")
@@ -202,28 +270,21 @@ class Decoder:
             body = bytes(buf[at + _LEN.size : at + _LEN.size + n])
             at += _LEN.size + n
             rid, reply = _parse(body, self._tables)
-            if rid in self._forgotten:
+            if reply is None:
+                self._ready = True
+            elif rid in self._forgotten:
                 self._forgotten.discard(rid)
             else:
                 self._replies[rid] = reply
         del buf[:at]
 
 
-def _write(proc: subprocess.Popen[bytes], outbox: queue.SimpleQueue[list[bytes] | None]) -> None:
-    """The request thread: what :meth:`Decoder.submit` queued, onto the child's stdin."""
-    stdin = proc.stdin
-    assert stdin is not None
-    try:
-        while (requests := outbox.get()) is not None:
-            stdin.write(b"".join(requests))
-            stdin.flush()
-    except (OSError, ValueError):
-        pass  # the child is gone: the worker sees its replies end
-
-
-def _parse(body: bytes, tables: dict[int, tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]]) -> tuple[int, _Reply]:
+def _parse(body: bytes, tables: dict[int, tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]]) -> tuple[int, _Reply | None]:
+    """One reply; None for the child's ready message."""
     rid, tag = _ID.unpack_from(body)
     at = _ID.size
+    if tag == b"R":
+        return rid, None
     if tag == b"U":
         return rid, _Reply(None, None)
     if tag == b"E":
@@ -302,6 +363,9 @@ def main() -> int:
     """The child: decode what arrives on stdin until it closes."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     tables: dict[Any, int] = {}
+    ready = _RID.pack(0) + b"R"
+    stdout.write(_LEN.pack(len(ready)) + ready)
+    stdout.flush()
     while True:
         body = _read_message(stdin, (64 << 20) + _REQ.size)
         if body is None:

@@ -168,6 +168,7 @@ class CoordinatorService:
         self.stop_event.set()
 
     def run(self) -> None:
+        self.intake.decoder.start()  # ready by the first batch
         self.link.start()
         if self.cfg.metrics_port:
             try:

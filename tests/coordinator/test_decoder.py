@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -43,9 +44,18 @@ def _outcome(decode: object, frame: bytes, limits: FrameLimits) -> object:
         return type(exc), str(exc)
 
 
+def _started(d: Decoder) -> Decoder:
+    d.start()
+    deadline = time.monotonic() + 30
+    while not d._is_ready():
+        assert time.monotonic() < deadline, "the decoder process never said it was ready"
+        time.sleep(0.01)
+    return d
+
+
 @pytest.fixture
 def dec() -> Decoder:
-    d = Decoder()
+    d = _started(Decoder())
     yield d
     d.close()
 
@@ -105,9 +115,34 @@ def test_a_killed_child_costs_no_update_and_is_replaced_later(dec: Decoder, monk
     assert dec._proc is None
     monkeypatch.setattr(decoder_mod, "RESTART_S", 0.0)
     dec.submit(frames, limits)
-    assert dec._proc is not None  # a new child
+    assert dec._proc is not None and not dec._sent  # a new child, not used before it is ready
     for frame in frames:
         _same(dec.decode(frame, limits), decode_frame(frame, limits))
+    _started(dec).submit(frames, limits)
+    assert len(dec._sent) == 3
+    for frame in frames:
+        _same(dec.decode(frame, limits), decode_frame(frame, limits))
+
+
+def test_a_child_that_never_says_it_is_ready_is_not_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(decoder_mod, "CHILD_ARGV", ["sleep", "60"])
+    monkeypatch.setattr(decoder_mod, "WAIT_S", 0.3)
+    d = Decoder()
+    d.start()
+    child = d._proc
+    limits = FrameLimits.for_shapes(SHAPES, 1 << 20)
+    frames = _frames(2)
+    try:
+        d.submit(frames, limits)
+        assert not d._sent  # not ready: each frame is decoded in the worker, at once
+        for frame in frames:
+            _same(d.decode(frame, limits), decode_frame(frame, limits))
+        time.sleep(0.4)
+        d.submit(frames, limits)
+        assert d._proc is None and not d._sent  # given up on, and killed
+        assert child is not None and child.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        d.close()
 
 
 def test_a_child_that_stops_answering_is_given_up_on(dec: Decoder, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,3 +165,28 @@ def test_off_decodes_in_the_worker() -> None:
     d.submit([frame], limits)
     assert d._proc is None
     _same(d.decode(frame, limits), decode_frame(frame, limits))
+
+
+def test_requests_the_pipe_cannot_take_wait_unsent_and_a_forgotten_batch_leaves_nothing(dec: Decoder) -> None:
+    shapes = {"w.lora_A.weight": (512, 512)}
+    rng = np.random.default_rng(7)
+    frames = [
+        compress_update({"w.lora_A.weight": rng.normal(size=(512, 512)).astype(np.float32)}, CodecConfig(topk_fraction=0.5)).frame
+        for _ in range(4)
+    ]
+    limits = FrameLimits.for_shapes(shapes, 1 << 24)
+    copies = max(2, (3 << 20) // sum(len(f) for f in frames) + 1)
+    first = [bytes(bytearray(f)) for _ in range(copies) for f in frames]  # well over the child's 1 MiB pipe
+    assert dec._proc is not None
+    os.kill(dec._proc.pid, signal.SIGSTOP)
+    dec.submit(first, limits)  # returns at once: what the pipe does not take waits
+    assert dec._unsent
+    dec.forget()  # the batch ends: its unsent requests are dropped, not sent
+    assert len(dec._unsent) <= 1 and len(dec._forgotten) < len(first)
+    os.kill(dec._proc.pid, signal.SIGCONT)
+    second = [bytes(bytearray(f)) for _ in range(copies) for f in frames]
+    dec.submit(second, limits)
+    for frame in reversed(second):  # the last one's request is written while the worker waits for it
+        _same(dec.decode(frame, limits), decode_frame(frame, limits))
+    assert dec._proc is not None and not dec._sent and not dec._unsent
+    assert not dec._replies and not dec._forgotten  # every reply of the forgotten batch came and was dropped
