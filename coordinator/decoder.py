@@ -121,19 +121,25 @@ class Decoder:
                     raise reply.error
                 if reply.frame is not None:
                     return reply.frame
+        elif sent is not None:
+            self._drop({sent[0]})  # asked under other limits: the child's answer is not this one
         return decode_frame(frame, limits)
 
     def forget(self) -> None:
         """Drop what was submitted and not asked for (the batch is over): its replies are dropped as they come."""
         asked = {rid for rid, _, _ in self._sent.values()}
         self._sent.clear()
+        self._drop(asked)
+
+    def _drop(self, rids: set[int]) -> None:
+        """No one will ask for these requests: unsent ones are not sent, and replies are dropped
+        (one partly written is finished, and its reply dropped as it comes)."""
         never_sent: set[int] = set()
         if self._unsent:
-            # Requests not yet written are dropped; one partly written is finished (and its reply dropped).
             first = [self._unsent.popleft()] if self._off else []
-            never_sent = {rid for rid, _ in self._unsent if rid in asked}
-            self._unsent = deque(first + [r for r in self._unsent if r[0] not in asked])
-        for rid in asked - never_sent:
+            never_sent = {rid for rid, _ in self._unsent if rid in rids}
+            self._unsent = deque(first + [r for r in self._unsent if r[0] not in rids])
+        for rid in rids - never_sent:
             if self._replies.pop(rid, None) is None:
                 self._forgotten.add(rid)
 

@@ -82,7 +82,8 @@ class Intake:
             except Rejection:
                 continue  # refused when its turn comes
             self._envelopes[id(payload)] = (payload, env)
-            frames.append(env.frame)
+            if self.ackable(env.header.device):  # a stranger's frame is refused before it is decoded
+                frames.append(env.frame)
         self.decoder.submit(frames, self._frame_limits(shapes))
 
     def done(self) -> None:

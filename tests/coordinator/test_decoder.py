@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from compression import CodecConfig, CodecError, FrameKind, compress_dense, compress_update, decode_frame
+from compression import CodecConfig, CodecError, FrameKind, compress_dense, compress_update, decode_frame, protocol
 from compression.frame import FrameLimits
+from compression.protocol import UpdateHeader
 from coordinator import decoder as decoder_mod
+from coordinator.config import CoordinatorConfig, LimitsConfig
 from coordinator.decoder import Decoder
+from coordinator.influence import InfluenceTracker
+from coordinator.intake import Intake
+from coordinator.store import Store
 
 SHAPES = {"a.lora_A.weight": (8, 64), "a.lora_B.weight": (64, 8), "b.lora_A.weight": (8, 64)}
 
@@ -87,6 +94,9 @@ def test_tighter_limits_than_submitted_are_not_answered_from_the_child(dec: Deco
     dec.submit([frame], FrameLimits.for_shapes(SHAPES, 1 << 20))
     with pytest.raises(CodecError, match="above the limit"):
         dec.decode(frame, FrameLimits(max_numel=10))
+    dec.submit([frame], FrameLimits.for_shapes(SHAPES, 1 << 20))
+    _same(dec.decode(frame, FrameLimits.for_shapes(SHAPES, 1 << 20)), decode_frame(frame))
+    assert not dec._replies and not dec._forgotten  # the first answer, asked for by no one, was dropped
 
 
 def test_what_a_batch_did_not_ask_for_is_dropped_and_the_next_batch_is_answered(dec: Decoder) -> None:
@@ -190,3 +200,32 @@ def test_requests_the_pipe_cannot_take_wait_unsent_and_a_forgotten_batch_leaves_
         _same(dec.decode(frame, limits), decode_frame(frame, limits))
     assert dec._proc is not None and not dec._sent and not dec._unsent
     assert not dec._replies and not dec._forgotten  # every reply of the forgotten batch came and was dropped
+
+
+def test_the_intake_reads_ahead_for_enrolled_devices_only(tmp_path: Path) -> None:
+    store = Store(tmp_path, create=True)
+    store.enroll("known", b"\1" * 32)
+    intake = Intake(CoordinatorConfig(state_dir=str(tmp_path)), store, InfluenceTracker(LimitsConfig(), [], {}, 0.0))
+    _started(intake.decoder)
+    frames = _frames(2)
+    payloads = []
+    for device, frame in zip(("known", "stranger"), frames, strict=True):
+        header = UpdateHeader(
+            device=device,
+            seq=1,
+            update_id=device,
+            base_version=0,
+            num_samples=4,
+            timestamp=1.0,
+            frame_sha256=hashlib.sha256(frame).hexdigest(),
+        )
+        payloads.append(protocol.encode_envelope(header, frame))
+    try:
+        intake.prefetch(payloads, SHAPES)
+        assert [f for _, f, _ in intake.decoder._sent.values()] == [frames[0]]  # the stranger's frame is not decoded ahead
+        assert intake.envelope(payloads[1]).frame == frames[1]
+        intake.done()
+        assert not intake.decoder._sent
+    finally:
+        intake.decoder.close()
+        store.close()
