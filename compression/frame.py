@@ -172,11 +172,19 @@ class Tensors(Mapping[str, SparseTensor]):
     __slots__ = ("_made", "_order", "_packed", "_packed_at", "packed")
 
     def __init__(
-        self, records: Mapping[str, SparseTensor] | None = None, packed: Packed | None = None, order: list[str] | None = None
+        self,
+        records: Mapping[str, SparseTensor] | None = None,
+        packed: Packed | None = None,
+        order: list[str] | None = None,
+        packed_at: dict[str, int] | None = None,
     ) -> None:
+        """``packed_at`` (each packed name's record number) and ``order`` may be shared by every
+        frame of one record table: neither is ever changed."""
         self._made: dict[str, SparseTensor] = dict(records or {})
         self.packed = packed if packed is not None and not self._made else None
-        self._packed_at: dict[str, int] = {} if packed is None else {n: k for k, n in enumerate(packed.names)}
+        if packed_at is None:
+            packed_at = {} if packed is None else {n: k for k, n in enumerate(packed.names)}
+        self._packed_at = packed_at
         self._packed = packed
         self._order: list[str] = order if order is not None else [*self._made, *(packed.names if packed else ())]
 
@@ -526,7 +534,7 @@ def _decode_body(body: bytes, limits: FrameLimits, version: int) -> tuple[Tensor
         parts = layout.walk(body, count, version, limits)
         if parts is not None:
             packed, sq = layout.decode(*parts)
-            return Tensors(None, packed, list(layout.names)), sq
+            return Tensors(None, packed, layout.order, layout.at), sq
     decoded: dict[str, SparseTensor] = {}
     order: list[str] = []
     batch = _VarintBatch()
@@ -733,6 +741,8 @@ class _Layout:
     def __init__(self, heads: list[_Header], head_bytes: list[bytes] | None, version: int, total_numel: int) -> None:
         self.names = tuple(h.name for h in heads)
         self.shapes = tuple(h.shape for h in heads)
+        self.order = list(self.names)
+        self.at = {n: k for k, n in enumerate(self.names)}
         self.version = version
         self.total_numel = total_numel
         self.max_numel = max(h.numel for h in heads)

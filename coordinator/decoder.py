@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 from typing import IO, Any
 
 import numpy as np
@@ -62,6 +62,20 @@ _ERRORS: dict[str, type[errors.CodecError]] = {
 
 
 @dataclass(frozen=True)
+class _Table:
+    """A record table the child sent, with what every frame of it shares."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    order: list[str] = field(init=False)
+    at: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "order", list(self.names))
+        object.__setattr__(self, "at", {n: k for k, n in enumerate(self.names)})
+
+
+@dataclass(frozen=True)
 class _Reply:
     frame: Frame | None
     error: errors.CodecError | None
@@ -83,7 +97,7 @@ class Decoder:
         """By the frame's id(): the request id, the frame (kept alive) and its limits."""
         self._replies: dict[int, _Reply] = {}
         self._forgotten: set[int] = set()
-        self._tables: dict[int, tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]] = {}
+        self._tables: dict[int, _Table] = {}
         self._inbuf = bytearray()
         self._unsent: deque[tuple[int, bytes]] = deque()
         """Requests not yet in the child's pipe, by id; the first one's first ``_off`` bytes are."""
@@ -203,7 +217,7 @@ class Decoder:
                         self._lost("it exited before it was ready")
                         return False
                     self._take(chunk)
-            except (OSError, ValueError, KeyError, struct.error) as exc:
+            except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
                 self._lost(f"a reply is unreadable: {exc}")
                 return False
             if not self._ready and time.monotonic() - self._started > WAIT_S:
@@ -216,7 +230,7 @@ class Decoder:
         proc = self._proc
         if not self._unsent or proc is None or proc.stdin is None:
             return
-        bufs = [memoryview(b) for _, b in itertools.islice(self._unsent, 64)]
+        bufs = [memoryview(b) for _, b in itertools.islice(self._unsent, 16)]
         bufs[0] = bufs[0][self._off :]
         try:
             n = os.writev(proc.stdin.fileno(), bufs)
@@ -257,7 +271,7 @@ class Decoder:
                     self._lost("its replies ended")
                     return None
                 self._take(chunk)
-        except (OSError, ValueError, KeyError, struct.error) as exc:
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
             self._lost(f"a reply is unreadable: {exc}")
             return None
         return self._replies.pop(rid)
@@ -285,7 +299,7 @@ class Decoder:
         del buf[:at]
 
 
-def _parse(body: bytes, tables: dict[int, tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]]) -> tuple[int, _Reply | None]:
+def _parse(body: bytes, tables: dict[int, _Table]) -> tuple[int, _Reply | None]:
     """One reply; None for the child's ready message."""
     rid, tag = _ID.unpack_from(body)
     at = _ID.size
@@ -300,16 +314,16 @@ def _parse(body: bytes, tables: dict[int, tuple[tuple[str, ...], tuple[tuple[int
     at += _OK.size
     if jlen:
         names, shapes = json.loads(body[at : at + jlen])
-        tables[table] = (tuple(names), tuple(tuple(s) for s in shapes))
+        tables[table] = _Table(tuple(names), tuple(tuple(s) for s in shapes))
         at += jlen
-    names, shapes = tables[table]
+    t = tables[table]
     bounds = np.frombuffer(body, dtype="<u8", count=n + 1, offset=at).astype(np.int64)
     at += 8 * (n + 1)
     total = int(bounds[-1])
     indices = np.frombuffer(body, dtype="<u4", count=total, offset=at).astype(np.int64)
     values = np.frombuffer(body, dtype="<f4", count=total, offset=at + 4 * total).copy()
-    packed = Packed(names, shapes, bounds, indices, values)
-    return rid, _Reply(Frame(FrameKind(kind), Tensors(None, packed, list(names)), sumsq), None)
+    packed = Packed(t.names, t.shapes, bounds, indices, values)
+    return rid, _Reply(Frame(FrameKind(kind), Tensors(None, packed, t.order, t.at), sumsq), None)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
