@@ -84,9 +84,8 @@ class _Reply:
 class Decoder:
     """Frames submitted now, decoded by the child; :meth:`decode` gives each one's result.
 
-    The worker reads the replies itself, when it needs one: a reply thread would wait for the
-    worker's hold on the interpreter at every pipe read. The child's pipes are widened (1 MiB)
-    so that it decodes a dozen frames ahead of the worker."""
+    The worker reads the replies itself, when it needs one (a reply thread would wait for its
+    hold on the interpreter at every read); the pipes are widened to 1 MiB, for the child to run ahead."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled

@@ -31,3 +31,13 @@ def test_packages_import_on_their_own() -> None:
     ):
         code = f"import sys, {pkg}; bad=[m for m in {forbidden!r} if m in sys.modules]; assert not bad, bad"
         subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_no_module_of_the_coordinator_or_the_lab_is_over_400_lines() -> None:
+    long = {
+        str(p.relative_to(ROOT)): n
+        for pkg in ("coordinator", "fedge_lab")
+        for p in sorted((ROOT / pkg).rglob("*.py"))
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400
+    }
+    assert not long, f"split these modules: {long}"
