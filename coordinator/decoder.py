@@ -10,16 +10,14 @@ worker gives: the result, or the error, is exactly what decoding in-process give
 is pickled: requests and replies are length-prefixed bytes on the child's stdin and stdout.
 Only frames that decode into one packed set of arrays (every record of the default codec)
 come back; any other, and every frame while the child is down, is decoded in-process. The child
-is started with the service and used once it says it is ready (its imports take up to a
-second on a cold machine, and no batch waits for them); one that dies or stops answering is
-replaced at the next batch, at most once every 30 s.
+starts with the service and is used once it says it is ready (no batch waits for its imports);
+one that dies or stops answering is replaced at the next batch, at most once every 30 s.
 
-Request: ``u32 length | u64 id | 5 × u64 limits | frame``, written by the worker as the pipe
-takes it, never waiting. Reply: ``u32 length | u64 id | tag``. The child's first reply is
-``R`` (ready), with id 0. Then, for ``K`` (decoded): ``u8 kind | f64 sumsq | u32 records |
-u32 table | u32 json length | json (names and shapes, only the first time a table is sent) |
-bounds (u64 each) | indices (u32 each) | values (f32 each)``; for ``E`` (refused): the error's
-class and message; for ``U``: decode it yourself.
+Request (written as the pipe takes it, never waiting): ``u32 length | u64 id | 5 × u64 limits |
+frame``. Reply: ``u32 length | u64 id | tag``; the first is ``R`` (ready), with id 0. Then, for
+``K`` (decoded): ``u8 kind | f64 sumsq | u32 records | u32 table | u32 json length | json (names
+and shapes, only the first time a table is sent) | bounds (u64 each) | indices (u32 each) |
+values (f32 each)``; for ``E`` (refused): the error's class and message; for ``U``: decode it yourself.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass
 from typing import IO, Any
 
 import numpy as np
@@ -56,6 +54,7 @@ RESTART_S = 30.0
 CHILD_ARGV = [sys.executable, "-m", "coordinator.decoder"]
 PIPE_BYTES = 1 << 20
 MAX_REPLY = 1 << 30
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, struct.error)  # reading a reply: each only loses the child
 _ERRORS: dict[str, type[errors.CodecError]] = {
     c.__name__: c for c in (errors.CodecError, errors.FrameError, errors.ChecksumError, errors.LimitError, NonFiniteError)
 }
@@ -67,12 +66,8 @@ class _Table:
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
-    order: list[str] = field(init=False)
-    at: dict[str, int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "order", list(self.names))
-        object.__setattr__(self, "at", {n: k for k, n in enumerate(self.names)})
+    order: list[str]
+    at: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -211,12 +206,9 @@ class Decoder:
             fd = self._proc.stdout.fileno()
             try:
                 while not self._ready and select.select([fd], [], [], 0)[0]:
-                    chunk = os.read(fd, PIPE_BYTES)
-                    if not chunk:
-                        self._lost("it exited before it was ready")
+                    if not self._read(fd, "it exited before it was ready"):
                         return False
-                    self._take(chunk)
-            except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+            except _UNREADABLE as exc:
                 self._lost(f"a reply is unreadable: {exc}")
                 return False
             if not self._ready and time.monotonic() - self._started > WAIT_S:
@@ -265,15 +257,22 @@ class Decoder:
                     return None
                 if not select.select([fd], [wfd] if self._unsent else [], [], left)[0]:
                     continue  # the pipe takes more requests, or the time is up
-                chunk = os.read(fd, PIPE_BYTES)
-                if not chunk:
-                    self._lost("its replies ended")
+                if not self._read(fd, "its replies ended"):
                     return None
-                self._take(chunk)
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        except _UNREADABLE as exc:
             self._lost(f"a reply is unreadable: {exc}")
             return None
         return self._replies.pop(rid)
+
+    def _read(self, fd: int, at_end: str) -> bool:
+        """Read what the child has written and take its complete replies; False (and the child
+        given up on, for ``at_end``) when its output has ended."""
+        chunk = os.read(fd, PIPE_BYTES)
+        if not chunk:
+            self._lost(at_end)
+            return False
+        self._take(chunk)
+        return True
 
     def _take(self, chunk: bytes) -> None:
         """The complete replies in what was read so far."""
@@ -313,7 +312,8 @@ def _parse(body: bytes, tables: dict[int, _Table]) -> tuple[int, _Reply | None]:
     at += _OK.size
     if jlen:
         names, shapes = json.loads(body[at : at + jlen])
-        tables[table] = _Table(tuple(names), tuple(tuple(s) for s in shapes))
+        names = tuple(names)
+        tables[table] = _Table(names, tuple(tuple(s) for s in shapes), list(names), {n: k for k, n in enumerate(names)})
         at += jlen
     t = tables[table]
     bounds = np.frombuffer(body, dtype="<u8", count=n + 1, offset=at).astype(np.int64)
