@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -229,3 +230,33 @@ def test_the_intake_reads_ahead_for_enrolled_devices_only(tmp_path: Path) -> Non
     finally:
         intake.decoder.close()
         store.close()
+
+
+_READY = "o.write(struct.pack('<IQ', 9, 0) + b'R'); o.flush()"
+_DAMAGED_CHILDREN = {
+    # Each says it is ready, waits for a request, then answers it wrongly; and why it is given up on.
+    "huge": ("o.write(struct.pack('<I', 1 << 31) + b'K' * 64)", "a reply of 2147483648 bytes"),
+    "garbage": ("o.write(struct.pack('<IQ', 14, 1) + b'K' + b'\\xff' * 5)", "a reply is unreadable"),
+    "truncated": ("o.write(struct.pack('<IQ', 1000, 1) + b'K'); o.flush(); sys.exit(0)", "its replies ended"),
+}
+
+
+@pytest.mark.parametrize("answer", sorted(_DAMAGED_CHILDREN))
+def test_a_child_whose_answer_is_huge_garbage_or_cut_short_is_given_up_on(
+    answer: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrong, why = _DAMAGED_CHILDREN[answer]
+    script = f"import struct, sys, time; o = sys.stdout.buffer; {_READY}; sys.stdin.buffer.read(4); {wrong}; o.flush(); time.sleep(30)"
+    monkeypatch.setattr(decoder_mod, "CHILD_ARGV", [sys.executable, "-c", script])
+    d = _started(Decoder())
+    limits = FrameLimits.for_shapes(SHAPES, 1 << 20)
+    frames = _frames(3)
+    try:
+        d.submit(frames, limits)
+        assert len(d._sent) == 3
+        for frame in frames:  # the first answer loses the child; every frame is still decoded, here
+            _same(d.decode(frame, limits), decode_frame(frame, limits))
+        assert d._proc is None and not d._sent and not d._unsent
+        assert why in caplog.text
+    finally:
+        d.close()
