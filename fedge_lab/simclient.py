@@ -43,6 +43,8 @@ class SimClient:
         self.connected = False
         self.backoff = RECONNECT_MIN_S
         self.refused = 0
+        self.unacked: dict[int, str] = {}
+        """Log lines of updates published and not yet acknowledged, by message id."""
 
     def _sock_open(self, c: mqtt.Client, u: Any, sock: Any) -> None:
         self.fleet.sel.register(sock, selectors.EVENT_READ, self)
@@ -119,9 +121,12 @@ class SimClient:
             self.device.on_command(bytes(msg.payload))
 
     def _on_publish(self, c: mqtt.Client, u: Any, mid: int, reason: Any, props: Any) -> None:
+        line = self.unacked.pop(mid, None)
         if getattr(reason, "is_failure", False):
             self.refused += 1
             self.fleet.counts["refused"] += 1
+        elif line is not None:
+            self.fleet.log.write(line)
 
     def drop(self) -> None:
         """Close the socket without DISCONNECT, as a device that loses power does."""

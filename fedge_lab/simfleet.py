@@ -14,8 +14,8 @@ identical downloads; each device starts a round from the version current at that
 and, like the real agent, waits after sending for the next version (``sync_wait_s``).
 
 Run it as ``python -m fedge_lab.simfleet PLAN.json``; it writes one JSON line per
-update sent to ``PLAN.log`` and a summary JSON to ``PLAN.summary`` when it stops
-(at ``end_at``, or on SIGTERM).
+update the broker acknowledged to ``PLAN.log`` and a summary JSON to ``PLAN.summary`` when
+it stops (at ``end_at``, or on SIGTERM, after waiting up to 5 s for the last acknowledgements).
 """
 
 from __future__ import annotations
@@ -175,11 +175,11 @@ class _Device:
             cohort=cohort,
         )
         envelope = protocol.encode_envelope(header, compressed.frame)
-        self.client.mqtt.publish(protocol.device_update(f.plan.fleet, self.spec.id), envelope, qos=1)
+        info = self.client.mqtt.publish(protocol.device_update(f.plan.fleet, self.spec.id), envelope, qos=1)
         self.rounds += 1
         self.bytes_up += len(envelope)
         self.dense_bytes_up += compressed.dense_fp32_bytes
-        f.record(self, len(envelope), compressed.dense_fp32_bytes)
+        f.record(self, info.mid, len(envelope), compressed.dense_fp32_bytes)
         self.set_state("idle")
         if f.mirror.version != self.base:
             self.start_round()  # a newer version came while training: start from it at once
@@ -238,10 +238,12 @@ class SimFleet:
         for d in self.devices:
             d.on_new_version()
 
-    def record(self, device: _Device, nbytes: int, dense: int) -> None:
+    def record(self, device: _Device, mid: int, nbytes: int, dense: int) -> None:
+        """An update published: counted now, and logged when the broker acknowledges it (an
+        update logged is one the broker took, which the federation must then never lose)."""
         self.counts["updates"] += 1
         line = {"t": round(time.time(), 4), "device": device.spec.id, "base": device.base, "bytes": nbytes, "dense": dense}
-        self.log.write(json.dumps(line) + "\n")
+        device.client.unacked[mid] = json.dumps(line) + "\n"
 
     def _churn(self) -> None:
         c = self.plan.churn
@@ -297,7 +299,7 @@ class SimFleet:
             if d.client.connected:
                 d.client.mqtt.publish(protocol.device_status(self.plan.fleet, d.spec.id), d.status_payload("offline"), qos=1, retain=True)
         deadline = time.time() + 5.0
-        while time.time() < deadline and any(c.connected and c.mqtt.want_write() for c in self.clients):
+        while time.time() < deadline and any(c.connected and (c.mqtt.want_write() or c.unacked) for c in self.clients):
             self._pump(0.05)
         for c in self.clients:
             if c.connected:
