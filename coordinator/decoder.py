@@ -366,21 +366,20 @@ def _reply(frame: bytes, limits: FrameLimits, tables: dict[Any, int]) -> bytes:
         table = tables[key] = len(tables)
         table_json = json.dumps([packed.names, packed.shapes]).encode()
     head = _OK.pack(int(got.kind), got.sumsq, len(packed.names), table, len(table_json))
-    return b"".join(
-        (
-            b"K",
-            head,
-            table_json,
-            packed.bounds.astype("<u8").tobytes(),
-            packed.indices.astype("<u4").tobytes(),
-            packed.values.astype("<f4").tobytes(),
-        )
-    )
+    arrays = (packed.bounds.astype("<u8"), packed.indices.astype("<u4"), packed.values.astype("<f4"))
+    return b"".join((b"K", head, table_json, *(a.tobytes() for a in arrays)))
 
 
 def main() -> int:
-    """The child: decode what arrives on stdin until it closes."""
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    """The child: decode what arrives on stdin until it closes, or until the coordinator is gone."""
+    try:
+        return _serve(sys.stdin.buffer, sys.stdout.buffer)
+    except BrokenPipeError:  # its coordinator was killed: no one to answer, and nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _serve(stdin: IO[bytes], stdout: IO[bytes]) -> int:
     tables: dict[Any, int] = {}
     ready = _RID.pack(0) + b"R"
     stdout.write(_LEN.pack(len(ready)) + ready)

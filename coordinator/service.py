@@ -168,8 +168,8 @@ class CoordinatorService:
         self.stop_event.set()
 
     def run(self) -> None:
-        self.intake.decoder.start()  # ready by the first batch
         self.link.start()
+        self.intake.decoder.start()  # ready by the first batch
         if self.cfg.metrics_port:
             try:
                 self.metrics_port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)

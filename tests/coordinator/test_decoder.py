@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -260,3 +261,14 @@ def test_a_child_whose_answer_is_huge_garbage_or_cut_short_is_given_up_on(
         assert why in caplog.text
     finally:
         d.close()
+
+
+def test_a_child_whose_coordinator_is_gone_exits_quietly() -> None:
+    """A coordinator killed with -9 leaves its child a broken pipe: it exits 0, with no traceback in the log it shares."""
+    proc = subprocess.Popen(decoder_mod.CHILD_ARGV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None and proc.stdin is not None
+    proc.stdout.close()  # no one will read its ready message
+    err = proc.stderr.read()
+    proc.stdin.close()
+    assert proc.wait(timeout=30) == 0
+    assert err == b"", err.decode(errors="replace")
