@@ -238,8 +238,11 @@ class SiteLab:
         _kill(self.nodes[i].coordinator)
 
     def start_sim(self, devices_per_site: int, *, step_s: float = 2.0, processes: int = 1, seed: int = 0, **plan: Any) -> None:
-        """``devices_per_site`` simulated devices at every site (``fedge_lab.simfleet``), in ``processes`` per site."""
+        """``devices_per_site`` simulated devices at every site (``fedge_lab.simfleet``), in ``processes`` per site,
+        once every site follows the root: an update sent before a site first subscribed would find no one."""
         from coordinator.initial import initial_state
+
+        wait_until(self.sites_following, 120, "every site to follow the root (its subscriptions in place)")
 
         _, v0 = initial_state(ModelSpecConfig(source=self.source, lora_r=self.lora_r, lora_alpha=2 * self.lora_r))
         v0_path = self.work / "sim" / "v0.frame"
@@ -312,6 +315,15 @@ class SiteLab:
     def drained(self) -> bool:
         """Every site has forwarded its buffer and heard the root acknowledge every partial."""
         return all(p["unacked"] == 0 and p["buffered"] == 0 for p in (self.site_partials(i) for i in range(self.n)))
+
+    def sites_following(self) -> bool:
+        """Every site has followed a root version, so its subscriptions, its devices' updates
+        among them, are in place (one SUBSCRIBE carries them all)."""
+        for node in self.nodes:
+            with self.db(node.state_dir) as db:
+                if db.execute("SELECT 1 FROM meta WHERE key='site_followed'").fetchone() is None:
+                    return False
+        return True
 
     def root_covered(self) -> dict[str, str]:
         with self.db(self.root_state) as db:
